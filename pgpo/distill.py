@@ -1,0 +1,185 @@
+"""Per-token divergences between the student and the self-teacher (SDPO's distillation loss).
+
+Generalized Jensen-Shannon with mix ``beta`` (named so to keep PGPO's ``alpha`` free), per token:
+
+- ``beta = 0``: ``KL(p_T || p_S)``;
+- ``beta = 1``: ``KL(p_S || p_T)``, the paper's Eq. 2 with the teacher under stop-gradient;
+- ``0 < beta < 1``: with ``M = (1 - beta) p_S + beta p_T``,
+  ``(1 - beta) KL(p_S || M) + beta KL(p_T || M)`` (0.5 in the SDPO reference's Science-QA runs).
+
+The end points are special cases, as in the reference (the mixed form tends to 0, not to a KL,
+as beta -> 0 or 1).
+
+Over the full vocabulary, or over the student's top-k tokens (indices of the student's
+temperature-scaled logits, teacher gathered at the same indices, true log-probs normalised over
+the full vocabulary) with an optional tail bucket holding the remaining mass
+``log(1 - sum_k p)``, computed as the log-sum-exp of the log-probs outside the top-k (exact even
+when the top-k mass rounds to 1); without the tail both top-k sets are renormalised. Logits must
+be finite.
+
+Memory: logits are processed in chunks of tokens. When the student needs a gradient, each
+chunk's gradient is computed right away and stored in the student's dtype, so the extra memory
+is ``O(chunk_size x V)`` plus one gradient buffer of the logits' size (which backpropagation
+into the LM head needs anyway), instead of the dozen float32 ``T x V`` intermediates of the
+direct formula.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from pgpo.reduction import (
+    DEFAULT_CHUNK_SIZE,
+    check_temperature,
+    chunks,
+    flatten,
+    reduction_weights,
+)
+
+__all__ = ["divergence", "token_divergence"]
+
+
+
+def _tail(log_p: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """log of the probability mass outside ``index``: ``[n, V], [n, k] -> [n, 1]`` (k < V)."""
+    return log_p.scatter(-1, index, float("-inf")).logsumexp(-1, keepdim=True)
+
+
+def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """sum_v p (log p - log q) over the last axis."""
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def _generalized_jsd(log_s: torch.Tensor, log_t: torch.Tensor, beta: float) -> torch.Tensor:
+    if beta == 0.0:
+        return _kl(log_t, log_s)
+    if beta == 1.0:
+        return _kl(log_s, log_t)
+    log_m = torch.logaddexp(log_s + math.log1p(-beta), log_t + math.log(beta))
+    return (1.0 - beta) * _kl(log_s, log_m) + beta * _kl(log_t, log_m)
+
+
+def _chunk_divergence(
+    x_s: torch.Tensor, x_t: torch.Tensor, beta: float, topk: int | None, add_tail: bool
+) -> torch.Tensor:
+    """Per-row divergence of float32 temperature-scaled logits ``[n, V] -> [n]``."""
+    log_s = torch.log_softmax(x_s, dim=-1)
+    log_t = torch.log_softmax(x_t, dim=-1)
+    if topk is not None:
+        index = x_s.detach().topk(topk, dim=-1).indices
+        # With k = V the tail is empty (mass 0): it would add exactly 0 to every term.
+        tails = (_tail(log_s, index), _tail(log_t, index)) if topk < x_s.shape[-1] else None
+        log_s = log_s.gather(-1, index)
+        log_t = log_t.gather(-1, index)
+        if add_tail:
+            if tails is not None:
+                log_s = torch.cat([log_s, tails[0]], dim=-1)
+                log_t = torch.cat([log_t, tails[1]], dim=-1)
+        else:
+            log_s = log_s - log_s.logsumexp(-1, keepdim=True)
+            log_t = log_t - log_t.logsumexp(-1, keepdim=True)
+    return _generalized_jsd(log_s, log_t, beta)
+
+
+class _RowwiseDivergence(torch.autograd.Function):
+    """Per-token divergence ``[N]`` with each row's gradient computed chunk by chunk in forward.
+
+    Row i of the output depends on row i of the student logits only, so the backward pass is
+    ``grad_out[:, None] * G`` with ``G[i] = d d_i / d x_i`` stored during forward.
+    """
+
+    @staticmethod
+    def forward(ctx, student, teacher, keep, beta, topk, add_tail, temperature, chunk_size):
+        needs_grad = ctx.needs_input_grad[0]
+        out = torch.zeros(student.shape[0], dtype=torch.float32, device=student.device)
+        grad = torch.zeros_like(student) if needs_grad else None
+        for start, stop in chunks(student.shape[0], chunk_size):
+            rows = keep[start:stop].nonzero().squeeze(-1)
+            if rows.numel() == 0:
+                continue
+            x_t = teacher[start:stop].index_select(0, rows).float() / temperature
+            x_s = student[start:stop].index_select(0, rows).float()
+            if needs_grad:
+                with torch.enable_grad():
+                    x_s.requires_grad_(True)
+                    d = _chunk_divergence(x_s / temperature, x_t, beta, topk, add_tail)
+                    (g,) = torch.autograd.grad(d.sum(), x_s)
+                grad[start + rows] = g.to(grad.dtype)
+            else:
+                d = _chunk_divergence(x_s / temperature, x_t, beta, topk, add_tail)
+            out[start + rows] = d.detach()
+        if needs_grad:
+            ctx.save_for_backward(grad)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad,) = ctx.saved_tensors
+        # In place: the stored buffer becomes the returned gradient (no second T x V buffer).
+        # A second backward through the same graph then fails loudly on the version counter.
+        grad.mul_(grad_out.to(grad.dtype).unsqueeze(-1))
+        return grad, None, None, None, None, None, None, None
+
+
+def token_divergence(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    mask: torch.Tensor | None,
+    beta: float,
+    topk: int | None = None,
+    add_tail: bool = True,
+    temperature: float = 1.0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> torch.Tensor:
+    """Per-token divergence, float32 ``[..., T]`` (0 where the mask is 0), in nats.
+
+    Differentiable with respect to ``student_logits`` only; ``teacher_logits`` is treated as a
+    constant (stop-gradient). Shapes: logits ``[..., T, V]``, mask ``[..., T]``.
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student and teacher logits differ in shape: {tuple(student_logits.shape)} vs "
+            f"{tuple(teacher_logits.shape)}"
+        )
+    if not (0.0 <= beta <= 1.0):
+        raise ValueError(f"beta must be in [0, 1], got {beta!r}")
+    vocab = student_logits.shape[-1]
+    if topk is not None and not (isinstance(topk, int) and 1 <= topk <= vocab):
+        raise ValueError(f"topk must be an integer in [1, {vocab}] or None, got {topk!r}")
+    check_temperature(temperature)
+    student, keep, token_shape = flatten(student_logits, mask)
+    teacher = teacher_logits.detach().reshape(-1, vocab)
+    per_token = _RowwiseDivergence.apply(
+        student, teacher, keep, float(beta), topk, add_tail, float(temperature), chunk_size
+    )
+    return per_token.reshape(token_shape)
+
+
+def divergence(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    mask: torch.Tensor | None,
+    beta: float,
+    topk: int | None = None,
+    add_tail: bool = True,
+    temperature: float = 1.0,
+    reduction: str = "token_mean",
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> torch.Tensor:
+    """Masked, reduced divergence between student and teacher (the distillation loss).
+
+    ``reduction``: ``token_mean`` (over all masked tokens), ``seq_mean`` (the SDPO reference:
+    token mean within each sequence, then mean over *all* sequences, empty ones adding 0),
+    ``sum``, or ``none`` (the per-token tensor of :func:`token_divergence`).
+    Returns a 0-dim float32 tensor (or ``[..., T]`` for ``none``).
+    """
+    per_token = token_divergence(
+        student_logits, teacher_logits, mask, beta, topk, add_tail, temperature, chunk_size
+    )
+    if reduction == "none":
+        return per_token
+    keep = per_token.new_ones(per_token.shape, dtype=torch.bool) if mask is None else mask != 0
+    weights = reduction_weights(keep, reduction, empty_sequences_count=True)
+    return (weights.to(per_token.dtype) * per_token).sum()

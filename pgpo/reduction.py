@@ -1,0 +1,78 @@
+"""Masks, token weights and chunking shared by :mod:`pgpo.information` and :mod:`pgpo.distill`.
+
+Every per-token quantity ``x[b, t]`` is reduced as ``sum_bt w[b, t] * x[b, t]`` with weights from
+:func:`reduction_weights`, so the chunked code only ever accumulates weighted sums.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+Reduction = Literal["token_mean", "seq_mean", "sum"]
+DEFAULT_CHUNK_SIZE = 256  # tokens per chunk: 256 x 151,936 float32 is 156 MB per buffer
+
+
+def flatten(
+    logits: torch.Tensor, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+    """Views ``[..., T, V] -> [N, V]`` and the mask ``[..., T] -> [N]`` (bool).
+
+    Returns (logits2d, mask1d, token_shape). A missing mask means every token counts.
+    """
+    if logits.dim() < 2:
+        raise ValueError(f"logits must have shape [..., V], got {tuple(logits.shape)}")
+    token_shape = tuple(logits.shape[:-1])
+    if mask is None:
+        mask = torch.ones(token_shape, dtype=torch.bool, device=logits.device)
+    if tuple(mask.shape) != token_shape:
+        raise ValueError(
+            f"mask shape {tuple(mask.shape)} does not match logits' token shape {token_shape}"
+        )
+    return logits.reshape(-1, logits.shape[-1]), mask.reshape(-1) != 0, token_shape
+
+
+def reduction_weights(
+    mask: torch.Tensor, reduction: str, empty_sequences_count: bool
+) -> torch.Tensor:
+    """Float64 weights ``[...]`` (mask's shape) such that ``sum(w * x)`` is the reduction.
+
+    - ``token_mean``: mean over all masked tokens of the batch;
+    - ``seq_mean``: token mean within each sequence (last axis), then mean over sequences.
+      With ``empty_sequences_count`` a sequence with no tokens adds 0 but counts in the
+      denominator (the SDPO reference's loss); otherwise only non-empty sequences count
+      (a signal such as ``I_k`` is not diluted by masked-out samples);
+    - ``sum``: plain masked sum.
+
+    An all-zero mask gives all-zero weights (the reduction is 0, never 0/0).
+    """
+    m = (mask != 0).to(torch.float64)
+    if reduction == "sum":
+        return m
+    if reduction == "token_mean":
+        return m / m.sum().clamp(min=1.0)
+    if reduction == "seq_mean":
+        if m.dim() == 1:
+            m = m.unsqueeze(0)
+            squeeze = True
+        else:
+            squeeze = False
+        per_seq = m.sum(-1, keepdim=True)
+        seqs = m[..., 0].numel() if empty_sequences_count else (per_seq > 0).sum()
+        w = m / per_seq.clamp(min=1.0) / max(float(seqs), 1.0)
+        return w.squeeze(0) if squeeze else w
+    raise ValueError(f"reduction must be one of token_mean, seq_mean, sum; got {reduction!r}")
+
+
+def chunks(n: int, chunk_size: int):
+    """Yield (start, stop) covering range(n) in steps of chunk_size."""
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
+    for start in range(0, n, chunk_size):
+        yield start, min(start + chunk_size, n)
+
+
+def check_temperature(temperature: float) -> None:
+    if not (temperature > 0 and temperature < float("inf")):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")

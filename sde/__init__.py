@@ -1,0 +1,1 @@
+"""SDE toolkit: the modulated-drift SDE of PGPO, discrete chains, weak error against eta."""

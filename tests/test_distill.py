@@ -1,0 +1,165 @@
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pgpo.distill import divergence, token_divergence
+from tests import reference as ref
+
+# Per-token divergences of float32 log-probs over <= 64 terms: rounding ~1e-6 relative.
+ATOL, RTOL = 2e-5, 1e-4
+betas = st.sampled_from([0.0, 0.25, 0.5, 1.0])
+
+
+@st.composite
+def batches(draw):
+    b, t, v = draw(st.integers(1, 3)), draw(st.integers(1, 6)), draw(st.integers(2, 48))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    scale = draw(st.sampled_from([0.3, 1.0, 4.0]))
+    s = torch.randn(b, t, v, generator=g, dtype=torch.float64).float() * scale
+    te = torch.randn(b, t, v, generator=g, dtype=torch.float64).float() * scale
+    mask = torch.rand(b, t, generator=g) < 0.7
+    if draw(st.booleans()):
+        mask[-1] = False  # an empty row
+    return s, te, mask
+
+
+@given(batch=batches(), beta=betas, temperature=st.sampled_from([0.7, 1.0]),
+       topk_frac=st.sampled_from([None, 0.1, 0.5, 1.0]), add_tail=st.booleans(),
+       chunk=st.integers(1, 8))
+def test_per_token_divergence_matches_direct_formula(batch, beta, temperature, topk_frac,
+                                                     add_tail, chunk):
+    s, t, mask = batch
+    v = s.shape[-1]
+    topk = None if topk_frac is None else max(1, int(topk_frac * v))
+    got = token_divergence(s, t, mask, beta, topk, add_tail, temperature, chunk_size=chunk)
+    exp = ref.token_divergence(s.numpy(), t.numpy(), beta, topk, add_tail, temperature)
+    np.testing.assert_allclose(got.numpy(), exp * mask.numpy(), atol=ATOL, rtol=RTOL)
+    assert (got[~mask] == 0).all()
+
+
+@given(batch=batches(), beta=betas, topk_frac=st.sampled_from([None, 0.3, 1.0]),
+       reduction=st.sampled_from(["token_mean", "seq_mean", "sum"]))
+def test_gradient_matches_float64_autograd_of_direct_formula(batch, beta, topk_frac, reduction):
+    s, t, mask = batch
+    v = s.shape[-1]
+    topk = None if topk_frac is None else max(1, int(topk_frac * v))
+    student = s.clone().requires_grad_(True)
+    teacher = t.clone().requires_grad_(True)
+    loss = divergence(student, teacher, mask, beta, topk, reduction=reduction, chunk_size=3)
+    loss.backward()
+    assert teacher.grad is None  # stop-gradient on the teacher
+
+    s64 = s.double().requires_grad_(True)
+    per_token = ref.torch_divergence_float64(s64, t.double(), beta, topk)
+    m = mask.double()
+    if reduction == "sum":
+        exp_loss = (per_token * m).sum()
+    elif reduction == "token_mean":
+        exp_loss = (per_token * m).sum() / m.sum().clamp(min=1)
+    else:  # seq_mean as in the reference: empty sequences count in the denominator
+        exp_loss = ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1)).mean()
+    exp_loss.backward()
+    assert loss.item() == pytest.approx(exp_loss.item(), abs=ATOL, rel=RTOL)
+    np.testing.assert_allclose(student.grad.numpy(), s64.grad.numpy(), atol=ATOL, rtol=1e-3)
+
+
+def test_reductions_match_reference_loops():
+    g = torch.Generator().manual_seed(3)
+    s, t = torch.randn(4, 5, 12, generator=g), torch.randn(4, 5, 12, generator=g)
+    mask = torch.rand(4, 5, generator=g) < 0.6
+    mask[2] = False
+    per = ref.token_divergence(s.numpy(), t.numpy(), 0.5)
+    for reduction in ("token_mean", "seq_mean", "sum"):
+        got = divergence(s, t, mask, 0.5, reduction=reduction).item()
+        exp = ref.reduce(per, mask.numpy(), reduction, empty_sequences_count=True)
+        assert got == pytest.approx(exp, abs=ATOL), reduction
+    none = divergence(s, t, mask, 0.5, reduction="none")
+    assert none.shape == (4, 5)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("add_tail", [True, False])
+def test_topk_equal_to_vocabulary_is_the_full_vocabulary_result(beta, add_tail):
+    g = torch.Generator().manual_seed(4)
+    s = torch.randn(3, 4, 257, generator=g, requires_grad=True)
+    t = torch.randn(3, 4, 257, generator=g)
+    full = divergence(s, t, None, beta)
+    (g_full,) = torch.autograd.grad(full, s)
+    top = divergence(s, t, None, beta, topk=257, add_tail=add_tail)
+    (g_top,) = torch.autograd.grad(top, s)
+    assert top.item() == pytest.approx(full.item(), abs=ATOL)
+    torch.testing.assert_close(g_top, g_full, atol=1e-6, rtol=1e-4)
+
+
+def test_bfloat16_logits():
+    g = torch.Generator().manual_seed(5)
+    s = (torch.randn(2, 5, 300, generator=g) * 3).bfloat16().requires_grad_(True)
+    t = (torch.randn(2, 5, 300, generator=g) * 3).bfloat16()
+    loss = divergence(s, t, torch.ones(2, 5), 0.5, topk=300)
+    loss.backward()
+    assert loss.dtype == torch.float32 and s.grad.dtype == torch.bfloat16
+    exp = ref.token_divergence(s.detach().float().numpy(), t.float().numpy(), 0.5).mean()
+    assert loss.item() == pytest.approx(exp, abs=1e-4)  # float32 math on the bf16 values
+    s64 = s.detach().double().requires_grad_(True)
+    ref.torch_divergence_float64(s64, t.double(), 0.5).mean().backward()
+    # The gradient is computed in float32 and stored in bf16: rounding to 8 mantissa bits costs
+    # <= 2^-9 relative; float32 cancellation in the small entries costs ~1e-7 relative to the
+    # largest entry (x10 margin: 2e-3 of it absolute).
+    scale = s64.grad.abs().max().item()
+    torch.testing.assert_close(s.grad.double(), s64.grad, atol=2e-3 * scale, rtol=2**-8)
+
+
+def test_extreme_logits_give_finite_loss_and_gradient():
+    s = torch.randn(2, 3, 50) * 1e4
+    t = torch.randn(2, 3, 50) * 1e4
+    for beta in (0.0, 0.5, 1.0):
+        for topk in (None, 5):
+            student = s.clone().requires_grad_(True)
+            loss = divergence(student, t, None, beta, topk=topk)
+            loss.backward()
+            assert torch.isfinite(loss) and torch.isfinite(student.grad).all()
+            exp = ref.token_divergence(s.numpy(), t.numpy(), beta, topk).mean()
+            assert loss.item() == pytest.approx(exp, rel=1e-4)
+
+
+def test_single_token_identical_distributions_is_zero():
+    s = torch.randn(1, 1, 9)
+    for beta in (0.0, 0.5, 1.0):
+        assert divergence(s, s.clone(), None, beta).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_empty_mask_gives_zero_loss_and_zero_gradient():
+    s = torch.randn(2, 3, 9, requires_grad=True)
+    for reduction in ("token_mean", "seq_mean"):
+        loss = divergence(s, torch.randn(2, 3, 9), torch.zeros(2, 3), 0.5, reduction=reduction)
+        loss.backward()
+        assert loss.item() == 0.0 and (s.grad == 0).all()
+        s.grad = None
+
+
+def test_second_backward_fails_loudly():
+    s = torch.randn(2, 3, 9, requires_grad=True)
+    loss = divergence(s, torch.randn(2, 3, 9), None, 0.5)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError):
+        loss.backward()
+
+
+def test_no_grad_mode_stores_nothing():
+    s = torch.randn(2, 3, 9, requires_grad=True)
+    with torch.no_grad():
+        loss = divergence(s, torch.randn(2, 3, 9), None, 0.5)
+    assert not loss.requires_grad
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [(dict(beta=1.5), "beta"), (dict(beta=0.5, topk=0), "topk"), (dict(beta=0.5, topk=10), "topk"),
+     (dict(beta=0.5, temperature=-1.0), "temperature"),
+     (dict(beta=0.5, reduction="avg"), "reduction")],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        divergence(torch.randn(2, 3, 9), torch.randn(2, 3, 9), None, **kwargs)
