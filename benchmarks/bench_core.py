@@ -1,0 +1,173 @@
+"""Peak memory and time of the chunked entropy gap + divergence against the naive full-tensor code.
+
+Baseline ("naive"): the same math written the direct way, every [tokens, vocab] intermediate
+materialised in float32 and differentiated by autograd over the whole tensor. Both compute the
+training step's work: I_k (Eq. 8, no grad) and the SDPO loss (JSD mix 0.5 on the student's
+top-100 tokens plus tail), forward and backward, from bfloat16 logits.
+
+Each measurement runs in a fresh subprocess: inputs are allocated, one warm-up call runs, the
+kernel's peak-RSS counter is reset (/proc/self/clear_refs), then the timed call runs; "extra
+memory" is the peak RSS during the call minus the RSS before it (the inputs are not counted).
+
+    python benchmarks/bench_core.py                       # vocab 151,936, 4,096 tokens
+    python benchmarks/bench_core.py --tokens 512 --vocab 32000
+
+If the naive version cannot fit in this machine's memory at the requested size, both versions
+are compared at the largest token count where it fits (memory and time of both are linear in
+tokens), and the report says so. Targets: memory ratio <= 0.15, time ratio <= 1.2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+BETA, TOPK, TEMPERATURE = 0.5, 100, 1.0
+
+
+def _status(field: str) -> int:
+    """A /proc/self/status field in bytes."""
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1)) * 1024
+
+
+def naive(student, teacher, mask):
+    """Direct full-tensor version: returns (loss, info) after loss.backward()."""
+    import torch
+
+    keep = mask.reshape(-1) != 0
+    s = student.reshape(-1, student.shape[-1])
+    t = teacher.reshape(-1, teacher.shape[-1])
+    with torch.no_grad():
+        ls_ng = torch.log_softmax(s.float() / TEMPERATURE, -1)
+        lt_ng = torch.log_softmax(t.float() / TEMPERATURE, -1)
+        h_s = -(ls_ng.exp() * ls_ng).sum(-1)
+        h_t = -(lt_ng.exp() * lt_ng).sum(-1)
+        info = ((h_s - h_t) * keep).sum() / keep.sum()
+        del ls_ng, lt_ng
+    ls = torch.log_softmax(s.float() / TEMPERATURE, -1)
+    lt = torch.log_softmax(t.detach().float() / TEMPERATURE, -1)
+    idx = ls.detach().topk(TOPK, -1).indices
+    tail_s = ls.scatter(-1, idx, float("-inf")).logsumexp(-1, keepdim=True)
+    tail_t = lt.scatter(-1, idx, float("-inf")).logsumexp(-1, keepdim=True)
+    ls_k = torch.cat([ls.gather(-1, idx), tail_s], -1)
+    lt_k = torch.cat([lt.gather(-1, idx), tail_t], -1)
+    lm = torch.logaddexp(ls_k + torch.log(torch.tensor(1 - BETA)), lt_k + torch.log(
+        torch.tensor(BETA)))
+    per_token = (1 - BETA) * (ls_k.exp() * (ls_k - lm)).sum(-1) + BETA * (
+        lt_k.exp() * (lt_k - lm)
+    ).sum(-1)
+    loss = (per_token * keep).sum() / keep.sum()
+    loss.backward()
+    return loss.detach(), info
+
+
+def chunked(student, teacher, mask, chunk_size):
+    from pgpo.distill import divergence
+    from pgpo.information import entropy_gap
+
+    gap = entropy_gap(student, teacher, mask, TEMPERATURE, chunk_size=chunk_size)
+    loss = divergence(
+        student, teacher, mask, BETA, topk=TOPK, add_tail=True, temperature=TEMPERATURE,
+        chunk_size=chunk_size,
+    )
+    loss.backward()
+    return loss.detach(), gap.info
+
+
+def worker(variant: str, tokens: int, vocab: int, chunk_size: int) -> dict:
+    import torch
+
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+
+    def make(n):
+        s = (torch.randn(1, n, vocab, generator=g) * 3).bfloat16().requires_grad_(True)
+        t = (torch.randn(1, n, vocab, generator=g) * 3).bfloat16()
+        return s, t, torch.ones(1, n)
+
+    run = naive if variant == "naive" else (lambda s, t, m: chunked(s, t, m, chunk_size))
+    run(*make(min(tokens, 8)))  # warm-up: imports, kernels, allocator
+    s, t, m = make(tokens)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak-RSS counter to the current RSS
+    before = _status("VmRSS")
+    start = time.perf_counter()
+    loss, info = run(s, t, m)
+    seconds = time.perf_counter() - start
+    peak = _status("VmHWM")
+    return dict(variant=variant, tokens=tokens, vocab=vocab, seconds=seconds,
+                extra_bytes=peak - before, loss=float(loss), info=float(info))
+
+
+def measure(variant: str, tokens: int, vocab: int, chunk_size: int) -> dict:
+    cmd = [sys.executable, __file__, "--worker", variant, "--tokens", str(tokens),
+           "--vocab", str(vocab), "--chunk-size", str(chunk_size)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise SystemExit(f"bench_core: the {variant} worker failed:\n{out.stderr.strip()}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def available_bytes() -> int:
+    with open("/proc/meminfo") as f:
+        return int(re.search(r"MemAvailable:\s+(\d+)", f.read()).group(1)) * 1024
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--vocab", type=int, default=151_936)
+    p.add_argument("--chunk-size", type=int, default=None, help="default: pgpo's default")
+    p.add_argument("--worker", choices=["naive", "chunked"], help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.chunk_size is None:
+        from pgpo.reduction import DEFAULT_CHUNK_SIZE
+
+        args.chunk_size = DEFAULT_CHUNK_SIZE
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.tokens, args.vocab, args.chunk_size)))
+        return 0
+
+    gib = 2**30
+    # Size the naive run: measure it small, scale linearly, keep 15 % of free memory spare.
+    probe_tokens = min(args.tokens, 256)
+    probe = measure("naive", probe_tokens, args.vocab, args.chunk_size)
+    per_token = probe["extra_bytes"] / probe_tokens
+    inputs = 2 * 2 * args.vocab  # two bf16 inputs per token
+    fit = int(0.85 * available_bytes() / (per_token + inputs))
+    tokens = args.tokens if fit >= args.tokens else max(probe_tokens, fit // 256 * 256)
+    print(f"vocab {args.vocab:,}, requested {args.tokens:,} response tokens, bf16 logits, "
+          f"chunk {args.chunk_size} tokens, JSD beta={BETA} top-{TOPK}+tail, fwd+bwd + I_k")
+    if tokens < args.tokens:
+        print(f"naive at {args.tokens:,} tokens would need ~{per_token * args.tokens / gib:.1f} GiB "
+              f"extra (measured {per_token / 2**20:.1f} MiB/token at {probe_tokens} tokens) and "
+              f"{available_bytes() / gib:.1f} GiB is free: comparing at {tokens:,} tokens")
+    chunk = measure("chunked", tokens, args.vocab, args.chunk_size)
+    base = measure("naive", tokens, args.vocab, args.chunk_size)
+    full = chunk if tokens == args.tokens else measure("chunked", args.tokens, args.vocab,
+                                                       args.chunk_size)
+    print(f"{'version':10s} {'tokens':>7s} {'extra peak GiB':>15s} {'seconds':>8s} "
+          f"{'loss':>10s} {'I_k':>10s}")
+    for r in (base, chunk) + ((full,) if full is not chunk else ()):
+        print(f"{r['variant']:10s} {r['tokens']:7d} {r['extra_bytes'] / gib:15.3f} "
+              f"{r['seconds']:8.2f} {r['loss']:10.6f} {r['info']:10.6f}")
+    mem_ratio = chunk["extra_bytes"] / base["extra_bytes"]
+    time_ratio = chunk["seconds"] / base["seconds"]
+    agree = abs(chunk["loss"] - base["loss"]) <= 1e-4 * max(1.0, abs(base["loss"]))
+    print(f"memory ratio chunked/naive: {mem_ratio:.3f} (target <= 0.15) "
+          f"{'OK' if mem_ratio <= 0.15 else 'MISSED'}")
+    print(f"time ratio chunked/naive:   {time_ratio:.3f} (target <= 1.2) "
+          f"{'OK' if time_ratio <= 1.2 else 'MISSED'}")
+    print(f"same loss and I_k: {'yes' if agree else 'NO'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

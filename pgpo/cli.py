@@ -1,0 +1,99 @@
+"""``pgpo``: the project's command line.
+
+    pgpo multiplier [--alpha A] [--rho-max R] [--out DIR]   the multiplier's properties + plot
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import numpy as np
+
+from pgpo.cli_util import ArgumentParser, atomic_dir, positive_float, run
+from pgpo.multiplier import KINDS, MultiplierConfig
+
+
+def multiplier_report(alpha: float, rho_max: float, sharpness: float) -> list[dict]:
+    """One row per kind: bounds, Lipschitz constant, kinks and sample values."""
+    rows = []
+    for kind in KINDS:
+        cfg = MultiplierConfig(alpha, rho_max, kind, sharpness)
+        lo, hi = cfg.bounds()
+        rows.append(dict(
+            kind=kind, inf=lo, sup=hi, lipschitz=cfg.lipschitz, kinks=list(cfg.kinks),
+            rho_at={f"{i:g}": float(cfg(float(i))) for i in (-1.0, -0.5, 0.0, 0.5, 1.0)},
+        ))
+    return rows
+
+
+def _plot_multiplier(alpha: float, rho_max: float, sharpness: float, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kink = math.log(rho_max) / alpha
+    grid = np.linspace(min(-2.0, -2 * kink), max(2.0, 3 * kink), 2001)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for kind in KINDS:
+        cfg = MultiplierConfig(alpha, rho_max, kind, sharpness)
+        axes[0].plot(grid, cfg(grid), label=kind)
+        axes[1].plot(grid, cfg.derivative(grid, side="left"), label=kind)
+    for ax, title in zip(axes, ["rho(I)", "d rho / d I (left derivative)"]):
+        ax.axvline(kink, color="gray", lw=0.8, ls=":")
+        ax.axvline(0.0, color="gray", lw=0.8)
+        ax.set_xlabel("I (nats)")
+        ax.set_title(title)
+        ax.legend()
+    axes[0].axhline(1.0, color="gray", lw=0.8, ls="--")
+    fig.suptitle(f"PGPO multiplier, alpha={alpha:g}, rho_max={rho_max:g}; "
+                 f"kink at I*={kink:.3g}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _cmd_multiplier(args) -> int:
+    rows = multiplier_report(args.alpha, args.rho_max, args.sharpness)
+    print(f"rho(I) = min(exp(alpha I), rho_max), alpha={args.alpha:g}, rho_max={args.rho_max:g}")
+    print(f"{'kind':8s} {'inf':>6s} {'sup':>6s} {'Lipschitz':>9s}  {'kinks (I)':18s} "
+          + " ".join(f"rho({k:>4s})" for k in rows[0]["rho_at"]))
+    for r in rows:
+        kinks = ", ".join(f"{k:.4g}" for k in r["kinks"]) or "none"
+        print(f"{r['kind']:8s} {r['inf']:6.3g} {r['sup']:6.3g} {r['lipschitz']:9.4g}  "
+              f"{kinks:18s} " + " ".join(f"{v:9.4f}" for v in r["rho_at"].values()))
+    if args.out:
+        with atomic_dir(args.out) as tmp:
+            (tmp / "multiplier.json").write_text(json.dumps(
+                dict(alpha=args.alpha, rho_max=args.rho_max, sharpness=args.sharpness,
+                     kinds=rows), indent=2))
+            _plot_multiplier(args.alpha, args.rho_max, args.sharpness, tmp / "multiplier.png")
+        print(f"wrote {args.out}/multiplier.json and multiplier.png")
+    return 0
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="pgpo", description="Physics-Guided Policy Optimization.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
+    m = sub.add_parser("multiplier", help="properties of rho(I) for each kind, and a plot")
+    m.add_argument("--alpha", type=positive_float, default=1.0)
+    m.add_argument("--rho-max", type=float, default=2.0)
+    m.add_argument("--sharpness", type=positive_float, default=4.0, help="smooth kind only")
+    m.add_argument("--out", default=None, help="folder for multiplier.json and multiplier.png")
+    m.set_defaults(func=_cmd_multiplier)
+    return parser
+
+
+def _main(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(_main, "pgpo", argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
