@@ -86,7 +86,12 @@ def _as_array(x: Any, xp):
 
 
 def _clip(u, lo, hi, xp):
-    return np.clip(u, lo, hi) if xp is np else xp.clamp(u, min=lo, max=hi)
+    if xp is not np:
+        return xp.clamp(u, min=lo, max=hi)
+    # np.minimum/np.maximum: several times faster than np.clip on small arrays
+    if lo is not None:
+        u = np.maximum(u, lo)
+    return u if hi is None else np.minimum(u, hi)
 
 
 def _full_like(u, value, xp):

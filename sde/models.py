@@ -1,0 +1,211 @@
+"""SDE models of discrete PGPO, built from any :class:`~sde.problems.Problem`.
+
+An :class:`SDEModel` is a drift ``b(theta): [P, d] -> [P, d]`` and a diffusion
+``G(theta): [P, d] -> [P, d, m]`` (``G G^T`` is the diffusion covariance per unit time; m is the
+dimension of the driving Brownian motion). Time is ``t = k * eta``.
+
+Noise: the batch-mean field of a size-b batch drawn with replacement has covariance
+``Sigma_b = Cov_i(g_i) / b`` (population covariance over the N examples); without replacement it
+carries the finite-population factor ``(N - b) / (N - 1)``. Every model's diffusion is the
+symmetric PSD square root of its covariance, ``[P, d, d]``, so that all models (and the Gaussian
+chain) are driven by one d-dimensional Brownian motion and can share its increments.
+
+Models (DESIGN.md section 2):
+
+- ``paper``: drift ``-rho(I(theta)) grad L``, diffusion ``sqrt(eta) Sigma_b^{1/2}``
+  (Theorem A.2 ii, with the ``sqrt(eta)`` that the printed theorem drops restored);
+- ``printed``: as ``paper`` but without ``sqrt(eta)`` (the theorem as printed, for claim C2);
+- ``scaled``: as ``paper`` with diffusion ``sqrt(eta) rho Sigma_b^{1/2}``;
+- ``matched``: the first-order SME of the actual chain, drift ``-E_B[rho(I_B) g_B]``, diffusion
+  ``sqrt(eta) Cov_B[rho(I_B) g_B]^{1/2}``, exact by enumerating every batch;
+- ``ode``: the modulated gradient flow, no noise;
+- ``second-order``: drift ``b - (eta/2) (Db) b`` with the full-information drift b, diffusion as
+  ``scaled`` (the positive control that should reach weak order 2).
+
+``I(theta)`` is the full-data information (the mean of ``iota_i``) in every model but
+``matched``, which uses whatever the chain uses (``info_source``).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from pgpo.multiplier import MultiplierConfig
+from sde.problems import Problem
+
+MODELS = ("paper", "printed", "scaled", "matched", "ode", "second-order")
+INFO_SOURCES = ("same-batch", "independent-batch", "full")
+
+Multiplier = Callable[[np.ndarray], np.ndarray]
+
+
+def constant_rho(value: float = 1.0) -> Multiplier:
+    """rho = value whatever I (value 1: SGD, SDPO's baseline)."""
+    return lambda info: np.full_like(np.asarray(info, dtype=np.float64), value)
+
+
+def as_multiplier(multiplier: MultiplierConfig | Multiplier | None) -> Multiplier:
+    """A MultiplierConfig, any callable I -> rho, or None (rho = 1)."""
+    return constant_rho(1.0) if multiplier is None else multiplier
+
+
+@dataclass(frozen=True)
+class SDEModel:
+    """``d theta = b(theta) dt + G(theta) dW``; W is ``noise_dim``-dimensional.
+
+    ``coefficients(theta [P, d]) -> (b [P, d], G [P, d, noise_dim] or None)``: one call, since
+    both usually need the same per-example fields. ``G is None`` means an ODE.
+    """
+
+    name: str
+    coefficients: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]]
+    noise_dim: int
+
+    def drift(self, theta: np.ndarray) -> np.ndarray:
+        return self.coefficients(theta)[0]
+
+    def diffusion(self, theta: np.ndarray) -> np.ndarray | None:
+        return self.coefficients(theta)[1]
+
+    @property
+    def is_ode(self) -> bool:
+        return self.noise_dim == 0
+
+
+def batches(n: int, b: int, replace: bool) -> np.ndarray:
+    """Every equally likely batch: ``[n_batches, b]`` indices (ordered tuples with replacement,
+    combinations without)."""
+    if replace:
+        return np.array(list(itertools.product(range(n), repeat=b)), dtype=np.int64)
+    return np.array(list(itertools.combinations(range(n), b)), dtype=np.int64)
+
+
+def batch_means(n: int, b: int, replace: bool) -> np.ndarray:
+    """``M [n_batches, N]`` with ``M @ x`` the batch means of per-example values ``x [N, ...]``."""
+    index = batches(n, b, replace)
+    means = np.zeros((len(index), n))
+    np.add.at(means, (np.arange(len(index))[:, None], index), 1.0 / b)
+    return means
+
+
+def sqrtm_psd(cov: np.ndarray) -> np.ndarray:
+    """Symmetric square root of PSD matrices ``[P, d, d]`` (negative rounding clipped to 0)."""
+    d = cov.shape[-1]
+    if d == 1:
+        return np.sqrt(np.maximum(cov, 0.0))
+    if d == 2:  # closed form: (M + s I) / t with s = sqrt(det M), t = sqrt(tr M + 2 s)
+        det = np.maximum(cov[:, 0, 0] * cov[:, 1, 1] - cov[:, 0, 1] * cov[:, 1, 0], 0.0)
+        s = np.sqrt(det)
+        t = np.sqrt(np.maximum(cov[:, 0, 0] + cov[:, 1, 1] + 2 * s, 0.0))
+        root = cov + s[:, None, None] * np.eye(2)
+        return root / np.where(t > 0, t, 1.0)[:, None, None]
+    w, q = np.linalg.eigh(cov)
+    return (q * np.sqrt(np.maximum(w, 0.0))[:, None, :]) @ np.swapaxes(q, 1, 2)
+
+
+def weighted_cov(samples: np.ndarray) -> np.ndarray:
+    """Population covariance over axis 1 of equally likely samples: ``[P, n, d] -> [P, d, d]``."""
+    centred = samples - samples.mean(axis=1, keepdims=True)
+    return np.swapaxes(centred, 1, 2) @ centred / samples.shape[1]
+
+
+def batch_covariance(fields: np.ndarray, b: int, replace: bool) -> np.ndarray:
+    """``Sigma_b``, the covariance of a size-b batch mean: ``[P, N, d] -> [P, d, d]``."""
+    n = fields.shape[1]
+    cov = weighted_cov(fields) / b
+    if not replace:
+        cov = cov * ((n - b) / (n - 1) if n > 1 else 0.0)
+    return cov
+
+
+def full_drift(problem: Problem, rho: Multiplier) -> Callable[[np.ndarray], np.ndarray]:
+    """``-rho(I(theta)) grad L(theta)`` with full-data information: ``[P, d] -> [P, d]``."""
+
+    def drift(theta):
+        fields, infos = problem.fields_and_infos(theta)
+        return -rho(infos.mean(axis=1))[:, None] * fields.mean(axis=1)
+
+    return drift
+
+
+def _directional_derivative(f, theta, v, eps=1e-6):
+    """(Df)(theta) v by a central difference scaled to |v|: ``[P, d]`` each."""
+    norm = np.linalg.norm(v, axis=1, keepdims=True)
+    step = eps * np.maximum(1.0, np.linalg.norm(theta, axis=1, keepdims=True))
+    unit = v / np.where(norm > 0, norm, 1.0)
+    return (f(theta + step * unit) - f(theta - step * unit)) / (2 * step) * norm
+
+
+def make_model(
+    name: str,
+    problem: Problem,
+    multiplier: MultiplierConfig | Multiplier | None,
+    batch_size: int,
+    eta: float,
+    info_source: str = "full",
+    replace: bool = True,
+) -> SDEModel:
+    """Build SDE model ``name`` for PGPO on ``problem`` at learning rate ``eta``."""
+    if name not in MODELS:
+        raise ValueError(f"unknown SDE model {name!r}; choose from {', '.join(MODELS)}")
+    if info_source not in INFO_SOURCES:
+        raise ValueError(f"unknown info source {info_source!r}; choose from "
+                         f"{', '.join(INFO_SOURCES)}")
+    if not 1 <= batch_size <= (10**9 if replace else problem.n):
+        raise ValueError(f"batch size must be in [1, {problem.n}] without replacement, "
+                         f"got {batch_size}")
+    rho = as_multiplier(multiplier)
+    b, n, root_eta = batch_size, problem.n, float(np.sqrt(eta))
+
+    if name == "ode":
+        drift = full_drift(problem, rho)
+        return SDEModel(name, lambda theta: (drift(theta), None), 0)
+
+    if name in ("paper", "printed", "scaled", "second-order"):
+        factor = 1.0 if name == "printed" else root_eta
+        scaled = name in ("scaled", "second-order")
+        first = full_drift(problem, rho) if name == "second-order" else None
+
+        def coefficients(theta):
+            fields, infos = problem.fields_and_infos(theta)
+            rho_full = rho(infos.mean(axis=1))[:, None]
+            drift = -rho_full * fields.mean(axis=1)
+            g = factor * sqrtm_psd(batch_covariance(fields, b, replace))
+            if scaled:
+                g = g * rho_full[:, :, None]
+            if first is not None:  # b - (eta / 2) (Db) b
+                drift = drift - 0.5 * eta * _directional_derivative(first, theta, drift)
+            return drift, g
+
+        return SDEModel(name, coefficients, problem.d)
+
+    # matched: the chain's exact one-step mean and covariance, by enumerating batches.
+    # The step is a_B g_B over equally likely batches B; its mean is sum_B a_B g_B / nB and its
+    # second moment sum_B c_B g_B g_B^T / nB, with c_B = a_B^2 when a_B is fixed by theta and B
+    # (same-batch, full) and c_B = E[rho(I_B')^2] when rho comes from an independent batch B'.
+    means = batch_means(n, b, replace)  # [nB, N]
+    n_batches = means.shape[0]
+
+    def matched_coefficients(theta):
+        fields, infos = problem.fields_and_infos(theta)
+        g_batch = means @ fields  # [P, nB, d]
+        if info_source == "full":
+            a = np.broadcast_to(rho(infos.mean(axis=1))[:, None], g_batch.shape[:2])
+            c = a**2
+        else:
+            rho_batch = rho(infos @ means.T)  # [P, nB]
+            if info_source == "same-batch":
+                a, c = rho_batch, rho_batch**2
+            else:
+                a = np.broadcast_to(rho_batch.mean(axis=1, keepdims=True), rho_batch.shape)
+                c = np.broadcast_to((rho_batch**2).mean(axis=1, keepdims=True), rho_batch.shape)
+        mean_step = (a[:, None, :] @ g_batch)[:, 0, :] / n_batches
+        second = np.swapaxes(g_batch * c[:, :, None], 1, 2) @ g_batch / n_batches
+        cov = second - mean_step[:, :, None] * mean_step[:, None, :]
+        return -mean_step, root_eta * sqrtm_psd(cov)
+
+    return SDEModel(name, matched_coefficients, problem.d)

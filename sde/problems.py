@@ -1,0 +1,207 @@
+"""Finite-sum toy problems with analytic per-example update fields and information.
+
+A problem holds N examples. For parameters ``theta`` of shape ``[paths, d]`` (float64) it returns
+
+- ``fields(theta) -> [paths, N, d]``: per-example update fields ``g_i`` (the gradient of the
+  per-example loss, or a semi-gradient such as distillation under stop-gradient); the chain steps
+  against their batch mean;
+- ``infos(theta) -> [paths, N]``: per-example information ``iota_i`` in nats; a batch's signal
+  ``I_B`` is their mean over the batch (as Eq. 8 averages over tokens).
+
+To add a problem, subclass :class:`Problem`, set ``name``, ``n``, ``d`` and ``theta0`` and write
+those two methods; register it in :data:`PROBLEMS` to reach it from the CLI.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class Problem:
+    """Base class: a subclass sets ``name``, ``theta0`` ``[d]`` and ``n``, and writes
+    ``fields`` and ``infos``."""
+
+    name: str = "problem"
+    theta0: np.ndarray
+
+    @property
+    def n(self) -> int:
+        """Number of examples N."""
+        raise NotImplementedError
+
+    @property
+    def d(self) -> int:
+        """Parameter dimension."""
+        return int(self.theta0.shape[0])
+
+    def fields(self, theta: np.ndarray) -> np.ndarray:
+        """Per-example update fields: ``[P, d] -> [P, N, d]``."""
+        raise NotImplementedError
+
+    def infos(self, theta: np.ndarray) -> np.ndarray:
+        """Per-example information in nats: ``[P, d] -> [P, N]``."""
+        raise NotImplementedError
+
+    def fields_and_infos(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Both at once; override when they share work."""
+        return self.fields(theta), self.infos(theta)
+
+
+def _rng(seed: int) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+@dataclass
+class Quadratic(Problem):
+    """``l_i = 0.5 (theta - x_i)^T A (theta - x_i)`` with ``iota_i = s (l_i - c)``.
+
+    The information grows with the per-example loss (a teacher that sees the solution knows more
+    where the student is wrong); ``s = info_scale = 0`` makes ``I`` constant, ``-s c``, so that rho
+    is constant and the SDE is an Ornstein-Uhlenbeck process with exact moments.
+    A has eigenvalues ``curvatures``; the x_i are N(0, spread^2 I) draws from ``seed``.
+    """
+
+    n_examples: int = 8
+    curvatures: tuple[float, ...] = (1.0, 0.5)
+    spread: float = 1.0
+    info_scale: float = 0.5
+    info_offset: float = 0.5
+    start: float = 2.5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.name = "quadratic"
+        rng = _rng(self.seed)
+        d = len(self.curvatures)
+        q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+        self.A = (q * np.asarray(self.curvatures)) @ q.T
+        self.x = rng.standard_normal((self.n_examples, d)) * self.spread
+        self.theta0 = np.full(d, self.start)
+
+    @property
+    def n(self) -> int:
+        return self.n_examples
+
+    def _diff(self, theta):
+        return theta[:, None, :] - self.x[None, :, :]  # [P, N, d]
+
+    def fields(self, theta):
+        return self._diff(theta) @ self.A  # A symmetric
+
+    def losses(self, theta):
+        diff = self._diff(theta)
+        return 0.5 * ((diff @ self.A) * diff).sum(axis=-1)
+
+    def infos(self, theta):
+        return self.info_scale * (self.losses(theta) - self.info_offset)
+
+    def fields_and_infos(self, theta):
+        diff = self._diff(theta)
+        fields = diff @ self.A
+        infos = self.info_scale * (0.5 * (fields * diff).sum(axis=-1) - self.info_offset)
+        return fields, infos
+
+
+@dataclass
+class Logistic(Problem):
+    """L2-regularised logistic regression; ``iota_i`` is the student's predictive entropy.
+
+    ``l_i = log(1 + exp(-y_i x_i^T theta)) + lam/2 |theta|^2``. A teacher that knows the label
+    has entropy 0, so ``iota_i = H(sigmoid(x_i^T theta))`` (binary entropy, in [0, ln 2]).
+    """
+
+    n_examples: int = 8
+    dim: int = 2
+    lam: float = 0.3
+    start: float = 3.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.name = "logistic"
+        rng = _rng(self.seed)
+        w_true = rng.standard_normal(self.dim)
+        self.x = rng.standard_normal((self.n_examples, self.dim)) * 1.5
+        p = 1.0 / (1.0 + np.exp(-self.x @ w_true))
+        self.y = np.where(rng.random(self.n_examples) < p, 1.0, -1.0)
+        self.theta0 = np.full(self.dim, self.start)
+
+    @property
+    def n(self) -> int:
+        return self.n_examples
+
+    def fields(self, theta):
+        margin = (theta @ self.x.T) * self.y  # [P, N]
+        coef = -self.y / (1.0 + np.exp(margin))  # d/dz log(1+exp(-y z)) = -y sigmoid(-y z)
+        return coef[:, :, None] * self.x[None] + self.lam * theta[:, None, :]
+
+    def infos(self, theta):
+        z = theta @ self.x.T
+        p = 1.0 / (1.0 + np.exp(-z))
+        log_p, log_q = -np.logaddexp(0.0, -z), -np.logaddexp(0.0, z)
+        return -(p * log_p + (1.0 - p) * log_q)
+
+
+@dataclass
+class Distill(Problem):
+    """Softmax self-distillation that mirrors SDPO.
+
+    Example i has student logits ``W_i theta`` over K classes and teacher logits
+    ``W_i theta + f_i`` (the teacher sees a hint f_i), under stop-gradient. The update field is
+    the semi-gradient of ``KL(p_S || sg(p_T))`` plus ``lam theta``:
+    ``W_i^T [p_S * (log p_S - log p_T - KL)] + lam theta``; it is not the gradient of any
+    potential. ``iota_i = H(p_S) - H(p_T)``.
+    """
+
+    n_examples: int = 8
+    dim: int = 2
+    classes: int = 4
+    hint: float = 1.5
+    lam: float = 0.5
+    start: float = 1.5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.name = "distill"
+        rng = _rng(self.seed)
+        self.W = rng.standard_normal((self.n_examples, self.classes, self.dim))
+        self.f = rng.standard_normal((self.n_examples, self.classes)) * self.hint
+        self.theta0 = np.full(self.dim, self.start)
+
+    @property
+    def n(self) -> int:
+        return self.n_examples
+
+    def _log_probs(self, theta):
+        z = np.matmul(self.W, theta.T).transpose(2, 0, 1)  # [N, K, d] x [d, P] -> [P, N, K]
+        log_s = z - np.logaddexp.reduce(z, axis=-1, keepdims=True)
+        zt = z + self.f[None]
+        log_t = zt - np.logaddexp.reduce(zt, axis=-1, keepdims=True)
+        return log_s, log_t
+
+    def fields(self, theta):
+        return self.fields_and_infos(theta)[0]
+
+    def infos(self, theta):
+        return self.fields_and_infos(theta)[1]
+
+    def fields_and_infos(self, theta):
+        log_s, log_t = self._log_probs(theta)
+        p_s, p_t = np.exp(log_s), np.exp(log_t)
+        kl = (p_s * (log_s - log_t)).sum(-1, keepdims=True)
+        dz = p_s * (log_s - log_t - kl)  # d KL(p_S || q) / d z with q fixed
+        # [P, N, K] x [N, K, d] -> [P, N, d], as a batched matmul over examples
+        fields = np.matmul(dz.transpose(1, 0, 2), self.W).transpose(1, 0, 2)
+        infos = -(p_s * log_s).sum(-1) + (p_t * log_t).sum(-1)
+        return fields + self.lam * theta[:, None, :], infos
+
+
+PROBLEMS = {"quadratic": Quadratic, "logistic": Logistic, "distill": Distill}
+
+
+def make_problem(name: str, **kwargs) -> Problem:
+    """A problem by name (``quadratic``, ``logistic``, ``distill``) with keyword settings."""
+    if name not in PROBLEMS:
+        raise ValueError(f"unknown problem {name!r}; choose from {', '.join(PROBLEMS)}")
+    return PROBLEMS[name](**kwargs)
