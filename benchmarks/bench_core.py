@@ -146,8 +146,9 @@ def main(argv=None) -> int:
     print(f"vocab {args.vocab:,}, requested {args.tokens:,} response tokens, bf16 logits, "
           f"chunk {args.chunk_size} tokens, JSD beta={BETA} top-{TOPK}+tail, fwd+bwd + I_k")
     if tokens < args.tokens:
-        print(f"naive at {args.tokens:,} tokens would need ~{per_token * args.tokens / gib:.1f} GiB "
-              f"extra (measured {per_token / 2**20:.1f} MiB/token at {probe_tokens} tokens) and "
+        need = per_token * args.tokens / gib
+        print(f"naive at {args.tokens:,} tokens would need ~{need:.1f} GiB extra"
+              f" (measured {per_token / 2**20:.1f} MiB/token at {probe_tokens} tokens) and "
               f"{available_bytes() / gib:.1f} GiB is free: comparing at {tokens:,} tokens")
     chunk = measure("chunked", tokens, args.vocab, args.chunk_size)
     base = measure("naive", tokens, args.vocab, args.chunk_size)

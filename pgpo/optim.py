@@ -8,7 +8,8 @@ loss would cancel out. Moment estimates are exactly those of the unwrapped optim
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

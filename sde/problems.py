@@ -148,16 +148,21 @@ class Distill(Problem):
     """Softmax self-distillation that mirrors SDPO.
 
     Example i has student logits ``W_i theta`` over K classes and teacher logits
-    ``W_i theta + f_i`` (the teacher sees a hint f_i), under stop-gradient. The update field is
-    the semi-gradient of ``KL(p_S || sg(p_T))`` plus ``lam theta``:
-    ``W_i^T [p_S * (log p_S - log p_T - KL)] + lam theta``; it is not the gradient of any
-    potential. ``iota_i = H(p_S) - H(p_T)``.
+    ``U_i theta + f_i`` under stop-gradient: the teacher sees a hint f_i and, through its
+    different context, reads theta through ``U_i = W_i + context * E_i``. The update field is the
+    semi-gradient of ``KL(p_S || sg(p_T))`` plus ``lam theta``:
+    ``W_i^T [p_S * (log p_S - log p_T - KL)] + lam theta``. ``iota_i = H(p_S) - H(p_T)``.
+
+    With ``context = 0`` (teacher logits ``W_i theta + f_i``) the field is, perhaps surprisingly,
+    an exact gradient, of ``-E_{p_S}[f_i] + lam/2 |theta|^2``: ``log p_S - log p_T`` is ``-f_i`` up
+    to a constant. Only with ``context > 0`` is it a semi-gradient with no potential.
     """
 
     n_examples: int = 8
     dim: int = 2
     classes: int = 4
     hint: float = 1.5
+    context: float = 0.5
     lam: float = 0.5
     start: float = 1.5
     seed: int = 0
@@ -167,6 +172,7 @@ class Distill(Problem):
         rng = _rng(self.seed)
         self.W = rng.standard_normal((self.n_examples, self.classes, self.dim))
         self.f = rng.standard_normal((self.n_examples, self.classes)) * self.hint
+        self.U = self.W + self.context * rng.standard_normal(self.W.shape)
         self.theta0 = np.full(self.dim, self.start)
 
     @property
@@ -176,7 +182,7 @@ class Distill(Problem):
     def _log_probs(self, theta):
         z = np.matmul(self.W, theta.T).transpose(2, 0, 1)  # [N, K, d] x [d, P] -> [P, N, K]
         log_s = z - np.logaddexp.reduce(z, axis=-1, keepdims=True)
-        zt = z + self.f[None]
+        zt = np.matmul(self.U, theta.T).transpose(2, 0, 1) + self.f[None]
         log_t = zt - np.logaddexp.reduce(zt, axis=-1, keepdims=True)
         return log_s, log_t
 

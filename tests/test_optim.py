@@ -50,7 +50,7 @@ def test_step_equals_adamw_with_scaled_lr_and_moments_untouched():
     # And the scaling is not a no-op: a different rho gives different parameters.
     other_model = make_model()
     other = ModulatedOptimizer(adamw(other_model))
-    for k, r in enumerate(rhos):
+    for k in range(len(rhos)):
         set_grads(other_model, k)
         other.step(1.0)
     assert not all(torch.equal(p, q) for p, q in zip(other_model.parameters(),
