@@ -57,8 +57,9 @@ def naive(student, teacher, mask):
     tail_t = lt.scatter(-1, idx, float("-inf")).logsumexp(-1, keepdim=True)
     ls_k = torch.cat([ls.gather(-1, idx), tail_s], -1)
     lt_k = torch.cat([lt.gather(-1, idx), tail_t], -1)
-    lm = torch.logaddexp(ls_k + torch.log(torch.tensor(1 - BETA)), lt_k + torch.log(
-        torch.tensor(BETA)))
+    lm = torch.logaddexp(
+        ls_k + torch.log(torch.tensor(1 - BETA)), lt_k + torch.log(torch.tensor(BETA))
+    )
     per_token = (1 - BETA) * (ls_k.exp() * (ls_k - lm)).sum(-1) + BETA * (
         lt_k.exp() * (lt_k - lm)
     ).sum(-1)
@@ -73,7 +74,13 @@ def chunked(student, teacher, mask, chunk_size):
 
     gap = entropy_gap(student, teacher, mask, TEMPERATURE, chunk_size=chunk_size)
     loss = divergence(
-        student, teacher, mask, BETA, topk=TOPK, add_tail=True, temperature=TEMPERATURE,
+        student,
+        teacher,
+        mask,
+        BETA,
+        topk=TOPK,
+        add_tail=True,
+        temperature=TEMPERATURE,
         chunk_size=chunk_size,
     )
     loss.backward()
@@ -101,13 +108,30 @@ def worker(variant: str, tokens: int, vocab: int, chunk_size: int) -> dict:
     loss, info = run(s, t, m)
     seconds = time.perf_counter() - start
     peak = _status("VmHWM")
-    return dict(variant=variant, tokens=tokens, vocab=vocab, seconds=seconds,
-                extra_bytes=peak - before, loss=float(loss), info=float(info))
+    return dict(
+        variant=variant,
+        tokens=tokens,
+        vocab=vocab,
+        seconds=seconds,
+        extra_bytes=peak - before,
+        loss=float(loss),
+        info=float(info),
+    )
 
 
 def measure(variant: str, tokens: int, vocab: int, chunk_size: int) -> dict:
-    cmd = [sys.executable, __file__, "--worker", variant, "--tokens", str(tokens),
-           "--vocab", str(vocab), "--chunk-size", str(chunk_size)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        variant,
+        "--tokens",
+        str(tokens),
+        "--vocab",
+        str(vocab),
+        "--chunk-size",
+        str(chunk_size),
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode != 0:
@@ -143,29 +167,44 @@ def main(argv=None) -> int:
     inputs = 2 * 2 * args.vocab  # two bf16 inputs per token
     fit = int(0.85 * available_bytes() / (per_token + inputs))
     tokens = args.tokens if fit >= args.tokens else max(probe_tokens, fit // 256 * 256)
-    print(f"vocab {args.vocab:,}, requested {args.tokens:,} response tokens, bf16 logits, "
-          f"chunk {args.chunk_size} tokens, JSD beta={BETA} top-{TOPK}+tail, fwd+bwd + I_k")
+    print(
+        f"vocab {args.vocab:,}, requested {args.tokens:,} response tokens, bf16 logits, "
+        f"chunk {args.chunk_size} tokens, JSD beta={BETA} top-{TOPK}+tail, fwd+bwd + I_k"
+    )
     if tokens < args.tokens:
         need = per_token * args.tokens / gib
-        print(f"naive at {args.tokens:,} tokens would need ~{need:.1f} GiB extra"
-              f" (measured {per_token / 2**20:.1f} MiB/token at {probe_tokens} tokens) and "
-              f"{available_bytes() / gib:.1f} GiB is free: comparing at {tokens:,} tokens")
+        print(
+            f"naive at {args.tokens:,} tokens would need ~{need:.1f} GiB extra"
+            f" (measured {per_token / 2**20:.1f} MiB/token at {probe_tokens} tokens) and "
+            f"{available_bytes() / gib:.1f} GiB is free: comparing at {tokens:,} tokens"
+        )
     chunk = measure("chunked", tokens, args.vocab, args.chunk_size)
     base = measure("naive", tokens, args.vocab, args.chunk_size)
-    full = chunk if tokens == args.tokens else measure("chunked", args.tokens, args.vocab,
-                                                       args.chunk_size)
-    print(f"{'version':10s} {'tokens':>7s} {'extra peak GiB':>15s} {'seconds':>8s} "
-          f"{'loss':>10s} {'I_k':>10s}")
+    full = (
+        chunk
+        if tokens == args.tokens
+        else measure("chunked", args.tokens, args.vocab, args.chunk_size)
+    )
+    print(
+        f"{'version':10s} {'tokens':>7s} {'extra peak GiB':>15s} {'seconds':>8s} "
+        f"{'loss':>10s} {'I_k':>10s}"
+    )
     for r in (base, chunk) + ((full,) if full is not chunk else ()):
-        print(f"{r['variant']:10s} {r['tokens']:7d} {r['extra_bytes'] / gib:15.3f} "
-              f"{r['seconds']:8.2f} {r['loss']:10.6f} {r['info']:10.6f}")
+        print(
+            f"{r['variant']:10s} {r['tokens']:7d} {r['extra_bytes'] / gib:15.3f} "
+            f"{r['seconds']:8.2f} {r['loss']:10.6f} {r['info']:10.6f}"
+        )
     mem_ratio = chunk["extra_bytes"] / base["extra_bytes"]
     time_ratio = chunk["seconds"] / base["seconds"]
     agree = abs(chunk["loss"] - base["loss"]) <= 1e-4 * max(1.0, abs(base["loss"]))
-    print(f"memory ratio chunked/naive: {mem_ratio:.3f} (target <= 0.15) "
-          f"{'OK' if mem_ratio <= 0.15 else 'MISSED'}")
-    print(f"time ratio chunked/naive:   {time_ratio:.3f} (target <= 1.2) "
-          f"{'OK' if time_ratio <= 1.2 else 'MISSED'}")
+    print(
+        f"memory ratio chunked/naive: {mem_ratio:.3f} (target <= 0.15) "
+        f"{'OK' if mem_ratio <= 0.15 else 'MISSED'}"
+    )
+    print(
+        f"time ratio chunked/naive:   {time_ratio:.3f} (target <= 1.2) "
+        f"{'OK' if time_ratio <= 1.2 else 'MISSED'}"
+    )
     print(f"same loss and I_k: {'yes' if agree else 'NO'}")
     return 0
 

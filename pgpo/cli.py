@@ -1,6 +1,6 @@
 """``pgpo``: the project's command line.
 
-    pgpo multiplier [--alpha A] [--rho-max R] [--out DIR]   the multiplier's properties + plot
+pgpo multiplier [--alpha A] [--rho-max R] [--out DIR]   the multiplier's properties + plot
 """
 
 from __future__ import annotations
@@ -21,10 +21,16 @@ def multiplier_report(alpha: float, rho_max: float, sharpness: float) -> list[di
     for kind in KINDS:
         cfg = MultiplierConfig(alpha, rho_max, kind, sharpness)
         lo, hi = cfg.bounds()
-        rows.append(dict(
-            kind=kind, inf=lo, sup=hi, lipschitz=cfg.lipschitz, kinks=list(cfg.kinks),
-            rho_at={f"{i:g}": float(cfg(float(i))) for i in (-1.0, -0.5, 0.0, 0.5, 1.0)},
-        ))
+        rows.append(
+            dict(
+                kind=kind,
+                inf=lo,
+                sup=hi,
+                lipschitz=cfg.lipschitz,
+                kinks=list(cfg.kinks),
+                rho_at={f"{i:g}": float(cfg(float(i))) for i in (-1.0, -0.5, 0.0, 0.5, 1.0)},
+            )
+        )
     return rows
 
 
@@ -48,8 +54,7 @@ def _plot_multiplier(alpha: float, rho_max: float, sharpness: float, path) -> No
         ax.set_title(title)
         ax.legend()
     axes[0].axhline(1.0, color="gray", lw=0.8, ls="--")
-    fig.suptitle(f"PGPO multiplier, alpha={alpha:g}, rho_max={rho_max:g}; "
-                 f"kink at I*={kink:.3g}")
+    fig.suptitle(f"PGPO multiplier, alpha={alpha:g}, rho_max={rho_max:g}; kink at I*={kink:.3g}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -58,17 +63,26 @@ def _plot_multiplier(alpha: float, rho_max: float, sharpness: float, path) -> No
 def _cmd_multiplier(args) -> int:
     rows = multiplier_report(args.alpha, args.rho_max, args.sharpness)
     print(f"rho(I) = min(exp(alpha I), rho_max), alpha={args.alpha:g}, rho_max={args.rho_max:g}")
-    print(f"{'kind':8s} {'inf':>6s} {'sup':>6s} {'Lipschitz':>9s}  {'kinks (I)':18s} "
-          + " ".join(f"rho({k:>4s})" for k in rows[0]["rho_at"]))
+    print(
+        f"{'kind':8s} {'inf':>6s} {'sup':>6s} {'Lipschitz':>9s}  {'kinks (I)':18s} "
+        + " ".join(f"rho({k:>4s})" for k in rows[0]["rho_at"])
+    )
     for r in rows:
         kinks = ", ".join(f"{k:.4g}" for k in r["kinks"]) or "none"
-        print(f"{r['kind']:8s} {r['inf']:6.3g} {r['sup']:6.3g} {r['lipschitz']:9.4g}  "
-              f"{kinks:18s} " + " ".join(f"{v:9.4f}" for v in r["rho_at"].values()))
+        print(
+            f"{r['kind']:8s} {r['inf']:6.3g} {r['sup']:6.3g} {r['lipschitz']:9.4g}  "
+            f"{kinks:18s} " + " ".join(f"{v:9.4f}" for v in r["rho_at"].values())
+        )
     if args.out:
         with atomic_dir(args.out) as tmp:
-            (tmp / "multiplier.json").write_text(json.dumps(
-                dict(alpha=args.alpha, rho_max=args.rho_max, sharpness=args.sharpness,
-                     kinds=rows), indent=2))
+            (tmp / "multiplier.json").write_text(
+                json.dumps(
+                    dict(
+                        alpha=args.alpha, rho_max=args.rho_max, sharpness=args.sharpness, kinds=rows
+                    ),
+                    indent=2,
+                )
+            )
             _plot_multiplier(args.alpha, args.rho_max, args.sharpness, tmp / "multiplier.png")
         print(f"wrote {args.out}/multiplier.json and multiplier.png")
     return 0

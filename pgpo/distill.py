@@ -41,7 +41,6 @@ from pgpo.reduction import (
 __all__ = ["divergence", "token_divergence"]
 
 
-
 def _tail(log_p: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """log of the probability mass outside ``index``: ``[n, V], [n, k] -> [n, 1]`` (k < V)."""
     return log_p.scatter(-1, index, float("-inf")).logsumexp(-1, keepdim=True)

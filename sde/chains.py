@@ -46,8 +46,9 @@ def minibatch_chain(
 ) -> Solution:
     """Run discrete PGPO (or SGD) for ``steps`` steps on ``paths`` independent paths."""
     if info_source not in INFO_SOURCES:
-        raise ValueError(f"unknown info source {info_source!r}; choose from "
-                         f"{', '.join(INFO_SOURCES)}")
+        raise ValueError(
+            f"unknown info source {info_source!r}; choose from {', '.join(INFO_SOURCES)}"
+        )
     rho = as_multiplier(multiplier)
     rng = np.random.default_rng(seed)
     start = problem.theta0 if theta0 is None else theta0

@@ -38,7 +38,8 @@ def _csv(choices=None, kind=str):
             for x in items:
                 if x not in choices:
                     raise argparse.ArgumentTypeError(
-                        f"unknown value {x!r}; choose from {', '.join(choices)}")
+                        f"unknown value {x!r}; choose from {', '.join(choices)}"
+                    )
         return items
 
     return parse
@@ -56,13 +57,21 @@ def _etas(text: str) -> list[float]:
 
 def _add_common(p: ArgumentParser) -> None:
     p.add_argument("--problem", choices=list(PROBLEMS), default="quadratic")
-    p.add_argument("--info-source", choices=list(INFO_SOURCES), default="same-batch",
-                   help="where the chain's I_hat comes from (same-batch = Algorithm 1)")
+    p.add_argument(
+        "--info-source",
+        choices=list(INFO_SOURCES),
+        default="same-batch",
+        help="where the chain's I_hat comes from (same-batch = Algorithm 1)",
+    )
     p.add_argument("--kind", choices=list(KINDS), default="paper", help="multiplier kind")
     p.add_argument("--alpha", type=positive_float, default=1.0)
     p.add_argument("--rho-max", type=float, default=2.0)
-    p.add_argument("--constant-rho", type=positive_float, default=None,
-                   help="use this constant rho instead of the multiplier (1 = SGD)")
+    p.add_argument(
+        "--constant-rho",
+        type=positive_float,
+        default=None,
+        help="use this constant rho instead of the multiplier (1 = SGD)",
+    )
     p.add_argument("--batch-size", type=positive_int, default=2)
     p.add_argument("--without-replacement", action="store_true")
     p.add_argument("--horizon", type=positive_float, default=1.0, help="T, in units of k * eta")
@@ -77,8 +86,9 @@ def _multiplier(args):
 
 def _check_batch(args, problem) -> None:
     if args.without_replacement and args.batch_size > problem.n:
-        raise UserError(f"--batch-size {args.batch_size} exceeds the {problem.n} examples "
-                        "(without replacement)")
+        raise UserError(
+            f"--batch-size {args.batch_size} exceeds the {problem.n} examples (without replacement)"
+        )
 
 
 def _plot_weak_error(estimates, summaries: list[Summary], path, title: str) -> None:
@@ -93,16 +103,24 @@ def _plot_weak_error(estimates, summaries: list[Summary], path, title: str) -> N
     for ax, fn in zip(axes[0], fns):
         top = None
         for i, model in enumerate(models):
-            pts = sorted((e for e in estimates if e.model == model and e.test_fn == fn),
-                         key=lambda e: e.eta)
+            pts = sorted(
+                (e for e in estimates if e.model == model and e.test_fn == fn), key=lambda e: e.eta
+            )
             eta = np.array([e.eta for e in pts])
             val = np.abs([e.value for e in pts])
             se = np.array([1.96 * e.se for e in pts])
             res = np.array([e.resolved for e in pts])
             verdict = next(s.verdict for s in summaries if s.model == model and s.test_fn == fn)
             color = f"C{i}"
-            ax.errorbar(eta, val, yerr=np.minimum(se, val * 0.999), color=color, lw=1.2,
-                        capsize=2, label=f"{model}: {verdict.split(' (')[0]}")
+            ax.errorbar(
+                eta,
+                val,
+                yerr=np.minimum(se, val * 0.999),
+                color=color,
+                lw=1.2,
+                capsize=2,
+                label=f"{model}: {verdict.split(' (')[0]}",
+            )
             ax.plot(eta[res], val[res], "o", color=color)
             ax.plot(eta[~res], val[~res], "o", mfc="none", color=color)
             if len(val[res]) and (top is None or val[res].max() > top[1]):
@@ -110,8 +128,13 @@ def _plot_weak_error(estimates, summaries: list[Summary], path, title: str) -> N
         if top is not None:
             grid = np.array([min(e.eta for e in estimates), max(e.eta for e in estimates)])
             for order, style in ((1, "--"), (2, ":")):
-                ax.plot(grid, top[1] * (grid / top[0]) ** order, "k" + style, lw=0.8,
-                        label=f"slope {order}")
+                ax.plot(
+                    grid,
+                    top[1] * (grid / top[0]) ** order,
+                    "k" + style,
+                    lw=0.8,
+                    label=f"slope {order}",
+                )
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("learning rate eta")
@@ -132,30 +155,51 @@ def _cmd_weak_error(args) -> int:
         raise UserError(f"every eta must be <= --horizon {args.horizon}, got {max(args.etas)}")
     multiplier = _multiplier(args)
     settings = {k: v for k, v in vars(args).items() if k != "func"}
-    rho_text = (f"rho = {args.constant_rho:g}" if args.constant_rho is not None else
-                f"rho = {args.kind}(alpha={args.alpha:g}, rho_max={args.rho_max:g})")
-    print(f"weak error of {', '.join(args.models)} against the {args.chain} PGPO chain on "
-          f"{args.problem}; I from {args.info_source}; {rho_text}; batch {args.batch_size}; "
-          f"{args.paths} paths; T = {args.horizon:g}")
+    rho_text = (
+        f"rho = {args.constant_rho:g}"
+        if args.constant_rho is not None
+        else f"rho = {args.kind}(alpha={args.alpha:g}, rho_max={args.rho_max:g})"
+    )
+    print(
+        f"weak error of {', '.join(args.models)} against the {args.chain} PGPO chain on "
+        f"{args.problem}; I from {args.info_source}; {rho_text}; batch {args.batch_size}; "
+        f"{args.paths} paths; T = {args.horizon:g}"
+    )
 
     from tqdm import tqdm
 
     start = time.perf_counter()
-    with tqdm(total=len(args.etas) * len(args.models), desc="weak error", unit="run",
-              file=sys.stderr, disable=None) as bar:
+    with tqdm(
+        total=len(args.etas) * len(args.models),
+        desc="weak error",
+        unit="run",
+        file=sys.stderr,
+        disable=None,
+    ) as bar:
         estimates = weak_errors(
-            problem, multiplier, args.etas, args.models, info_source=args.info_source,
-            batch_size=args.batch_size, replace=not args.without_replacement, paths=args.paths,
-            horizon=args.horizon, seed=args.seed, test_fns=args.test_fns, chain=args.chain,
-            sde_step=args.sde_step, progress=lambda label: (bar.set_postfix_str(label),
-                                                            bar.update()),
+            problem,
+            multiplier,
+            args.etas,
+            args.models,
+            info_source=args.info_source,
+            batch_size=args.batch_size,
+            replace=not args.without_replacement,
+            paths=args.paths,
+            horizon=args.horizon,
+            seed=args.seed,
+            test_fns=args.test_fns,
+            chain=args.chain,
+            sde_step=args.sde_step,
+            progress=lambda label: (bar.set_postfix_str(label), bar.update()),
         )
     seconds = time.perf_counter() - start
     summaries = summarize(estimates, seed=args.seed)
 
     fn0 = args.test_fns[0]
-    print(f"\nweak error e(eta) = E g(chain) - E g(SDE), g = {fn0}  (value +- standard error; "
-          "* = unresolved, |e| < 3 SE)")
+    print(
+        f"\nweak error e(eta) = E g(chain) - E g(SDE), g = {fn0}  (value +- standard error; "
+        "* = unresolved, |e| < 3 SE)"
+    )
     print(f"{'eta':>9s} " + " ".join(f"{m:>22s}" for m in args.models))
     for eta in args.etas:
         cells = []
@@ -166,8 +210,12 @@ def _cmd_weak_error(args) -> int:
     diverged = sum(e.diverged_chain + e.diverged_sde for e in estimates)
     print(f"\n{'model':14s} {'g':7s} verdict (slope over resolved points, 95 % bootstrap interval)")
     for s in summaries:
-        small = (f"; smallest etas {s.slope_small.slope:.2f} [{s.slope_small.ci_low:.2f}, "
-                 f"{s.slope_small.ci_high:.2f}]" if s.slope_small else "")
+        small = (
+            f"; smallest etas {s.slope_small.slope:.2f} [{s.slope_small.ci_low:.2f}, "
+            f"{s.slope_small.ci_high:.2f}]"
+            if s.slope_small
+            else ""
+        )
         print(f"{s.model:14s} {s.test_fn:7s} {s.verdict}{small}")
     if diverged:
         print(f"diverged paths (left out of every mean): {diverged}")
@@ -177,8 +225,12 @@ def _cmd_weak_error(args) -> int:
             data = to_json(estimates, summaries, settings)
             data["seconds"] = seconds
             (tmp / "results.json").write_text(json.dumps(data, indent=2))
-            _plot_weak_error(estimates, summaries, tmp / "weak_error.png",
-                             f"{args.problem}, I from {args.info_source}, {rho_text}")
+            _plot_weak_error(
+                estimates,
+                summaries,
+                tmp / "weak_error.png",
+                f"{args.problem}, I from {args.info_source}, {rho_text}",
+            )
         print(f"wrote {args.out}/results.json and weak_error.png")
     return 0
 
@@ -192,26 +244,53 @@ def _cmd_simulate(args) -> int:
     steps = max(1, round(args.horizon / args.eta))
     replace = not args.without_replacement
     brownian = BrownianPath(args.seed, args.paths, problem.d, args.eta, fine=args.substeps)
-    model = make_model(args.model, problem, multiplier, args.batch_size, args.eta,
-                       args.info_source, replace)
+    model = make_model(
+        args.model, problem, multiplier, args.batch_size, args.eta, args.info_source, replace
+    )
     sde = euler_maruyama(model, problem.theta0, steps, brownian, args.substeps, record=True)
     if args.chain == "gaussian":
-        chain = gaussian_chain(problem, multiplier, args.eta, steps, args.batch_size, brownian,
-                               args.info_source, replace, record=True)
+        chain = gaussian_chain(
+            problem,
+            multiplier,
+            args.eta,
+            steps,
+            args.batch_size,
+            brownian,
+            args.info_source,
+            replace,
+            record=True,
+        )
     else:
-        chain = minibatch_chain(problem, multiplier, args.eta, steps, args.batch_size,
-                                args.paths, [args.seed, 1], args.info_source, replace,
-                                record=True)
+        chain = minibatch_chain(
+            problem,
+            multiplier,
+            args.eta,
+            steps,
+            args.batch_size,
+            args.paths,
+            [args.seed, 1],
+            args.info_source,
+            replace,
+            record=True,
+        )
     times = np.arange(steps + 1) * args.eta
     with atomic_dir(args.out) as tmp:
         np.savez(tmp / "paths.npz", times=times, sde=sde.path, chain=chain.path)
-        (tmp / "settings.json").write_text(json.dumps(
-            {k: v for k, v in vars(args).items() if k != "func"}, indent=2))
-        _plot_paths(times, sde.path, chain.path, tmp / "paths.png",
-                    f"{args.problem}: {args.model} SDE vs {args.chain} chain, eta={args.eta:g}")
-    print(f"simulated {args.paths} paths x {steps} steps; chain mean at T: "
-          f"{np.nanmean(chain.theta, axis=0).round(4).tolist()}, SDE mean at T: "
-          f"{np.nanmean(sde.theta, axis=0).round(4).tolist()}")
+        (tmp / "settings.json").write_text(
+            json.dumps({k: v for k, v in vars(args).items() if k != "func"}, indent=2)
+        )
+        _plot_paths(
+            times,
+            sde.path,
+            chain.path,
+            tmp / "paths.png",
+            f"{args.problem}: {args.model} SDE vs {args.chain} chain, eta={args.eta:g}",
+        )
+    print(
+        f"simulated {args.paths} paths x {steps} steps; chain mean at T: "
+        f"{np.nanmean(chain.theta, axis=0).round(4).tolist()}, SDE mean at T: "
+        f"{np.nanmean(sde.theta, axis=0).round(4).tolist()}"
+    )
     print(f"wrote {args.out}/paths.npz, paths.png and settings.json")
     return 0
 
@@ -228,10 +307,20 @@ def _plot_paths(times, sde_path, chain_path, path, title) -> None:
         show = min(sde_path.shape[1], 8)
         ax.plot(times, chain_path[:, :show, j], color="C0", lw=0.8, alpha=0.7)
         ax.plot(times, sde_path[:, :show, j], color="C1", lw=0.8, alpha=0.7)
-        ax.plot(times, np.nanmean(chain_path[:, :, j], axis=1), color="C0", lw=2.5,
-                label="chain (mean bold)")
-        ax.plot(times, np.nanmean(sde_path[:, :, j], axis=1), color="C1", lw=2.5,
-                label="SDE (mean bold)")
+        ax.plot(
+            times,
+            np.nanmean(chain_path[:, :, j], axis=1),
+            color="C0",
+            lw=2.5,
+            label="chain (mean bold)",
+        )
+        ax.plot(
+            times,
+            np.nanmean(sde_path[:, :, j], axis=1),
+            color="C1",
+            lw=2.5,
+            label="SDE (mean bold)",
+        )
         ax.set_xlabel("t = k eta")
         ax.set_ylabel(f"theta_{j + 1}")
         ax.legend(fontsize=8)
@@ -250,11 +339,19 @@ def build_parser() -> ArgumentParser:
     w.add_argument("--etas", type=_etas, default=_etas(DEFAULT_ETAS))
     w.add_argument("--paths", type=int, default=2000)
     w.add_argument("--test-fns", type=_csv(TEST_FUNCTIONS), default=list(TEST_FUNCTIONS))
-    w.add_argument("--chain", choices=list(CHAINS), default="gaussian",
-                   help="gaussian: the chain's exact step mean and covariance with Gaussian noise, "
-                   "coupled to the SDE (low variance); minibatch: real batches (needs ~10x paths)")
-    w.add_argument("--sde-step", type=positive_float, default=0.0125,
-                   help="largest Euler-Maruyama step of the SDE reference (Richardson on h, h/2)")
+    w.add_argument(
+        "--chain",
+        choices=list(CHAINS),
+        default="gaussian",
+        help="gaussian: the chain's exact step mean and covariance with Gaussian noise, "
+        "coupled to the SDE (low variance); minibatch: real batches (needs ~10x paths)",
+    )
+    w.add_argument(
+        "--sde-step",
+        type=positive_float,
+        default=0.0125,
+        help="largest Euler-Maruyama step of the SDE reference (Richardson on h, h/2)",
+    )
     w.add_argument("--out", default="runs/weak-error", help="output folder ('' for none)")
     w.set_defaults(func=_cmd_weak_error)
 

@@ -23,8 +23,9 @@ def _sigma_b(problem: Quadratic, batch_size: int, replace: bool) -> np.ndarray:
     return batch_covariance(fields, batch_size, replace)[0]
 
 
-def chain_moments(problem: Quadratic, r: float, eta: float, steps: int, batch_size: int,
-                  replace: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def chain_moments(
+    problem: Quadratic, r: float, eta: float, steps: int, batch_size: int, replace: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
     """Mean ``[d]`` and covariance ``[d, d]`` of the minibatch chain after ``steps`` steps."""
     xbar = problem.x.mean(axis=0)
     m = problem.theta0 - xbar
@@ -37,8 +38,15 @@ def chain_moments(problem: Quadratic, r: float, eta: float, steps: int, batch_si
     return m + xbar, cov
 
 
-def ou_moments(problem: Quadratic, r: float, eta: float, t_end: float, batch_size: int,
-               diffusion_scale: float, replace: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def ou_moments(
+    problem: Quadratic,
+    r: float,
+    eta: float,
+    t_end: float,
+    batch_size: int,
+    diffusion_scale: float,
+    replace: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
     """Mean and covariance at ``t_end`` of
     ``d Theta = -r A (Theta - xbar) dt + diffusion_scale sqrt(eta) Sigma_b^{1/2} dW``."""
     xbar = problem.x.mean(axis=0)

@@ -70,8 +70,9 @@ def euler_maruyama(
     theta0 = np.asarray(theta0, dtype=np.float64)
     theta = np.array(np.broadcast_to(theta0, (brownian.paths, theta0.shape[-1])))
     if not model.is_ode and model.noise_dim != brownian.dim:
-        raise ValueError(f"model noise dimension {model.noise_dim} != Brownian dimension "
-                         f"{brownian.dim}")
+        raise ValueError(
+            f"model noise dimension {model.noise_dim} != Brownian dimension {brownian.dim}"
+        )
     h = brownian.eta / substeps
     diverged = np.zeros(brownian.paths, dtype=bool)
     path = [theta.copy()] if record else None
@@ -120,11 +121,18 @@ def integrate_torchsde(
 
     t_end = steps * eta
     y0 = torch.from_numpy(np.array(np.broadcast_to(theta0, (paths, d)), dtype=np.float64))
-    bm = torchsde.BrownianInterval(t0=0.0, t1=t_end, size=(paths, noise_dim),
-                                   dtype=torch.float64, entropy=seed)
+    bm = torchsde.BrownianInterval(
+        t0=0.0, t1=t_end, size=(paths, noise_dim), dtype=torch.float64, entropy=seed
+    )
     with torch.no_grad():
-        ys = torchsde.sdeint(_SDE(), y0, torch.tensor([0.0, t_end], dtype=torch.float64),
-                             bm=bm, method="euler", dt=eta / substeps)
+        ys = torchsde.sdeint(
+            _SDE(),
+            y0,
+            torch.tensor([0.0, t_end], dtype=torch.float64),
+            bm=bm,
+            method="euler",
+            dt=eta / substeps,
+        )
     theta = ys[-1].numpy().copy()
     diverged = np.zeros(paths, dtype=bool)
     _mark_diverged(theta, diverged)

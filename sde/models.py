@@ -153,11 +153,13 @@ def make_model(
     if name not in MODELS:
         raise ValueError(f"unknown SDE model {name!r}; choose from {', '.join(MODELS)}")
     if info_source not in INFO_SOURCES:
-        raise ValueError(f"unknown info source {info_source!r}; choose from "
-                         f"{', '.join(INFO_SOURCES)}")
+        raise ValueError(
+            f"unknown info source {info_source!r}; choose from {', '.join(INFO_SOURCES)}"
+        )
     if not 1 <= batch_size <= (10**9 if replace else problem.n):
-        raise ValueError(f"batch size must be in [1, {problem.n}] without replacement, "
-                         f"got {batch_size}")
+        raise ValueError(
+            f"batch size must be in [1, {problem.n}] without replacement, got {batch_size}"
+        )
     rho = as_multiplier(multiplier)
     b, n, root_eta = batch_size, problem.n, float(np.sqrt(eta))
 

@@ -112,22 +112,34 @@ def weak_errors(
         raise ValueError(f"unknown chain {chain!r}; choose from {', '.join(CHAINS)}")
     for name in test_fns:
         if name not in TEST_FUNCTIONS:
-            raise ValueError(f"unknown test function {name!r}; choose from "
-                             f"{', '.join(TEST_FUNCTIONS)}")
+            raise ValueError(
+                f"unknown test function {name!r}; choose from {', '.join(TEST_FUNCTIONS)}"
+            )
     if not sde_step > 0:
         raise ValueError(f"sde_step must be > 0, got {sde_step!r}")
     out: list[Estimate] = []
     for j, eta in enumerate(etas):
         steps = max(1, round(horizon / eta))
         substeps = max(2, int(np.ceil(eta / sde_step - 1e-9)))
-        brownian = BrownianPath(seed=seed * 1000 + j, paths=paths, dim=problem.d, eta=eta,
-                                fine=2 * substeps)
+        brownian = BrownianPath(
+            seed=seed * 1000 + j, paths=paths, dim=problem.d, eta=eta, fine=2 * substeps
+        )
         if chain == "gaussian":
-            end = gaussian_chain(problem, multiplier, eta, steps, batch_size, brownian,
-                                 info_source, replace)
+            end = gaussian_chain(
+                problem, multiplier, eta, steps, batch_size, brownian, info_source, replace
+            )
         else:
-            end = minibatch_chain(problem, multiplier, eta, steps, batch_size, paths,
-                                  seed=[seed, j, 7], info_source=info_source, replace=replace)
+            end = minibatch_chain(
+                problem,
+                multiplier,
+                eta,
+                steps,
+                batch_size,
+                paths,
+                seed=[seed, j, 7],
+                info_source=info_source,
+                replace=replace,
+            )
         for name in models:
             model = make_model(name, problem, multiplier, batch_size, eta, info_source, replace)
             coarse = euler_maruyama(model, problem.theta0, steps, brownian, substeps)
@@ -138,21 +150,32 @@ def weak_errors(
                 chain_g = np.where(end.diverged, np.nan, g(end.theta))
                 sde_g = np.where(sde_bad, np.nan, richardson(g(coarse.theta), g(fine.theta)))
                 value, se, n = estimate_difference(chain_g, sde_g)
-                out.append(Estimate(
-                    model=name, eta=float(eta), test_fn=fn, value=value, se=se,
-                    ci_low=value - 1.96 * se, ci_high=value + 1.96 * se,
-                    resolved=bool(np.isfinite(value) and abs(value) >= RESOLVED_SE * se),
-                    paths=n, diverged_chain=int(end.diverged.sum()),
-                    diverged_sde=int(sde_bad.sum()),
-                ))
+                out.append(
+                    Estimate(
+                        model=name,
+                        eta=float(eta),
+                        test_fn=fn,
+                        value=value,
+                        se=se,
+                        ci_low=value - 1.96 * se,
+                        ci_high=value + 1.96 * se,
+                        resolved=bool(np.isfinite(value) and abs(value) >= RESOLVED_SE * se),
+                        paths=n,
+                        diverged_chain=int(end.diverged.sum()),
+                        diverged_sde=int(sde_bad.sum()),
+                    )
+                )
             if progress is not None:
                 progress(f"eta={eta:g} {name}")
     return out
 
 
 def fit_slope(
-    etas: Sequence[float], values: Sequence[float], ses: Sequence[float],
-    n_boot: int = 2000, seed: int = 0,
+    etas: Sequence[float],
+    values: Sequence[float],
+    ses: Sequence[float],
+    n_boot: int = 2000,
+    seed: int = 0,
 ) -> SlopeFit | None:
     """Slope of log|e| against log eta, weights ``(e / se)^2`` (the inverse variance of log|e|);
     95 % interval from a parametric bootstrap ``e* ~ N(e, se^2)``. None with fewer than 2 points."""
@@ -195,14 +218,20 @@ def summarize(estimates: Sequence[Estimate], smallest: int = 3, seed: int = 0) -
     out = []
     keys = dict.fromkeys((e.model, e.test_fn) for e in estimates)
     for model, fn in keys:
-        points = sorted((e for e in estimates if e.model == model and e.test_fn == fn),
-                        key=lambda e: e.eta)
+        points = sorted(
+            (e for e in estimates if e.model == model and e.test_fn == fn), key=lambda e: e.eta
+        )
         resolved = [e for e in points if e.resolved]
-        fit = fit_slope([e.eta for e in resolved], [e.value for e in resolved],
-                        [e.se for e in resolved], seed=seed)
+        fit = fit_slope(
+            [e.eta for e in resolved],
+            [e.value for e in resolved],
+            [e.se for e in resolved],
+            seed=seed,
+        )
         small = resolved[:smallest]
-        fit_small = fit_slope([e.eta for e in small], [e.value for e in small],
-                              [e.se for e in small], seed=seed)
+        fit_small = fit_slope(
+            [e.eta for e in small], [e.value for e in small], [e.se for e in small], seed=seed
+        )
         plateau = fit_small is not None and fit_small.slope < PLATEAU_SLOPE
         plateau_value = None
         if plateau:
@@ -214,8 +243,19 @@ def summarize(estimates: Sequence[Estimate], smallest: int = 3, seed: int = 0) -
             verdict = f"plateau: e -> {plateau_value:.3g} as eta -> 0 (no convergence)"
         else:
             verdict = f"order {fit.slope:.2f} [{fit.ci_low:.2f}, {fit.ci_high:.2f}]"
-        out.append(Summary(model, fn, fit, fit_small, len(resolved), len(points) - len(resolved),
-                           plateau, plateau_value, verdict))
+        out.append(
+            Summary(
+                model,
+                fn,
+                fit,
+                fit_small,
+                len(resolved),
+                len(points) - len(resolved),
+                plateau,
+                plateau_value,
+                verdict,
+            )
+        )
     return out
 
 
@@ -224,8 +264,11 @@ def to_json(estimates: Sequence[Estimate], summaries: Sequence[Summary], setting
         "settings": settings,
         "estimates": [asdict(e) for e in estimates],
         "summaries": [
-            {**asdict(s), "slope": asdict(s.slope) if s.slope else None,
-             "slope_small": asdict(s.slope_small) if s.slope_small else None}
+            {
+                **asdict(s),
+                "slope": asdict(s.slope) if s.slope else None,
+                "slope_small": asdict(s.slope_small) if s.slope_small else None,
+            }
             for s in summaries
         ],
     }

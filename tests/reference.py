@@ -51,9 +51,7 @@ def token_divergence(student, teacher, beta, topk=None, add_tail=True, temperatu
         idx, rest = order[..., :topk], order[..., topk:]
         with np.errstate(divide="ignore"):
             if add_tail:  # the tail's mass is the sum of the probabilities outside the top-k
-                tails = [
-                    logsumexp(np.take_along_axis(lp, rest, -1)) for lp in (lp_s, lp_t)
-                ]
+                tails = [logsumexp(np.take_along_axis(lp, rest, -1)) for lp in (lp_s, lp_t)]
             lp_s = np.take_along_axis(lp_s, idx, -1)
             lp_t = np.take_along_axis(lp_t, idx, -1)
             if add_tail:

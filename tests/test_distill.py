@@ -25,11 +25,17 @@ def batches(draw):
     return s, te, mask
 
 
-@given(batch=batches(), beta=betas, temperature=st.sampled_from([0.7, 1.0]),
-       topk_frac=st.sampled_from([None, 0.1, 0.5, 1.0]), add_tail=st.booleans(),
-       chunk=st.integers(1, 8))
-def test_per_token_divergence_matches_direct_formula(batch, beta, temperature, topk_frac,
-                                                     add_tail, chunk):
+@given(
+    batch=batches(),
+    beta=betas,
+    temperature=st.sampled_from([0.7, 1.0]),
+    topk_frac=st.sampled_from([None, 0.1, 0.5, 1.0]),
+    add_tail=st.booleans(),
+    chunk=st.integers(1, 8),
+)
+def test_per_token_divergence_matches_direct_formula(
+    batch, beta, temperature, topk_frac, add_tail, chunk
+):
     s, t, mask = batch
     v = s.shape[-1]
     topk = None if topk_frac is None else max(1, int(topk_frac * v))
@@ -39,8 +45,12 @@ def test_per_token_divergence_matches_direct_formula(batch, beta, temperature, t
     assert (got[~mask] == 0).all()
 
 
-@given(batch=batches(), beta=betas, topk_frac=st.sampled_from([None, 0.3, 1.0]),
-       reduction=st.sampled_from(["token_mean", "seq_mean", "sum"]))
+@given(
+    batch=batches(),
+    beta=betas,
+    topk_frac=st.sampled_from([None, 0.3, 1.0]),
+    reduction=st.sampled_from(["token_mean", "seq_mean", "sum"]),
+)
 def test_gradient_matches_float64_autograd_of_direct_formula(batch, beta, topk_frac, reduction):
     s, t, mask = batch
     v = s.shape[-1]
@@ -156,9 +166,13 @@ def test_no_grad_mode_stores_nothing():
 
 @pytest.mark.parametrize(
     "kwargs,match",
-    [(dict(beta=1.5), "beta"), (dict(beta=0.5, topk=0), "topk"), (dict(beta=0.5, topk=10), "topk"),
-     (dict(beta=0.5, temperature=-1.0), "temperature"),
-     (dict(beta=0.5, reduction="avg"), "reduction")],
+    [
+        (dict(beta=1.5), "beta"),
+        (dict(beta=0.5, topk=0), "topk"),
+        (dict(beta=0.5, topk=10), "topk"),
+        (dict(beta=0.5, temperature=-1.0), "temperature"),
+        (dict(beta=0.5, reduction="avg"), "reduction"),
+    ],
 )
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -25,8 +25,12 @@ def batches(draw):
     return s, te, mask
 
 
-@given(batch=batches(), temperature=st.sampled_from([0.6, 1.0, 2.0]),
-       chunk=st.integers(1, 9), reduction=st.sampled_from(["token_mean", "seq_mean"]))
+@given(
+    batch=batches(),
+    temperature=st.sampled_from([0.6, 1.0, 2.0]),
+    chunk=st.integers(1, 9),
+    reduction=st.sampled_from(["token_mean", "seq_mean"]),
+)
 def test_entropy_gap_matches_direct_formula(batch, temperature, chunk, reduction):
     s, t, mask = batch
     got = entropy_gap(s, t, mask, temperature, reduction, chunk_size=chunk)
@@ -76,7 +80,8 @@ def test_single_token_and_2d_input():
     got = entropy_gap(s, t, None)
     assert got.num_tokens == 1
     assert got.info.item() == pytest.approx(
-        float(ref.entropy(s.numpy())[0] - ref.entropy(t.numpy())[0]), abs=ATOL)
+        float(ref.entropy(s.numpy())[0] - ref.entropy(t.numpy())[0]), abs=ATOL
+    )
 
 
 def test_extreme_logits_are_finite_and_exact():

@@ -77,12 +77,15 @@ def test_drho_at_kinks_nan_and_one_sided(kind):
         assert math.isnan(drho(k, alpha, rho_max, kind))
         left = (direct(k, alpha, rho_max, kind) - direct(k - h, alpha, rho_max, kind)) / h
         right = (direct(k + h, alpha, rho_max, kind) - direct(k, alpha, rho_max, kind)) / h
-        assert drho(k, alpha, rho_max, kind, side="left") == pytest.approx(float(left), rel=1e-5,
-                                                                             abs=1e-6)
-        assert drho(k, alpha, rho_max, kind, side="right") == pytest.approx(float(right),
-                                                                              rel=1e-5, abs=1e-6)
-        assert drho(k, alpha, rho_max, kind, side="left") != drho(k, alpha, rho_max, kind,
-                                                                   side="right")
+        assert drho(k, alpha, rho_max, kind, side="left") == pytest.approx(
+            float(left), rel=1e-5, abs=1e-6
+        )
+        assert drho(k, alpha, rho_max, kind, side="right") == pytest.approx(
+            float(right), rel=1e-5, abs=1e-6
+        )
+        assert drho(k, alpha, rho_max, kind, side="left") != drho(
+            k, alpha, rho_max, kind, side="right"
+        )
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -158,8 +161,7 @@ def test_config_is_frozen_and_callable():
 
 def test_import_does_not_pull_torch_or_transformers():
     code = (
-        "import sys, pgpo.multiplier; "
-        "print('torch' in sys.modules, 'transformers' in sys.modules)"
+        "import sys, pgpo.multiplier; print('torch' in sys.modules, 'transformers' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]

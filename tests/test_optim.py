@@ -53,8 +53,9 @@ def test_step_equals_adamw_with_scaled_lr_and_moments_untouched():
     for k in range(len(rhos)):
         set_grads(other_model, k)
         other.step(1.0)
-    assert not all(torch.equal(p, q) for p, q in zip(other_model.parameters(),
-                                                      mod_model.parameters()))
+    assert not all(
+        torch.equal(p, q) for p, q in zip(other_model.parameters(), mod_model.parameters())
+    )
 
 
 def test_scheduler_on_wrapped_optimizer_keeps_working():

@@ -31,16 +31,16 @@ def test_quadratic_and_logistic_fields_are_gradients_of_their_losses():
         margin = (th @ lg.x.T) * lg.y
         return np.logaddexp(0, -margin) + 0.5 * lg.lam * (th**2).sum(1, keepdims=True)
 
-    np.testing.assert_allclose(lg.fields(theta), numerical_grad(logistic_losses, theta),
-                               atol=1e-7)
+    np.testing.assert_allclose(lg.fields(theta), numerical_grad(logistic_losses, theta), atol=1e-7)
 
 
 def test_logistic_info_is_binary_entropy_of_prediction():
     lg = Logistic()
     theta = RNG.standard_normal((3, lg.d))
     p = 1 / (1 + np.exp(-(theta @ lg.x.T)))
-    np.testing.assert_allclose(lg.infos(theta), -(p * np.log(p) + (1 - p) * np.log(1 - p)),
-                               atol=1e-12)
+    np.testing.assert_allclose(
+        lg.infos(theta), -(p * np.log(p) + (1 - p) * np.log(1 - p)), atol=1e-12
+    )
 
 
 def test_distill_field_is_the_semi_gradient_with_the_teacher_frozen():
@@ -81,9 +81,12 @@ def test_batch_covariance_matches_enumeration(replace):
     theta = RNG.standard_normal((2, q.d))
     fields = q.fields(theta)
     for b in (1, 2, 3):
-        means = np.array([[fields[p, list(B)].mean(0) for B in brute_force_batches(q.n, b,
-                                                                                  replace)]
-                          for p in range(2)])
+        means = np.array(
+            [
+                [fields[p, list(B)].mean(0) for B in brute_force_batches(q.n, b, replace)]
+                for p in range(2)
+            ]
+        )
         centred = means - means.mean(1, keepdims=True)
         expected = np.einsum("pbd,pbe->pde", centred, centred) / means.shape[1]
         np.testing.assert_allclose(batch_covariance(fields, b, replace), expected, atol=1e-12)
@@ -167,8 +170,9 @@ def test_torchsde_backend_agrees_with_ours_within_monte_carlo_error():
     mult = MultiplierConfig(1.0, 2.0)
     eta, steps, paths = 0.1, 10, 4000
     model = make_model("scaled", problem, mult, 2, eta, "full")
-    ours = euler_maruyama(model, problem.theta0, steps, BrownianPath(0, paths, problem.d, eta, 2),
-                          substeps=2)
+    ours = euler_maruyama(
+        model, problem.theta0, steps, BrownianPath(0, paths, problem.d, eta, 2), substeps=2
+    )
     theirs = integrate_torchsde(model, problem.theta0, steps, eta, paths, seed=1, substeps=2)
     for g in (lambda t: t[:, 0], lambda t: (t**2).sum(1)):
         a, b = g(ours.theta), g(theirs.theta)
@@ -202,15 +206,19 @@ def test_chain_quadratic_constant_rho_matches_exact_recursion():
 
 def test_diverged_paths_are_marked_not_averaged():
     q = Quadratic()
-    out = minibatch_chain(q, MultiplierConfig(1.0, 2.0), eta=5.0, steps=40, batch_size=2,
-                          paths=50, seed=0)
+    out = minibatch_chain(
+        q, MultiplierConfig(1.0, 2.0), eta=5.0, steps=40, batch_size=2, paths=50, seed=0
+    )
     assert out.diverged.all() and np.isnan(out.theta).all()
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(name="cubic"), "unknown SDE model"),
-    (dict(info_source="oracle"), "unknown info source"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(name="cubic"), "unknown SDE model"),
+        (dict(info_source="oracle"), "unknown info source"),
+    ],
+)
 def test_bad_model_arguments(kwargs, match):
     args = dict(name="paper", problem=Quadratic(), multiplier=None, batch_size=2, eta=0.1)
     args.update(kwargs)

@@ -30,8 +30,17 @@ Z_FAMILY = 3.08
 def test_estimate_agrees_with_exact_ou_weak_error_at_every_eta(model, scale):
     q = Quadratic(info_scale=0.0)  # constant rho: the SDEs are OU processes
     r, etas, paths = 1.4, [0.2, 0.1, 0.05, 0.025], 4000
-    est = weak_errors(q, constant_rho(r), etas, [model], info_source="full", paths=paths,
-                      chain="minibatch", test_fns=("theta1", "sqnorm"), seed=1)
+    est = weak_errors(
+        q,
+        constant_rho(r),
+        etas,
+        [model],
+        info_source="full",
+        paths=paths,
+        chain="minibatch",
+        test_fns=("theta1", "sqnorm"),
+        seed=1,
+    )
     diffusion = r if scale is None else scale
     for e in est:
         steps = round(1.0 / e.eta)
@@ -44,16 +53,31 @@ def test_estimate_agrees_with_exact_ou_weak_error_at_every_eta(model, scale):
 
 @pytest.mark.parametrize("problem", ["quadratic", "logistic", "distill"])
 def test_full_information_paper_sde_is_order_one(problem):
-    est = weak_errors(make_problem(problem), PAPER, ETAS, ["paper"], info_source="full",
-                      paths=2000, chain="gaussian", test_fns=("theta1",))
+    est = weak_errors(
+        make_problem(problem),
+        PAPER,
+        ETAS,
+        ["paper"],
+        info_source="full",
+        paths=2000,
+        chain="gaussian",
+        test_fns=("theta1",),
+    )
     fit = verdicts(est)[("paper", "theta1")].slope
     assert fit is not None and abs(fit.slope - 1.0) <= 0.15, fit
 
 
 def test_same_batch_paper_sde_plateaus_while_matched_is_order_one():
-    est = weak_errors(make_problem("quadratic"), PAPER, ETAS, ["paper", "matched"],
-                      info_source="same-batch", paths=2000, chain="gaussian",
-                      test_fns=("theta1",))
+    est = weak_errors(
+        make_problem("quadratic"),
+        PAPER,
+        ETAS,
+        ["paper", "matched"],
+        info_source="same-batch",
+        paths=2000,
+        chain="gaussian",
+        test_fns=("theta1",),
+    )
     v = verdicts(est)
     paper, matched = v[("paper", "theta1")], v[("matched", "theta1")]
     assert paper.plateau and paper.slope_small.slope < 0.3
@@ -63,9 +87,16 @@ def test_same_batch_paper_sde_plateaus_while_matched_is_order_one():
 
 
 def test_second_order_model_reaches_order_two_with_smooth_rho():
-    est = weak_errors(make_problem("quadratic"), MultiplierConfig(1.0, 2.0, "smooth"), ETAS,
-                      ["second-order"], info_source="full", paths=2000, chain="gaussian",
-                      test_fns=("theta1",))
+    est = weak_errors(
+        make_problem("quadratic"),
+        MultiplierConfig(1.0, 2.0, "smooth"),
+        ETAS,
+        ["second-order"],
+        info_source="full",
+        paths=2000,
+        chain="gaussian",
+        test_fns=("theta1",),
+    )
     fit = verdicts(est)[("second-order", "theta1")].slope
     assert abs(fit.slope - 2.0) <= 0.25, fit
 
@@ -78,15 +109,33 @@ def test_fit_slope_recovers_a_known_power_law():
 
 
 def test_same_seed_same_numbers():
-    run = lambda: weak_errors(make_problem("logistic"), PAPER, [0.1, 0.05], ["paper"],
-                              paths=300, chain="minibatch", seed=4)
+    run = lambda: weak_errors(
+        make_problem("logistic"),
+        PAPER,
+        [0.1, 0.05],
+        ["paper"],
+        paths=300,
+        chain="minibatch",
+        seed=4,
+    )
     assert [e.value for e in run()] == [e.value for e in run()]
 
 
 def test_cli_weak_error_writes_results_and_plot(tmp_path, capsys):
     out = tmp_path / "we"
-    code = sde_main(["weak-error", "--etas", "0.2,0.1", "--paths", "200", "--models",
-                     "paper,matched", "--out", str(out)])
+    code = sde_main(
+        [
+            "weak-error",
+            "--etas",
+            "0.2,0.1",
+            "--paths",
+            "200",
+            "--models",
+            "paper,matched",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     data = json.loads((out / "results.json").read_text())
     assert len(data["estimates"]) == 2 * 2 * 3 and data["settings"]["paths"] == 200
@@ -102,19 +151,21 @@ def test_cli_simulate_writes_paths(tmp_path):
     assert (out / "paths.png").exists()
 
 
-@pytest.mark.parametrize("argv,needle", [
-    (["weak-error", "--etas", "-0.1"], "--etas"),
-    (["weak-error", "--problem", "cubic"], "--problem"),
-    (["weak-error", "--paths", "1"], "--paths"),
-    (["weak-error", "--models", "paper,foo"], "--models"),
-    (["weak-error", "--rho-max", "0.5"], "rho_max"),
-    (["weak-error", "--without-replacement", "--batch-size", "9"], "--batch-size"),
-    (["simulate", "--eta", "0"], "--eta"),
-    (["frobnicate"], "command"),
-])
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["weak-error", "--etas", "-0.1"], "--etas"),
+        (["weak-error", "--problem", "cubic"], "--problem"),
+        (["weak-error", "--paths", "1"], "--paths"),
+        (["weak-error", "--models", "paper,foo"], "--models"),
+        (["weak-error", "--rho-max", "0.5"], "rho_max"),
+        (["weak-error", "--without-replacement", "--batch-size", "9"], "--batch-size"),
+        (["simulate", "--eta", "0"], "--eta"),
+        (["frobnicate"], "command"),
+    ],
+)
 def test_cli_bad_arguments_one_line_exit_2(argv, needle, capsys, tmp_path):
-    assert sde_main(argv + ["--out", str(tmp_path / "x")] if argv[0] != "frobnicate"
-                    else argv) == 2
+    assert sde_main(argv + ["--out", str(tmp_path / "x")] if argv[0] != "frobnicate" else argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and needle in err and err.startswith("pgpo-sde: error:")
     assert not (tmp_path / "x").exists()
