@@ -82,7 +82,11 @@ def euler_maruyama(
             for j in range(substeps):
                 drift, diffusion = model.coefficients(theta)
                 theta += drift * h
-                if dw is not None:
+                if dw is None:
+                    continue
+                if diffusion.ndim == 2:  # additive noise, shared by all paths: one BLAS product
+                    theta += dw[j] @ diffusion.T
+                else:
                     theta += (diffusion @ dw[j][:, :, None])[:, :, 0]
             _mark_diverged(theta, diverged)
             if record:
@@ -117,7 +121,8 @@ def integrate_torchsde(
         def g(self, t, y):
             if model.is_ode:
                 return torch.zeros(y.shape[0], d, noise_dim, dtype=y.dtype)
-            return torch.from_numpy(model.diffusion(y.detach().numpy()))
+            g = model.diffusion(y.detach().numpy())
+            return torch.from_numpy(np.broadcast_to(g, (y.shape[0], *g.shape[-2:])).copy())
 
     t_end = steps * eta
     y0 = torch.from_numpy(np.array(np.broadcast_to(theta0, (paths, d)), dtype=np.float64))

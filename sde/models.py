@@ -57,8 +57,9 @@ def as_multiplier(multiplier: MultiplierConfig | Multiplier | None) -> Multiplie
 class SDEModel:
     """``d theta = b(theta) dt + G(theta) dW``; W is ``noise_dim``-dimensional.
 
-    ``coefficients(theta [P, d]) -> (b [P, d], G [P, d, noise_dim] or None)``: one call, since
-    both usually need the same per-example fields. ``G is None`` means an ODE.
+    ``coefficients(theta [P, d]) -> (b [P, d], G)``: one call, since both usually need the same
+    per-example fields. ``G`` is ``[P, d, noise_dim]``, or ``[d, noise_dim]`` for additive noise
+    shared by every path (applied as one matrix product), or None for an ODE.
     """
 
     name: str
