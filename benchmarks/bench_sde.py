@@ -71,16 +71,26 @@ def run_torchsde(A, S, theta0, paths, steps, t_end):
     bm = torchsde.BrownianInterval(0.0, t_end, size=(paths, d), dtype=torch.float64, entropy=2)
     start = time.perf_counter()
     with torch.no_grad():
-        ys = torchsde.sdeint(OU(), y0, torch.tensor([0.0, t_end], dtype=torch.float64), bm=bm,
-                             method="euler", dt=t_end / steps)
+        ys = torchsde.sdeint(
+            OU(),
+            y0,
+            torch.tensor([0.0, t_end], dtype=torch.float64),
+            bm=bm,
+            method="euler",
+            dt=t_end / steps,
+        )
     return time.perf_counter() - start, ys[-1].numpy()
 
 
 def time_default_study() -> float:
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "sde.cli", "weak-error", "--out", out],
-                       check=True, capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        subprocess.run(
+            [sys.executable, "-m", "sde.cli", "weak-error", "--out", out],
+            check=True,
+            capture_output=True,
+            env=dict(os.environ, OMP_NUM_THREADS="1"),
+        )
         return time.perf_counter() - start
 
 
@@ -92,24 +102,34 @@ def main(argv=None) -> int:
     p.add_argument("--horizon", type=float, default=1.0)
     p.add_argument("--skip-study", action="store_true")
     args = p.parse_args(argv)
-    print(f"OU SDE, full diffusion matrix, Euler-Maruyama, {args.paths:,} paths, "
-          f"{args.steps:,} steps of {args.horizon / args.steps:g}, float64, 1 thread")
-    print(f"{'d':>3s} {'ours s':>9s} {'torchsde s':>11s} {'speed-up':>9s}  endpoint mean error "
-          "(ours / torchsde, in standard errors)")
+    print(
+        f"OU SDE, full diffusion matrix, Euler-Maruyama, {args.paths:,} paths, "
+        f"{args.steps:,} steps of {args.horizon / args.steps:g}, float64, 1 thread"
+    )
+    print(
+        f"{'d':>3s} {'ours s':>9s} {'torchsde s':>11s} {'speed-up':>9s}  endpoint mean error "
+        "(ours / torchsde, in standard errors)"
+    )
     for d in (int(x) for x in args.dims.split(",")):
         A, S, theta0 = ou(d)
         exact = expm(-A * args.horizon) @ theta0
         t_ours, th_ours = run_ours(A, S, theta0, args.paths, args.steps, args.horizon)
         t_ts, th_ts = run_torchsde(A, S, theta0, args.paths, args.steps, args.horizon)
-        z = [np.abs(th.mean(0) - exact).max() / (th.std(0).max() / np.sqrt(args.paths))
-             for th in (th_ours, th_ts)]
+        z = [
+            np.abs(th.mean(0) - exact).max() / (th.std(0).max() / np.sqrt(args.paths))
+            for th in (th_ours, th_ts)
+        ]
         ratio = t_ts / t_ours
-        print(f"{d:3d} {t_ours:9.1f} {t_ts:11.1f} {ratio:8.1f}x  {z[0]:.1f} / {z[1]:.1f}  "
-              f"{'OK' if ratio >= 10 else 'MISSED'} (target >= 10x)")
+        print(
+            f"{d:3d} {t_ours:9.1f} {t_ts:11.1f} {ratio:8.1f}x  {z[0]:.1f} / {z[1]:.1f}  "
+            f"{'OK' if ratio >= 10 else 'MISSED'} (target >= 10x)"
+        )
     if not args.skip_study:
         seconds = time_default_study()
-        print(f"README default weak-error study (pgpo-sde weak-error): {seconds:.1f} s "
-              f"{'OK' if seconds < 60 else 'MISSED'} (target < 60 s)")
+        print(
+            f"README default weak-error study (pgpo-sde weak-error): {seconds:.1f} s "
+            f"{'OK' if seconds < 60 else 'MISSED'} (target < 60 s)"
+        )
     return 0
 
 

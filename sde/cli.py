@@ -23,8 +23,9 @@ from pgpo.multiplier import KINDS, MultiplierConfig
 from sde.chains import gaussian_chain, minibatch_chain
 from sde.integrate import BrownianPath, euler_maruyama
 from sde.models import INFO_SOURCES, MODELS, constant_rho, make_model
+from sde.plots import plot_paths, plot_weak_error
 from sde.problems import PROBLEMS, make_problem
-from sde.weak_error import CHAINS, TEST_FUNCTIONS, Summary, summarize, to_json, weak_errors
+from sde.weak_error import CHAINS, TEST_FUNCTIONS, summarize, to_json, weak_errors
 
 DEFAULT_ETAS = "0.2,0.1,0.05,0.025,0.0125,0.00625"
 
@@ -89,61 +90,6 @@ def _check_batch(args, problem) -> None:
         raise UserError(
             f"--batch-size {args.batch_size} exceeds the {problem.n} examples (without replacement)"
         )
-
-
-def _plot_weak_error(estimates, summaries: list[Summary], path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fns = list(dict.fromkeys(e.test_fn for e in estimates))
-    models = list(dict.fromkeys(e.model for e in estimates))
-    fig, axes = plt.subplots(1, len(fns), figsize=(4.6 * len(fns), 4.2), squeeze=False)
-    for ax, fn in zip(axes[0], fns):
-        top = None
-        for i, model in enumerate(models):
-            pts = sorted(
-                (e for e in estimates if e.model == model and e.test_fn == fn), key=lambda e: e.eta
-            )
-            eta = np.array([e.eta for e in pts])
-            val = np.abs([e.value for e in pts])
-            se = np.array([1.96 * e.se for e in pts])
-            res = np.array([e.resolved for e in pts])
-            verdict = next(s.verdict for s in summaries if s.model == model and s.test_fn == fn)
-            color = f"C{i}"
-            ax.errorbar(
-                eta,
-                val,
-                yerr=np.minimum(se, val * 0.999),
-                color=color,
-                lw=1.2,
-                capsize=2,
-                label=f"{model}: {verdict.split(' (')[0]}",
-            )
-            ax.plot(eta[res], val[res], "o", color=color)
-            ax.plot(eta[~res], val[~res], "o", mfc="none", color=color)
-            if len(val[res]) and (top is None or val[res].max() > top[1]):
-                top = (eta.max(), val[res].max())
-        if top is not None:
-            grid = np.array([min(e.eta for e in estimates), max(e.eta for e in estimates)])
-            for order, style in ((1, "--"), (2, ":")):
-                ax.plot(
-                    grid,
-                    top[1] * (grid / top[0]) ** order,
-                    "k" + style,
-                    lw=0.8,
-                    label=f"slope {order}",
-                )
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("learning rate eta")
-        ax.set_ylabel(f"|weak error|, g = {fn}")
-        ax.legend(fontsize=7)
-    fig.suptitle(title + "  (hollow: |e| < 3 SE, not fitted; bars: 95 %)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def _cmd_weak_error(args) -> int:
@@ -225,7 +171,7 @@ def _cmd_weak_error(args) -> int:
             data = to_json(estimates, summaries, settings)
             data["seconds"] = seconds
             (tmp / "results.json").write_text(json.dumps(data, indent=2))
-            _plot_weak_error(
+            plot_weak_error(
                 estimates,
                 summaries,
                 tmp / "weak_error.png",
@@ -279,7 +225,7 @@ def _cmd_simulate(args) -> int:
         (tmp / "settings.json").write_text(
             json.dumps({k: v for k, v in vars(args).items() if k != "func"}, indent=2)
         )
-        _plot_paths(
+        plot_paths(
             times,
             sde.path,
             chain.path,
@@ -293,41 +239,6 @@ def _cmd_simulate(args) -> int:
     )
     print(f"wrote {args.out}/paths.npz, paths.png and settings.json")
     return 0
-
-
-def _plot_paths(times, sde_path, chain_path, path, title) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    d = sde_path.shape[2]
-    fig, axes = plt.subplots(1, min(d, 2), figsize=(10, 3.8), squeeze=False)
-    for j, ax in enumerate(axes[0]):
-        show = min(sde_path.shape[1], 8)
-        ax.plot(times, chain_path[:, :show, j], color="C0", lw=0.8, alpha=0.7)
-        ax.plot(times, sde_path[:, :show, j], color="C1", lw=0.8, alpha=0.7)
-        ax.plot(
-            times,
-            np.nanmean(chain_path[:, :, j], axis=1),
-            color="C0",
-            lw=2.5,
-            label="chain (mean bold)",
-        )
-        ax.plot(
-            times,
-            np.nanmean(sde_path[:, :, j], axis=1),
-            color="C1",
-            lw=2.5,
-            label="SDE (mean bold)",
-        )
-        ax.set_xlabel("t = k eta")
-        ax.set_ylabel(f"theta_{j + 1}")
-        ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def build_parser() -> ArgumentParser:

@@ -38,6 +38,8 @@ class BrownianPath:
         rng = np.random.default_rng([self.seed, k])
         fine = rng.standard_normal((self.fine, self.paths, self.dim))
         fine *= np.sqrt(self.eta / self.fine)
+        if substeps == self.fine:
+            return fine
         return fine.reshape(substeps, self.fine // substeps, self.paths, self.dim).sum(axis=1)
 
 
@@ -52,6 +54,8 @@ class Solution:
 
 
 def _mark_diverged(theta: np.ndarray, diverged: np.ndarray) -> None:
+    if np.abs(theta).max() <= BLOWUP:  # fast path: one reduction (NaN compares False)
+        return
     bad = ~np.isfinite(theta).all(axis=1) | (np.abs(theta).max(axis=1) > BLOWUP)
     diverged |= bad
     theta[diverged] = np.nan  # frozen: never silently averaged

@@ -15,6 +15,8 @@ Models (DESIGN.md section 2):
 - ``paper``: drift ``-rho(I(theta)) grad L``, diffusion ``sqrt(eta) Sigma_b^{1/2}``
   (Theorem A.2 ii, with the ``sqrt(eta)`` that the printed theorem drops restored);
 - ``printed``: as ``paper`` but without ``sqrt(eta)`` (the theorem as printed, for claim C2);
+- ``unbatched``: as ``paper`` with the one-example covariance ``Sigma`` in place of ``Sigma_b``
+  (Eq. 4-7 as printed, for claim C3);
 - ``scaled``: as ``paper`` with diffusion ``sqrt(eta) rho Sigma_b^{1/2}``;
 - ``matched``: the first-order SME of the actual chain, drift ``-E_B[rho(I_B) g_B]``, diffusion
   ``sqrt(eta) Cov_B[rho(I_B) g_B]^{1/2}``, exact by enumerating every batch;
@@ -37,7 +39,7 @@ import numpy as np
 from pgpo.multiplier import MultiplierConfig
 from sde.problems import Problem
 
-MODELS = ("paper", "printed", "scaled", "matched", "ode", "second-order")
+MODELS = ("paper", "printed", "unbatched", "scaled", "matched", "ode", "second-order")
 INFO_SOURCES = ("same-batch", "independent-batch", "full")
 
 Multiplier = Callable[[np.ndarray], np.ndarray]
@@ -168,8 +170,9 @@ def make_model(
         drift = full_drift(problem, rho)
         return SDEModel(name, lambda theta: (drift(theta), None), 0)
 
-    if name in ("paper", "printed", "scaled", "second-order"):
+    if name in ("paper", "printed", "unbatched", "scaled", "second-order"):
         factor = 1.0 if name == "printed" else root_eta
+        noise_batch = 1 if name == "unbatched" else b
         scaled = name in ("scaled", "second-order")
         first = full_drift(problem, rho) if name == "second-order" else None
 
@@ -177,7 +180,7 @@ def make_model(
             fields, infos = problem.fields_and_infos(theta)
             rho_full = rho(infos.mean(axis=1))[:, None]
             drift = -rho_full * fields.mean(axis=1)
-            g = factor * sqrtm_psd(batch_covariance(fields, b, replace))
+            g = factor * sqrtm_psd(batch_covariance(fields, noise_batch, replace))
             if scaled:
                 g = g * rho_full[:, :, None]
             if first is not None:  # b - (eta / 2) (Db) b

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.special import expit
 
 
 class Problem:
@@ -123,7 +124,7 @@ class Logistic(Problem):
         rng = _rng(self.seed)
         w_true = rng.standard_normal(self.dim)
         self.x = rng.standard_normal((self.n_examples, self.dim)) * 1.5
-        p = 1.0 / (1.0 + np.exp(-self.x @ w_true))
+        p = expit(self.x @ w_true)
         self.y = np.where(rng.random(self.n_examples) < p, 1.0, -1.0)
         self.theta0 = np.full(self.dim, self.start)
 
@@ -133,12 +134,12 @@ class Logistic(Problem):
 
     def fields(self, theta):
         margin = (theta @ self.x.T) * self.y  # [P, N]
-        coef = -self.y / (1.0 + np.exp(margin))  # d/dz log(1+exp(-y z)) = -y sigmoid(-y z)
+        coef = -self.y * expit(-margin)  # d/dz log(1 + exp(-y z)) = -y sigmoid(-y z)
         return coef[:, :, None] * self.x[None] + self.lam * theta[:, None, :]
 
     def infos(self, theta):
         z = theta @ self.x.T
-        p = 1.0 / (1.0 + np.exp(-z))
+        p = expit(z)
         log_p, log_q = -np.logaddexp(0.0, -z), -np.logaddexp(0.0, z)
         return -(p * log_p + (1.0 - p) * log_q)
 

@@ -1,0 +1,162 @@
+"""proofs_checks: each check passes where it must and fails on a crafted case."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from pgpo.multiplier import MultiplierConfig
+from proofs_checks.checks import (
+    CONDITIONAL,
+    FAILS,
+    HOLDS,
+    NOT_MEASURED,
+    log_checks,
+    problem_checks,
+    read_metrics,
+    rho_at_least_one,
+    rho_checks,
+)
+from proofs_checks.cli import main as check_main
+from proofs_checks.cli import multiplier_checks
+from sde.problems import Problem, make_problem
+
+
+def verdicts(checks):
+    return {c.id: c.verdict for c in checks}
+
+
+GRID = dict(half_width=5.0, points=200_001)
+
+
+@pytest.mark.parametrize("kind", ["paper", "floored", "smooth"])
+def test_real_multipliers_pass_what_they_must(kind):
+    v = verdicts(multiplier_checks(MultiplierConfig(1.0, 2.0, kind)))
+    for check in ("rho.bounded", "rho.continuous", "rho.lipschitz", "rho.monotone"):
+        assert v[check] == HOLDS, (kind, check)
+    assert v["rho.differentiable"] == (HOLDS if kind == "smooth" else FAILS)
+
+
+def test_discontinuous_multiplier_fails_continuity_and_lipschitz():
+    step = lambda I: np.where(I < 0.3, 1.0, 2.0)
+    v = verdicts(rho_checks(step, (0.0, 2.0), 2.0, (), **GRID))
+    assert v["rho.continuous"] == FAILS and v["rho.lipschitz"] == FAILS
+    assert v["rho.bounded"] == HOLDS and v["rho.monotone"] == HOLDS
+
+
+def test_too_steep_multiplier_fails_lipschitz_only():
+    steep = lambda I: np.minimum(np.exp(3.0 * I), 2.0)  # claimed alpha 1, actual 3
+    v = verdicts(rho_checks(steep, (0.0, 2.0), 2.0, (math.log(2) / 3,), **GRID))
+    assert v["rho.lipschitz"] == FAILS and v["rho.continuous"] == HOLDS
+
+
+def test_unbounded_or_decreasing_multiplier_fails():
+    v = verdicts(rho_checks(lambda I: np.exp(I), (0.0, 2.0), 2.0, (), **GRID))
+    assert v["rho.bounded"] == FAILS
+    v = verdicts(rho_checks(lambda I: 1.5 + 0.1 * np.sin(I), (1.0, 2.0), 0.1, (), **GRID))
+    assert v["rho.monotone"] == FAILS and v["rho.bounded"] == HOLDS
+
+
+def test_unclaimed_kink_is_found():
+    v = rho_checks(lambda I: 1.0 + 0.2 * np.abs(I - 0.7), (0.0, 10.0), 0.2, (), **GRID)
+    diff = next(c for c in v if c.id == "rho.differentiable")
+    assert diff.verdict == FAILS
+    assert abs(diff.numbers["unclaimed_kinks"][0] - 0.7) < 1e-3
+
+
+def test_rho_at_least_one_counts_negative_information():
+    mult = MultiplierConfig(1.0, 2.0)
+    infos = np.array([-0.5, -0.1, 0.0, 0.2, 0.4, np.nan])
+    check = rho_at_least_one(mult, infos, "test")
+    assert check.verdict == FAILS
+    assert check.numbers["share_I_negative"] == pytest.approx(2 / 5)
+    assert check.numbers["n"] == 5
+    assert rho_at_least_one(mult, np.abs(infos), "test").verdict == HOLDS
+    floored = MultiplierConfig(1.0, 2.0, "floored")
+    assert rho_at_least_one(floored, infos, "test").verdict == HOLDS
+
+
+def test_problem_checks_find_the_non_gradient_field():
+    mult = MultiplierConfig(1.0, 2.0)
+    for name, expected in (("quadratic", HOLDS), ("logistic", HOLDS), ("distill", FAILS)):
+        v = verdicts(problem_checks(make_problem(name), mult, samples=300))
+        assert v[f"{name}.gradient_field"] == expected, name
+        assert v[f"{name}.drift_lipschitz"] == HOLDS and v[f"{name}.drift_growth"] == HOLDS
+
+
+class Cubic(Problem):
+    """A crafted problem whose drift grows like |theta|^3: not Lipschitz, not linear growth."""
+
+    name = "cubic"
+
+    def __init__(self):
+        self.theta0 = np.array([1.0, -1.0])
+
+    @property
+    def n(self):
+        return 2
+
+    def fields(self, theta):
+        return np.stack([theta**3, theta**3 + 0.1], axis=1)
+
+    def infos(self, theta):
+        return np.zeros((theta.shape[0], 2))
+
+
+def test_problem_checks_fail_on_superlinear_drift():
+    v = verdicts(problem_checks(Cubic(), MultiplierConfig(1.0, 2.0), samples=300))
+    assert v["cubic.drift_lipschitz"] == FAILS and v["cubic.drift_growth"] == FAILS
+    assert v["cubic.gradient_field"] == HOLDS
+
+
+def test_training_log_checks(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": k, "info": i, "rho": None, "entropy_student": 1.0, "entropy_teacher": 0.5}
+            for k, i in enumerate([-0.2, 0.1, 0.3, 0.9, 1.2])]
+    rows.insert(2, {"step": 99, "eval_accuracy": 0.5})  # rows without info are skipped
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    metrics = read_metrics(path)
+    assert len(metrics["info"]) == 5
+    v = {c.id: c for c in log_checks(metrics, MultiplierConfig(1.0, 2.0), "log")}
+    assert v["claim.rho_ge_1"].numbers["share_I_negative"] == pytest.approx(0.2)
+    assert v["log.at_cap"].numbers["share_at_cap"] == pytest.approx(0.4)  # I >= ln 2
+    assert v["log.at_cap"].verdict == CONDITIONAL
+    path.write_text('{"info": 0.1}\nnot json\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2"):
+        read_metrics(path)
+
+
+def test_cli_rho_table_and_bad_arguments(capsys):
+    assert check_main(["rho", "--alpha", "1.0", "--rho-max", "2.0"]) == 0
+    out = capsys.readouterr().out
+    assert "rho.lipschitz" in out and "holds" in out
+    for argv in (["rho", "--alpha", "-1"], ["rho", "--rho-max", "0.5"], ["rho", "--kind", "x"],
+                 ["report", "--log", "/nonexistent.jsonl", "--out", "/tmp/never"]):
+        assert check_main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("pgpo-check: error:") and "\n" not in err
+
+
+def test_quick_report_verdicts_and_evidence(tmp_path):
+    out = tmp_path / "report"
+    assert check_main(["report", "--quick", "--out", str(out)]) == 0
+    data = json.loads((out / "report.json").read_text())
+    claims = {c["id"]: c for c in data["checks"]["Claims"]}
+    # The verdicts of the full run (and of the theory): see the issue notes for the numbers.
+    assert claims["C1.full"]["verdict"] == HOLDS
+    assert claims["C1.same_batch"]["verdict"] == FAILS
+    assert claims["C2.printed"]["verdict"] == FAILS
+    assert claims["C3.sigma"]["verdict"] == CONDITIONAL
+    assert claims["C4.kink"]["verdict"] == HOLDS
+    assert claims["C5.rho_ge_1"]["verdict"] == CONDITIONAL
+    assert claims["C6.overhead"]["verdict"] == NOT_MEASURED
+    report = (out / "REPORT.md").read_text()
+    assert "quick" in report
+    for c in claims.values():
+        assert c["title"] in report
+        if c["verdict"] != NOT_MEASURED:  # every number carries an interval or a sample size
+            assert "[" in c["summary"] or "+-" in c["summary"], c["summary"]
+        if c["figure"]:
+            assert (out / c["figure"]).stat().st_size > 5_000
+    assert data["settings"]["seconds"] < 180
