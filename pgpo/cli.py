@@ -88,9 +88,43 @@ def _cmd_multiplier(args) -> int:
     return 0
 
 
+def _cmd_train(args) -> int:
+    from pgpo.train.config import load_config
+    from pgpo.train.loop import train
+
+    cfg = load_config(args.config, args.overrides)  # refused here, before any model loads
+    out = train(cfg, resume=args.resume)
+    print(f"wrote {out}/metrics.jsonl, samples.jsonl and checkpoints/")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from pgpo.train.config import load_config
+    from pgpo.train.loop import evaluate_checkpoint
+
+    cfg = load_config(args.config, args.overrides)
+    result = evaluate_checkpoint(cfg, args.checkpoint)
+    print(json.dumps(result))
+    return 0
+
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="pgpo", description="Physics-Guided Policy Optimization.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
+    t = sub.add_parser("train", help="SDPO / PGPO training from a config file or preset")
+    t.add_argument(
+        "--config",
+        required=True,
+        help="a YAML file or a preset name (tiny-cpu, qwen3-8b-sdpo, qwen3-8b-pgpo)",
+    )
+    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    t.add_argument("overrides", nargs="*", help="key=value, e.g. pgpo.alpha=1.5")
+    t.set_defaults(func=_cmd_train)
+    e = sub.add_parser("eval", help="avg@k of a checkpoint on the config's test split")
+    e.add_argument("--config", required=True)
+    e.add_argument("--checkpoint", required=True)
+    e.add_argument("overrides", nargs="*")
+    e.set_defaults(func=_cmd_eval)
     m = sub.add_parser("multiplier", help="properties of rho(I) for each kind, and a plot")
     m.add_argument("--alpha", type=positive_float, default=1.0)
     m.add_argument("--rho-max", type=float, default=2.0)

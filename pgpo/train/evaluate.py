@@ -1,0 +1,33 @@
+"""avg@k: per question the mean reward over k samples, then the mean over questions."""
+
+from __future__ import annotations
+
+from pgpo.train.data import Question
+from pgpo.train.prompts import student_prompt
+from pgpo.train.rewards import extract_answer, reward
+from pgpo.train.rollout import RolloutEngine
+
+
+def evaluate(
+    engine: RolloutEngine,
+    tokenizer,
+    questions: list[Question],
+    k: int,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    max_prompt_tokens: int,
+) -> dict:
+    prompts = [student_prompt(tokenizer, q, max_prompt_tokens) for q in questions]
+    completions = engine.generate(prompts, k, temperature, top_p, max_new_tokens)
+    per_question, formatted = [], 0
+    for q, group in zip(questions, completions):
+        texts = [tokenizer.decode(c.tokens, skip_special_tokens=True) for c in group]
+        per_question.append(sum(reward(t, q.answer) for t in texts) / k)
+        formatted += sum(extract_answer(t).has_answer_tag for t in texts)
+    return {
+        "avg_at_k": sum(per_question) / len(per_question),
+        "k": k,
+        "questions": len(questions),
+        "format_rate": formatted / (k * len(questions)),
+    }

@@ -1,0 +1,49 @@
+"""Chat prompts for the student and the solution-conditioned self-teacher."""
+
+from __future__ import annotations
+
+from pgpo.train.data import SYSTEM_PROMPT, Question
+
+SOLUTION = "\nCorrect solution:\n\n{solution}"
+REPROMPT = "{prompt}{solution}\n\nCorrectly solve the original question."
+
+
+def messages(question: Question, user: str | None = None) -> list[dict]:
+    system = question.system if question.system is not None else SYSTEM_PROMPT
+    return [
+        {"role": "system", "content": system},
+        {"role": "user", "content": question.prompt if user is None else user},
+    ]
+
+
+def render(tokenizer, msgs: list[dict]) -> list[int]:
+    """Token ids of the chat template with a generation prompt and thinking disabled."""
+    text = tokenizer.apply_chat_template(
+        msgs, tokenize=False, add_generation_prompt=True, enable_thinking=False
+    )
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def student_prompt(tokenizer, question: Question, max_tokens: int) -> list[int]:
+    ids = render(tokenizer, messages(question))
+    if len(ids) > max_tokens:  # keep the end: the question's options and the generation prompt
+        ids = ids[-max_tokens:]
+    return ids
+
+
+def teacher_prompt(tokenizer, question: Question, demonstration: str, max_tokens: int) -> list[int]:
+    """The reprompt: question + 'Correct solution:' + demonstration + instruction. When too long,
+    the demonstration is cut (not the instruction, which the reference's right truncation can
+    lose)."""
+
+    def build(demo: str) -> list[int]:
+        user = REPROMPT.format(prompt=question.prompt, solution=SOLUTION.format(solution=demo))
+        return render(tokenizer, messages(question, user))
+
+    ids = build(demonstration)
+    if len(ids) <= max_tokens:
+        return ids
+    demo_ids = tokenizer(demonstration, add_special_tokens=False)["input_ids"]
+    keep = max(0, len(demo_ids) - (len(ids) - max_tokens))
+    ids = build(tokenizer.decode(demo_ids[:keep]))
+    return ids[-max_tokens:] if len(ids) > max_tokens else ids

@@ -1,0 +1,59 @@
+"""Answer extraction and the 0/1 multiple-choice reward.
+
+The reference reads the text after the last ``<answer>`` up to ``</answer>``; the PGPO paper's
+template uses ``\\boxed{...}`` (braces may nest). Without either, the whole response is compared
+(which is almost always wrong), as in the reference.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_THINK = re.compile(r"<think>.*?</think>", re.DOTALL)
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{...}``, nested braces balanced; None if absent/unclosed."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 0, start + len("\\boxed{")
+    begin = i
+    while i < len(text):
+        if text[i] == "{":
+            depth += 1
+        elif text[i] == "}":
+            if depth == 0:
+                return text[begin:i]
+            depth -= 1
+        i += 1
+    return None
+
+
+@dataclass(frozen=True)
+class Extraction:
+    answer: str
+    has_answer_tag: bool
+    has_boxed: bool
+
+
+def extract_answer(response: str) -> Extraction:
+    tags = _ANSWER.findall(response)
+    if tags:
+        return Extraction(tags[-1].strip(), True, last_boxed(response) is not None)
+    boxed = last_boxed(response)
+    if boxed is not None:
+        return Extraction(boxed.strip(), False, True)
+    return Extraction(response.strip(), False, False)
+
+
+def reward(response: str, answer: str) -> float:
+    """1.0 when the extracted answer equals the answer letter (case-insensitive), else 0.0."""
+    return float(extract_answer(response).answer.upper() == answer.strip().upper())
+
+
+def strip_thinking(text: str) -> str:
+    """Remove ``<think>...</think>`` blocks (demonstrations show the answer, not the thinking)."""
+    return _THINK.sub("", text).strip()

@@ -1,0 +1,53 @@
+"""The self-teacher: the same network, conditioned on a demonstration.
+
+``ema``: a separate copy from the initial weights, after each finite step
+``theta_T <- (1 - r) theta_T + r theta_S`` (r = 0.05 in the reference; r = 0 is frozen);
+``frozen``: the initial weights; ``live``: the current policy itself (the paper's Eq. 2).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+
+class Teacher:
+    def __init__(self, student: torch.nn.Module, mode: str, ema_rate: float) -> None:
+        self.mode, self.ema_rate = mode, ema_rate
+        if mode == "live":
+            self.model = student
+        else:
+            self.model = copy.deepcopy(student).eval()
+            self.model.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, student: torch.nn.Module) -> None:
+        """After a finite optimizer step (never after a skipped one)."""
+        if self.mode != "ema" or self.ema_rate == 0:
+            return
+        for t, s in zip(self.model.parameters(), student.parameters()):
+            t.lerp_(s.detach().to(t.dtype), self.ema_rate)
+
+    def state_dict(self) -> dict | None:
+        return None if self.mode == "live" else self.model.state_dict()
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if self.mode != "live" and state is not None:
+            self.model.load_state_dict(state)
+
+
+def choose_demonstrations(
+    rewards: list[list[float]], texts: list[list[str]], threshold: float, own_success_ok: bool
+) -> list[list[str | None]]:
+    """For each rollout, the first successful sibling's response (not its own unless allowed);
+    None where there is none (the sample is then masked out of the loss)."""
+    out = []
+    for group_rewards, group_texts in zip(rewards, texts):
+        winners = [j for j, r in enumerate(group_rewards) if r >= threshold]
+        row = []
+        for j in range(len(group_rewards)):
+            pick = next((w for w in winners if own_success_ok or w != j), None)
+            row.append(None if pick is None else group_texts[pick])
+        out.append(row)
+    return out

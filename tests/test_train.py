@@ -1,0 +1,181 @@
+"""The trainer end to end on CPU: a random Qwen3ForCausalLM (the class of Qwen3-8B, a few small
+layers) with the real Qwen3 tokenizer. Each run takes a few seconds."""
+
+import json
+
+import pytest
+import torch
+
+from pgpo.cli import main as pgpo_main
+from pgpo.train import checkpoint
+from pgpo.train.config import ConfigError, load_config
+from pgpo.train.loop import Run, train
+from pgpo.train.step import train_step
+
+FIELDS = (
+    "step",
+    "reward",
+    "accuracy",
+    "loss",
+    "info",
+    "rho",
+    "entropy_student",
+    "entropy_teacher",
+    "grad_norm",
+    "response_length_mean",
+    "response_length_max",
+    "masked_share",
+    "rollout_seconds",
+    "train_seconds",
+    "step_seconds",
+    "tokens_per_second",
+    "skipped",
+    "skipped_total",
+    "lr",
+)
+
+
+def tiny(tmp_path, *overrides):
+    return load_config(
+        "tiny-cpu",
+        [f"output.dir={tmp_path}", "eval.every=1000", "output.save_every=1000", *overrides],
+    )
+
+
+def params(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("pgpo", [True, False])
+def test_two_steps_train_log_and_evaluate(tmp_path, pgpo):
+    cfg = tiny(tmp_path, "steps=2", f"pgpo.enabled={str(pgpo).lower()}", "eval.every=2")
+    before = params(Run(cfg).policy)
+    out = train(cfg, progress=False)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert all(f in r for f in FIELDS), set(FIELDS) - set(r)
+        assert not r["skipped"] and r["loss"] > 0
+        assert (r["rho"] != 1.0) == pgpo  # SDPO: rho exactly 1
+    assert 0.0 <= rows[-1]["eval_avg_at_k"] <= 1.0 and rows[-1]["eval_k"] == 2
+    after = checkpoint.load(checkpoint.latest(out / "checkpoints"))["policy"]
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_resume_is_bit_identical(tmp_path):
+    straight = train(tiny(tmp_path / "a", "steps=4"), progress=False)
+    half = tiny(tmp_path / "b", "steps=2", "output.save_every=2")
+    train(half, progress=False)
+    resumed = train(tiny(tmp_path / "b", "steps=4"), resume=True, progress=False)
+    a = checkpoint.load(checkpoint.latest(straight / "checkpoints"))
+    b = checkpoint.load(checkpoint.latest(resumed / "checkpoints"))
+    assert a["step"] == b["step"] == 4
+    for key in a["policy"]:
+        assert torch.equal(a["policy"][key], b["policy"][key]), key
+    for key in a["teacher"]:
+        assert torch.equal(a["teacher"][key], b["teacher"][key]), key
+    rows_a = (straight / "metrics.jsonl").read_text().splitlines()
+    rows_b = (resumed / "metrics.jsonl").read_text().splitlines()
+    loss = lambda rows: [json.loads(r)["loss"] for r in rows]
+    assert loss(rows_a) == loss(rows_b)
+
+
+def test_crash_while_checkpointing_keeps_the_previous_one(tmp_path, monkeypatch):
+    cfg = tiny(tmp_path, "steps=2", "output.save_every=1")
+    run = Run(cfg)
+    folder = tmp_path / "checkpoints"
+    first = checkpoint.save(folder, 1, run.state())
+    real_save = torch.save
+
+    def crash(obj, f, *args, **kwargs):
+        real_save({"partial": True}, f)
+        raise OSError("disk full (injected)")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="injected"):
+        checkpoint.save(folder, 2, run.state())
+    monkeypatch.setattr(torch, "save", real_save)
+    assert checkpoint.latest(folder) == first
+    assert sorted(p.name for p in folder.iterdir()) == [first.name]  # nothing half-written
+    restored = Run(cfg)
+    restored.restore(first)
+    assert restored.step == 1
+
+
+def test_nan_logits_skip_the_step_and_leave_weights(tmp_path):
+    cfg = tiny(tmp_path, "steps=1")
+    run = Run(cfg)
+    before, teacher_before = params(run.policy), params(run.teacher.model)
+    # NaN in the student's training forward only (sampling and the teacher run without grad).
+    hook = run.policy.get_output_embeddings().register_forward_hook(
+        lambda module, args, output: output * float("nan") if torch.is_grad_enabled() else output
+    )
+    metrics = train_step(
+        run.sampler.next(2),
+        run.policy,
+        run.teacher,
+        run.tokenizer,
+        run.engine,
+        run.optimizer,
+        run.scheduler,
+        cfg,
+        run.multiplier,
+    )
+    hook.remove()
+    assert metrics["skipped"]
+    after = params(run.policy)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(torch.equal(teacher_before[k], v) for k, v in params(run.teacher.model).items())
+    assert len(run.optimizer.state) == 0  # AdamW never stepped: no moments
+
+
+def test_pgpo_with_rho_forced_to_one_equals_sdpo(tmp_path):
+    # floored with rho_max = 1: rho == 1.0 exactly whatever I
+    pgpo = tiny(tmp_path / "p", "steps=2", "pgpo.kind=floored", "pgpo.rho_max=1.0")
+    sdpo = tiny(tmp_path / "s", "steps=2", "pgpo.enabled=false")
+    a = checkpoint.load(checkpoint.latest(train(pgpo, progress=False) / "checkpoints"))
+    b = checkpoint.load(checkpoint.latest(train(sdpo, progress=False) / "checkpoints"))
+    rows = [json.loads(r) for r in (tmp_path / "p" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["rho"] == 1.0 and r["info"] != 0.0 for r in rows)  # I measured, rho clipped
+    for key in a["policy"]:
+        assert torch.equal(a["policy"][key], b["policy"][key]), key
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("rollout.nn=3", "rollout.nn"),
+        ("batch_size=5", "batch_size"),
+        ("optim.lr=0", "optim.lr"),
+        ("pgpo.alpha=-1", "pgpo.alpha"),
+        ("pgpo.rho_max=0.5", "pgpo.rho_max"),
+        ("rollout.max_new_tokens=0", "rollout.max_new_tokens"),
+        ("rollout.n=two", "rollout.n"),
+        ("teacher.mode=oracle", "teacher.mode"),
+        ("loss.beta=2", "loss.beta"),
+    ],
+)
+def test_bad_config_refused_naming_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config("tiny-cpu", [override])
+
+
+def test_cli_bad_config_exits_2_before_loading_a_model(capsys, tmp_path):
+    assert (
+        pgpo_main(
+            ["train", "--config", "tiny-cpu", "pgpo.rho_max=0.1", f"output.dir={tmp_path / 'x'}"]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("pgpo: error:") and "rho_max" in err and "\n" not in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_train_and_eval(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert pgpo_main(["train", "--config", "tiny-cpu", "steps=1", f"output.dir={out}"]) == 0
+    ckpt = checkpoint.latest(out / "checkpoints")
+    assert pgpo_main(["eval", "--config", "tiny-cpu", "--checkpoint", str(ckpt)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["k"] == 2 and result["questions"] == 4 and 0 <= result["avg_at_k"] <= 1
