@@ -60,12 +60,28 @@ def _generalized_jsd(log_s: torch.Tensor, log_t: torch.Tensor, beta: float) -> t
     return (1.0 - beta) * _kl(log_s, log_m) + beta * _kl(log_t, log_m)
 
 
+def _entropy(log_p: torch.Tensor) -> torch.Tensor:
+    """-sum p log p over the last axis, no gradient: ``[n, V] -> [n]``."""
+    log_p = log_p.detach()
+    return -(log_p.exp() * log_p).sum(-1)
+
+
 def _chunk_divergence(
-    x_s: torch.Tensor, x_t: torch.Tensor, beta: float, topk: int | None, add_tail: bool
+    x_s: torch.Tensor,
+    x_t: torch.Tensor,
+    beta: float,
+    topk: int | None,
+    add_tail: bool,
+    entropies: list | None = None,
 ) -> torch.Tensor:
-    """Per-row divergence of float32 temperature-scaled logits ``[n, V] -> [n]``."""
+    """Per-row divergence of float32 temperature-scaled logits ``[n, V] -> [n]``. With
+    ``entropies`` (a list), appends the full-vocabulary entropies of both rows (no gradient),
+    read from the log-probs computed here anyway: the information signal costs no extra pass
+    over the logits beyond one product and sum."""
     log_s = torch.log_softmax(x_s, dim=-1)
     log_t = torch.log_softmax(x_t, dim=-1)
+    if entropies is not None:
+        entropies.extend((_entropy(log_s), _entropy(log_t)))
     if topk is not None:
         index = x_s.detach().topk(topk, dim=-1).indices
         # With k = V the tail is empty (mass 0): it would add exactly 0 to every term.
@@ -86,40 +102,50 @@ class _RowwiseDivergence(torch.autograd.Function):
     """Per-token divergence ``[N]`` with each row's gradient computed chunk by chunk in forward.
 
     Row i of the output depends on row i of the student logits only, so the backward pass is
-    ``grad_out[:, None] * G`` with ``G[i] = d d_i / d x_i`` stored during forward.
+    ``grad_out[:, None] * G`` with ``G[i] = d d_i / d x_i`` stored during forward. With
+    ``with_entropy`` it also returns both roles' per-token entropies (not differentiable).
     """
 
     @staticmethod
-    def forward(ctx, student, teacher, keep, beta, topk, add_tail, temperature, chunk_size):
+    def forward(
+        ctx, student, teacher, keep, beta, topk, add_tail, temperature, chunk_size, with_entropy
+    ):
         needs_grad = ctx.needs_input_grad[0]
-        out = torch.zeros(student.shape[0], dtype=torch.float32, device=student.device)
+        n = student.shape[0]
+        out = torch.zeros(n, dtype=torch.float32, device=student.device)
+        h_s = torch.zeros(n, dtype=torch.float32, device=student.device)
+        h_t = torch.zeros(n, dtype=torch.float32, device=student.device)
         grad = torch.zeros_like(student) if needs_grad else None
-        for start, stop in chunks(student.shape[0], chunk_size):
+        for start, stop in chunks(n, chunk_size):
             rows = keep[start:stop].nonzero().squeeze(-1)
             if rows.numel() == 0:
                 continue
             x_t = teacher[start:stop].index_select(0, rows).float() / temperature
             x_s = student[start:stop].index_select(0, rows).float()
+            entropies = [] if with_entropy else None
             if needs_grad:
                 with torch.enable_grad():
                     x_s.requires_grad_(True)
-                    d = _chunk_divergence(x_s / temperature, x_t, beta, topk, add_tail)
+                    d = _chunk_divergence(x_s / temperature, x_t, beta, topk, add_tail, entropies)
                     (g,) = torch.autograd.grad(d.sum(), x_s)
                 grad[start + rows] = g.to(grad.dtype)
             else:
-                d = _chunk_divergence(x_s / temperature, x_t, beta, topk, add_tail)
+                d = _chunk_divergence(x_s / temperature, x_t, beta, topk, add_tail, entropies)
             out[start + rows] = d.detach()
+            if with_entropy:
+                h_s[start + rows], h_t[start + rows] = entropies
         if needs_grad:
             ctx.save_for_backward(grad)
-        return out
+        ctx.mark_non_differentiable(h_s, h_t)
+        return out, h_s, h_t
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _grad_h_s, _grad_h_t):
         (grad,) = ctx.saved_tensors
         # In place: the stored buffer becomes the returned gradient (no second T x V buffer).
         # A second backward through the same graph then fails loudly on the version counter.
         grad.mul_(grad_out.to(grad.dtype).unsqueeze(-1))
-        return grad, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None
 
 
 def token_divergence(
@@ -131,11 +157,15 @@ def token_divergence(
     add_tail: bool = True,
     temperature: float = 1.0,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
-) -> torch.Tensor:
+    return_entropies: bool = False,
+):
     """Per-token divergence, float32 ``[..., T]`` (0 where the mask is 0), in nats.
 
     Differentiable with respect to ``student_logits`` only; ``teacher_logits`` is treated as a
     constant (stop-gradient). Shapes: logits ``[..., T, V]``, mask ``[..., T]``.
+    With ``return_entropies``: ``(divergence, H_student, H_teacher)``, the entropies per token
+    over the full vocabulary of the same temperature-scaled logits (what Eq. 8 averages), from
+    the same pass.
     """
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
@@ -150,9 +180,19 @@ def token_divergence(
     check_temperature(temperature)
     student, keep, token_shape = flatten(student_logits, mask)
     teacher = teacher_logits.detach().reshape(-1, vocab)
-    per_token = _RowwiseDivergence.apply(
-        student, teacher, keep, float(beta), topk, add_tail, float(temperature), chunk_size
+    per_token, h_s, h_t = _RowwiseDivergence.apply(
+        student,
+        teacher,
+        keep,
+        float(beta),
+        topk,
+        add_tail,
+        float(temperature),
+        chunk_size,
+        return_entropies,
     )
+    if return_entropies:
+        return per_token.reshape(token_shape), h_s.reshape(token_shape), h_t.reshape(token_shape)
     return per_token.reshape(token_shape)
 
 

@@ -177,3 +177,24 @@ def test_no_grad_mode_stores_nothing():
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         divergence(torch.randn(2, 3, 9), torch.randn(2, 3, 9), None, **kwargs)
+
+
+@pytest.mark.parametrize("topk", [None, 7])
+def test_fused_entropies_match_the_direct_formula(topk):
+    g = torch.Generator().manual_seed(9)
+    s = torch.randn(2, 5, 40, generator=g, requires_grad=True)
+    t = torch.randn(2, 5, 40, generator=g)
+    mask = torch.ones(2, 5)
+    mask[1, 3:] = 0
+    d, h_s, h_t = token_divergence(
+        s, t, mask, 0.5, topk, temperature=0.7, chunk_size=3, return_entropies=True
+    )
+    assert not h_s.requires_grad and d.requires_grad
+    np.testing.assert_allclose(
+        h_s.numpy(), ref.entropy(s.detach().numpy(), 0.7) * mask.numpy(), atol=1e-5
+    )
+    np.testing.assert_allclose(h_t.numpy(), ref.entropy(t.numpy(), 0.7) * mask.numpy(), atol=1e-5)
+    plain = token_divergence(s, t, mask, 0.5, topk, temperature=0.7, chunk_size=3)
+    assert torch.equal(plain, d)
+    (d * torch.rand(2, 5, generator=g)).sum().backward()  # the gradient path still works
+    assert torch.isfinite(s.grad).all()

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import torch
 
 from pgpo.distill import token_divergence
-from pgpo.information import token_entropy
 from pgpo.multiplier import MultiplierConfig
 from pgpo.optim import ModulatedOptimizer
 from pgpo.reduction import reduction_weights
@@ -150,7 +149,9 @@ def train_step(
             teacher_logits = response_logits(
                 teacher.model, [s.teacher_prompt for s in mb], responses, pad
             )
-        per_token = token_divergence(
+        # Eq. 2 (beta = 1) or the reference's JSD; with I_k wanted, the per-token entropies of
+        # Eq. 8 come out of the same chunked pass over these logits (no extra forward).
+        result = token_divergence(
             student_logits,
             teacher_logits,
             mb_mask,
@@ -159,23 +160,18 @@ def train_step(
             cfg.loss.add_tail,
             cfg.loss.temperature,
             cfg.loss.chunk_size,
+            return_entropies=need_info,
         )
+        per_token, hs, ht = result if need_info else (result, None, None)
         loss = (loss_w[rows, :t_mb] * per_token).sum()
         loss.backward()
         loss_total += loss.item()
-        if not need_info:
-            continue
-        # Eq. 8: I_k = mean over trained tokens of H(student) - H(teacher), no extra forward.
-        hs = token_entropy(
-            student_logits.detach(), mb_mask, cfg.loss.temperature, cfg.loss.chunk_size
-        ).double()
-        ht = token_entropy(
-            teacher_logits, mb_mask, cfg.loss.temperature, cfg.loss.chunk_size
-        ).double()
-        w = info_w[rows, :t_mb]
-        info_total += float((w * (hs - ht)).sum())
-        h_student += float((w * hs).sum())
-        h_teacher += float((w * ht).sum())
+        if need_info:  # Eq. 8: I_k = mean over trained tokens of H(student) - H(teacher)
+            w = info_w[rows, :t_mb]
+            hs, ht = hs.double(), ht.double()
+            info_total += float((w * (hs - ht)).sum())
+            h_student += float((w * hs).sum())
+            h_teacher += float((w * ht).sum())
         del student_logits, teacher_logits, per_token
 
     # 6. The modulated step, unless anything is non-finite.
