@@ -29,7 +29,6 @@ from pgpo.multiplier import MultiplierConfig
 from pgpo.train import checkpoint
 from pgpo.train.config import load_config
 from pgpo.train.loop import Run
-from pgpo.train.step import train_step
 
 RESULTS = Path(__file__).parent / "results" / "train_step.json"
 
@@ -55,15 +54,8 @@ def main(argv=None) -> int:
     )
     run = Run(cfg)
     questions = run.sampler.next(cfg.questions_per_step)
-    snapshot = copy.deepcopy(
-        {
-            "policy": run.policy.state_dict(),
-            "teacher": run.teacher.state_dict(),
-            "optimizer": run.optimizer.state_dict(),
-            "scheduler": run.scheduler.state_dict(),
-            "rng": checkpoint.rng_state(),
-        }
-    )
+    # Everything a checkpoint holds: each variant starts from exactly this state.
+    snapshot = copy.deepcopy({**run.state(), "step": 0, "rng": checkpoint.rng_state()})
     pgpo_mult = MultiplierConfig(cfg.pgpo.alpha, cfg.pgpo.rho_max, cfg.pgpo.kind)
     variants = {
         "sdpo": (None, False),
@@ -74,24 +66,10 @@ def main(argv=None) -> int:
     train_times = {name: [] for name in variants}
     for trial in range(args.trials + 1):  # the first round warms up and is not counted
         for name, (mult, track) in variants.items():
-            run.policy.load_state_dict(snapshot["policy"])
-            run.teacher.load_state_dict(snapshot["teacher"])
-            run.optimizer.load_state_dict(snapshot["optimizer"])
-            run.scheduler.load_state_dict(snapshot["scheduler"])
-            checkpoint.set_rng_state(snapshot["rng"])
+            run.load_state(snapshot)
             cfg.pgpo.track_info = track
             start = time.perf_counter()
-            metrics = train_step(
-                questions,
-                run.policy,
-                run.teacher,
-                run.tokenizer,
-                run.engine,
-                run.optimizer,
-                run.scheduler,
-                cfg,
-                mult,
-            )
+            metrics = run.train_step(questions, mult)
             if trial > 0:
                 times[name].append(time.perf_counter() - start)
                 train_times[name].append(metrics["train_seconds"])

@@ -10,7 +10,6 @@ from pgpo.cli import main as pgpo_main
 from pgpo.train import checkpoint
 from pgpo.train.config import ConfigError, load_config
 from pgpo.train.loop import Run, train
-from pgpo.train.step import train_step
 
 FIELDS = (
     "step",
@@ -110,17 +109,7 @@ def test_nan_logits_skip_the_step_and_leave_weights(tmp_path):
     hook = run.policy.get_output_embeddings().register_forward_hook(
         lambda module, args, output: output * float("nan") if torch.is_grad_enabled() else output
     )
-    metrics = train_step(
-        run.sampler.next(2),
-        run.policy,
-        run.teacher,
-        run.tokenizer,
-        run.engine,
-        run.optimizer,
-        run.scheduler,
-        cfg,
-        run.multiplier,
-    )
+    metrics = run.train_step(run.sampler.next(2))
     hook.remove()
     assert metrics["skipped"]
     after = params(run.policy)

@@ -86,7 +86,10 @@ class Run:
         }
 
     def restore(self, path: Path) -> None:
-        state = checkpoint.load(path)
+        """Continue from a checkpoint folder written by :func:`checkpoint.save`."""
+        self.load_state(checkpoint.load(path))
+
+    def load_state(self, state: dict) -> None:
         self.policy.load_state_dict(state["policy"])
         self.teacher.load_state_dict(state["teacher"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -94,6 +97,21 @@ class Run:
         self.sampler.load_state_dict(state["sampler"])
         self.skipped, self.step = state["skipped"], state["step"]
         checkpoint.set_rng_state(state["rng"])
+
+    def train_step(self, questions, multiplier: MultiplierConfig | None | str = "config") -> dict:
+        """One step on ``questions`` (the run's own multiplier unless one is given)."""
+        mult = self.multiplier if multiplier == "config" else multiplier
+        return train_step(
+            questions,
+            self.policy,
+            self.teacher,
+            self.tokenizer,
+            self.engine,
+            self.optimizer,
+            self.scheduler,
+            self.cfg,
+            mult,
+        )
 
     def evaluate(self) -> dict:
         """avg@k on the test split. Runs on its own RNG stream (seeded by seed and step), so
@@ -156,17 +174,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         )
         for _ in bar:
             questions = run.sampler.next(cfg.questions_per_step)
-            metrics = train_step(
-                questions,
-                run.policy,
-                run.teacher,
-                run.tokenizer,
-                run.engine,
-                run.optimizer,
-                run.scheduler,
-                cfg,
-                run.multiplier,
-            )
+            metrics = run.train_step(questions)
             run.step += 1
             run.skipped += metrics["skipped"]
             run.engine.sync_weights(run.policy)
