@@ -93,7 +93,10 @@ def euler_maruyama(
                     theta += dw[j] @ diffusion.T
                 else:
                     theta += (diffusion @ dw[j][:, :, None])[:, :, 0]
-            _mark_diverged(theta, diverged)
+            # NaN/inf persist once there, so checking every few steps loses nothing; recorded
+            # paths are checked every step so that a diverged path reads NaN from then on.
+            if record or k % 8 == 7 or k == steps - 1:
+                _mark_diverged(theta, diverged)
             if record:
                 path.append(theta.copy())
     return Solution(theta, diverged, np.stack(path) if record else None)
