@@ -26,10 +26,13 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def run(main: Callable[[list[str] | None], int], prog: str, argv: list[str] | None = None) -> int:
-    """Run ``main(argv)``; turn UserError/ValueError into ``prog: error: ...`` and exit 2."""
+    """Run ``main(argv)``; turn UserError/ValueError into ``prog: error: ...`` and exit 2
+    (``PGPO_DEBUG=1`` re-raises them with their traceback)."""
     try:
         return main(argv)
     except (UserError, ValueError) as err:
+        if os.environ.get("PGPO_DEBUG"):  # a ValueError can also be a bug: show the traceback
+            raise
         message = " ".join(str(err).split())  # one line
         print(f"{prog}: error: {message}", file=sys.stderr)
         return 2

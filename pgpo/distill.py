@@ -30,6 +30,7 @@ import math
 
 import torch
 
+from pgpo.information import entropy_from_log_probs
 from pgpo.reduction import (
     DEFAULT_CHUNK_SIZE,
     check_temperature,
@@ -60,12 +61,6 @@ def _generalized_jsd(log_s: torch.Tensor, log_t: torch.Tensor, beta: float) -> t
     return (1.0 - beta) * _kl(log_s, log_m) + beta * _kl(log_t, log_m)
 
 
-def _entropy(log_p: torch.Tensor) -> torch.Tensor:
-    """-sum p log p over the last axis, no gradient: ``[n, V] -> [n]``."""
-    log_p = log_p.detach()
-    return -(log_p.exp() * log_p).sum(-1)
-
-
 def _chunk_divergence(
     x_s: torch.Tensor,
     x_t: torch.Tensor,
@@ -81,7 +76,7 @@ def _chunk_divergence(
     log_s = torch.log_softmax(x_s, dim=-1)
     log_t = torch.log_softmax(x_t, dim=-1)
     if entropies is not None:
-        entropies.extend((_entropy(log_s), _entropy(log_t)))
+        entropies.extend((entropy_from_log_probs(log_s), entropy_from_log_probs(log_t)))
     if topk is not None:
         index = x_s.detach().topk(topk, dim=-1).indices
         # With k = V the tail is empty (mass 0): it would add exactly 0 to every term.

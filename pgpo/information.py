@@ -23,7 +23,14 @@ from pgpo.reduction import (
     reduction_weights,
 )
 
-__all__ = ["EntropyGap", "entropy_gap", "token_entropy"]
+__all__ = ["EntropyGap", "entropy_from_log_probs", "entropy_gap", "token_entropy"]
+
+
+def entropy_from_log_probs(log_p: torch.Tensor) -> torch.Tensor:
+    """``-sum p log p`` over the last axis from log-probabilities, no gradient: ``[n, V] -> [n]``
+    (nats). Finite log-probs only (a -inf would give 0 * -inf)."""
+    log_p = log_p.detach()
+    return -(log_p.exp() * log_p).sum(-1)
 
 
 @torch.no_grad()
@@ -48,9 +55,7 @@ def token_entropy(
         x = flat[start:stop].index_select(0, rows).float()
         if temperature != 1.0:
             x.div_(temperature)
-        # -sum p log p, with 0 log 0 = 0 (probabilities that underflow add nothing).
-        entropy = torch.special.entr(torch.softmax(x, dim=-1)).sum(-1)
-        out[start + rows] = entropy
+        out[start + rows] = entropy_from_log_probs(torch.log_softmax(x, dim=-1))
     return out.reshape(token_shape)
 
 
