@@ -39,7 +39,7 @@ from pgpo.reduction import (
     reduction_weights,
 )
 
-__all__ = ["divergence", "token_divergence"]
+__all__ = ["divergence", "head_divergence", "token_divergence"]
 
 
 def _tail(log_p: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -217,3 +217,123 @@ def divergence(
     keep = per_token.new_ones(per_token.shape, dtype=torch.bool) if mask is None else mask != 0
     weights = reduction_weights(keep, reduction, empty_sequences_count=True)
     return (weights.to(per_token.dtype) * per_token).sum()
+
+
+class _HeadDivergence(torch.autograd.Function):
+    """``sum_i w_i d_i`` with the LM head applied chunk by chunk: logits never exist for more
+    than ``chunk_size`` tokens. Gradients for the student's hidden states and head weight are
+    accumulated in forward (row i's loss depends on row i's hidden state and on the weight)."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        h_s,
+        weight,
+        h_t,
+        weight_t,
+        token_w,
+        beta,
+        topk,
+        add_tail,
+        temperature,
+        chunk_size,
+        with_entropy,
+    ):
+        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        n = h_s.shape[0]
+        loss = torch.zeros((), dtype=torch.float64, device=h_s.device)
+        h_stu = torch.zeros(n, dtype=torch.float32, device=h_s.device)
+        h_tea = torch.zeros(n, dtype=torch.float32, device=h_s.device)
+        grad_h = torch.zeros_like(h_s) if needs_grad else None
+        grad_w = (
+            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            if (needs_grad)
+            else None
+        )
+        for start, stop in chunks(n, chunk_size):
+            rows = (token_w[start:stop] != 0).nonzero().squeeze(-1)
+            if rows.numel() == 0:
+                continue
+            hs = h_s[start:stop].index_select(0, rows)
+            x_t = (h_t[start:stop].index_select(0, rows) @ weight_t.T).float() / temperature
+            w = token_w[start:stop].index_select(0, rows).float()
+            entropies = [] if with_entropy else None
+            with torch.enable_grad():
+                x_s = (hs @ weight.T).float().requires_grad_(needs_grad)
+                d = _chunk_divergence(x_s / temperature, x_t, beta, topk, add_tail, entropies)
+                chunk_loss = (w * d).sum()
+                if needs_grad:
+                    (g,) = torch.autograd.grad(chunk_loss, x_s)  # [n, V] float32
+            if needs_grad:
+                grad_h[start + rows] = (g.to(weight.dtype) @ weight).to(grad_h.dtype)
+                grad_w += g.T @ hs.float()
+            loss += chunk_loss.detach().double()
+            if with_entropy:
+                h_stu[start + rows], h_tea[start + rows] = entropies
+        if needs_grad:
+            ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        ctx.mark_non_differentiable(h_stu, h_tea)
+        return loss.float(), h_stu, h_tea
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_h_stu, _grad_h_tea):
+        grad_h, grad_w = ctx.saved_tensors
+        # One gradient per forward input: hidden states and head weight; the rest are constants.
+        return (grad_out * grad_h, (grad_out * grad_w).to(ctx.weight_dtype)) + (None,) * 9
+
+
+def head_divergence(
+    student_hidden: torch.Tensor,
+    head_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_head_weight: torch.Tensor,
+    token_weights: torch.Tensor,
+    beta: float,
+    topk: int | None = None,
+    add_tail: bool = True,
+    temperature: float = 1.0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    return_entropies: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The weighted divergence ``sum_t w_t d_t`` from hidden states, the LM head fused in.
+
+    student_hidden, teacher_hidden ``[..., T, H]``; head weights ``[V, H]`` (no bias);
+    token_weights ``[..., T]`` (0 = not trained; the reduction's weights, so the result is the
+    loss). Returns (loss, H_student ``[..., T]``, H_teacher ``[..., T]``): the scalar loss,
+    differentiable w.r.t. the student's hidden states and head weight, and the per-token
+    full-vocabulary entropies (Eq. 8, no gradient; zeros without ``return_entropies``, which
+    skips their pass). Peak extra memory is O(chunk_size x V),
+    whatever T is: full-vocabulary logits never exist for a whole sequence.
+    """
+    if student_hidden.shape != teacher_hidden.shape:
+        raise ValueError(
+            f"student and teacher hidden states differ in shape: "
+            f"{tuple(student_hidden.shape)} vs {tuple(teacher_hidden.shape)}"
+        )
+    if not (0.0 <= beta <= 1.0):
+        raise ValueError(f"beta must be in [0, 1], got {beta!r}")
+    vocab = head_weight.shape[0]
+    if topk is not None and not (isinstance(topk, int) and 1 <= topk <= vocab):
+        raise ValueError(f"topk must be an integer in [1, {vocab}] or None, got {topk!r}")
+    check_temperature(temperature)
+    token_shape = tuple(student_hidden.shape[:-1])
+    if tuple(token_weights.shape) != token_shape:
+        raise ValueError(
+            f"token_weights shape {tuple(token_weights.shape)} does not match {token_shape}"
+        )
+    hidden = student_hidden.shape[-1]
+    loss, h_s, h_t = _HeadDivergence.apply(
+        student_hidden.reshape(-1, hidden),
+        head_weight,
+        teacher_hidden.detach().reshape(-1, hidden),
+        teacher_head_weight.detach(),
+        token_weights.reshape(-1),
+        float(beta),
+        topk,
+        add_tail,
+        float(temperature),
+        chunk_size,
+        return_entropies,
+    )
+    return loss, h_s.reshape(token_shape), h_t.reshape(token_shape)

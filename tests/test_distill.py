@@ -198,3 +198,38 @@ def test_fused_entropies_match_the_direct_formula(topk):
     assert torch.equal(plain, d)
     (d * torch.rand(2, 5, generator=g)).sum().backward()  # the gradient path still works
     assert torch.isfinite(s.grad).all()
+
+
+@pytest.mark.parametrize("beta,topk", [(0.5, 5), (1.0, None), (0.0, 30)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_head_divergence_equals_logits_then_divergence(beta, topk, dtype):
+    from pgpo.distill import head_divergence
+
+    g = torch.Generator().manual_seed(11)
+    b, t, h, v = 2, 6, 8, 30
+    hs = torch.randn(b, t, h, generator=g).to(dtype).requires_grad_(True)
+    w = (torch.randn(v, h, generator=g) * 0.7).to(dtype).requires_grad_(True)
+    ht = torch.randn(b, t, h, generator=g).to(dtype)
+    wt = (torch.randn(v, h, generator=g) * 0.7).to(dtype)
+    mask = torch.rand(b, t, generator=g) < 0.7
+    weights = mask.double() / mask.sum()
+    loss, h_s, h_t = head_divergence(
+        hs, w, ht, wt, weights.float(), beta, topk, temperature=0.8, chunk_size=4
+    )
+    loss.backward()
+    # Direct: logits for every token in float64, the divergence, autograd.
+    hs64, w64 = hs.detach().double().requires_grad_(True), w.detach().double().requires_grad_(True)
+    logits = hs64 @ w64.T
+    per = ref.torch_divergence_float64(
+        logits, ht.double() @ wt.double().T, beta, topk, temperature=0.8
+    )
+    (per * weights).sum().backward()
+    tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    assert loss.item() == pytest.approx((per * weights).sum().item(), abs=tol["atol"] * 10)
+    torch.testing.assert_close(hs.grad.double(), hs64.grad, **tol)
+    torch.testing.assert_close(w.grad.double(), w64.grad, **tol)
+    expected_hs = ref.entropy((hs64 @ w64.T).detach().numpy(), 0.8) * mask.numpy()
+    np.testing.assert_allclose(
+        h_s.numpy(), expected_hs, atol=1e-4 if dtype == torch.float32 else 5e-2
+    )
+    assert h_t.shape == (b, t)

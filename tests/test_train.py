@@ -106,7 +106,7 @@ def test_nan_logits_skip_the_step_and_leave_weights(tmp_path):
     run = Run(cfg)
     before, teacher_before = params(run.policy), params(run.teacher.model)
     # NaN in the student's training forward only (sampling and the teacher run without grad).
-    hook = run.policy.get_output_embeddings().register_forward_hook(
+    hook = run.policy.get_decoder().norm.register_forward_hook(
         lambda module, args, output: output * float("nan") if torch.is_grad_enabled() else output
     )
     metrics = run.train_step(run.sampler.next(2))

@@ -5,7 +5,8 @@
 3. build the teacher's prompt: question + a successful sibling's answer (Sec. 3, reprompting);
    samples without a demonstration are masked out;
 4. student forward (with grad) and teacher forward (no grad) over the same response tokens; the
-   loss is the divergence between them (Eq. 2 for beta = 1; the reference's JSD for 0.5);
+   loss is the divergence between them (Eq. 2 for beta = 1; the reference's JSD for 0.5), the LM
+   head applied chunk by chunk inside it (logits never held for a whole sequence);
 5. from the same logits, per-token entropies -> I_k (Eq. 8) -> rho_k (Eq. 9);
 6. AdamW step scaled by rho_k (theta_{k+1} = theta_k - eta rho_k h_k), then the EMA teacher.
 A NaN/inf loss, gradient or I_k skips the step: weights, optimizer and teacher stay untouched.
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pgpo.distill import token_divergence
+from pgpo.distill import head_divergence
 from pgpo.multiplier import MultiplierConfig
 from pgpo.optim import ModulatedOptimizer
 from pgpo.reduction import reduction_weights
@@ -41,11 +42,12 @@ class Sample:
     trained: bool  # False: no demonstration, masked out of loss and I_k
 
 
-def response_logits(
+def response_hidden(
     model: torch.nn.Module, prompts: list[list[int]], responses: list[list[int]], pad_id: int
 ) -> torch.Tensor:
-    """Logits ``[B, T, V]`` predicting each response token (T = longest response), computed with
-    the LM head on response positions only (prompt positions never get vocabulary logits)."""
+    """Final hidden states ``[B, T, H]`` at the positions that predict each response token
+    (T = longest response). The LM head is applied later, chunk by chunk, inside the loss: full-
+    vocabulary logits never exist for a whole sequence."""
     seqs = [p + r for p, r in zip(prompts, responses)]
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
@@ -59,8 +61,14 @@ def response_logits(
     for i, (p, r) in enumerate(zip(prompts, responses)):
         # position p-1+t predicts response token t
         index[i, : len(r)] = torch.arange(len(p) - 1, len(p) - 1 + len(r))
-    picked = hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-    return model.get_output_embeddings()(picked)
+    return hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+
+
+def head_weight(model: torch.nn.Module) -> torch.Tensor:
+    head = model.get_output_embeddings()
+    if getattr(head, "bias", None) is not None:
+        raise ValueError("LM heads with a bias are not supported by the fused loss")
+    return head.weight
 
 
 def response_mask(samples: list[Sample]) -> torch.Tensor:
@@ -142,19 +150,21 @@ def train_step(
         mb = samples[start : start + cfg.loss.micro_batch]
         rows = slice(start, start + len(mb))
         t_mb = max(len(s.response) for s in mb)
-        mb_mask = mask[rows, :t_mb]
         responses = [s.response for s in mb]
-        student_logits = response_logits(policy, [s.student_prompt for s in mb], responses, pad)
+        student_hidden = response_hidden(policy, [s.student_prompt for s in mb], responses, pad)
         with torch.no_grad():
-            teacher_logits = response_logits(
+            teacher_hidden = response_hidden(
                 teacher.model, [s.teacher_prompt for s in mb], responses, pad
             )
-        # Eq. 2 (beta = 1) or the reference's JSD; with I_k wanted, the per-token entropies of
-        # Eq. 8 come out of the same chunked pass over these logits (no extra forward).
-        result = token_divergence(
-            student_logits,
-            teacher_logits,
-            mb_mask,
+        # Eq. 2 (beta = 1) or the reference's JSD, weighted by the step's reduction weights, with
+        # the LM head applied chunk by chunk; with I_k wanted, the per-token entropies of Eq. 8
+        # come out of the same pass over the logits (no extra forward).
+        loss, hs, ht = head_divergence(
+            student_hidden,
+            head_weight(policy),
+            teacher_hidden,
+            head_weight(teacher.model),
+            loss_w[rows, :t_mb],
             cfg.loss.beta,
             cfg.loss.topk,
             cfg.loss.add_tail,
@@ -162,8 +172,6 @@ def train_step(
             cfg.loss.chunk_size,
             return_entropies=need_info,
         )
-        per_token, hs, ht = result if need_info else (result, None, None)
-        loss = (loss_w[rows, :t_mb] * per_token).sum()
         loss.backward()
         loss_total += loss.item()
         if need_info:  # Eq. 8: I_k = mean over trained tokens of H(student) - H(teacher)
@@ -172,7 +180,7 @@ def train_step(
             info_total += float((w * (hs - ht)).sum())
             h_student += float((w * hs).sum())
             h_teacher += float((w * ht).sum())
-        del student_logits, teacher_logits, per_token
+        del student_hidden, teacher_hidden
 
     # 6. The modulated step, unless anything is non-finite.
     grad_norm = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.optim.grad_clip))
