@@ -40,6 +40,7 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--chunk-size", type=int, default=None, help="loss.chunk_size (tokens)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     cfg = load_config(
@@ -50,6 +51,7 @@ def main(argv=None) -> int:
             f"batch_size={args.batch_size}",
             f"rollout.max_new_tokens={args.max_new_tokens}",
             "output.dir=/tmp/pgpo-bench-train-step",
+            *([f"loss.chunk_size={args.chunk_size}"] if args.chunk_size else []),
         ],
     )
     run = Run(cfg)

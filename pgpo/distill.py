@@ -266,7 +266,7 @@ class _HeadDivergence(torch.autograd.Function):
                     (g,) = torch.autograd.grad(chunk_loss, x_s)  # [n, V] float32
             if needs_grad:
                 grad_h[start + rows] = (g.to(weight.dtype) @ weight).to(grad_h.dtype)
-                grad_w += g.T @ hs.float()
+                grad_w.addmm_(g.T, hs.float())  # in place: no [V, H] temporary
             loss += chunk_loss.detach().double()
             if with_entropy:
                 h_stu[start + rows], h_tea[start + rows] = entropies
