@@ -143,6 +143,20 @@ class _RowwiseDivergence(torch.autograd.Function):
         return grad, None, None, None, None, None, None, None, None
 
 
+def _check_arguments(what, student, teacher, beta, topk, vocab, temperature) -> None:
+    """One-line ValueErrors for the shared arguments of the divergence functions."""
+    if student.shape != teacher.shape:
+        raise ValueError(
+            f"student and teacher {what} differ in shape: "
+            f"{tuple(student.shape)} vs {tuple(teacher.shape)}"
+        )
+    if not (0.0 <= beta <= 1.0):
+        raise ValueError(f"beta must be in [0, 1], got {beta!r}")
+    if topk is not None and not (isinstance(topk, int) and 1 <= topk <= vocab):
+        raise ValueError(f"topk must be an integer in [1, {vocab}] or None, got {topk!r}")
+    check_temperature(temperature)
+
+
 def token_divergence(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -162,17 +176,10 @@ def token_divergence(
     over the full vocabulary of the same temperature-scaled logits (what Eq. 8 averages), from
     the same pass.
     """
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(
-            f"student and teacher logits differ in shape: {tuple(student_logits.shape)} vs "
-            f"{tuple(teacher_logits.shape)}"
-        )
-    if not (0.0 <= beta <= 1.0):
-        raise ValueError(f"beta must be in [0, 1], got {beta!r}")
+    _check_arguments(
+        "logits", student_logits, teacher_logits, beta, topk, student_logits.shape[-1], temperature
+    )
     vocab = student_logits.shape[-1]
-    if topk is not None and not (isinstance(topk, int) and 1 <= topk <= vocab):
-        raise ValueError(f"topk must be an integer in [1, {vocab}] or None, got {topk!r}")
-    check_temperature(temperature)
     student, keep, token_shape = flatten(student_logits, mask)
     teacher = teacher_logits.detach().reshape(-1, vocab)
     per_token, h_s, h_t = _RowwiseDivergence.apply(
@@ -306,17 +313,15 @@ def head_divergence(
     skips their pass). Peak extra memory is O(chunk_size x V),
     whatever T is: full-vocabulary logits never exist for a whole sequence.
     """
-    if student_hidden.shape != teacher_hidden.shape:
-        raise ValueError(
-            f"student and teacher hidden states differ in shape: "
-            f"{tuple(student_hidden.shape)} vs {tuple(teacher_hidden.shape)}"
-        )
-    if not (0.0 <= beta <= 1.0):
-        raise ValueError(f"beta must be in [0, 1], got {beta!r}")
-    vocab = head_weight.shape[0]
-    if topk is not None and not (isinstance(topk, int) and 1 <= topk <= vocab):
-        raise ValueError(f"topk must be an integer in [1, {vocab}] or None, got {topk!r}")
-    check_temperature(temperature)
+    _check_arguments(
+        "hidden states",
+        student_hidden,
+        teacher_hidden,
+        beta,
+        topk,
+        head_weight.shape[0],
+        temperature,
+    )
     token_shape = tuple(student_hidden.shape[:-1])
     if tuple(token_weights.shape) != token_shape:
         raise ValueError(
