@@ -1,5 +1,8 @@
 """``pgpo``: the project's command line.
 
+pgpo demo [--seeds N] [--collapse | --real]             SDPO vs PGPO on a small local model
+pgpo train --config PRESET|FILE [key=value ...]          training
+pgpo eval --config ... --checkpoint DIR                  avg@k of a checkpoint
 pgpo multiplier [--alpha A] [--rho-max R] [--out DIR]   the multiplier's properties + plot
 """
 
@@ -11,7 +14,7 @@ import sys
 
 import numpy as np
 
-from pgpo.cli_util import ArgumentParser, atomic_dir, positive_float, run
+from pgpo.cli_util import ArgumentParser, atomic_dir, positive_float, positive_int, run
 from pgpo.multiplier import KINDS, MultiplierConfig
 
 
@@ -108,6 +111,49 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_demo(args) -> int:
+    from pathlib import Path
+
+    from pgpo.demo.run import SDPO, DemoPlan, pgpo_method, run_demo
+    from pgpo.demo.warmstart import WarmStartConfig
+
+    if args.real:
+        from pgpo.demo.real import run_real
+
+        run_real(
+            Path(args.out),
+            args.questions,
+            args.steps,
+            cache=args.cache and Path(args.cache),
+            overrides=tuple(args.overrides),
+        )
+        return 0
+    if args.collapse:
+        from pgpo.demo.collapse import collapse_plan
+
+        plan = collapse_plan(Path(args.out), args.seeds or 3, args.workers, args.overrides)
+    else:
+        plan = DemoPlan(
+            Path(args.out),
+            [SDPO, pgpo_method(1.0)],
+            list(range(args.seeds or 1)),
+            overrides=list(args.overrides),
+            workers=args.workers,
+        )
+    if args.steps is not None:
+        plan.overrides.append(f"steps={args.steps}")
+    if args.cache is not None:
+        plan.cache = Path(args.cache)
+    if args.warm_steps is not None:
+        plan.warm = WarmStartConfig(steps=args.warm_steps)
+    from pgpo.train.config import load_config
+
+    load_config("demo", plan.overrides)  # refuse bad overrides before any work
+    run_demo(plan)
+    print(f"wrote {args.out}/summary.md, summary.json and curves.png")
+    return 0
+
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="pgpo", description="Physics-Guided Policy Optimization.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
@@ -125,6 +171,18 @@ def build_parser() -> ArgumentParser:
     e.add_argument("--checkpoint", required=True)
     e.add_argument("overrides", nargs="*")
     e.set_defaults(func=_cmd_eval)
+    d = sub.add_parser("demo", help="SDPO against PGPO on a small local model, in minutes on a CPU")
+    d.add_argument("--out", default="runs/demo", help="output folder (runs, plots, summary)")
+    d.add_argument("--seeds", type=positive_int, default=None, help="seeds per method")
+    d.add_argument("--steps", type=positive_int, default=None, help="training steps per run")
+    d.add_argument("--workers", type=positive_int, default=2, help="runs in parallel")
+    d.add_argument("--cache", default=None, help="warm-start cache (default ~/.cache/pgpo)")
+    d.add_argument("--warm-steps", type=positive_int, default=None, help="warm-start steps (200)")
+    d.add_argument("--collapse", action="store_true", help="the EMA-teacher collapse study")
+    d.add_argument("--real", action="store_true", help="SmolLM2-135M on MMLU science")
+    d.add_argument("--questions", type=positive_int, default=100, help="--real: test questions")
+    d.add_argument("overrides", nargs="*", help="trainer key=value for every run")
+    d.set_defaults(func=_cmd_demo)
     m = sub.add_parser("multiplier", help="properties of rho(I) for each kind, and a plot")
     m.add_argument("--alpha", type=positive_float, default=1.0)
     m.add_argument("--rho-max", type=float, default=2.0)

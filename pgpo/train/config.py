@@ -107,6 +107,7 @@ class EvalConfig:
     temperature: float = 0.6
     top_p: float = 0.95
     max_new_tokens: int = 8192
+    before_train: bool = False  # also evaluate the starting weights (logged as step 0)
 
 
 @dataclass

@@ -144,9 +144,12 @@ def _writer(folder: Path, enabled: bool):
     return SummaryWriter(str(folder / "tensorboard"))
 
 
-def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
+def train(
+    cfg: TrainConfig, resume: bool = False, progress: bool = True, desc: str = "train"
+) -> Path:
     """Run ``cfg.steps`` steps (continuing from the newest checkpoint with ``resume``). Writes
-    ``metrics.jsonl``, ``samples.jsonl``, ``config.yaml`` and ``checkpoints/`` to output.dir."""
+    ``metrics.jsonl``, ``samples.jsonl``, ``config.yaml`` and ``checkpoints/`` to output.dir.
+    ``desc`` labels the progress bar."""
     from tqdm import tqdm
 
     out = Path(cfg.output.dir)
@@ -163,11 +166,14 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     metrics_file = open(out / "metrics.jsonl", "a")
     samples_file = open(out / "samples.jsonl", "a")
     try:
+        if cfg.eval.before_train and run.step == 0:
+            row = {"step": 0, **{f"eval_{k}": v for k, v in run.evaluate().items()}}
+            metrics_file.write(json.dumps(row) + "\n")
         bar = tqdm(
             range(run.step, cfg.steps),
             initial=run.step,
             total=cfg.steps,
-            desc="train",
+            desc=desc,
             unit="step",
             file=sys.stderr,
             disable=not progress or None,

