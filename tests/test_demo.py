@@ -113,7 +113,7 @@ def test_demo_runs_sdpo_and_pgpo_through_the_trainer(tmp_path, monkeypatch):
     assert len(load_jsonl(out / "data" / "test.jsonl").questions) == demo_run.N_TEST
     for name in ("sdpo-seed0", "pgpo-a1-seed0"):
         run = out / name
-        assert (run / "config.yaml").exists() and (run / "checkpoints" / "step_2").is_dir()
+        assert (run / "config.yaml").exists() and (run / "checkpoints" / "step_000002").is_dir()
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows] == [0, 1, 2]  # step 0: the warm start's evaluation
         assert "eval_avg_at_k" in rows[0] and "eval_avg_at_k" in rows[2]
@@ -170,3 +170,33 @@ def test_demo_cli_refuses_bad_input_in_one_line(argv, needle, capsys, tmp_path):
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1
     assert not (tmp_path / "x").exists()
+
+
+def test_demo_real_converts_smollm2_once_and_reports_before_and_after(tmp_path, capsys):
+    pytest.importorskip("gguf")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pgpo.demo.real import CHANCE, gguf_path, run_real
+
+    result = run_real(
+        tmp_path / "real",
+        n_test=4,
+        steps=1,
+        progress=False,
+        cache=tmp_path / "cache",
+        overrides=("batch_size=4", "eval.n=1"),
+    )
+    assert result["questions"] == 4 and result["chance"] == CHANCE == 0.25
+    assert 0 <= result["before"] <= 1 and 0 <= result["after"] <= 1
+    assert "chance 0.25" in capsys.readouterr().out
+    rows = [json.loads(x) for x in (tmp_path / "real" / "smollm2-sdpo" / "metrics.jsonl").open()]
+    assert [r["step"] for r in rows] == [0, 1] and not rows[1]["skipped"]
+    # The converted copy computes what the GGUF-loaded model computes.
+    folder = tmp_path / "cache" / "smollm2-135m-instruct"
+    source = gguf_path()
+    gguf = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name)
+    copy = AutoModelForCausalLM.from_pretrained(str(folder))
+    ids = torch.tensor([[1, 504, 3458, 282, 4649, 314, 253, 1345, 30]])
+    with torch.no_grad():
+        torch.testing.assert_close(copy(ids).logits, gguf(ids).logits, rtol=0, atol=1e-4)

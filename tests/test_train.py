@@ -149,6 +149,12 @@ def test_bad_config_refused_naming_the_key(override, key):
         load_config("tiny-cpu", [override])
 
 
+def test_overrides_read_exponent_numbers_as_floats():
+    # YAML 1.1 reads "1e-3" as a string; an override means the number.
+    cfg = load_config("tiny-cpu", ["optim.lr=1e-3", "pgpo.alpha=1.5E0", "model.path=1e-3x"])
+    assert cfg.optim.lr == 1e-3 and cfg.pgpo.alpha == 1.5 and cfg.model.path == "1e-3x"
+
+
 def test_cli_bad_config_exits_2_before_loading_a_model(capsys, tmp_path):
     assert (
         pgpo_main(

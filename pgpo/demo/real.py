@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from pgpo.cli_util import atomic_dir
-from pgpo.demo.run import default_cache
+from pgpo.demo.run import default_cache, quiet_transformers
 from pgpo.train.config import load_config
 from pgpo.train.data import Question, load_mmlu_science
 
@@ -101,6 +101,7 @@ def run_real(
     from pgpo.train import loop
 
     torch.set_num_threads(1)
+    quiet_transformers()
     start = time.perf_counter()
     model = convert_smollm2((cache or default_cache()) / "smollm2-135m-instruct")
     train_q, test_q = mmlu_splits(n_test, 400)

@@ -89,11 +89,20 @@ def run_config(
     )
 
 
+def quiet_transformers() -> None:
+    """No per-load progress bars from transformers between the demo's own bars."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def _train_job(cfg: TrainConfig, desc: str, progress: bool) -> str:
     """One run in a worker process."""
     import torch
 
     torch.set_num_threads(1)
+    quiet_transformers()
     from pgpo.train import loop
 
     return str(loop.train(cfg, progress=progress, desc=desc))
@@ -121,6 +130,7 @@ def run_demo(plan: DemoPlan) -> dict:
     from pgpo.demo.report import write_report
 
     start = time.perf_counter()
+    quiet_transformers()
     plan.out.mkdir(parents=True, exist_ok=True)
     model, train_file, test_file = prepare(plan)
     configs = {

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -294,6 +295,17 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _parse_value(text: str):
+    """A YAML value; numbers such as ``1e-3`` (a string to YAML 1.1) are floats."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        return float(value)
+    return value
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
     """Load a YAML file (a path, or a preset name such as ``tiny-cpu``) plus ``key=value``
     overrides (values parsed as YAML), and validate."""
@@ -315,7 +327,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value")
         key, text = item.split("=", 1)
-        _set(tree, key.strip(), yaml.safe_load(text))
+        _set(tree, key.strip(), _parse_value(text))
     return validate(_build(TrainConfig, tree))
 
 
