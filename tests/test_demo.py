@@ -17,6 +17,7 @@ from pgpo.train import loop
 from pgpo.train.data import load_jsonl
 from pgpo.train.model import qwen3_tokenizer_dir
 from pgpo.train.prompts import chat_text, messages, teacher_messages
+from tests.test_train import FIELDS as TRAIN_FIELDS
 
 WARM = WarmStartConfig(hidden_size=64, steps=20)  # tiny: the smoke runs test wiring, not skill
 
@@ -116,6 +117,7 @@ def test_demo_runs_sdpo_and_pgpo_through_the_trainer(tmp_path, monkeypatch):
         assert (run / "config.yaml").exists() and (run / "checkpoints" / "step_000002").is_dir()
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows] == [0, 1, 2]  # step 0: the warm start's evaluation
+        assert all(f in r for r in rows[1:] for f in TRAIN_FIELDS)  # pgpo train's layout
         assert "eval_avg_at_k" in rows[0] and "eval_avg_at_k" in rows[2]
         assert summary["runs"][name]["start"] == rows[0]["eval_avg_at_k"]
         assert summary["runs"][name]["final"] == rows[2]["eval_avg_at_k"]

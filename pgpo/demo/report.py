@@ -18,15 +18,21 @@ COLLAPSE_WINDOW = 5
 
 def read_run(folder: Path) -> dict:
     """Series from one run's metrics.jsonl: eval (step, avg@k) and per-step training metrics."""
-    evals, train = [], {"step": [], "info": [], "rho": [], "reward": []}
+    evals, formats = [], []
+    train = {"step": [], "info": [], "rho": [], "reward": []}
     for line in (folder / "metrics.jsonl").read_text().splitlines():
         row = json.loads(line)
         if "eval_avg_at_k" in row:
             evals.append((row["step"], row["eval_avg_at_k"]))
+            formats.append(row["eval_format_rate"])
         if "info" in row:
             for key in train:
                 train[key].append(row[key])
-    return {"eval": evals, **{k: np.asarray(v, float) for k, v in train.items()}}
+    return {
+        "eval": evals,
+        "eval_format": formats,
+        **{k: np.asarray(v, float) for k, v in train.items()},
+    }
 
 
 def collapse_step(run: dict) -> int | None:
@@ -69,6 +75,7 @@ def summarize(runs: dict[str, dict], configs: dict[str, TrainConfig]) -> dict:
             "final": evals[-1][1],
             "best": max(v for _, v in evals),
             "gain": evals[-1][1] - evals[0][1],
+            "format_final": run["eval_format"][-1],
             "info_mean": float(run["info"].mean()),
             "rho_mean": float(run["rho"].mean()),
             "rho_min": float(run["rho"].min()),
@@ -84,6 +91,7 @@ def summarize(runs: dict[str, dict], configs: dict[str, TrainConfig]) -> dict:
         m["final"].append(row["final"])
         m["gain"].append(row["gain"])
         m["collapsed"] += row["collapse_step"] is not None
+        m.setdefault("collapse_steps", []).append(row["collapse_step"])
     for m in methods.values():
         m["final_median"] = statistics.median(m["final"])
         m["gain_median"] = statistics.median(m["gain"])
@@ -98,7 +106,7 @@ def plot(runs: dict[str, dict], path: Path, title: str) -> None:
 
     methods = sorted({name.rsplit("-seed", 1)[0] for name in runs})
     colors = {m: plt.cm.tab10(i) for i, m in enumerate(methods)}
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(19, 4))
     seen = set()
     for name, run in runs.items():
         method = name.rsplit("-seed", 1)[0]
@@ -108,9 +116,20 @@ def plot(runs: dict[str, dict], path: Path, title: str) -> None:
         axes[0].plot(steps, values, "o-", color=colors[method], label=label, ms=3)
         axes[1].plot(run["step"], run["info"], color=colors[method], lw=0.8, label=label)
         axes[2].plot(run["step"], run["rho"], color=colors[method], lw=0.8, label=label)
+        window = np.ones(COLLAPSE_WINDOW) / COLLAPSE_WINDOW
+        if len(run["reward"]) >= COLLAPSE_WINDOW:
+            smooth = np.convolve(run["reward"], window, mode="valid")
+            axes[3].plot(
+                run["step"][COLLAPSE_WINDOW - 1 :],
+                smooth,
+                color=colors[method],
+                lw=0.8,
+                label=label,
+            )
     axes[0].set_title("held-out avg@k")
     axes[1].set_title("I_k (nats): student minus teacher entropy")
     axes[2].set_title("rho_k (1 for SDPO)")
+    axes[3].set_title(f"training reward ({COLLAPSE_WINDOW}-step mean)")
     axes[1].axhline(0, color="gray", lw=0.6)
     for ax in axes:
         ax.set_xlabel("step")
@@ -143,24 +162,27 @@ def markdown(
         ]
     lines += [
         "",
-        "| run | seed | start | final | best | gain | mean I_k | rho range | collapse |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| run | seed | start | final | best | gain | format | mean I_k | rho range | collapse |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in summary["runs"].items():
         lines.append(
             f"| {name} | {r['seed']} | {r['start']:.3f} | {r['final']:.3f} | {r['best']:.3f} | "
-            f"{r['gain']:+.3f} | {r['info_mean']:.4f} | {r['rho_min']:.3f}-{r['rho_max']:.3f} | "
-            f"{_collapse_cell(r)} |"
+            f"{r['gain']:+.3f} | {r['format_final']:.2f} | {r['info_mean']:.4f} | "
+            f"{r['rho_min']:.3f}-{r['rho_max']:.3f} | {_collapse_cell(r)} |"
         )
     lines += [
         "",
-        "| method | runs | final avg@k: median [min, max] | gain: median [min, max] | collapsed |",
-        "|---|---|---|---|---|",
+        "| method | runs | final avg@k: median [min, max] | gain: median [min, max] | collapsed "
+        "| collapse step per seed |",
+        "|---|---|---|---|---|---|",
     ]
     for method, m in summary["methods"].items():
         lines.append(
             f"| {method} | {len(m['runs'])} | {_spread(m['final'])} | {_spread(m['gain'])} | "
-            f"{m['collapsed']}/{len(m['runs'])} |"
+            f"{m['collapsed']}/{len(m['runs'])} | "
+            + ", ".join("-" if c is None else str(c) for c in m["collapse_steps"])
+            + " |"
         )
     lines += [
         "",
