@@ -180,7 +180,7 @@ def build_parser() -> ArgumentParser:
     d.add_argument("--warm-steps", type=positive_int, default=None, help="warm-start steps (200)")
     d.add_argument("--collapse", action="store_true", help="the EMA-teacher collapse study")
     d.add_argument("--real", action="store_true", help="SmolLM2-135M on MMLU science")
-    d.add_argument("--questions", type=positive_int, default=100, help="--real: test questions")
+    d.add_argument("--questions", type=positive_int, default=50, help="--real: test questions")
     d.add_argument("overrides", nargs="*", help="trainer key=value for every run")
     d.set_defaults(func=_cmd_demo)
     m = sub.add_parser("multiplier", help="properties of rho(I) for each kind, and a plot")

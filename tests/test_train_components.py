@@ -129,6 +129,16 @@ def test_reward_and_thinking():
     assert reward("<answer>b</answer>", "B") == 1.0
     assert reward("<answer>A</answer>", "B") == 0.0
     assert reward("B", "B") == 1.0 and reward("answer B", "B") == 0.0
+    # leading_letter: an opening option letter counts; a capital starting a word does not.
+    for text, letter in [
+        ("B: swell and lyse", "B"),
+        (" (C) drift", "C"),
+        ("D.", "D"),
+        ("A\nsince", "A"),
+    ]:
+        assert reward(text, letter) == 0.0 and reward(text, letter, leading_letter=True) == 1.0
+    assert reward("A cell divides", "A", leading_letter=True) == 0.0
+    assert reward("<answer>C</answer> B: x", "B", leading_letter=True) == 0.0  # tags win
     assert last_boxed(r"\boxed{unclosed") is None
     assert strip_thinking("<think>hmm</think>\n<answer>A</answer>") == "<answer>A</answer>"
 

@@ -82,6 +82,13 @@ class LossConfig:
 
 
 @dataclass
+class RewardConfig:
+    # Also accept a response opening with the option letter ("B: ..."), for models that do not
+    # write <answer> tags. Off: the reference's extraction.
+    leading_letter: bool = False
+
+
+@dataclass
 class PGPOConfig:
     enabled: bool = False  # False: SDPO (rho = 1)
     alpha: float = 1.0
@@ -129,6 +136,7 @@ class TrainConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     pgpo: PGPOConfig = field(default_factory=PGPOConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

@@ -17,13 +17,14 @@ def evaluate(
     top_p: float,
     max_new_tokens: int,
     max_prompt_tokens: int,
+    leading_letter: bool = False,
 ) -> dict:
     prompts = [student_prompt(tokenizer, q, max_prompt_tokens) for q in questions]
     completions = engine.generate(prompts, k, temperature, top_p, max_new_tokens)
     per_question, formatted = [], 0
     for q, group in zip(questions, completions):
         texts = [tokenizer.decode(c.tokens, skip_special_tokens=True) for c in group]
-        per_question.append(sum(reward(t, q.answer) for t in texts) / k)
+        per_question.append(sum(reward(t, q.answer, leading_letter) for t in texts) / k)
         formatted += sum(extract_answer(t).has_answer_tag for t in texts)
     return {
         "avg_at_k": sum(per_question) / len(per_question),

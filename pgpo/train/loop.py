@@ -131,6 +131,7 @@ class Run:
             e.top_p,
             e.max_new_tokens,
             self.cfg.rollout.max_prompt_tokens,
+            self.cfg.reward.leading_letter,
         )
 
 

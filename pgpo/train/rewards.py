@@ -2,7 +2,8 @@
 
 The reference reads the text after the last ``<answer>`` up to ``</answer>``; the PGPO paper's
 template uses ``\\boxed{...}`` (braces may nest). Without either, the whole response is compared
-(which is almost always wrong), as in the reference.
+(which is almost always wrong), as in the reference; ``leading_letter`` (config
+``reward.leading_letter``) also accepts a response that opens with the option letter.
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ from dataclasses import dataclass
 
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _THINK = re.compile(r"<think>.*?</think>", re.DOTALL)
+# "B:", "B)", "B.", "(B)" or "B" alone on the first line, opening a response (what small
+# instruct models write); not "A cell ...": a capital followed by a space is a word.
+_LEADING_LETTER = re.compile(r"\s*\(?([A-H])(?:[:).]|[ \t]*(?:\n|$))")
 
 
 def last_boxed(text: str) -> str | None:
@@ -39,19 +43,26 @@ class Extraction:
     has_boxed: bool
 
 
-def extract_answer(response: str) -> Extraction:
+def extract_answer(response: str, leading_letter: bool = False) -> Extraction:
+    """The last ``<answer>`` tag, else the last ``\\boxed{}``, else (with ``leading_letter``) an
+    option letter opening the response as in "B: ..." or "B) ...", else the whole response."""
     tags = _ANSWER.findall(response)
     if tags:
         return Extraction(tags[-1].strip(), True, last_boxed(response) is not None)
     boxed = last_boxed(response)
     if boxed is not None:
         return Extraction(boxed.strip(), False, True)
+    if leading_letter:
+        match = _LEADING_LETTER.match(response)
+        if match:
+            return Extraction(match.group(1), False, False)
     return Extraction(response.strip(), False, False)
 
 
-def reward(response: str, answer: str) -> float:
+def reward(response: str, answer: str, leading_letter: bool = False) -> float:
     """1.0 when the extracted answer equals the answer letter (case-insensitive), else 0.0."""
-    return float(extract_answer(response).answer.upper() == answer.strip().upper())
+    extracted = extract_answer(response, leading_letter).answer
+    return float(extracted.upper() == answer.strip().upper())
 
 
 def strip_thinking(text: str) -> str:

@@ -108,7 +108,8 @@ def train_step(
     t_rollout = time.perf_counter() - t0
 
     # 2. Rewards (1 when the extracted letter is right).
-    rewards = [[reward(t, q.answer) for t in group] for q, group in zip(questions, texts)]
+    lenient = cfg.reward.leading_letter
+    rewards = [[reward(t, q.answer, lenient) for t in group] for q, group in zip(questions, texts)]
     formatted = [extract_answer(t).has_answer_tag for group in texts for t in group]
 
     # 3. Demonstrations: the first successful sibling's answer, thinking stripped.
