@@ -125,6 +125,8 @@ def run_real(
             "rollout.max_new_tokens=16",
             "eval.max_new_tokens=16",
             "eval.n=1",
+            "eval.temperature=0.6",  # the pipeline's validation sampling
+            "eval.top_p=0.95",
             "eval.every=1000",
             "loss.micro_batch=4",
             "optim.lr=1e-5",
@@ -155,7 +157,8 @@ def run_real(
     print(
         f"SmolLM2-135M-Instruct on {n_test} MMLU science questions (4 options, chance "
         f"{CHANCE:.2f}): avg@{cfg.eval.n} {result['before']:.3f} before, {result['after']:.3f} "
-        f"after {cfg.steps} SDPO steps (answer format in {result['format_rate_before']:.0%} / "
-        f"{result['format_rate_after']:.0%} of samples); {result['seconds'] / 60:.1f} min"
+        f"after {cfg.steps} SDPO steps (sampled at temperature {cfg.eval.temperature:g}; "
+        f"<answer> tags in {result['format_rate_before']:.0%} / {result['format_rate_after']:.0%} "
+        f"of samples, the rest read from a leading letter); {result['seconds'] / 60:.1f} min"
     )
     return result
