@@ -165,6 +165,7 @@ def test_demo_cli_in_worker_processes(tmp_path, capsys):
         (["demo", "--seeds", "0"], "--seeds"),
         (["demo", "optim.lr=-1"], "optim.lr"),
         (["demo", "nonsense.key=1"], "nonsense"),
+        (["demo", "--real", "--collapse"], "not allowed"),
     ],
 )
 def test_demo_cli_refuses_bad_input_in_one_line(argv, needle, capsys, tmp_path):

@@ -133,7 +133,8 @@ def plot(runs: dict[str, dict], path: Path, title: str) -> None:
     axes[1].axhline(0, color="gray", lw=0.6)
     for ax in axes:
         ax.set_xlabel("step")
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
