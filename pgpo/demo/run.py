@@ -129,7 +129,12 @@ def run_demo(plan: DemoPlan) -> dict:
     """Warm start (cached), every method x seed through the trainer, then the report."""
     from pgpo.demo.report import write_report
 
+    import torch
+
     start = time.perf_counter()
+    # One thread per process (the warm start here, each run in its worker): on small shared CPUs
+    # two threads per process were up to 10x slower.
+    torch.set_num_threads(1)
     quiet_transformers()
     plan.out.mkdir(parents=True, exist_ok=True)
     model, train_file, test_file = prepare(plan)
