@@ -127,9 +127,9 @@ def run_all(plan: DemoPlan, configs: dict[str, TrainConfig]) -> dict[str, Path]:
 
 def run_demo(plan: DemoPlan) -> dict:
     """Warm start (cached), every method x seed through the trainer, then the report."""
-    from pgpo.demo.report import write_report
-
     import torch
+
+    from pgpo.demo.report import write_report
 
     start = time.perf_counter()
     # One thread per process (the warm start here, each run in its worker): on small shared CPUs
