@@ -97,7 +97,7 @@ def quiet_transformers() -> None:
     hf_logging.set_verbosity_error()
 
 
-def _train_job(cfg: TrainConfig, desc: str, progress: bool) -> str:
+def _train_job(cfg: TrainConfig, desc: str, progress: bool, position: int) -> str:
     """One run in a worker process."""
     import torch
 
@@ -105,7 +105,7 @@ def _train_job(cfg: TrainConfig, desc: str, progress: bool) -> str:
     quiet_transformers()
     from pgpo.train import loop
 
-    return str(loop.train(cfg, progress=progress, desc=desc))
+    return str(loop.train(cfg, progress=progress, desc=desc, position=position))
 
 
 def run_all(plan: DemoPlan, configs: dict[str, TrainConfig]) -> dict[str, Path]:
@@ -120,7 +120,8 @@ def run_all(plan: DemoPlan, configs: dict[str, TrainConfig]) -> dict[str, Path]:
     ctx = multiprocessing.get_context("spawn")
     with futures.ProcessPoolExecutor(plan.workers, mp_context=ctx) as pool:
         jobs = {
-            name: pool.submit(_train_job, cfg, name, plan.progress) for name, cfg in configs.items()
+            name: pool.submit(_train_job, cfg, name, plan.progress, i % plan.workers)
+            for i, (name, cfg) in enumerate(configs.items())
         }
         return {name: Path(job.result()) for name, job in jobs.items()}
 

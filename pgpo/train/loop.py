@@ -146,11 +146,15 @@ def _writer(folder: Path, enabled: bool):
 
 
 def train(
-    cfg: TrainConfig, resume: bool = False, progress: bool = True, desc: str = "train"
+    cfg: TrainConfig,
+    resume: bool = False,
+    progress: bool = True,
+    desc: str = "train",
+    position: int | None = None,
 ) -> Path:
     """Run ``cfg.steps`` steps (continuing from the newest checkpoint with ``resume``). Writes
     ``metrics.jsonl``, ``samples.jsonl``, ``config.yaml`` and ``checkpoints/`` to output.dir.
-    ``desc`` labels the progress bar."""
+    ``desc`` labels the progress bar, ``position`` its line (for runs in parallel processes)."""
     from tqdm import tqdm
 
     out = Path(cfg.output.dir)
@@ -175,6 +179,7 @@ def train(
             initial=run.step,
             total=cfg.steps,
             desc=desc,
+            position=position,
             unit="step",
             file=sys.stderr,
             disable=not progress or None,
