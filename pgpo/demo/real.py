@@ -17,6 +17,7 @@ from pathlib import Path
 
 from pgpo.cli_util import atomic_dir
 from pgpo.demo.run import default_cache, quiet_transformers
+from pgpo.demo.task import write_jsonl
 from pgpo.train.config import load_config
 from pgpo.train.data import Question, load_mmlu_science
 
@@ -86,12 +87,6 @@ def mmlu_splits(
     return picked[n_test:], picked[:n_test]
 
 
-def _write(questions: list[Question], path: Path) -> Path:
-    from pgpo.demo.task import write_jsonl
-
-    return write_jsonl(questions, path)
-
-
 def run_real(
     out: Path,
     n_test: int = 50,
@@ -116,8 +111,8 @@ def run_real(
         [
             f"model.path={model}",
             f"model.tokenizer={model}",
-            f"data.train={_write(train_q, out / 'data' / 'train.jsonl')}",
-            f"data.test={_write(test_q, out / 'data' / 'test.jsonl')}",
+            f"data.train={write_jsonl(train_q, out / 'data' / 'train.jsonl')}",
+            f"data.test={write_jsonl(test_q, out / 'data' / 'test.jsonl')}",
             "eval.before_train=true",
             f"steps={steps or 2}",
             "batch_size=8",

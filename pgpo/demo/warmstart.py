@@ -25,7 +25,7 @@ from pgpo.cli_util import atomic_dir
 from pgpo.demo.task import answer_text
 from pgpo.demo.vocab import trim_tokenizer
 from pgpo.train.data import LETTERS, Question
-from pgpo.train.model import qwen3_tokenizer_dir
+from pgpo.train.model import qwen3_tokenizer_dir, small_qwen3
 from pgpo.train.prompts import chat_text, messages, teacher_messages
 
 END = "<|im_end|>"
@@ -71,25 +71,20 @@ def task_texts(tokenizer, questions: list[Question]) -> list[str]:
     return texts
 
 
-def build_model(vocab_size: int, tokenizer, cfg: WarmStartConfig):
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    config = Qwen3Config(
+def build_model(vocab_size: int, tokenizer, cfg: WarmStartConfig) -> torch.nn.Module:
+    text_end = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    return small_qwen3(
         vocab_size=vocab_size,
         hidden_size=cfg.hidden_size,
-        intermediate_size=2 * cfg.hidden_size,
-        num_hidden_layers=cfg.layers,
-        num_attention_heads=cfg.heads,
-        num_key_value_heads=cfg.heads,
+        layers=cfg.layers,
+        heads=cfg.heads,
+        kv_heads=cfg.heads,
         head_dim=cfg.head_dim,
-        max_position_embeddings=1024,
-        tie_word_embeddings=False,  # as Qwen3-8B
-        bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
-        eos_token_id=tokenizer.convert_tokens_to_ids(END),
-        pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        tied=False,  # as Qwen3-8B
+        special_ids=(text_end, tokenizer.convert_tokens_to_ids(END), text_end),
+        max_positions=1024,
+        seed=cfg.seed,
     )
-    torch.manual_seed(cfg.seed)
-    return Qwen3ForCausalLM(config)
 
 
 def _batch(tokenizer, pairs: list[tuple[list[dict], str]]):

@@ -54,30 +54,58 @@ def load_tokenizer(name: str):
     return tokenizer
 
 
+def small_qwen3(
+    vocab_size: int,
+    hidden_size: int,
+    layers: int,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    tied: bool,
+    special_ids: tuple[int, int, int],
+    max_positions: int,
+    seed: int,
+) -> torch.nn.Module:
+    """A randomly initialised ``Qwen3ForCausalLM`` (MLP width 2 x hidden), seeded by ``seed``
+    without moving the global RNG. ``special_ids``: (bos, eos, pad)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    bos, eos, pad = special_ids
+    config = Qwen3Config(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=tied,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        pad_token_id=pad,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return Qwen3ForCausalLM(config)
+
+
 def load_model(cfg: ModelConfig, seed: int) -> torch.nn.Module:
     """The policy in train mode. ``tiny-random-qwen3`` is seeded by ``seed``."""
     dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
     if cfg.path == TINY:
-        from transformers import Qwen3Config, Qwen3ForCausalLM
-
-        config = Qwen3Config(
+        model = small_qwen3(
             vocab_size=QWEN3_VOCAB,
             hidden_size=cfg.tiny_hidden_size,
-            intermediate_size=2 * cfg.tiny_hidden_size,
-            num_hidden_layers=cfg.tiny_layers,
-            num_attention_heads=cfg.tiny_heads,
-            num_key_value_heads=1,
+            layers=cfg.tiny_layers,
+            heads=cfg.tiny_heads,
+            kv_heads=1,
             head_dim=cfg.tiny_head_dim,
-            max_position_embeddings=4096,
-            tie_word_embeddings=True,
-            bos_token_id=151643,
-            eos_token_id=151645,
-            pad_token_id=151643,
-        )
-        generator_state = torch.get_rng_state()
-        torch.manual_seed(seed)
-        model = Qwen3ForCausalLM(config).to(dtype)
-        torch.set_rng_state(generator_state)  # building the model does not move the run's RNG
+            tied=True,
+            special_ids=(151643, 151645, 151643),
+            max_positions=4096,
+            seed=seed,
+        ).to(dtype)
     else:
         from transformers import AutoModelForCausalLM
 
