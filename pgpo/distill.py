@@ -342,3 +342,23 @@ def head_divergence(
         return_entropies,
     )
     return loss, h_s.reshape(token_shape), h_t.reshape(token_shape)
+
+
+@torch.no_grad()
+def head_token_logprobs(
+    hidden: torch.Tensor,
+    head_weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> torch.Tensor:
+    """``log softmax(hidden @ head_weight.T)[target]`` per token, float32 ``[..., T]``, from
+    hidden states ``[..., T, H]``, a head ``[V, H]`` and target ids ``[..., T]``; chunked like
+    :func:`head_divergence` (no gradient). The trainer's log-probs of sampled tokens."""
+    h = hidden.reshape(-1, hidden.shape[-1])
+    t = targets.reshape(-1).to(h.device)
+    out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+    for start, stop in chunks(h.shape[0], chunk_size):
+        logits = (h[start:stop] @ head_weight.T).float()
+        picked = logits.gather(-1, t[start:stop].unsqueeze(-1)).squeeze(-1)
+        out[start:stop] = picked - logits.logsumexp(-1)
+    return out.reshape(targets.shape)

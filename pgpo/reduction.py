@@ -36,8 +36,27 @@ def flatten(
     return logits.reshape(-1, logits.shape[-1]), mask.reshape(-1) != 0, token_shape
 
 
+def reduction_denominator(mask: torch.Tensor, reduction: str, empty_sequences_count: bool) -> float:
+    """What :func:`reduction_weights` divides by: the number of masked tokens (``token_mean``),
+    of sequences (``seq_mean``; only non-empty ones unless ``empty_sequences_count``), or 1
+    (``sum``). Ranks that each hold a slice of the batch sum their denominators and pass the
+    total to :func:`reduction_weights`, so the weights are those of the whole batch."""
+    m = mask != 0
+    if reduction == "sum":
+        return 1.0
+    if reduction == "token_mean":
+        return float(m.sum())
+    if reduction == "seq_mean":
+        rows = m.reshape(-1, m.shape[-1]) if m.dim() > 1 else m.unsqueeze(0)
+        return float(rows.shape[0] if empty_sequences_count else rows.any(-1).sum())
+    raise ValueError(f"reduction must be one of token_mean, seq_mean, sum; got {reduction!r}")
+
+
 def reduction_weights(
-    mask: torch.Tensor, reduction: str, empty_sequences_count: bool
+    mask: torch.Tensor,
+    reduction: str,
+    empty_sequences_count: bool,
+    denominator: float | None = None,
 ) -> torch.Tensor:
     """Float64 weights ``[...]`` (mask's shape) such that ``sum(w * x)`` is the reduction.
 
@@ -48,23 +67,19 @@ def reduction_weights(
       (a signal such as ``I_k`` is not diluted by masked-out samples);
     - ``sum``: plain masked sum.
 
-    An all-zero mask gives all-zero weights (the reduction is 0, never 0/0).
+    ``denominator`` replaces this mask's own :func:`reduction_denominator` (for a batch split over
+    ranks: the sum over ranks). An all-zero mask gives all-zero weights (never 0/0).
     """
+    if denominator is None:
+        denominator = reduction_denominator(mask, reduction, empty_sequences_count)
     m = (mask != 0).to(torch.float64)
     if reduction == "sum":
         return m
     if reduction == "token_mean":
-        return m / m.sum().clamp(min=1.0)
+        return m / max(denominator, 1.0)
     if reduction == "seq_mean":
-        if m.dim() == 1:
-            m = m.unsqueeze(0)
-            squeeze = True
-        else:
-            squeeze = False
         per_seq = m.sum(-1, keepdim=True)
-        seqs = m[..., 0].numel() if empty_sequences_count else (per_seq > 0).sum()
-        w = m / per_seq.clamp(min=1.0) / max(float(seqs), 1.0)
-        return w.squeeze(0) if squeeze else w
+        return m / per_seq.clamp(min=1.0) / max(denominator, 1.0)
     raise ValueError(f"reduction must be one of token_mean, seq_mean, sum; got {reduction!r}")
 
 

@@ -55,6 +55,19 @@ class RolloutConfig:
     top_p: float = 1.0
     max_prompt_tokens: int = 2048
     max_new_tokens: int = 8192
+    # Sample each prompt from its own RNG stream, seeded by (seed, step, question): rollouts then
+    # do not depend on batching or on how prompts are split over ranks (slower with hf).
+    seed_per_prompt: bool = False
+    # Truncated importance-sampling correction for an engine whose sampling log-probs differ from
+    # the trainer's (vLLM): each token's loss is multiplied by min(p_trainer / p_engine, cap).
+    # null: off. Engines that sample from the trained weights themselves (hf) need none.
+    tis_cap: float | None = 2.0
+    # vLLM only: share of GPU memory for weights + KV cache; context length; tensor parallelism;
+    # sleep mode (free vLLM's memory while training; CUDA only, ignored on CPU).
+    vllm_gpu_memory_utilization: float = 0.55
+    vllm_max_model_len: int | None = None
+    vllm_tensor_parallel_size: int = 1
+    vllm_sleep: bool = True
 
 
 @dataclass
@@ -127,6 +140,17 @@ class OutputConfig:
 
 
 @dataclass
+class FSDPConfig:
+    """Used under ``torchrun`` (more than one process): the policy and a separate teacher are
+    sharded per decoder layer with PyTorch FSDP2; master weights in model.dtype (use float32).
+    Checkpoints are written whole by rank 0, so any number of processes can resume them."""
+
+    compute_dtype: str = "bfloat16"  # bfloat16 | float32: parameters cast for forward/backward
+    activation_checkpointing: bool = True
+    cpu_offload: bool = False
+
+
+@dataclass
 class TrainConfig:
     steps: int = 100
     batch_size: int = 256  # responses per step = questions x rollout.n
@@ -141,6 +165,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
 
     @property
     def questions_per_step(self) -> int:
@@ -281,6 +306,36 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         "teacher.fallback_demonstration",
         "none or gold",
         cfg.teacher.fallback_demonstration,
+    )
+    need(
+        cfg.rollout.tis_cap is None or cfg.rollout.tis_cap >= 1,
+        "rollout.tis_cap",
+        ">= 1 or null",
+        cfg.rollout.tis_cap,
+    )
+    need(
+        0 < cfg.rollout.vllm_gpu_memory_utilization <= 1,
+        "rollout.vllm_gpu_memory_utilization",
+        "in (0, 1]",
+        cfg.rollout.vllm_gpu_memory_utilization,
+    )
+    need(
+        cfg.rollout.vllm_max_model_len is None or cfg.rollout.vllm_max_model_len > 0,
+        "rollout.vllm_max_model_len",
+        "> 0 or null",
+        cfg.rollout.vllm_max_model_len,
+    )
+    need(
+        cfg.rollout.vllm_tensor_parallel_size > 0,
+        "rollout.vllm_tensor_parallel_size",
+        "> 0",
+        cfg.rollout.vllm_tensor_parallel_size,
+    )
+    need(
+        cfg.fsdp.compute_dtype in ("float32", "bfloat16"),
+        "fsdp.compute_dtype",
+        "float32 or bfloat16",
+        cfg.fsdp.compute_dtype,
     )
     need(cfg.rollout.engine in ("hf", "vllm"), "rollout.engine", "hf or vllm", cfg.rollout.engine)
     need(

@@ -18,9 +18,12 @@ def evaluate(
     max_new_tokens: int,
     max_prompt_tokens: int,
     leading_letter: bool = False,
+    seeds: list[int] | None = None,
 ) -> dict:
+    """avg@k, format rate and question count of ``questions`` (k samples each; ``seeds``: one
+    RNG seed per question, or None for the engine's own stream)."""
     prompts = [student_prompt(tokenizer, q, max_prompt_tokens) for q in questions]
-    completions = engine.generate(prompts, k, temperature, top_p, max_new_tokens)
+    completions = engine.generate(prompts, k, temperature, top_p, max_new_tokens, seeds)
     per_question, formatted = [], 0
     for q, group in zip(questions, completions):
         texts = [tokenizer.decode(c.tokens, skip_special_tokens=True) for c in group]

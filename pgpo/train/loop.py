@@ -17,10 +17,12 @@ import yaml
 
 from pgpo.multiplier import MultiplierConfig
 from pgpo.optim import ModulatedOptimizer
-from pgpo.train import checkpoint
+from pgpo.train import checkpoint, distributed
 from pgpo.train.config import TrainConfig, to_dict
 from pgpo.train.data import QuestionSampler, load_split
+from pgpo.train.distributed import World
 from pgpo.train.evaluate import evaluate
+from pgpo.train.forward import Policy
 from pgpo.train.model import load_model, load_tokenizer
 from pgpo.train.rollout import make_engine
 from pgpo.train.step import train_step
@@ -33,11 +35,27 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-class Run:
-    """Everything a run holds; built from a config, optionally restored from a checkpoint."""
+def prompt_seed(seed: int, step: int, index: int, stream: int) -> int:
+    """The RNG seed of question ``index`` (in the global batch) at ``step``; ``stream`` 0 for
+    training rollouts, 1 for evaluation. Independent of ranks and batching."""
+    return int(np.random.SeedSequence([seed, step, index, stream]).generate_state(1)[0])
 
-    def __init__(self, cfg: TrainConfig) -> None:
+
+class Run:
+    """Everything a run holds; built from a config, optionally restored from a checkpoint.
+
+    Under ``torchrun`` (``world.size`` > 1) the policy and a separate teacher are sharded with
+    FSDP2, each rank takes its slice of every step's questions and of the test set, and
+    checkpoints are gathered whole (rank 0 writes them)."""
+
+    def __init__(self, cfg: TrainConfig, world: World | None = None) -> None:
         self.cfg = cfg
+        self.world = world or World()
+        q, size = cfg.questions_per_step, self.world.size
+        if q % size:
+            raise ValueError(
+                f"batch_size / rollout.n = {q} questions per step do not split over {size} ranks"
+            )
         seed_everything(cfg.seed)
         self.tokenizer = load_tokenizer(cfg.model.tokenizer)
         self.train_data = load_split(
@@ -50,9 +68,14 @@ class Run:
             cfg.data.skip_bad_rows,
             cfg.data.max_test,
         )
-        self.policy = load_model(cfg.model, cfg.seed)
-        self.teacher = Teacher(self.policy, cfg.teacher.mode, cfg.teacher.ema_rate)
-        self.engine = make_engine(cfg.rollout.engine, self.policy, self.tokenizer)
+        self.policy = load_model(cfg.model, cfg.seed)  # the causal LM (same init on every rank)
+        self.student = Policy(self.policy)  # what the step calls
+        self.teacher = Teacher(self.student, cfg.teacher.mode, cfg.teacher.ema_rate)
+        self.engine = make_engine(cfg, self.policy, self.tokenizer, self.world.distributed)
+        if self.world.distributed:
+            distributed.shard(self.student, self.policy, cfg.fsdp, trainable=True)
+            if cfg.teacher.mode != "live":
+                distributed.shard(self.teacher.net, self.teacher.model, cfg.fsdp, trainable=False)
         adamw = torch.optim.AdamW(
             self.policy.parameters(),
             lr=cfg.optim.lr,
@@ -75,6 +98,20 @@ class Run:
         self.skipped = 0
 
     def state(self) -> dict:
+        """Everything to continue from; under FSDP2 gathered whole (a collective)."""
+        if self.world.distributed:
+            teacher = None
+            if self.cfg.teacher.mode != "live":
+                teacher = distributed.full_state_dict(self.teacher.model)
+            return {
+                "policy": distributed.full_state_dict(self.policy),
+                "teacher": teacher,
+                "optimizer": distributed.full_optimizer_state(self.optimizer.optimizer),
+                "scheduler": self.scheduler.state_dict(),
+                "sampler": self.sampler.state_dict(),
+                "skipped": self.skipped,
+                "config": to_dict(self.cfg),
+            }
         return {
             "policy": self.policy.state_dict(),
             "teacher": self.teacher.state_dict(),
@@ -90,20 +127,44 @@ class Run:
         self.load_state(checkpoint.load(path))
 
     def load_state(self, state: dict) -> None:
-        self.policy.load_state_dict(state["policy"])
-        self.teacher.load_state_dict(state["teacher"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.world.distributed:
+            distributed.load_full_state_dict(self.policy, state["policy"])
+            if state["teacher"] is not None and self.cfg.teacher.mode != "live":
+                distributed.load_full_state_dict(self.teacher.model, state["teacher"])
+            distributed.load_full_optimizer_state(self.optimizer.optimizer, state["optimizer"])
+        else:
+            self.policy.load_state_dict(state["policy"])
+            self.teacher.load_state_dict(state["teacher"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.engine.sync_weights(self.policy)
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
         self.skipped, self.step = state["skipped"], state["step"]
         checkpoint.set_rng_state(state["rng"])
 
-    def train_step(self, questions, multiplier: MultiplierConfig | None | str = "config") -> dict:
+    def next_questions(self) -> tuple[list, list[int] | None]:
+        """This rank's slice of the next step's questions (every rank draws the same global
+        batch) and, with ``rollout.seed_per_prompt``, their rollout seeds."""
+        batch = self.sampler.next(self.cfg.questions_per_step)
+        per_rank = len(batch) // self.world.size
+        first = self.world.rank * per_rank
+        mine = batch[first : first + per_rank]
+        if not self.cfg.rollout.seed_per_prompt:
+            return mine, None
+        seeds = [prompt_seed(self.cfg.seed, self.step, first + i, 0) for i in range(per_rank)]
+        return mine, seeds
+
+    def train_step(
+        self,
+        questions,
+        multiplier: MultiplierConfig | None | str = "config",
+        seeds: list[int] | None = None,
+    ) -> dict:
         """One step on ``questions`` (the run's own multiplier unless one is given)."""
         mult = self.multiplier if multiplier == "config" else multiplier
         return train_step(
             questions,
-            self.policy,
+            self.student,
             self.teacher,
             self.tokenizer,
             self.engine,
@@ -111,6 +172,8 @@ class Run:
             self.scheduler,
             self.cfg,
             mult,
+            self.world,
+            seeds,
         )
 
     def evaluate(self) -> dict:
@@ -122,17 +185,36 @@ class Run:
             return self._evaluate(e)
 
     def _evaluate(self, e) -> dict:
-        return evaluate(
+        # Each rank evaluates every size-th question; the averages are combined by weight.
+        questions = self.test_data.questions
+        mine = list(range(self.world.rank, len(questions), self.world.size))
+        seeds = None
+        if self.cfg.rollout.seed_per_prompt:
+            seeds = [prompt_seed(self.cfg.seed, self.step, i, 1) for i in mine]
+        result = evaluate(
             self.engine,
             self.tokenizer,
-            self.test_data.questions,
+            [questions[i] for i in mine],
             e.n,
             e.temperature,
             e.top_p,
             e.max_new_tokens,
             self.cfg.rollout.max_prompt_tokens,
             self.cfg.reward.leading_letter,
+            seeds,
         )
+        if self.world.distributed:
+            count, score, formatted = self.world.sum(
+                [
+                    result["questions"],
+                    result["avg_at_k"] * result["questions"],
+                    result["format_rate"] * result["questions"],
+                ]
+            )
+            result.update(
+                avg_at_k=score / count, format_rate=formatted / count, questions=int(count)
+            )
+        return result
 
 
 def _writer(folder: Path, enabled: bool):
@@ -157,23 +239,31 @@ def train(
     ``desc`` labels the progress bar, ``position`` its line (for runs in parallel processes)."""
     from tqdm import tqdm
 
+    world = distributed.init_world()  # size 1 unless launched by torchrun
     out = Path(cfg.output.dir)
-    out.mkdir(parents=True, exist_ok=True)
-    run = Run(cfg)
+    run = Run(cfg, world)
     ckpt_dir = out / "checkpoints"
     if resume:
         found = checkpoint.latest(ckpt_dir)
         if found is None:
             raise ValueError(f"--resume: no checkpoint in {ckpt_dir}")
         run.restore(found)
-    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    writer = _writer(out, cfg.output.tensorboard)
-    metrics_file = open(out / "metrics.jsonl", "a")
-    samples_file = open(out / "samples.jsonl", "a")
+    main = world.main  # only rank 0 writes files and shows progress
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    writer = _writer(out, cfg.output.tensorboard and main)
+    metrics_file = open(out / "metrics.jsonl", "a") if main else None
+    samples_file = open(out / "samples.jsonl", "a") if main else None
+
+    def log(file, row: dict) -> None:
+        if file is not None:
+            file.write(json.dumps(row) + "\n")
+            file.flush()
+
     try:
         if cfg.eval.before_train and run.step == 0:
-            row = {"step": 0, **{f"eval_{k}": v for k, v in run.evaluate().items()}}
-            metrics_file.write(json.dumps(row) + "\n")
+            log(metrics_file, {"step": 0, **{f"eval_{k}": v for k, v in run.evaluate().items()}})
         bar = tqdm(
             range(run.step, cfg.steps),
             initial=run.step,
@@ -182,11 +272,11 @@ def train(
             position=position,
             unit="step",
             file=sys.stderr,
-            disable=not progress or None,
+            disable=not (progress and main) or None,
         )
         for _ in bar:
-            questions = run.sampler.next(cfg.questions_per_step)
-            metrics = run.train_step(questions)
+            questions, seeds = run.next_questions()
+            metrics = run.train_step(questions, seeds=seeds)
             run.step += 1
             run.skipped += metrics["skipped"]
             run.engine.sync_weights(run.policy)
@@ -195,11 +285,9 @@ def train(
             if run.step % cfg.eval.every == 0 or run.step == cfg.steps:
                 result = run.evaluate()
                 row.update({f"eval_{k}": v for k, v in result.items()})
-            metrics_file.write(json.dumps(row) + "\n")
-            metrics_file.flush()
+            log(metrics_file, row)
             if run.step % cfg.output.sample_every == 0:
-                samples_file.write(json.dumps({"step": run.step, "samples": samples}) + "\n")
-                samples_file.flush()
+                log(samples_file, {"step": run.step, "samples": samples})
             if writer is not None:
                 for key, value in row.items():
                     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -208,12 +296,19 @@ def train(
                 reward=f"{row['reward']:.2f}", rho=f"{row['rho']:.3f}", loss=f"{row['loss']:.4f}"
             )
             if run.step % cfg.output.save_every == 0 or run.step == cfg.steps:
-                checkpoint.save(ckpt_dir, run.step, run.state())
+                state = run.state()  # a collective under FSDP2: every rank gathers
+                if main:
+                    checkpoint.save(ckpt_dir, run.step, state)
+                world.barrier()
     finally:
-        metrics_file.close()
-        samples_file.close()
+        for file in (metrics_file, samples_file):
+            if file is not None:
+                file.close()
         if writer is not None:
             writer.close()
+        close = getattr(run.engine, "close", None)
+        if close is not None:
+            close()
     return out
 
 

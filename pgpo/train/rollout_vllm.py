@@ -1,0 +1,193 @@
+"""Rollouts with vLLM colocated in the training process.
+
+One ``vllm.LLM`` per training rank samples that rank's prompts and returns the sampled tokens'
+log-probs (for the truncated importance-sampling correction). After every optimizer step
+:meth:`VLLMRolloutEngine.sync_weights` streams the policy's whole weights into it (gathered
+from FSDP shards one tensor at a time), re-prepares the LM head and empties the prefix cache,
+whose entries were computed with the old weights. On CUDA, vLLM sleeps (weights offloaded, KV
+cache freed) while the trainer trains; its CPU build has no sleep mode.
+
+The same code runs on vLLM's GPU and CPU builds; the CPU build is what the tests use.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from pgpo.train.distributed import full_named_tensors
+from pgpo.train.rollout import Completion, stop_token_ids
+
+
+def _prepare_lm_head(model: torch.nn.Module) -> None:
+    """Redo the LM head's post-load processing. vLLM's CPU build keeps a prepacked copy of
+    linear weights; with tied embeddings ``reload_weights`` leaves the head's copy stale."""
+    head = getattr(model, "lm_head", None)
+    method = getattr(head, "quant_method", None)
+    if method is not None and hasattr(method, "process_weights_after_loading"):
+        method.process_weights_after_loading(head)
+
+
+class VLLMRolloutEngine:
+    """A :class:`~pgpo.train.rollout.RolloutEngine` backed by ``vllm.LLM`` (in-process).
+
+    ``model_dir``: a transformers model folder vLLM loads once (later weights come from
+    :meth:`sync_weights`). ``sleep``: offload between rollouts (CUDA builds only)."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        stop_ids: Sequence[int],
+        seed: int,
+        dtype: str,
+        max_model_len: int,
+        gpu_memory_utilization: float = 0.55,
+        tensor_parallel_size: int = 1,
+        sleep: bool = True,
+        cleanup: Path | None = None,
+    ) -> None:
+        # In-process engine: weights can be handed over as tensors, no serialization.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        cpu = not torch.cuda.is_available()
+        if cpu:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB
+        from vllm import LLM
+
+        self.stop_ids = list(stop_ids)
+        self.sleep_enabled = sleep and not cpu  # the CPU build refuses enable_sleep_mode
+        self.asleep: set[str] = set()  # which of "weights", "kv_cache" are offloaded
+        self._cleanup = cleanup
+        options = {}
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            options["distributed_executor_backend"] = "external_launcher"
+        # vLLM reseeds torch's global generator with `seed`: keep the trainer's stream intact.
+        with torch.random.fork_rng(devices=[]):
+            self.llm = LLM(
+                model=str(model_dir),
+                dtype=dtype,
+                seed=seed,
+                max_model_len=max_model_len,
+                gpu_memory_utilization=gpu_memory_utilization,
+                tensor_parallel_size=tensor_parallel_size,
+                enforce_eager=cpu,
+                enable_sleep_mode=self.sleep_enabled,
+                skip_tokenizer_init=True,  # token ids in, token ids out
+                **options,
+            )
+
+    @classmethod
+    def from_config(cls, cfg, model: torch.nn.Module, tokenizer) -> VLLMRolloutEngine:
+        """From a TrainConfig and the policy (before sharding). A policy that exists only in
+        memory (``tiny-random-qwen3``) is saved to a temporary folder for vLLM to load."""
+        path = Path(cfg.model.path)
+        cleanup = None
+        if not (path.is_dir() and (path / "config.json").exists()):
+            cleanup = Path(tempfile.mkdtemp(prefix="pgpo-vllm-"))
+            model.save_pretrained(cleanup)
+            path = cleanup
+        cpu = not torch.cuda.is_available()
+        longest = max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens)
+        return cls(
+            path,
+            stop_token_ids(tokenizer),
+            seed=cfg.seed,
+            # The CPU attention kernels are float32 here; on GPUs vLLM runs in bf16.
+            dtype="float32" if cpu else "bfloat16",
+            max_model_len=cfg.rollout.vllm_max_model_len or cfg.rollout.max_prompt_tokens + longest,
+            gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization,
+            tensor_parallel_size=cfg.rollout.vllm_tensor_parallel_size,
+            sleep=cfg.rollout.vllm_sleep,
+            cleanup=cleanup,
+        )
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        n: int,
+        temperature: float,
+        top_p: float,
+        max_new_tokens: int,
+        seeds: Sequence[int] | None = None,
+    ) -> list[list[Completion]]:
+        """``n`` completions per prompt with each sampled token's log-prob (vLLM's raw,
+        untempered log-probs: the trainer's are computed the same way)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        self._wake("weights", "kv_cache")
+        params = [
+            SamplingParams(
+                n=n,
+                temperature=temperature,
+                top_p=top_p,
+                max_tokens=max_new_tokens,
+                logprobs=0,  # the sampled token's own log-prob
+                stop_token_ids=self.stop_ids,
+                seed=None if seeds is None else int(seeds[i]),
+                detokenize=False,
+            )
+            for i in range(len(prompts))
+        ]
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False
+        )
+        result = []
+        for request in outputs:
+            group = []
+            for out in request.outputs:
+                tokens = list(out.token_ids)
+                logprobs = [step[t].logprob for step, t in zip(out.logprobs, tokens)]
+                finished = bool(tokens) and tokens[-1] in self.stop_ids
+                group.append(Completion(tokens, logprobs, finished))
+            result.append(group)
+        self._sleep()
+        return result
+
+    def sequence_logprobs(self, prompt: list[int], continuation: list[int]) -> list[float]:
+        """vLLM's log-probs of a fixed ``continuation`` after ``prompt`` (a scoring pass, no
+        sampling): what tests compare against the trainer's log-probs."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        self._wake("weights", "kv_cache")
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
+        (request,) = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=prompt + continuation)], params, use_tqdm=False
+        )
+        self._sleep()
+        scored = request.prompt_logprobs[len(prompt) :]
+        return [entry[t].logprob for entry, t in zip(scored, continuation)]
+
+    @torch.no_grad()
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        """Load ``model``'s current weights (transformers names; sharded or not) into vLLM,
+        then re-prepare the LM head and reset the prefix cache."""
+        self._wake("weights")
+        self.llm.collective_rpc(
+            "reload_weights",
+            kwargs=dict(weights_iterator=full_named_tensors(model), is_checkpoint_format=True),
+        )
+        self.llm.apply_model(_prepare_lm_head)
+        self.llm.reset_prefix_cache()
+
+    def _wake(self, *tags: str) -> None:
+        todo = [t for t in tags if t in self.asleep]
+        if todo:
+            self.llm.wake_up(tags=todo)
+            self.asleep.difference_update(todo)
+
+    def _sleep(self) -> None:
+        if self.sleep_enabled:
+            # Level 1: weights to CPU memory, KV cache dropped; the trainer gets the memory.
+            self.llm.sleep(level=1)
+            self.asleep = {"weights", "kv_cache"}
+
+    def close(self) -> None:
+        if self._cleanup is not None:
+            shutil.rmtree(self._cleanup, ignore_errors=True)
+            self._cleanup = None

@@ -1,0 +1,125 @@
+"""FSDP2 under torchrun (gloo, 2 CPU processes) against a single process on the same batch.
+
+The runs use a small Qwen3 with the real vocabulary whose weights are scaled up, so that the
+student's and the teacher's distributions differ clearly (I_k about 0.003-0.005 nats, well above
+float32 noise) and the gradient is not negligible. Tolerances: both runs add the same float32
+numbers in a different order (sharded reductions, other micro-batch padding), so they agree to a
+few float32 ulps of the values involved, not bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pgpo.train import checkpoint
+from pgpo.train.model import small_qwen3
+
+COMMON = [
+    "batch_size=8",  # 4 questions x 2 rollouts: 2 questions per rank
+    "rollout.seed_per_prompt=true",  # rollouts independent of how prompts are split
+    "fsdp.compute_dtype=float32",
+    "loss.micro_batch=2",
+    "eval.every=1",
+    "output.save_every=1",
+]
+
+
+def launch(out: Path, model: Path, procs: int, steps: int, *extra: str) -> Path:
+    """``python -m pgpo.train`` (1 process) or ``torchrun --nproc-per-node procs -m ...``."""
+    args = ["--config", "tiny-cpu", f"model.path={model}", f"output.dir={out}", f"steps={steps}"]
+    args += COMMON + list(extra)
+    if procs == 1:
+        cmd = [sys.executable, "-m", "pgpo.train", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        cmd += [f"--nproc-per-node={procs}", "-m", "pgpo.train", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PGPO_DEBUG": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_state(out: Path) -> dict:
+    return checkpoint.load(checkpoint.latest(out / "checkpoints"))
+
+
+@pytest.fixture(scope="module")
+def sharp_model(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("sharp-qwen3")
+    model = small_qwen3(151_936, 64, 2, 2, 1, 64, True, (151643, 151645, 151643), 4096, seed=0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.mul_(8.0)  # peaked, context-dependent distributions
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def runs(sharp_model, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("fsdp")
+    out = {
+        "single": launch(root / "single", sharp_model, 1, 2),
+        "fsdp": launch(root / "fsdp", sharp_model, 2, 2),
+    }
+    # 1 step on 2 ranks, then --resume to step 2 from the whole-weights checkpoint.
+    resumed = launch(root / "resumed", sharp_model, 2, 1)
+    out["resumed"] = launch(resumed, sharp_model, 2, 2, "--resume")
+    return out
+
+
+def close(a: float, b: float, rel: float) -> bool:
+    return abs(a - b) <= rel * max(abs(a), abs(b), 1e-12)
+
+
+def test_two_ranks_match_one_process_in_rho_gradient_and_weights(runs):
+    one, two = metrics(runs["single"]), metrics(runs["fsdp"])
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2]
+    for a, b in zip(one, two):
+        assert a["info"] > 1e-3  # a real signal, not float noise
+        # I_k is a difference of entropies of about 12 nats: float32 leaves ~1e-6 of them.
+        assert abs(a["info"] - b["info"]) < 1e-6
+        assert abs(a["rho"] - b["rho"]) < 1e-6 and a["rho"] > 1.0
+        assert close(a["loss"], b["loss"], 1e-5)
+        # The global gradient norm catches a wrong loss scale across ranks (Adam would not).
+        assert close(a["grad_norm"], b["grad_norm"], 1e-4)
+        assert a["reward"] == b["reward"] and a["masked_share"] == b["masked_share"]
+    s1, s2 = final_state(runs["single"]), final_state(runs["fsdp"])
+    assert sorted(s1["policy"]) == sorted(s2["policy"])  # transformers' names, gathered whole
+    moved = max((s1["policy"][k] - s2["policy"][k]).abs().max().item() for k in s1["policy"])
+    # Two Adam steps of lr 1e-3 move weights by ~2e-3; the runs agree to float32 rounding of
+    # weights of size ~1 (Adam's division amplifies tiny gradient differences a little).
+    assert moved < 1e-5
+    teacher = max((s1["teacher"][k] - s2["teacher"][k]).abs().max().item() for k in s1["teacher"])
+    assert teacher < 1e-6
+    for k, v in s1["optimizer"]["state"].items():
+        assert torch.allclose(v["exp_avg"], s2["optimizer"]["state"][k]["exp_avg"], atol=1e-9)
+
+
+def test_sharded_run_resumes_from_its_checkpoint(runs):
+    straight, resumed = metrics(runs["fsdp"]), metrics(runs["resumed"])
+    assert [r["step"] for r in resumed] == [1, 2]
+    assert abs(straight[1]["rho"] - resumed[1]["rho"]) < 1e-6
+    a, b = final_state(runs["fsdp"])["policy"], final_state(runs["resumed"])["policy"]
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+
+
+def test_batch_that_does_not_split_over_ranks_is_refused(sharp_model, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    cmd += ["-m", "pgpo.train", "--config", "tiny-cpu", f"model.path={sharp_model}"]
+    cmd += [f"output.dir={tmp_path}", "batch_size=6", "steps=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "do not split over 2 ranks" in done.stderr
