@@ -4,7 +4,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pgpo.distill import divergence, token_divergence
+from pgpo.distill import divergence, head_token_logprobs, token_divergence
+from pgpo.reduction import reduction_denominator, reduction_weights
 from tests import reference as ref
 
 # Per-token divergences of float32 log-probs over <= 64 terms: rounding ~1e-6 relative.
@@ -233,3 +234,36 @@ def test_head_divergence_equals_logits_then_divergence(beta, topk, dtype):
         h_s.numpy(), expected_hs, atol=1e-4 if dtype == torch.float32 else 5e-2
     )
     assert h_t.shape == (b, t)
+
+
+def test_head_token_logprobs_equal_log_softmax_of_full_logits():
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(2, 7, 16, generator=g, dtype=torch.float64)
+    head = torch.randn(50, 16, generator=g, dtype=torch.float64)
+    targets = torch.randint(0, 50, (2, 7), generator=g)
+    direct = torch.log_softmax(hidden @ head.T, -1).gather(-1, targets.unsqueeze(-1))[..., 0]
+    # chunk 3 does not divide 14 tokens: the last chunk is partial. Float32 output of float64
+    # inputs: agreement to float32 rounding of values ~5.
+    got = head_token_logprobs(hidden, head, targets, chunk_size=3)
+    assert got.shape == (2, 7) and got.dtype == torch.float32
+    assert torch.allclose(got.double(), direct, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("reduction", ["token_mean", "seq_mean"])
+@pytest.mark.parametrize("empty_count", [True, False])
+def test_weights_of_a_split_batch_with_summed_denominators_are_the_whole_batchs(
+    reduction, empty_count
+):
+    # What ranks do under FSDP: each holds some sequences, denominators are summed.
+    g = torch.Generator().manual_seed(5)
+    mask = (torch.rand(6, 9, generator=g) > 0.4).float()
+    mask[2] = 0  # a fully masked sequence
+    whole = reduction_weights(mask, reduction, empty_count)
+    parts = [mask[:2], mask[2:5], mask[5:]]
+    total = sum(reduction_denominator(m, reduction, empty_count) for m in parts)
+    split = torch.cat([reduction_weights(m, reduction, empty_count, total) for m in parts])
+    assert torch.equal(split, whole)
+    assert (
+        abs(float(whole.sum()) - (1.0 if reduction == "token_mean" or not empty_count else 5 / 6))
+        < 1e-12
+    )

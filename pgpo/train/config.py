@@ -81,6 +81,10 @@ class TeacherConfig:
     # When no sibling succeeded: "none" masks the sample out (the reference); "gold" shows the
     # reference answer as the demonstration (useful for tiny or untrained models).
     fallback_demonstration: str = "none"
+    # The EMA / frozen copy's dtype; null: the policy's. bfloat16 halves its memory, but only
+    # suits a frozen teacher: an EMA step (rate 0.05 x a step of lr 1e-5) is far below bf16's
+    # resolution (2^-8 of a weight) and would round away, freezing the teacher unannounced.
+    dtype: str | None = None
 
 
 @dataclass
@@ -338,6 +342,12 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         cfg.fsdp.compute_dtype,
     )
     need(cfg.rollout.engine in ("hf", "vllm"), "rollout.engine", "hf or vllm", cfg.rollout.engine)
+    need(
+        cfg.teacher.dtype in (None, "float32", "bfloat16"),
+        "teacher.dtype",
+        "float32, bfloat16 or null",
+        cfg.teacher.dtype,
+    )
     need(
         cfg.model.dtype in ("float32", "bfloat16"),
         "model.dtype",

@@ -105,6 +105,8 @@ def shard(net: torch.nn.Module, lm: torch.nn.Module, cfg: FSDPConfig, trainable:
     )
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg.cpu_offload and device == "cpu":
+        raise ValueError("fsdp.cpu_offload=true needs GPUs (without them shards are in CPU memory)")
     mesh = init_device_mesh(device, (dist.get_world_size(),))
     compute = torch.bfloat16 if cfg.compute_dtype == "bfloat16" else torch.float32
     options = dict(

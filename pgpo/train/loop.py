@@ -70,7 +70,10 @@ class Run:
         )
         self.policy = load_model(cfg.model, cfg.seed)  # the causal LM (same init on every rank)
         self.student = Policy(self.policy)  # what the step calls
-        self.teacher = Teacher(self.student, cfg.teacher.mode, cfg.teacher.ema_rate)
+        teacher_dtype = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16}
+        self.teacher = Teacher(
+            self.student, cfg.teacher.mode, cfg.teacher.ema_rate, teacher_dtype[cfg.teacher.dtype]
+        )
         self.engine = make_engine(cfg, self.policy, self.tokenizer, self.world.distributed)
         if self.world.distributed:
             distributed.shard(self.student, self.policy, cfg.fsdp, trainable=True)

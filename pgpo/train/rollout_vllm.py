@@ -18,6 +18,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pgpo.train.distributed import full_named_tensors
@@ -120,33 +121,43 @@ class VLLMRolloutEngine:
         from vllm.inputs import TokensPrompt
 
         self._wake("weights", "kv_cache")
-        params = [
-            SamplingParams(
-                n=n,
+
+        def sampling(count: int, seed: int | None) -> SamplingParams:
+            return SamplingParams(
+                n=count,
                 temperature=temperature,
                 top_p=top_p,
                 max_tokens=max_new_tokens,
                 logprobs=0,  # the sampled token's own log-prob
                 stop_token_ids=self.stop_ids,
-                seed=None if seeds is None else int(seeds[i]),
+                seed=seed,
                 detokenize=False,
             )
-            for i in range(len(prompts))
-        ]
+
+        if seeds is None:  # one request of n per prompt, from vLLM's own seeded stream
+            requests = [(p, sampling(n, None)) for p in prompts]
+        else:
+            # vLLM seeds a request's n samples with seed, seed + 1, ...: overlapping ranges
+            # would repeat samples across prompts. One request per sample, hashed seeds.
+            requests = [
+                (p, sampling(1, int(np.random.SeedSequence([int(s), j]).generate_state(1)[0])))
+                for p, s in zip(prompts, seeds)
+                for j in range(n)
+            ]
         outputs = self.llm.generate(
-            [TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False
+            [TokensPrompt(prompt_token_ids=p) for p, _ in requests],
+            [params for _, params in requests],
+            use_tqdm=False,
         )
-        result = []
-        for request in outputs:
-            group = []
-            for out in request.outputs:
-                tokens = list(out.token_ids)
-                logprobs = [step[t].logprob for step, t in zip(out.logprobs, tokens)]
-                finished = bool(tokens) and tokens[-1] in self.stop_ids
-                group.append(Completion(tokens, logprobs, finished))
-            result.append(group)
+        samples = [out for request in outputs for out in request.outputs]
+        completions = []
+        for out in samples:
+            tokens = list(out.token_ids)
+            logprobs = [step[t].logprob for step, t in zip(out.logprobs, tokens)]
+            finished = bool(tokens) and tokens[-1] in self.stop_ids
+            completions.append(Completion(tokens, logprobs, finished))
         self._sleep()
-        return result
+        return [completions[i * n : (i + 1) * n] for i in range(len(prompts))]
 
     def sequence_logprobs(self, prompt: list[int], continuation: list[int]) -> list[float]:
         """vLLM's log-probs of a fixed ``continuation`` after ``prompt`` (a scoring pass, no

@@ -301,6 +301,9 @@ def train_step(
             for i, q in enumerate(questions[:2])
         ],
     }
+    if torch.cuda.is_available():  # the step's peak, then start the next step's count afresh
+        metrics["gpu_peak_gib"] = world.max(torch.cuda.max_memory_allocated() / 2**30)
+        torch.cuda.reset_peak_memory_stats()
     if behaviour is not None and trained_tokens > 0:
         metrics["tis_ratio_mean"] = tis_sum / trained_tokens
         metrics["tis_clipped_share"] = tis_clipped / trained_tokens

@@ -18,13 +18,17 @@ class Teacher:
     """The teacher network (``net``, a :class:`Policy`) and its update rule. ``student`` is the
     policy's :class:`Policy`; ``model`` is the teacher's causal LM."""
 
-    def __init__(self, student: Policy, mode: str, ema_rate: float) -> None:
+    def __init__(
+        self, student: Policy, mode: str, ema_rate: float, dtype: torch.dtype | None = None
+    ) -> None:
         self.mode, self.ema_rate = mode, ema_rate
         if mode == "live":
             self.net = student
         else:
             self.net = Policy(copy.deepcopy(student.lm)).eval()
             self.net.requires_grad_(False)
+            if dtype is not None:
+                self.net.to(dtype)
 
     @property
     def model(self) -> torch.nn.Module:

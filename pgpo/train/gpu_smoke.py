@@ -1,0 +1,124 @@
+"""GPU smoke test of the paper's configuration: the Qwen3-8B presets for a few steps.
+
+    python -m pgpo.train.gpu_smoke --model /models/Qwen3-8B [--gpus 4] [--steps 3]
+        [--data mmlu-science] [--out runs/gpu-smoke] [--dry-run] [key=value ...]
+
+For ``qwen3-8b-sdpo`` and then ``qwen3-8b-pgpo`` it launches
+``torchrun --nproc-per-node GPUS -m pgpo.train --config PRESET steps=STEPS ...`` (FSDP2, vLLM
+colocated) and checks what the run wrote: one row per step, finite loss and gradient norm,
+``rho = min(exp(alpha I), rho_max)`` for PGPO and 1 for SDPO, importance ratios near 1 (vLLM
+in sync with the trainer), the evaluation at the last step and a checkpoint. It prints a table
+with seconds per step, rollout tokens/s and peak GPU memory. Without a GPU it stops with exit
+code 2 (``--dry-run`` prints the commands on any machine).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from pgpo.cli_util import ArgumentParser, UserError, positive_int, run
+
+PRESETS = ("qwen3-8b-sdpo", "qwen3-8b-pgpo")
+
+
+def commands(args) -> list[tuple[str, Path, list[str]]]:
+    """(preset, output folder, torchrun command) for each preset."""
+    out = []
+    for preset in PRESETS:
+        folder = Path(args.out) / preset
+        overrides = [
+            f"model.path={args.model}",
+            f"model.tokenizer={args.tokenizer or args.model}",
+            f"steps={args.steps}",
+            f"eval.every={args.steps}",
+            f"output.save_every={args.steps}",
+            f"output.dir={folder}",
+        ]
+        if args.data:
+            overrides += [f"data.train={args.data}", f"data.test={args.data}"]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        cmd += [f"--nproc-per-node={args.gpus}", "-m", "pgpo.train", "--config", preset]
+        out.append((preset, folder, cmd + overrides + list(args.overrides)))
+    return out
+
+
+def check_run(preset: str, folder: Path, steps: int) -> dict:
+    """What a healthy run wrote; raises AssertionError naming the first thing that is wrong."""
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, steps + 1)), "missing steps"
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    alpha, rho_max = config["pgpo"]["alpha"], config["pgpo"]["rho_max"]
+    for r in rows:
+        assert math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]), f"step {r['step']}"
+        expected = min(math.exp(alpha * r["info"]), rho_max) if config["pgpo"]["enabled"] else 1
+        assert abs(r["rho"] - expected) < 1e-9, f"step {r['step']}: rho {r['rho']}"
+        if "tis_ratio_mean" in r:
+            assert abs(r["tis_ratio_mean"] - 1) < 0.05, f"vLLM out of sync: {r['tis_ratio_mean']}"
+    assert "eval_avg_at_k" in rows[-1], "no evaluation at the last step"
+    assert (folder / "checkpoints" / f"step_{steps:06d}" / "state.pt").exists(), "no checkpoint"
+    return {
+        "preset": preset,
+        "seconds_per_step": sum(r["step_seconds"] for r in rows) / len(rows),
+        "rollout_tokens_per_second": sum(r["tokens_per_second"] for r in rows) / len(rows),
+        "peak_gpu_gib": max(r.get("gpu_peak_gib", float("nan")) for r in rows),
+        "avg_at_k": rows[-1]["eval_avg_at_k"],
+    }
+
+
+def _main(argv: list[str] | None) -> int:
+    p = ArgumentParser(prog="python -m pgpo.train.gpu_smoke", description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="a local Qwen3-8B folder (or a hub id)")
+    p.add_argument("--tokenizer", default=None, help="default: the model's")
+    p.add_argument("--gpus", type=positive_int, default=None, help="default: all visible")
+    p.add_argument("--steps", type=positive_int, default=3)
+    p.add_argument("--data", default=None, help="e.g. mmlu-science (default: the presets')")
+    p.add_argument("--out", default="runs/gpu-smoke")
+    p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    p.add_argument("overrides", nargs="*", help="trainer key=value for both runs")
+    args = p.parse_args(argv)
+    import torch
+
+    if args.gpus is None:
+        args.gpus = max(torch.cuda.device_count(), 1)
+    plan = commands(args)
+    if args.dry_run:
+        for _, _, cmd in plan:
+            print(shlex.join(cmd))
+        return 0
+    if not torch.cuda.is_available():
+        raise UserError("no GPU visible: this smoke test needs CUDA (use --dry-run to see it)")
+    results = []
+    for preset, folder, cmd in plan:
+        print(f"== {preset}: {shlex.join(cmd)}", flush=True)
+        done = subprocess.run(cmd, env=os.environ.copy())
+        if done.returncode != 0:
+            print(f"{preset}: torchrun exited {done.returncode}", file=sys.stderr)
+            return 1
+        try:
+            results.append(check_run(preset, folder, args.steps))
+        except AssertionError as err:
+            print(f"{preset}: FAILED: {err}", file=sys.stderr)
+            return 1
+    print(f"{'preset':<16} {'s/step':>8} {'rollout tok/s':>14} {'peak GiB':>9} {'avg@k':>6}")
+    for r in results:
+        print(
+            f"{r['preset']:<16} {r['seconds_per_step']:8.1f} "
+            f"{r['rollout_tokens_per_second']:14.0f} {r['peak_gpu_gib']:9.1f} {r['avg_at_k']:6.3f}"
+        )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(_main, "gpu_smoke", argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
