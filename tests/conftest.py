@@ -2,6 +2,7 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
@@ -10,3 +11,21 @@ from hypothesis import settings  # noqa: E402
 torch.set_num_threads(1)
 settings.register_profile("pgpo", deadline=None, max_examples=40, derandomize=True)
 settings.load_profile("pgpo")
+
+
+@pytest.fixture(scope="session")
+def sharp_model(tmp_path_factory):
+    """A folder with a small Qwen3 (real vocabulary, head_dim 64 as vLLM's CPU kernels need)
+    whose weights are scaled 8x: peaked, context-dependent distributions, so that the teacher
+    differs clearly from the student (I_k of a few 1e-3 nats, far above float32 noise) and a
+    training step moves log-probs by far more than kernel differences."""
+    from pgpo.train.model import small_qwen3
+
+    folder = tmp_path_factory.mktemp("sharp-qwen3")
+    model = small_qwen3(151_936, 64, 2, 2, 1, 64, True, (151643, 151645, 151643), 4096, seed=0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.mul_(8.0)
+    model.save_pretrained(folder)
+    return folder

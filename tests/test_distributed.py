@@ -1,8 +1,8 @@
 """FSDP2 under torchrun (gloo, 2 CPU processes) against a single process on the same batch.
 
-The runs use a small Qwen3 with the real vocabulary whose weights are scaled up, so that the
-student's and the teacher's distributions differ clearly (I_k about 0.003-0.005 nats, well above
-float32 noise) and the gradient is not negligible. Tolerances: both runs add the same float32
+The runs use ``sharp_model`` (conftest): a small Qwen3 with the real vocabulary whose weights are
+scaled up, so that I_k (about 0.003-0.005 nats) is well above float32 noise and the gradient is
+not negligible. Tolerances: both runs add the same float32
 numbers in a different order (sharded reductions, other micro-batch padding), so they agree to a
 few float32 ulps of the values involved, not bit for bit.
 """
@@ -19,7 +19,6 @@ import pytest
 import torch
 
 from pgpo.train import checkpoint
-from pgpo.train.model import small_qwen3
 
 COMMON = [
     "batch_size=8",  # 4 questions x 2 rollouts: 2 questions per rank
@@ -55,18 +54,6 @@ def final_state(out: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def sharp_model(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("sharp-qwen3")
-    model = small_qwen3(151_936, 64, 2, 2, 1, 64, True, (151643, 151645, 151643), 4096, seed=0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" not in name:
-                p.mul_(8.0)  # peaked, context-dependent distributions
-    model.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def runs(sharp_model, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("fsdp")
     out = {
@@ -77,6 +64,9 @@ def runs(sharp_model, tmp_path_factory) -> dict[str, Path]:
     # 1 step on 2 ranks, then --resume to step 2 from the whole-weights checkpoint.
     resumed = launch(root / "resumed", sharp_model, 2, 1)
     out["resumed"] = launch(resumed, sharp_model, 2, 2, "--resume")
+    # The same with per-rank shards (torch.distributed.checkpoint) instead of whole tensors.
+    sharded = launch(root / "sharded", sharp_model, 2, 1, "fsdp.checkpoint=sharded")
+    out["sharded"] = launch(sharded, sharp_model, 2, 2, "fsdp.checkpoint=sharded", "--resume")
     return out
 
 
@@ -126,6 +116,29 @@ def test_sharded_run_resumes_from_its_checkpoint(runs):
     assert abs(straight[1]["rho"] - resumed[1]["rho"]) < 1e-6
     a, b = final_state(runs["fsdp"])["policy"], final_state(runs["resumed"])["policy"]
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+
+
+def test_per_rank_shard_checkpoints_resume_like_whole_ones(runs):
+    straight, resumed = metrics(runs["fsdp"]), metrics(runs["sharded"])
+    assert [r["step"] for r in resumed] == [1, 2]
+    for key in ("rho", "info", "loss", "grad_norm"):
+        assert close(straight[1][key], resumed[1][key], 1e-6), key
+    last = checkpoint.latest(runs["sharded"] / "checkpoints")
+    state = checkpoint.load(last)
+    assert state["sharded"] and "policy" not in state  # tensors only in the rank shards
+    assert len(list((last / "shards").glob("*.distcp"))) == 2
+    # A sharded checkpoint needs torchrun: a single process says so in one line, exit 2.
+    cmd = [
+        sys.executable,
+        "-m",
+        "pgpo.cli",
+        "train",
+        "--config",
+        str(runs["sharded"] / "config.yaml"),
+    ]
+    cmd += ["--resume", "steps=3"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "resume it under torchrun" in done.stderr
 
 
 def test_batch_that_does_not_split_over_ranks_is_refused(sharp_model, tmp_path):

@@ -147,11 +147,15 @@ class OutputConfig:
 class FSDPConfig:
     """Used under ``torchrun`` (more than one process): the policy and a separate teacher are
     sharded per decoder layer with PyTorch FSDP2; master weights in model.dtype (use float32).
-    Checkpoints are written whole by rank 0, so any number of processes can resume them."""
+    """
 
     compute_dtype: str = "bfloat16"  # bfloat16 | float32: parameters cast for forward/backward
     activation_checkpointing: bool = True
     cpu_offload: bool = False
+    # full: rank 0 gathers whole tensors into one state.pt, which resumes on any number of ranks
+    # or in a single process; sharded: every rank writes its own shards with
+    # torch.distributed.checkpoint (no gather; resumes under torchrun, any number of ranks).
+    checkpoint: str = "full"
 
 
 @dataclass
@@ -340,6 +344,12 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         "fsdp.compute_dtype",
         "float32 or bfloat16",
         cfg.fsdp.compute_dtype,
+    )
+    need(
+        cfg.fsdp.checkpoint in ("full", "sharded"),
+        "fsdp.checkpoint",
+        "full or sharded",
+        cfg.fsdp.checkpoint,
     )
     need(cfg.rollout.engine in ("hf", "vllm"), "rollout.engine", "hf or vllm", cfg.rollout.engine)
     need(

@@ -24,18 +24,16 @@ _WRAPPED = "_checkpoint_wrapped_module."
 
 @dataclass(frozen=True)
 class World:
-    """This process's place among the training processes."""
+    """This process's place among the training processes. ``distributed``: launched by
+    torchrun (even with one rank: FSDP2 then still shards onto one GPU and can offload)."""
 
     rank: int = 0
     size: int = 1
+    distributed: bool = False
 
     @property
     def main(self) -> bool:
         return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.size > 1
 
     def sum(self, values: Sequence[float]) -> list[float]:
         """Elementwise sum over ranks (float64); the values themselves on a single process."""
@@ -60,17 +58,16 @@ class World:
 
 
 def init_world() -> World:
-    """Join the process group ``torchrun`` set up (``WORLD_SIZE`` > 1): NCCL on GPUs, gloo on
-    CPUs. A plain process gets ``World()``."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    if size == 1:
+    """Join the process group ``torchrun`` set up (it sets ``LOCAL_RANK``): NCCL on GPUs, gloo
+    on CPUs. A plain process gets ``World()``."""
+    if "LOCAL_RANK" not in os.environ and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return World()
     if not dist.is_initialized():
         cuda = torch.cuda.is_available()
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if cuda else "gloo")
-    return World(dist.get_rank(), dist.get_world_size())
+    return World(dist.get_rank(), dist.get_world_size(), distributed=True)
 
 
 def full(tensor: torch.Tensor) -> torch.Tensor:

@@ -101,33 +101,81 @@ class Run:
         self.skipped = 0
 
     def state(self) -> dict:
-        """Everything to continue from; under FSDP2 gathered whole (a collective)."""
+        """Everything to continue from, whole tensors (under FSDP2 gathered: a collective)."""
         if self.world.distributed:
             teacher = None
             if self.cfg.teacher.mode != "live":
                 teacher = distributed.full_state_dict(self.teacher.model)
-            return {
+            weights = {
                 "policy": distributed.full_state_dict(self.policy),
                 "teacher": teacher,
                 "optimizer": distributed.full_optimizer_state(self.optimizer.optimizer),
-                "scheduler": self.scheduler.state_dict(),
-                "sampler": self.sampler.state_dict(),
-                "skipped": self.skipped,
-                "config": to_dict(self.cfg),
             }
+        else:
+            weights = {
+                "policy": self.policy.state_dict(),
+                "teacher": self.teacher.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+            }
+        return {**weights, **self._small_state()}
+
+    def restore(self, path: Path) -> None:
+        """Continue from a checkpoint folder written by :meth:`save`."""
+        state = checkpoint.load(path)
+        if state.get("sharded"):
+            if not self.world.distributed:
+                raise ValueError(f"{path} is a sharded checkpoint: resume it under torchrun")
+            shards = checkpoint.load_shards(path, self._shard_templates())
+            self._load_shards(shards)
+            self._load_rest(state)
+        else:
+            self.load_state(state)
+
+    def save(self, folder: Path) -> None:
+        """Checkpoint the current step into ``folder`` (every rank calls this)."""
+        if self.world.distributed and self.cfg.fsdp.checkpoint == "sharded":
+            checkpoint.save_sharded(
+                folder, self.step, self._small_state(), self._shard_templates(), self.world
+            )
+            return
+        state = self.state()  # a collective under FSDP2: every rank gathers
+        if self.world.main:
+            checkpoint.save(folder, self.step, state)
+        self.world.barrier()
+
+    def _small_state(self) -> dict:
         return {
-            "policy": self.policy.state_dict(),
-            "teacher": self.teacher.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "sampler": self.sampler.state_dict(),
             "skipped": self.skipped,
             "config": to_dict(self.cfg),
         }
 
-    def restore(self, path: Path) -> None:
-        """Continue from a checkpoint folder written by :func:`checkpoint.save`."""
-        self.load_state(checkpoint.load(path))
+    def _shard_templates(self) -> dict:
+        """This rank's shards of policy, optimizer and teacher (FSDP2 DTensors)."""
+        from torch.distributed.checkpoint.state_dict import (
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        shards = {
+            "policy": get_model_state_dict(self.student),
+            "optimizer": get_optimizer_state_dict(self.student, self.optimizer.optimizer),
+        }
+        if self.cfg.teacher.mode != "live":
+            shards["teacher"] = get_model_state_dict(self.teacher.net)
+        return shards
+
+    def _load_shards(self, shards: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import (
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        set_model_state_dict(self.student, shards["policy"])
+        set_optimizer_state_dict(self.student, self.optimizer.optimizer, shards["optimizer"])
+        if "teacher" in shards:
+            set_model_state_dict(self.teacher.net, shards["teacher"])
 
     def load_state(self, state: dict) -> None:
         if self.world.distributed:
@@ -139,6 +187,9 @@ class Run:
             self.policy.load_state_dict(state["policy"])
             self.teacher.load_state_dict(state["teacher"])
             self.optimizer.load_state_dict(state["optimizer"])
+        self._load_rest(state)
+
+    def _load_rest(self, state: dict) -> None:
         self.engine.sync_weights(self.policy)
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
@@ -299,10 +350,7 @@ def train(
                 reward=f"{row['reward']:.2f}", rho=f"{row['rho']:.3f}", loss=f"{row['loss']:.4f}"
             )
             if run.step % cfg.output.save_every == 0 or run.step == cfg.steps:
-                state = run.state()  # a collective under FSDP2: every rank gathers
-                if main:
-                    checkpoint.save(ckpt_dir, run.step, state)
-                world.barrier()
+                run.save(ckpt_dir)
     finally:
         for file in (metrics_file, samples_file):
             if file is not None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -84,13 +83,18 @@ class VLLMRolloutEngine:
     @classmethod
     def from_config(cls, cfg, model: torch.nn.Module, tokenizer) -> VLLMRolloutEngine:
         """From a TrainConfig and the policy (before sharding). A policy that exists only in
-        memory (``tiny-random-qwen3``) is saved to a temporary folder for vLLM to load."""
+        memory (``tiny-random-qwen3``) is first saved to ``output.dir/.vllm-initial-weights``
+        (by rank 0; removed by :meth:`close`) for vLLM to load."""
         path = Path(cfg.model.path)
         cleanup = None
         if not (path.is_dir() and (path / "config.json").exists()):
-            cleanup = Path(tempfile.mkdtemp(prefix="pgpo-vllm-"))
-            model.save_pretrained(cleanup)
-            path = cleanup
+            path = cleanup = Path(cfg.output.dir) / ".vllm-initial-weights"
+            ranks = torch.distributed.is_initialized()
+            if not ranks or torch.distributed.get_rank() == 0:
+                shutil.rmtree(path, ignore_errors=True)
+                model.save_pretrained(path)
+            if ranks:
+                torch.distributed.barrier()
         cpu = not torch.cuda.is_available()
         longest = max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens)
         return cls(
