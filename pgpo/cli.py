@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 
 import numpy as np
@@ -107,7 +108,8 @@ def _cmd_eval(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     result = evaluate_checkpoint(cfg, args.checkpoint)
-    print(json.dumps(result))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun: once
+        print(json.dumps(result))
     return 0
 
 

@@ -138,7 +138,16 @@ def test_per_rank_shard_checkpoints_resume_like_whole_ones(runs):
     ]
     cmd += ["--resume", "steps=3"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2 and "resume it under torchrun" in done.stderr
+    assert done.returncode == 2 and "load it under torchrun" in done.stderr
+    # Under torchrun, `pgpo eval` reads it (printing the result once).
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    cmd += ["-m", "pgpo.cli", "eval", "--config", str(runs["sharded"] / "config.yaml")]
+    cmd += ["--checkpoint", str(last)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (line,) = [x for x in done.stdout.splitlines() if x.startswith("{")]
+    assert json.loads(line)["questions"] == 4
 
 
 def test_batch_that_does_not_split_over_ranks_is_refused(sharp_model, tmp_path):

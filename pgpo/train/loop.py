@@ -124,7 +124,10 @@ class Run:
         state = checkpoint.load(path)
         if state.get("sharded"):
             if not self.world.distributed:
-                raise ValueError(f"{path} is a sharded checkpoint: resume it under torchrun")
+                raise ValueError(
+                    f"{path} is a sharded checkpoint: load it under torchrun "
+                    "(torchrun -m pgpo.train, or -m pgpo.cli eval)"
+                )
             shards = checkpoint.load_shards(path, self._shard_templates())
             self._load_shards(shards)
             self._load_rest(state)
@@ -364,7 +367,9 @@ def train(
 
 
 def evaluate_checkpoint(cfg: TrainConfig, path: str | Path) -> dict:
-    run = Run(cfg)
+    """avg@k of a checkpoint (under torchrun: sharded like training, test set split over ranks;
+    needed for ``fsdp.checkpoint=sharded`` checkpoints)."""
+    run = Run(cfg, distributed.init_world())
     if not (Path(path) / "state.pt").exists():
         raise ValueError(f"--checkpoint {path}: not a checkpoint folder (no state.pt)")
     run.restore(Path(path))
