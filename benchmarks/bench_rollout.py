@@ -55,6 +55,7 @@ def main(argv=None) -> int:
             f"model.tiny_layers={args.layers}",
             f"rollout.max_new_tokens={args.max_new_tokens}",
             f"eval.max_new_tokens={args.max_new_tokens}",
+            "output.dir=/tmp/pgpo-bench-rollout",  # where vLLM reads the initial weights
         ],
     )
     tokenizer = load_tokenizer(cfg.model.tokenizer)

@@ -44,9 +44,9 @@ def prompt_seed(seed: int, step: int, index: int, stream: int) -> int:
 class Run:
     """Everything a run holds; built from a config, optionally restored from a checkpoint.
 
-    Under ``torchrun`` (``world.size`` > 1) the policy and a separate teacher are sharded with
-    FSDP2, each rank takes its slice of every step's questions and of the test set, and
-    checkpoints are gathered whole (rank 0 writes them)."""
+    Under ``torchrun`` (``world.distributed``) the policy and a separate teacher are sharded
+    with FSDP2, each rank takes its slice of every step's questions and of the test set, and
+    checkpoints are gathered whole by rank 0 or written per rank (``fsdp.checkpoint``)."""
 
     def __init__(self, cfg: TrainConfig, world: World | None = None) -> None:
         self.cfg = cfg
