@@ -15,7 +15,7 @@ settings.load_profile("pgpo")
 
 @pytest.fixture(scope="session")
 def sharp_model(tmp_path_factory):
-    """A folder with a small Qwen3 (real vocabulary, head_dim 64 as vLLM's CPU kernels need)
+    """A folder with a small Qwen3 (real vocabulary, head_dim 64)
     whose weights are scaled 8x: peaked, context-dependent distributions, so that the teacher
     differs clearly from the student (I_k of a few 1e-3 nats, far above float32 noise) and a
     training step moves log-probs by far more than kernel differences."""

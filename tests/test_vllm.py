@@ -34,7 +34,7 @@ from pgpo.train.prompts import student_prompt  # noqa: E402
 from pgpo.train.rollout_vllm import VLLMRolloutEngine  # noqa: E402
 
 TOL = 1e-4  # nats (see above)
-# vLLM's CPU attention kernels need head_dim 64.
+# head_dim 64 as in the demo model (vLLM's CPU attention refuses 16; 32 works too).
 VLLM_TINY = ["rollout.engine=vllm", "model.tiny_head_dim=64", "rollout.max_new_tokens=16"]
 
 
@@ -126,6 +126,17 @@ def test_truncated_importance_weights_use_vllms_logprobs(run):
     assert abs(clipped["tis_ratio_mean"] - torch.e) < 1e-3
     assert "tis_ratio_mean" not in plain
     assert abs(clipped["loss"] - 2.0 * plain["loss"]) < 1e-4 * plain["loss"]
+
+
+def test_unsupported_head_dim_is_refused_in_one_line(tmp_path):
+    cmd = [sys.executable, "-m", "pgpo.cli", "train", "--config", "tiny-cpu"]
+    cmd += [f"output.dir={tmp_path}", "steps=1", "rollout.engine=vllm", "model.tiny_head_dim=16"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == (
+        "pgpo: error: rollout.engine=vllm on CPU: vLLM's CPU attention does not support "
+        "head_dim 16 (it supports 32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)"
+    )
 
 
 def test_pgpo_train_with_the_vllm_engine(tmp_path):

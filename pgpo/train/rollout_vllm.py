@@ -23,6 +23,9 @@ import torch
 from pgpo.train.distributed import full_named_tensors
 from pgpo.train.rollout import Completion, stop_token_ids
 
+# Head sizes of vLLM's CPU attention backend (0.32; head_dim 16 fails inside vLLM).
+CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
 
 def _prepare_lm_head(model: torch.nn.Module) -> None:
     """Redo the LM head's post-load processing. vLLM's CPU build keeps a prepacked copy of
@@ -85,6 +88,13 @@ class VLLMRolloutEngine:
         """From a TrainConfig and the policy (before sharding). A policy that exists only in
         memory (``tiny-random-qwen3``) is first saved to ``output.dir/.vllm-initial-weights``
         (by rank 0; removed by :meth:`close`) for vLLM to load."""
+        cpu = not torch.cuda.is_available()
+        head_dim = getattr(model.config, "head_dim", None)
+        if cpu and head_dim is not None and head_dim not in CPU_HEAD_DIMS:
+            raise ValueError(
+                f"rollout.engine=vllm on CPU: vLLM's CPU attention does not support head_dim "
+                f"{head_dim} (it supports {', '.join(map(str, CPU_HEAD_DIMS))})"
+            )
         path = Path(cfg.model.path)
         cleanup = None
         if not (path.is_dir() and (path / "config.json").exists()):
@@ -95,7 +105,6 @@ class VLLMRolloutEngine:
                 model.save_pretrained(path)
             if ranks:
                 torch.distributed.barrier()
-        cpu = not torch.cuda.is_available()
         longest = max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens)
         return cls(
             path,
