@@ -3,6 +3,7 @@
 pgpo demo [--seeds N] [--collapse | --real]             SDPO vs PGPO on a small local model
 pgpo train --config PRESET|FILE [key=value ...]          training
 pgpo eval --config ... --checkpoint DIR                  avg@k of a checkpoint
+pgpo consolidate --checkpoint DIR --out DIR              sharded checkpoint -> whole one
 pgpo multiplier [--alpha A] [--rho-max R] [--out DIR]   the multiplier's properties + plot
 """
 
@@ -113,6 +114,21 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_consolidate(args) -> int:
+    from pathlib import Path
+
+    from pgpo.train import checkpoint
+
+    source = Path(args.checkpoint)
+    if not (source / "state.pt").exists():
+        raise ValueError(f"--checkpoint {source}: not a checkpoint folder (no state.pt)")
+    state = checkpoint.consolidate(source)
+    step, rng = state.pop("step"), state.pop("rng")
+    final = checkpoint.save(Path(args.out), step, state, rng=rng)
+    print(f"wrote {final} (whole tensors: pgpo eval / train --resume in one process)")
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from pathlib import Path
 
@@ -173,6 +189,12 @@ def build_parser() -> ArgumentParser:
     e.add_argument("--checkpoint", required=True)
     e.add_argument("overrides", nargs="*")
     e.set_defaults(func=_cmd_eval)
+    c = sub.add_parser(
+        "consolidate", help="a sharded checkpoint (fsdp.checkpoint=sharded) as a whole one"
+    )
+    c.add_argument("--checkpoint", required=True, help="a step_... folder with shards/")
+    c.add_argument("--out", required=True, help="checkpoints folder to write step_... into")
+    c.set_defaults(func=_cmd_consolidate)
     d = sub.add_parser("demo", help="SDPO against PGPO on a small local model, in minutes on a CPU")
     d.add_argument("--out", default="runs/demo", help="output folder (runs, plots, summary)")
     d.add_argument("--seeds", type=positive_int, default=None, help="seeds per method")

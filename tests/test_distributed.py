@@ -139,6 +139,41 @@ def test_per_rank_shard_checkpoints_resume_like_whole_ones(runs):
     cmd += ["--resume", "steps=3"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "load it under torchrun" in done.stderr
+    # `pgpo consolidate` makes it whole: equal to the whole checkpoint of the same run.
+    whole_dir = runs["sharded"] / "consolidated"
+    done = subprocess.run(
+        [sys.executable, "-m", "pgpo.cli", "consolidate", "--checkpoint", str(last)]
+        + ["--out", str(whole_dir)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    whole, reference = checkpoint.load(whole_dir / "step_000002"), final_state(runs["resumed"])
+    assert set(whole) == set(reference)
+    for part in ("policy", "teacher"):
+        assert sorted(whole[part]) == sorted(reference[part])
+        assert (
+            max((whole[part][k] - reference[part][k]).abs().max().item() for k in whole[part])
+            < 1e-6
+        )
+    for k, v in reference["optimizer"]["state"].items():
+        assert torch.allclose(
+            whole["optimizer"]["state"][k]["exp_avg_sq"], v["exp_avg_sq"], atol=1e-12
+        )
+    assert whole["sampler"] == reference["sampler"] and whole["step"] == 2
+    assert torch.equal(whole["rng"]["torch"], state["rng"]["torch"])  # kept, not this process's
+    cmd = [
+        sys.executable,
+        "-m",
+        "pgpo.cli",
+        "eval",
+        "--config",
+        str(runs["sharded"] / "config.yaml"),
+    ]
+    cmd += ["--checkpoint", str(whole_dir / "step_000002")]  # one process reads it
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and json.loads(done.stdout)["questions"] == 4, done.stderr[-2000:]
     # Under torchrun, `pgpo eval` reads it (printing the result once).
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
     cmd += ["-m", "pgpo.cli", "eval", "--config", str(runs["sharded"] / "config.yaml")]

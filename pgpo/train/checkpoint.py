@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -31,15 +32,16 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def save(folder: Path, step: int, state: dict) -> Path:
-    """Write ``state`` (plus the RNG states) as ``folder/step_000042``; atomic."""
+def save(folder: Path, step: int, state: dict, rng: dict | None = None) -> Path:
+    """Write ``state`` plus the RNG states (this process's, or ``rng``) as
+    ``folder/step_000042``; atomic."""
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"{PREFIX}{step:06d}"
     tmp = folder / f".tmp-{PREFIX}{step:06d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        torch.save({**state, "step": step, "rng": rng_state()}, tmp / "state.pt")
+        torch.save({**state, "step": step, "rng": rng or rng_state()}, tmp / "state.pt")
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
@@ -89,6 +91,36 @@ def load_shards(path: Path, templates: dict) -> dict:
 
     dcp.load(templates, checkpoint_id=str(Path(path) / "shards"))
     return templates
+
+
+def consolidate(path: Path) -> dict:
+    """A sharded checkpoint (:func:`save_sharded`) as a whole one: the dict :func:`save` writes
+    (transformers' parameter names, optimizer state keyed by parameter index), so a single
+    process can evaluate or continue it. Runs without torch.distributed; needs host memory for
+    the whole state (20 bytes a parameter with AdamW and an fp32 teacher)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    small = load(path)
+    if not small.get("sharded"):
+        raise ValueError(f"{path} is not a sharded checkpoint (it is whole already)")
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(str(Path(path) / "shards"), str(Path(tmp) / "whole.pt"))
+        whole = torch.load(Path(tmp) / "whole.pt", weights_only=False)
+
+    def names(state: dict) -> dict:  # the Policy wrapper's "lm." prefix off
+        return {k.removeprefix("lm."): v for k, v in state.items()}
+
+    # torch.distributed.checkpoint keys optimizer state by parameter name, in the optimizer's
+    # parameter order; torch's own optimizer state dicts key it by position in that order.
+    groups = whole["optimizer"]["param_groups"]
+    index = {name: i for i, name in enumerate(n for g in groups for n in g["params"])}
+    optimizer = {
+        "state": {index[name]: s for name, s in whole["optimizer"]["state"].items()},
+        "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in groups],
+    }
+    rest = {k: v for k, v in small.items() if k != "sharded"}
+    teacher = names(whole["teacher"]) if "teacher" in whole else None
+    return {**rest, "policy": names(whole["policy"]), "teacher": teacher, "optimizer": optimizer}
 
 
 def latest(folder: Path) -> Path | None:
