@@ -174,3 +174,16 @@ def test_cli_train_and_eval(tmp_path, capsys):
     assert pgpo_main(["eval", "--config", "tiny-cpu", "--checkpoint", str(ckpt)]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["k"] == 2 and result["questions"] == 4 and 0 <= result["avg_at_k"] <= 1
+
+
+def test_vllm_asked_for_without_vllm_exits_2_in_one_line(capsys, tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here: tests/test_vllm.py covers the engine")
+    out = tmp_path / "x"
+    args = ["train", "--config", "tiny-cpu", "rollout.engine=vllm", f"output.dir={out}"]
+    assert pgpo_main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "vLLM is not installed" in err and "pgpo[vllm-cpu]" in err and "\n" not in err
+    assert not out.exists()
