@@ -4,6 +4,7 @@ pgpo demo [--seeds N] [--collapse | --real]             SDPO vs PGPO on a small 
 pgpo train --config PRESET|FILE [key=value ...]          training
 pgpo eval --config ... --checkpoint DIR                  avg@k of a checkpoint
 pgpo consolidate --checkpoint DIR --out DIR              sharded checkpoint -> whole one
+pgpo export --checkpoint DIR --out DIR [--teacher]       policy -> transformers folder
 pgpo multiplier [--alpha A] [--rho-max R] [--out DIR]   the multiplier's properties + plot
 """
 
@@ -129,6 +130,15 @@ def _cmd_consolidate(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    from pgpo.train.export import export
+
+    role = "teacher" if args.teacher else "policy"
+    out = export(args.checkpoint, args.out, role, args.dtype)
+    print(f"wrote {out} (the {role} as a transformers model folder, with its tokenizer)")
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from pathlib import Path
 
@@ -195,6 +205,16 @@ def build_parser() -> ArgumentParser:
     c.add_argument("--checkpoint", required=True, help="a step_... folder with shards/")
     c.add_argument("--out", required=True, help="checkpoints folder to write step_... into")
     c.set_defaults(func=_cmd_consolidate)
+    x = sub.add_parser(
+        "export", help="a checkpoint's policy as a transformers folder (from_pretrained, vLLM)"
+    )
+    x.add_argument("--checkpoint", required=True, help="a step_... folder, whole or sharded")
+    x.add_argument("--out", required=True, help="the new model folder")
+    x.add_argument("--teacher", action="store_true", help="the EMA / frozen teacher instead")
+    x.add_argument(
+        "--dtype", choices=("float32", "bfloat16"), default=None, help="default: model.dtype"
+    )
+    x.set_defaults(func=_cmd_export)
     d = sub.add_parser("demo", help="SDPO against PGPO on a small local model, in minutes on a CPU")
     d.add_argument("--out", default="runs/demo", help="output folder (runs, plots, summary)")
     d.add_argument("--seeds", type=positive_int, default=None, help="seeds per method")

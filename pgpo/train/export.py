@@ -1,0 +1,60 @@
+"""A checkpoint's policy (or EMA teacher) as a transformers model folder, for serving and
+sharing: ``from_pretrained`` and ``vllm serve`` read it as they read Qwen3-8B's own folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from pgpo.cli_util import atomic_dir
+from pgpo.train import checkpoint
+from pgpo.train.config import ModelConfig, model_config
+from pgpo.train.model import TINY, load_model, load_tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _empty_model(cfg: ModelConfig, seed: int) -> torch.nn.Module:
+    """The checkpoint's architecture without reading any weights from disk (a real model is
+    built on the meta device and filled by ``load_state_dict(assign=True)``)."""
+    if cfg.path == TINY:
+        return load_model(cfg, seed)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(cfg.path, local_files_only=Path(cfg.path).exists())
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def export(path: Path, out: Path, role: str = "policy", dtype: str | None = None) -> Path:
+    """Write ``role`` ("policy" or "teacher") of the checkpoint folder ``path`` (whole or
+    sharded) to the new folder ``out``: config, safetensors weights in ``dtype`` (default: the
+    training dtype), generation config, tokenizer, and ``pgpo_export.json`` (source, step,
+    role). Atomic: ``out`` appears complete or not at all; an existing non-empty ``out`` is
+    refused, not replaced."""
+    path, out = Path(path), Path(out)
+    if not (path / "state.pt").exists():
+        raise ValueError(f"--checkpoint {path}: not a checkpoint folder (no state.pt)")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"--out {out}: exists and is not empty")
+    state = checkpoint.load(path)
+    if state.get("sharded"):  # only this model's shards are read, not the optimizer's
+        weights = checkpoint.load_sharded_weights(path, role)
+    else:
+        weights = state[role]
+    if weights is None:
+        raise ValueError(f"{path}: holds no {role} weights (the teacher is the policy itself)")
+    cfg = model_config(state["config"]["model"])
+    model = _empty_model(cfg, state["config"]["seed"])
+    model.load_state_dict(weights, assign=True)
+    model.tie_weights()  # assign=True replaces tied tensors one by one: tie them again
+    model.to(DTYPES[dtype or cfg.dtype]).eval()
+
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        load_tokenizer(cfg.tokenizer).save_pretrained(tmp)
+        record = {"checkpoint": str(path.resolve()), "step": state["step"], "role": role}
+        (tmp / "pgpo_export.json").write_text(json.dumps(record, indent=2) + "\n")
+    return out
