@@ -12,6 +12,7 @@ The same code runs on vLLM's GPU and CPU builds; the CPU build is what the tests
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from collections.abc import Sequence
@@ -25,6 +26,13 @@ from pgpo.train.rollout import Completion, stop_token_ids
 
 # Head sizes of vLLM's CPU attention backend (0.32; head_dim 16 fails inside vLLM).
 CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+def _without_chat_warmup_warning(record: logging.LogRecord) -> bool:
+    """Drop vLLM's "Chat template warmup failed" warning: with ``skip_tokenizer_init`` (token
+    ids only) vLLM still tries to render a chat at start-up and logs the expected failure with
+    a traceback."""
+    return not record.getMessage().startswith("Chat template warmup failed")
 
 
 def _prepare_lm_head(model: torch.nn.Module) -> None:
@@ -61,6 +69,9 @@ class VLLMRolloutEngine:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB
         from vllm import LLM
 
+        renderer_log = logging.getLogger("vllm.renderers.base")
+        if _without_chat_warmup_warning not in renderer_log.filters:
+            renderer_log.addFilter(_without_chat_warmup_warning)
         self.stop_ids = list(stop_ids)
         self.sleep_enabled = sleep and not cpu  # the CPU build refuses enable_sleep_mode
         self.asleep: set[str] = set()  # which of "weights", "kv_cache" are offloaded
