@@ -22,6 +22,11 @@ from pgpo.train.config import FSDPConfig
 _WRAPPED = "_checkpoint_wrapped_module."
 
 
+def _device() -> str:
+    """Where collectives' tensors live: NCCL reduces CUDA tensors, gloo CPU ones."""
+    return "cuda" if dist.get_backend() == "nccl" else "cpu"
+
+
 @dataclass(frozen=True)
 class World:
     """This process's place among the training processes. ``distributed``: launched by
@@ -39,16 +44,14 @@ class World:
         """Elementwise sum over ranks (float64); the values themselves on a single process."""
         if not self.distributed:
             return [float(v) for v in values]
-        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=_device())
         dist.all_reduce(t)
         return t.tolist()
 
     def max(self, value: float) -> float:
         if not self.distributed:
             return float(value)
-        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-        t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+        t = torch.tensor([float(value)], dtype=torch.float64, device=_device())
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return float(t)
 
