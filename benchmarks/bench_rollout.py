@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     from pgpo.train.data import load_split
     from pgpo.train.model import load_model, load_tokenizer
     from pgpo.train.prompts import student_prompt
-    from pgpo.train.rollout import HFRolloutEngine
+    from pgpo.train.rollout_hf import HFRolloutEngine
     from pgpo.train.rollout_vllm import VLLMRolloutEngine
 
     cfg = load_config(

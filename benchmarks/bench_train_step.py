@@ -70,8 +70,9 @@ def main(argv=None) -> int:
         for name, (mult, track) in variants.items():
             run.load_state(snapshot)
             cfg.pgpo.track_info = track
+            run.multiplier = mult
             start = time.perf_counter()
-            metrics = run.train_step(questions, mult)
+            metrics = run.train_step(questions)
             if trial > 0:
                 times[name].append(time.perf_counter() - start)
                 train_times[name].append(metrics["train_seconds"])

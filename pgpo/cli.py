@@ -11,14 +11,15 @@ pgpo multiplier [--alpha A] [--rho-max R] [--out DIR]   the multiplier's propert
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
+import typing
 
 import numpy as np
 
 from pgpo.cli_util import ArgumentParser, atomic_dir, positive_float, positive_int, run
-from pgpo.multiplier import KINDS, MultiplierConfig
+from pgpo.multiplier import KINDS, MultiplierConfig, cap_point
+from pgpo.train.config import Dtype
 
 
 def multiplier_report(alpha: float, rho_max: float, sharpness: float) -> list[dict]:
@@ -46,7 +47,7 @@ def _plot_multiplier(alpha: float, rho_max: float, sharpness: float, path) -> No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    kink = math.log(rho_max) / alpha
+    kink = cap_point(alpha, rho_max)
     grid = np.linspace(min(-2.0, -2 * kink), max(2.0, 3 * kink), 2001)
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for kind in KINDS:
@@ -212,7 +213,7 @@ def build_parser() -> ArgumentParser:
     x.add_argument("--out", required=True, help="the new model folder")
     x.add_argument("--teacher", action="store_true", help="the EMA / frozen teacher instead")
     x.add_argument(
-        "--dtype", choices=("float32", "bfloat16"), default=None, help="default: model.dtype"
+        "--dtype", choices=typing.get_args(Dtype), default=None, help="default: model.dtype"
     )
     x.set_defaults(func=_cmd_export)
     d = sub.add_parser("demo", help="SDPO against PGPO on a small local model, in minutes on a CPU")

@@ -27,6 +27,8 @@ direct formula.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -36,10 +38,17 @@ from pgpo.reduction import (
     check_temperature,
     chunks,
     flatten,
+    kept_chunks,
     reduction_weights,
 )
 
-__all__ = ["divergence", "head_divergence", "token_divergence"]
+__all__ = [
+    "DivergenceSpec",
+    "divergence",
+    "head_divergence",
+    "head_token_logprobs",
+    "token_divergence",
+]
 
 
 def _tail(log_p: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -61,36 +70,91 @@ def _generalized_jsd(log_s: torch.Tensor, log_t: torch.Tensor, beta: float) -> t
     return (1.0 - beta) * _kl(log_s, log_m) + beta * _kl(log_t, log_m)
 
 
+@dataclass(frozen=True)
+class DivergenceSpec:
+    """Which divergence: JSD mix ``beta``, student top-k (None: full vocabulary) with or without
+    the tail bucket, and the logits' temperature."""
+
+    beta: float
+    topk: int | None = None
+    add_tail: bool = True
+    temperature: float = 1.0
+
+
 def _chunk_divergence(
-    x_s: torch.Tensor,
-    x_t: torch.Tensor,
-    beta: float,
-    topk: int | None,
-    add_tail: bool,
-    entropies: list | None = None,
-) -> torch.Tensor:
-    """Per-row divergence of float32 temperature-scaled logits ``[n, V] -> [n]``. With
-    ``entropies`` (a list), appends the full-vocabulary entropies of both rows (no gradient),
-    read from the log-probs computed here anyway: the information signal costs no extra pass
-    over the logits beyond one product and sum."""
+    x_s: torch.Tensor, x_t: torch.Tensor, spec: DivergenceSpec, with_entropy: bool
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """Per-row divergence of float32 temperature-scaled logits ``[n, V] -> [n]`` and, with
+    ``with_entropy``, both rows' full-vocabulary entropies ``[n]`` (no gradient), read from the
+    log-probs computed here anyway: Eq. 8's entropies cost no extra pass over the logits
+    beyond one product and sum."""
     log_s = torch.log_softmax(x_s, dim=-1)
     log_t = torch.log_softmax(x_t, dim=-1)
-    if entropies is not None:
-        entropies.extend((entropy_from_log_probs(log_s), entropy_from_log_probs(log_t)))
-    if topk is not None:
-        index = x_s.detach().topk(topk, dim=-1).indices
+    entropies = None
+    if with_entropy:
+        entropies = (entropy_from_log_probs(log_s), entropy_from_log_probs(log_t))
+    if spec.topk is not None:
+        index = x_s.detach().topk(spec.topk, dim=-1).indices
         # With k = V the tail is empty (mass 0): it would add exactly 0 to every term.
-        tails = (_tail(log_s, index), _tail(log_t, index)) if topk < x_s.shape[-1] else None
+        tails = (_tail(log_s, index), _tail(log_t, index)) if spec.topk < x_s.shape[-1] else None
         log_s = log_s.gather(-1, index)
         log_t = log_t.gather(-1, index)
-        if add_tail:
+        if spec.add_tail:
             if tails is not None:
                 log_s = torch.cat([log_s, tails[0]], dim=-1)
                 log_t = torch.cat([log_t, tails[1]], dim=-1)
         else:
             log_s = log_s - log_s.logsumexp(-1, keepdim=True)
             log_t = log_t - log_t.logsumexp(-1, keepdim=True)
-    return _generalized_jsd(log_s, log_t, beta)
+    return _generalized_jsd(log_s, log_t, spec.beta), entropies
+
+
+@dataclass
+class _Chunk:
+    """One chunk of the pass: global row indices ``[n]``, the student's input rows, the
+    per-row divergence ``[n]``, its (weighted) sum, the sum's gradient w.r.t. the student's
+    float32 logits ``[n, V]`` (None without one), and the two entropies ``[n]`` (or None)."""
+
+    rows: torch.Tensor
+    student_rows: torch.Tensor
+    divergence: torch.Tensor
+    total: torch.Tensor
+    grad: torch.Tensor | None
+    entropies: tuple[torch.Tensor, torch.Tensor] | None
+
+
+def _divergence_chunks(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    keep: torch.Tensor,
+    spec: DivergenceSpec,
+    chunk_size: int,
+    *,
+    weights: torch.Tensor | None = None,
+    student_head: torch.Tensor | None = None,
+    teacher_head: torch.Tensor | None = None,
+    need_grad: bool,
+    with_entropy: bool,
+) -> Iterator[_Chunk]:
+    """The one chunk loop of both divergence forms. ``student`` / ``teacher`` ``[N, D]`` are
+    logits (``D = V``, no heads) or hidden states multiplied by ``*_head`` ``[V, D]`` one chunk
+    at a time, so logits never exist for more than ``chunk_size`` rows. Only rows with ``keep``
+    ``[N]`` are computed; ``weights`` ``[N]`` (None: all 1) weight the sum whose gradient is
+    taken."""
+    for rows in kept_chunks(keep, chunk_size):
+        x_t = teacher.index_select(0, rows)
+        if teacher_head is not None:
+            x_t = x_t @ teacher_head.T
+        x_t = x_t.float() / spec.temperature
+        student_rows = student.index_select(0, rows)
+        w = None if weights is None else weights.index_select(0, rows).float()
+        with torch.enable_grad():
+            x_s = student_rows if student_head is None else student_rows @ student_head.T
+            x_s = x_s.float().requires_grad_(need_grad)
+            d, entropies = _chunk_divergence(x_s / spec.temperature, x_t, spec, with_entropy)
+            total = d.sum() if w is None else (w * d).sum()
+            grad = torch.autograd.grad(total, x_s)[0] if need_grad else None
+        yield _Chunk(rows, student_rows, d.detach(), total.detach(), grad, entropies)
 
 
 class _RowwiseDivergence(torch.autograd.Function):
@@ -102,33 +166,27 @@ class _RowwiseDivergence(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(
-        ctx, student, teacher, keep, beta, topk, add_tail, temperature, chunk_size, with_entropy
-    ):
+    def forward(ctx, student, teacher, keep, spec, chunk_size, with_entropy):
         needs_grad = ctx.needs_input_grad[0]
         n = student.shape[0]
         out = torch.zeros(n, dtype=torch.float32, device=student.device)
         h_s = torch.zeros(n, dtype=torch.float32, device=student.device)
         h_t = torch.zeros(n, dtype=torch.float32, device=student.device)
         grad = torch.zeros_like(student) if needs_grad else None
-        for start, stop in chunks(n, chunk_size):
-            rows = keep[start:stop].nonzero().squeeze(-1)
-            if rows.numel() == 0:
-                continue
-            x_t = teacher[start:stop].index_select(0, rows).float() / temperature
-            x_s = student[start:stop].index_select(0, rows).float()
-            entropies = [] if with_entropy else None
+        for chunk in _divergence_chunks(
+            student,
+            teacher,
+            keep,
+            spec,
+            chunk_size,
+            need_grad=needs_grad,
+            with_entropy=with_entropy,
+        ):
             if needs_grad:
-                with torch.enable_grad():
-                    x_s.requires_grad_(True)
-                    d = _chunk_divergence(x_s / temperature, x_t, beta, topk, add_tail, entropies)
-                    (g,) = torch.autograd.grad(d.sum(), x_s)
-                grad[start + rows] = g.to(grad.dtype)
-            else:
-                d = _chunk_divergence(x_s / temperature, x_t, beta, topk, add_tail, entropies)
-            out[start + rows] = d.detach()
+                grad[chunk.rows] = chunk.grad.to(grad.dtype)
+            out[chunk.rows] = chunk.divergence
             if with_entropy:
-                h_s[start + rows], h_t[start + rows] = entropies
+                h_s[chunk.rows], h_t[chunk.rows] = chunk.entropies
         if needs_grad:
             ctx.save_for_backward(grad)
         ctx.mark_non_differentiable(h_s, h_t)
@@ -140,21 +198,22 @@ class _RowwiseDivergence(torch.autograd.Function):
         # In place: the stored buffer becomes the returned gradient (no second T x V buffer).
         # A second backward through the same graph then fails loudly on the version counter.
         grad.mul_(grad_out.to(grad.dtype).unsqueeze(-1))
-        return grad, None, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None
 
 
-def _check_arguments(what, student, teacher, beta, topk, vocab, temperature) -> None:
+def _check_arguments(what, student, teacher, spec: DivergenceSpec, vocab) -> None:
     """One-line ValueErrors for the shared arguments of the divergence functions."""
     if student.shape != teacher.shape:
         raise ValueError(
             f"student and teacher {what} differ in shape: "
             f"{tuple(student.shape)} vs {tuple(teacher.shape)}"
         )
-    if not (0.0 <= beta <= 1.0):
-        raise ValueError(f"beta must be in [0, 1], got {beta!r}")
+    if not (0.0 <= spec.beta <= 1.0):
+        raise ValueError(f"beta must be in [0, 1], got {spec.beta!r}")
+    topk = spec.topk
     if topk is not None and not (isinstance(topk, int) and 1 <= topk <= vocab):
         raise ValueError(f"topk must be an integer in [1, {vocab}] or None, got {topk!r}")
-    check_temperature(temperature)
+    check_temperature(spec.temperature)
 
 
 def token_divergence(
@@ -176,22 +235,13 @@ def token_divergence(
     over the full vocabulary of the same temperature-scaled logits (what Eq. 8 averages), from
     the same pass.
     """
-    _check_arguments(
-        "logits", student_logits, teacher_logits, beta, topk, student_logits.shape[-1], temperature
-    )
+    spec = DivergenceSpec(float(beta), topk, add_tail, float(temperature))
+    _check_arguments("logits", student_logits, teacher_logits, spec, student_logits.shape[-1])
     vocab = student_logits.shape[-1]
     student, keep, token_shape = flatten(student_logits, mask)
     teacher = teacher_logits.detach().reshape(-1, vocab)
     per_token, h_s, h_t = _RowwiseDivergence.apply(
-        student,
-        teacher,
-        keep,
-        float(beta),
-        topk,
-        add_tail,
-        float(temperature),
-        chunk_size,
-        return_entropies,
+        student, teacher, keep, spec, chunk_size, return_entropies
     )
     if return_entropies:
         return per_token.reshape(token_shape), h_s.reshape(token_shape), h_t.reshape(token_shape)
@@ -232,20 +282,7 @@ class _HeadDivergence(torch.autograd.Function):
     accumulated in forward (row i's loss depends on row i's hidden state and on the weight)."""
 
     @staticmethod
-    def forward(
-        ctx,
-        h_s,
-        weight,
-        h_t,
-        weight_t,
-        token_w,
-        beta,
-        topk,
-        add_tail,
-        temperature,
-        chunk_size,
-        with_entropy,
-    ):
+    def forward(ctx, h_s, weight, h_t, weight_t, token_w, spec, chunk_size, with_entropy):
         needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         n = h_s.shape[0]
         loss = torch.zeros((), dtype=torch.float64, device=h_s.device)
@@ -254,29 +291,28 @@ class _HeadDivergence(torch.autograd.Function):
         grad_h = torch.zeros_like(h_s) if needs_grad else None
         grad_w = (
             torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-            if (needs_grad)
+            if needs_grad
             else None
         )
-        for start, stop in chunks(n, chunk_size):
-            rows = (token_w[start:stop] != 0).nonzero().squeeze(-1)
-            if rows.numel() == 0:
-                continue
-            hs = h_s[start:stop].index_select(0, rows)
-            x_t = (h_t[start:stop].index_select(0, rows) @ weight_t.T).float() / temperature
-            w = token_w[start:stop].index_select(0, rows).float()
-            entropies = [] if with_entropy else None
-            with torch.enable_grad():
-                x_s = (hs @ weight.T).float().requires_grad_(needs_grad)
-                d = _chunk_divergence(x_s / temperature, x_t, beta, topk, add_tail, entropies)
-                chunk_loss = (w * d).sum()
-                if needs_grad:
-                    (g,) = torch.autograd.grad(chunk_loss, x_s)  # [n, V] float32
+        for chunk in _divergence_chunks(
+            h_s,
+            h_t,
+            token_w != 0,
+            spec,
+            chunk_size,
+            weights=token_w,
+            student_head=weight,
+            teacher_head=weight_t,
+            need_grad=needs_grad,
+            with_entropy=with_entropy,
+        ):
             if needs_grad:
-                grad_h[start + rows] = (g.to(weight.dtype) @ weight).to(grad_h.dtype)
-                grad_w.addmm_(g.T, hs.float())  # in place: no [V, H] temporary
-            loss += chunk_loss.detach().double()
+                g = chunk.grad  # [n, V] float32
+                grad_h[chunk.rows] = (g.to(weight.dtype) @ weight).to(grad_h.dtype)
+                grad_w.addmm_(g.T, chunk.student_rows.float())  # in place: no [V, H] temporary
+            loss += chunk.total.double()
             if with_entropy:
-                h_stu[start + rows], h_tea[start + rows] = entropies
+                h_stu[chunk.rows], h_tea[chunk.rows] = chunk.entropies
         if needs_grad:
             ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
@@ -287,7 +323,7 @@ class _HeadDivergence(torch.autograd.Function):
     def backward(ctx, grad_out, _grad_h_stu, _grad_h_tea):
         grad_h, grad_w = ctx.saved_tensors
         # One gradient per forward input: hidden states and head weight; the rest are constants.
-        return (grad_out * grad_h, (grad_out * grad_w).to(ctx.weight_dtype)) + (None,) * 9
+        return (grad_out * grad_h, (grad_out * grad_w).to(ctx.weight_dtype)) + (None,) * 6
 
 
 def head_divergence(
@@ -313,15 +349,8 @@ def head_divergence(
     skips their pass). Peak extra memory is O(chunk_size x V),
     whatever T is: full-vocabulary logits never exist for a whole sequence.
     """
-    _check_arguments(
-        "hidden states",
-        student_hidden,
-        teacher_hidden,
-        beta,
-        topk,
-        head_weight.shape[0],
-        temperature,
-    )
+    spec = DivergenceSpec(float(beta), topk, add_tail, float(temperature))
+    _check_arguments("hidden states", student_hidden, teacher_hidden, spec, head_weight.shape[0])
     token_shape = tuple(student_hidden.shape[:-1])
     if tuple(token_weights.shape) != token_shape:
         raise ValueError(
@@ -334,10 +363,7 @@ def head_divergence(
         teacher_hidden.detach().reshape(-1, hidden),
         teacher_head_weight.detach(),
         token_weights.reshape(-1),
-        float(beta),
-        topk,
-        add_tail,
-        float(temperature),
+        spec,
         chunk_size,
         return_entropies,
     )

@@ -5,8 +5,17 @@ both entropies over the full vocabulary of temperature-scaled logits, in nats. I
 gap, not a mutual information: it is negative when the teacher is *less* certain than the
 student, and then ``rho < 1``.
 
-Logits are read in chunks of tokens, each chunk upcast to float32, so the extra memory is
-``O(chunk_size x V)`` whatever the logits' dtype and the number of tokens.
+This module is Eq. 8's one home, in two steps that every caller shares:
+
+1. per-token entropies: :func:`token_entropy` from logits, or, inside the trainer's fused loss
+   pass, :func:`entropy_from_log_probs` on the log-probs that pass computes anyway;
+2. the reduction: :func:`weighted_entropy_gap`, ``sum_t w_t (H_S,t - H_T,t)`` with the
+   reduction's weights (:func:`pgpo.reduction.reduction_weights`). Sums over parts of a batch
+   (micro-batches, ranks, gradient-accumulation steps) add up to the whole batch's.
+
+:func:`entropy_gap` is both steps on a batch of logits. Logits are read in chunks of tokens, each
+chunk upcast to float32, so the extra memory is ``O(chunk_size x V)`` whatever the logits' dtype
+and the number of tokens.
 """
 
 from __future__ import annotations
@@ -18,12 +27,18 @@ import torch
 from pgpo.reduction import (
     DEFAULT_CHUNK_SIZE,
     check_temperature,
-    chunks,
     flatten,
+    kept_chunks,
     reduction_weights,
 )
 
-__all__ = ["EntropyGap", "entropy_from_log_probs", "entropy_gap", "token_entropy"]
+__all__ = [
+    "EntropyGap",
+    "entropy_from_log_probs",
+    "entropy_gap",
+    "token_entropy",
+    "weighted_entropy_gap",
+]
 
 
 def entropy_from_log_probs(log_p: torch.Tensor) -> torch.Tensor:
@@ -48,15 +63,27 @@ def token_entropy(
     check_temperature(temperature)
     flat, keep, token_shape = flatten(logits, mask)
     out = torch.zeros(flat.shape[0], dtype=torch.float32, device=flat.device)
-    for start, stop in chunks(flat.shape[0], chunk_size):
-        rows = keep[start:stop].nonzero().squeeze(-1)
-        if rows.numel() == 0:
-            continue
-        x = flat[start:stop].index_select(0, rows).float()
+    for rows in kept_chunks(keep, chunk_size):
+        x = flat.index_select(0, rows).float()
         if temperature != 1.0:
             x.div_(temperature)
-        out[start + rows] = entropy_from_log_probs(torch.log_softmax(x, dim=-1))
+        out[rows] = entropy_from_log_probs(torch.log_softmax(x, dim=-1))
     return out.reshape(token_shape)
+
+
+@torch.no_grad()
+def weighted_entropy_gap(
+    h_student: torch.Tensor, h_teacher: torch.Tensor, weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Eq. 8's reduction: ``(sum_t w_t (H_S,t - H_T,t), sum_t w_t H_S,t, sum_t w_t H_T,t)``.
+
+    Per-token entropies ``[..., T]`` (nats, any float dtype, any device) and weights ``[..., T]``
+    (0 = not trained; with the weights of :func:`pgpo.reduction.reduction_weights` the sums are
+    ``I_k`` and the two mean entropies). Returns three float64 0-dim tensors on the weights'
+    device. The gap is summed as one difference per token, not as a difference of two means."""
+    w = weights.double()
+    h_s, h_t = h_student.double().to(w.device), h_teacher.double().to(w.device)
+    return (w * (h_s - h_t)).sum(), (w * h_s).sum(), (w * h_t).sum()
 
 
 @dataclass(frozen=True)
@@ -104,11 +131,10 @@ def entropy_gap(
     h_student = token_entropy(student_logits, keep, temperature, chunk_size)
     h_teacher = token_entropy(teacher_logits, keep, temperature, chunk_size)
     weights = reduction_weights(keep, reduction, empty_sequences_count=False)
-    mean_student = (weights * h_student.double()).sum().float()
-    mean_teacher = (weights * h_teacher.double()).sum().float()
+    info, mean_student, mean_teacher = weighted_entropy_gap(h_student, h_teacher, weights)
     return EntropyGap(
-        info=mean_student - mean_teacher,
-        entropy_student=mean_student,
-        entropy_teacher=mean_teacher,
+        info=info.float(),
+        entropy_student=mean_student.float(),
+        entropy_teacher=mean_teacher.float(),
         num_tokens=int(keep.sum()),
     )

@@ -30,18 +30,19 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 
 Kind = Literal["paper", "floored", "smooth"]
-KINDS: tuple[str, ...] = ("paper", "floored", "smooth")
+KINDS: tuple[str, ...] = get_args(Kind)
 DEFAULT_SHARPNESS = 4.0
 
 __all__ = [
     "KINDS",
     "MultiplierConfig",
     "bounds",
+    "cap_point",
     "check_params",
     "drho",
     "kinks",
@@ -176,15 +177,22 @@ def drho(
     return out(d)
 
 
+def cap_point(alpha: float, rho_max: float) -> float:
+    """``I* = ln(rho_max) / alpha`` (nats): where ``exp(alpha I)`` reaches ``rho_max``. For
+    ``I >= I*`` the ``paper`` and ``floored`` kinds sit at the cap (``d rho / d I = 0``); it is
+    the kink of ``min(.)``, and the point ``smooth`` rounds off."""
+    check_params(alpha, rho_max)
+    return math.log(rho_max) / alpha
+
+
 def kinks(alpha: float, rho_max: float, kind: Kind = "paper") -> tuple[float, ...]:
     """Values of I (nats) where rho is not differentiable, in increasing order."""
     check_params(alpha, rho_max, kind)
-    cap = math.log(rho_max)
     if kind == "smooth":
         return ()
     if kind == "floored":
-        return () if cap == 0.0 else (0.0, cap / alpha)
-    return (cap / alpha,)
+        return () if rho_max == 1.0 else (0.0, cap_point(alpha, rho_max))
+    return (cap_point(alpha, rho_max),)
 
 
 def bounds(
@@ -251,6 +259,10 @@ class MultiplierConfig:
     @property
     def kinks(self) -> tuple[float, ...]:
         return kinks(self.alpha, self.rho_max, self.kind)
+
+    @property
+    def cap_point(self) -> float:
+        return cap_point(self.alpha, self.rho_max)
 
     def bounds(self, I_range: tuple[float, float] = (-math.inf, math.inf)) -> tuple[float, float]:
         return bounds(self.alpha, self.rho_max, self.kind, self.sharpness, I_range)

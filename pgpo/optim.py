@@ -29,7 +29,6 @@ class ModulatedOptimizer:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.optimizer = optimizer
-        self.last_rho: float | None = None
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
@@ -55,7 +54,6 @@ class ModulatedOptimizer:
         finally:
             for group, lr in zip(self.optimizer.param_groups, saved):
                 group["lr"] = lr
-        self.last_rho = rho
         return result
 
     def state_dict(self) -> dict[str, Any]:

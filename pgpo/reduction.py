@@ -6,10 +6,13 @@ Every per-token quantity ``x[b, t]`` is reduced as ``sum_bt w[b, t] * x[b, t]`` 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Literal
 
 import torch
 
+# What a per-token quantity is reduced to: the mean over masked tokens, the mean over sequences
+# of each sequence's token mean, or the plain masked sum.
 Reduction = Literal["token_mean", "seq_mean", "sum"]
 # Tokens per chunk. 16 x 151,936 float32 is 9.7 MB per buffer: small enough that the allocator
 # reuses it (no page faults per chunk) and fast on CPU. On a GPU, larger chunks (128-512) amortise
@@ -36,7 +39,9 @@ def flatten(
     return logits.reshape(-1, logits.shape[-1]), mask.reshape(-1) != 0, token_shape
 
 
-def reduction_denominator(mask: torch.Tensor, reduction: str, empty_sequences_count: bool) -> float:
+def reduction_denominator(
+    mask: torch.Tensor, reduction: Reduction, empty_sequences_count: bool
+) -> float:
     """What :func:`reduction_weights` divides by: the number of masked tokens (``token_mean``),
     of sequences (``seq_mean``; only non-empty ones unless ``empty_sequences_count``), or 1
     (``sum``). Ranks that each hold a slice of the batch sum their denominators and pass the
@@ -54,7 +59,7 @@ def reduction_denominator(mask: torch.Tensor, reduction: str, empty_sequences_co
 
 def reduction_weights(
     mask: torch.Tensor,
-    reduction: str,
+    reduction: Reduction,
     empty_sequences_count: bool,
     denominator: float | None = None,
 ) -> torch.Tensor:
@@ -83,12 +88,22 @@ def reduction_weights(
     raise ValueError(f"reduction must be one of token_mean, seq_mean, sum; got {reduction!r}")
 
 
-def chunks(n: int, chunk_size: int):
+def chunks(n: int, chunk_size: int) -> Iterator[tuple[int, int]]:
     """Yield (start, stop) covering range(n) in steps of chunk_size."""
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
     for start in range(0, n, chunk_size):
         yield start, min(start + chunk_size, n)
+
+
+def kept_chunks(keep: torch.Tensor, chunk_size: int) -> Iterator[torch.Tensor]:
+    """The chunk loop of every chunked pass: for each run of ``chunk_size`` rows of the bool
+    mask ``keep`` ``[N]``, the global indices ``[n]`` of its kept rows (chunks with none are
+    skipped). Masked rows are never computed."""
+    for start, stop in chunks(keep.shape[0], chunk_size):
+        rows = keep[start:stop].nonzero().squeeze(-1)
+        if rows.numel() > 0:
+            yield start + rows
 
 
 def check_temperature(temperature: float) -> None:

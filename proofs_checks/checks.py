@@ -342,7 +342,7 @@ def log_checks(
 ) -> list[Check]:
     """Regularity checks on observed I values: share below 0, share at the cap."""
     info = metrics["info"][np.isfinite(metrics["info"])]
-    cap = math.log(multiplier.rho_max) / multiplier.alpha
+    cap = multiplier.cap_point
     at_cap = float((info >= cap).mean())
     out = [rho_at_least_one(multiplier, info, source)]
     out.append(

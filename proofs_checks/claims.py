@@ -255,8 +255,8 @@ def claim_c6_overhead(bench_file: Path | None) -> Check:
             "C6.overhead",
             "C6: O(1) overhead per iteration",
             NOT_MEASURED,
-            "no trainer benchmark output found (benchmarks/bench_train_step.py writes "
-            "benchmarks/results/train_step.json once the trainer exists)",
+            "no trainer benchmark output found (python benchmarks/bench_train_step.py writes "
+            "benchmarks/results/train_step.json)",
         )
     data = json.loads(Path(bench_file).read_text())
     ratio = float(data["time_ratio"])
@@ -276,9 +276,7 @@ def _histogram(infos, mult, path) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.6))
     ax.hist(infos, bins=80, color="C0", alpha=0.8)
     ax.axvline(0.0, color="k", lw=1, label="I = 0 (rho = 1)")
-    ax.axvline(
-        np.log(mult.rho_max) / mult.alpha, color="C3", ls="--", lw=1, label="I* (rho = rho_max)"
-    )
+    ax.axvline(mult.cap_point, color="C3", ls="--", lw=1, label="I* (rho = rho_max)")
     ax.set_xlabel("I_hat (nats)")
     ax.set_ylabel("count")
     ax.legend(fontsize=8)

@@ -10,7 +10,7 @@ carries the finite-population factor ``(N - b) / (N - 1)``. Every model's diffus
 symmetric PSD square root of its covariance, ``[P, d, d]``, so that all models (and the Gaussian
 chain) are driven by one d-dimensional Brownian motion and can share its increments.
 
-Models (DESIGN.md section 2):
+Models (docs/sde.md explains what each one tests):
 
 - ``paper``: drift ``-rho(I(theta)) grad L``, diffusion ``sqrt(eta) Sigma_b^{1/2}``
   (Theorem A.2 ii, with the ``sqrt(eta)`` that the printed theorem drops restored);

@@ -1,4 +1,4 @@
-"""The toolkit's findings, each as a check that could fail (DESIGN.md section 2, issue 3)."""
+"""The toolkit's findings, each as a check that could fail (docs/sde.md, docs/claims.md)."""
 
 import json
 

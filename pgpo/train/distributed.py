@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from pgpo.train.config import FSDPConfig
+from pgpo.train.model import torch_dtype
 
 # torch's checkpoint_wrapper puts this in front of the wrapped layer's parameter names.
 _WRAPPED = "_checkpoint_wrapped_module."
@@ -81,16 +82,18 @@ def full(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
-def full_named_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(name, full tensor)`` for every state-dict entry of a transformers model, one at a time
-    (peak extra memory: the largest tensor), with transformers' names even when the layers are
-    wrapped for activation checkpointing. Under FSDP2 every rank must consume it in step."""
-    for name, tensor in model.state_dict().items():
+def full_named_tensors(lm: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, full tensor)`` for every state-dict entry of a transformers causal LM, one at a
+    time (peak extra memory: the largest tensor), with transformers' names even when the layers
+    are wrapped for activation checkpointing. Under FSDP2 every rank must consume it in step."""
+    for name, tensor in lm.state_dict().items():
         yield name.replace(_WRAPPED, ""), full(tensor).detach()
 
 
-def shard(net: torch.nn.Module, lm: torch.nn.Module, cfg: FSDPConfig, trainable: bool) -> None:
-    """FSDP2 in place: ``fully_shard`` on each decoder layer of ``lm``, then on ``net`` (the
+def shard(
+    policy: torch.nn.Module, lm: torch.nn.Module, cfg: FSDPConfig, *, trainable: bool
+) -> None:
+    """FSDP2 in place: ``fully_shard`` on each decoder layer of ``lm``, then on ``policy`` (the
     :class:`~pgpo.train.forward.Policy` holding it) for the rest (embedding, final norm, LM
     head). Parameters stay in their dtype (the fp32 master weights); forward and backward run in
     ``cfg.compute_dtype``, gradients are reduced in fp32. Activation checkpointing (trainable
@@ -108,7 +111,7 @@ def shard(net: torch.nn.Module, lm: torch.nn.Module, cfg: FSDPConfig, trainable:
     if cfg.cpu_offload and device == "cpu":
         raise ValueError("fsdp.cpu_offload=true needs GPUs (without them shards are in CPU memory)")
     mesh = init_device_mesh(device, (dist.get_world_size(),))
-    compute = torch.bfloat16 if cfg.compute_dtype == "bfloat16" else torch.float32
+    compute = torch_dtype(cfg.compute_dtype)
     options = dict(
         mesh=mesh,
         mp_policy=MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32),
@@ -126,21 +129,21 @@ def shard(net: torch.nn.Module, lm: torch.nn.Module, cfg: FSDPConfig, trainable:
         fully_shard(layer, **options)
     # The root's parameters (embedding, LM head) stay gathered after its forward by default,
     # for the backward that follows; a teacher has no backward, so it gives them back at once.
-    fully_shard(net, reshard_after_forward=not trainable, **options)
+    fully_shard(policy, reshard_after_forward=not trainable, **options)
 
 
-def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict with whole tensors on the CPU and transformers' names (what a
+def full_state_dict(lm: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The causal LM's state dict with whole tensors on the CPU and transformers' names (what a
     single process saves). A collective under FSDP2."""
-    return {name: t.cpu().clone() for name, t in full_named_tensors(model)}
+    return {name: t.cpu().clone() for name, t in full_named_tensors(lm)}
 
 
-def load_full_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load whole tensors (as written by :func:`full_state_dict`) into a model whose
+def load_full_state_dict(lm: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load whole tensors (as written by :func:`full_state_dict`) into a causal LM whose
     parameters may be sharded: each rank copies its own shard."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
-    own = model.state_dict()
+    own = lm.state_dict()
     mapped = {}
     for name, target in own.items():
         source = state[name.replace(_WRAPPED, "")]
@@ -149,7 +152,7 @@ def load_full_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor])
                 source.to(target.dtype), target.device_mesh, target.placements
             )
         mapped[name] = source
-    model.load_state_dict(mapped)
+    lm.load_state_dict(mapped)
 
 
 def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:

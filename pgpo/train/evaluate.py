@@ -27,7 +27,9 @@ def evaluate(
     per_question, formatted = [], 0
     for q, group in zip(questions, completions):
         texts = [tokenizer.decode(c.tokens, skip_special_tokens=True) for c in group]
-        per_question.append(sum(reward(t, q.answer, leading_letter) for t in texts) / k)
+        per_question.append(
+            sum(reward(t, q.answer, leading_letter=leading_letter) for t in texts) / k
+        )
         formatted += sum(extract_answer(t).has_answer_tag for t in texts)
     return {
         "avg_at_k": sum(per_question) / len(per_question),

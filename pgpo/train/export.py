@@ -11,9 +11,7 @@ import torch
 from pgpo.cli_util import atomic_dir
 from pgpo.train import checkpoint
 from pgpo.train.config import ModelConfig, model_config
-from pgpo.train.model import TINY, load_model, load_tokenizer
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+from pgpo.train.model import TINY, load_model, load_tokenizer, torch_dtype
 
 
 def _empty_model(cfg: ModelConfig, seed: int) -> torch.nn.Module:
@@ -50,7 +48,7 @@ def export(path: Path, out: Path, role: str = "policy", dtype: str | None = None
     model = _empty_model(cfg, state["config"]["seed"])
     model.load_state_dict(weights, assign=True)
     model.tie_weights()  # assign=True replaces tied tensors one by one: tie them again
-    model.to(DTYPES[dtype or cfg.dtype]).eval()
+    model.to(torch_dtype(dtype or cfg.dtype)).eval()
 
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)

@@ -15,7 +15,7 @@ import torch
 
 
 def response_hidden(
-    model: torch.nn.Module, prompts: list[list[int]], responses: list[list[int]], pad_id: int
+    lm: torch.nn.Module, prompts: list[list[int]], responses: list[list[int]], pad_id: int
 ) -> torch.Tensor:
     """Final hidden states ``[B, T, H]`` at the positions that predict each response token
     (T = longest response). The LM head is applied later, chunk by chunk, inside the loss: full-
@@ -27,8 +27,8 @@ def response_hidden(
     for i, s in enumerate(seqs):
         ids[i, : len(s)] = torch.tensor(s)
         attention[i, : len(s)] = 1
-    device = model.get_input_embeddings().weight.device
-    hidden = model.get_decoder()(
+    device = lm.get_input_embeddings().weight.device
+    hidden = lm.get_decoder()(
         input_ids=ids.to(device), attention_mask=attention.to(device)
     ).last_hidden_state
     t_max = max(len(r) for r in responses)
@@ -40,9 +40,9 @@ def response_hidden(
     return hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
 
 
-def head_weight(model: torch.nn.Module) -> torch.Tensor:
+def head_weight(lm: torch.nn.Module) -> torch.Tensor:
     """The LM head's ``[V, H]`` weight (the fused loss has no place for a bias)."""
-    head = model.get_output_embeddings()
+    head = lm.get_output_embeddings()
     if getattr(head, "bias", None) is not None:
         raise ValueError("LM heads with a bias are not supported by the fused loss")
     return head.weight

@@ -25,6 +25,7 @@ from pathlib import Path
 import yaml
 
 from pgpo.cli_util import ArgumentParser, UserError, positive_int, run
+from pgpo.multiplier import MultiplierConfig
 
 PRESETS = ("qwen3-8b-sdpo", "qwen3-8b-pgpo")
 
@@ -55,10 +56,11 @@ def check_run(preset: str, folder: Path, steps: int) -> dict:
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, steps + 1)), "missing steps"
     config = yaml.safe_load((folder / "config.yaml").read_text())
-    alpha, rho_max = config["pgpo"]["alpha"], config["pgpo"]["rho_max"]
+    p = config["pgpo"]
+    multiplier = MultiplierConfig(p["alpha"], p["rho_max"], p["kind"], p["sharpness"])
     for r in rows:
         assert math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]), f"step {r['step']}"
-        expected = min(math.exp(alpha * r["info"]), rho_max) if config["pgpo"]["enabled"] else 1
+        expected = float(multiplier(r["info"])) if p["enabled"] else 1.0
         assert abs(r["rho"] - expected) < 1e-9, f"step {r['step']}: rho {r['rho']}"
         if "tis_ratio_mean" in r:
             assert abs(r["tis_ratio_mean"] - 1) < 0.05, f"vLLM out of sync: {r['tis_ratio_mean']}"
@@ -73,7 +75,7 @@ def check_run(preset: str, folder: Path, steps: int) -> dict:
     }
 
 
-def _main(argv: list[str] | None) -> int:
+def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m pgpo.train.gpu_smoke", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="a local Qwen3-8B folder (or a hub id)")
     p.add_argument("--tokenizer", default=None, help="default: the model's")
@@ -83,7 +85,11 @@ def _main(argv: list[str] | None) -> int:
     p.add_argument("--out", default="runs/gpu-smoke")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     p.add_argument("overrides", nargs="*", help="trainer key=value for both runs")
-    args = p.parse_args(argv)
+    return p
+
+
+def _main(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
     import torch
 
     if args.gpus is None:

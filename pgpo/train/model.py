@@ -10,6 +10,14 @@ import torch
 from pgpo.train.config import ModelConfig
 
 TINY = "tiny-random-qwen3"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # the config's dtype names
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype a config names (``float32`` or ``bfloat16``, see ``config.Dtype``)."""
+    return DTYPES[name]
+
+
 QWEN3_VOCAB = 151_936  # Qwen3's embedding size (151,669 tokens, padded)
 
 
@@ -92,7 +100,7 @@ def small_qwen3(
 
 def load_model(cfg: ModelConfig, seed: int) -> torch.nn.Module:
     """The policy in train mode. ``tiny-random-qwen3`` is seeded by ``seed``."""
-    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+    dtype = torch_dtype(cfg.dtype)
     if cfg.path == TINY:
         model = small_qwen3(
             vocab_size=QWEN3_VOCAB,

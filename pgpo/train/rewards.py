@@ -38,30 +38,31 @@ def last_boxed(text: str) -> str | None:
 
 @dataclass(frozen=True)
 class Extraction:
+    """The answer read from a response, and whether it came from an ``<answer>`` tag."""
+
     answer: str
     has_answer_tag: bool
-    has_boxed: bool
 
 
-def extract_answer(response: str, leading_letter: bool = False) -> Extraction:
+def extract_answer(response: str, *, leading_letter: bool = False) -> Extraction:
     """The last ``<answer>`` tag, else the last ``\\boxed{}``, else (with ``leading_letter``) an
     option letter opening the response as in "B: ..." or "B) ...", else the whole response."""
     tags = _ANSWER.findall(response)
     if tags:
-        return Extraction(tags[-1].strip(), True, last_boxed(response) is not None)
+        return Extraction(tags[-1].strip(), True)
     boxed = last_boxed(response)
     if boxed is not None:
-        return Extraction(boxed.strip(), False, True)
+        return Extraction(boxed.strip(), False)
     if leading_letter:
         match = _LEADING_LETTER.match(response)
         if match:
-            return Extraction(match.group(1), False, False)
-    return Extraction(response.strip(), False, False)
+            return Extraction(match.group(1), False)
+    return Extraction(response.strip(), False)
 
 
-def reward(response: str, answer: str, leading_letter: bool = False) -> float:
+def reward(response: str, answer: str, *, leading_letter: bool = False) -> float:
     """1.0 when the extracted answer equals the answer letter (case-insensitive), else 0.0."""
-    extracted = extract_answer(response, leading_letter).answer
+    extracted = extract_answer(response, leading_letter=leading_letter).answer
     return float(extracted.upper() == answer.strip().upper())
 
 

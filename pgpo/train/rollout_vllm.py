@@ -95,12 +95,12 @@ class VLLMRolloutEngine:
             )
 
     @classmethod
-    def from_config(cls, cfg, model: torch.nn.Module, tokenizer) -> VLLMRolloutEngine:
-        """From a TrainConfig and the policy (before sharding). A policy that exists only in
-        memory (``tiny-random-qwen3``) is first saved to ``output.dir/.vllm-initial-weights``
-        (by rank 0; removed by :meth:`close`) for vLLM to load."""
+    def from_config(cls, cfg, lm: torch.nn.Module, tokenizer) -> VLLMRolloutEngine:
+        """From a TrainConfig and the policy's causal LM (before sharding). A policy that
+        exists only in memory (``tiny-random-qwen3``) is first saved to
+        ``output.dir/.vllm-initial-weights`` (by rank 0; removed by :meth:`close`) for vLLM."""
         cpu = not torch.cuda.is_available()
-        head_dim = getattr(model.config, "head_dim", None)
+        head_dim = getattr(lm.config, "head_dim", None)
         if cpu and head_dim is not None and head_dim not in CPU_HEAD_DIMS:
             raise ValueError(
                 f"rollout.engine=vllm on CPU: vLLM's CPU attention does not support head_dim "
@@ -113,7 +113,7 @@ class VLLMRolloutEngine:
             ranks = torch.distributed.is_initialized()
             if not ranks or torch.distributed.get_rank() == 0:
                 shutil.rmtree(path, ignore_errors=True)
-                model.save_pretrained(path)
+                lm.save_pretrained(path)
             if ranks:
                 torch.distributed.barrier()
         longest = max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens)
@@ -199,13 +199,13 @@ class VLLMRolloutEngine:
         return [entry[t].logprob for entry, t in zip(scored, continuation)]
 
     @torch.no_grad()
-    def sync_weights(self, model: torch.nn.Module) -> None:
-        """Load ``model``'s current weights (transformers names; sharded or not) into vLLM,
+    def sync_weights(self, lm: torch.nn.Module) -> None:
+        """Load ``lm``'s current weights (transformers names; sharded or not) into vLLM,
         then re-prepare the LM head and reset the prefix cache."""
         self._wake("weights")
         self.llm.collective_rpc(
             "reload_weights",
-            kwargs=dict(weights_iterator=full_named_tensors(model), is_checkpoint_format=True),
+            kwargs=dict(weights_iterator=full_named_tensors(lm), is_checkpoint_format=True),
         )
         self.llm.apply_model(_prepare_lm_head)
         self.llm.reset_prefix_cache()

@@ -6,8 +6,9 @@
    samples without a demonstration are masked out;
 4. student forward (with grad) and teacher forward (no grad) over the same response tokens; the
    loss is the divergence between them (Eq. 2 for beta = 1; the reference's JSD for 0.5), the LM
-   head applied chunk by chunk inside it (logits never held for a whole sequence);
-5. from the same logits, per-token entropies -> I_k (Eq. 8) -> rho_k (Eq. 9);
+   head applied chunk by chunk inside it (logits never held for a whole sequence), and the
+   per-token entropies come out of the same pass;
+5. I_k (Eq. 8, :func:`pgpo.information.weighted_entropy_gap`) and rho_k (Eq. 9);
 6. AdamW step scaled by rho_k (theta_{k+1} = theta_k - eta rho_k h_k), then the EMA teacher.
 A NaN/inf loss, gradient or I_k skips the step: weights, optimizer and teacher stay untouched.
 
@@ -22,10 +23,12 @@ import functools
 import math
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from pgpo.distill import head_divergence, head_token_logprobs
+from pgpo.information import weighted_entropy_gap
 from pgpo.multiplier import MultiplierConfig
 from pgpo.optim import ModulatedOptimizer
 from pgpo.reduction import reduction_denominator, reduction_weights
@@ -39,6 +42,69 @@ from pgpo.train.rollout import Completion, RolloutEngine
 from pgpo.train.teacher import Teacher, choose_demonstrations
 
 
+def train_step(
+    questions: list[Question],
+    policy: Policy,
+    teacher: Teacher,
+    tokenizer,
+    engine: RolloutEngine,
+    optimizer: ModulatedOptimizer,
+    scheduler,
+    cfg: TrainConfig,
+    multiplier: MultiplierConfig | None,
+    world: World | None = None,
+    seeds: list[int] | None = None,
+) -> dict:
+    """One step on this rank's ``questions``; returns the step's metrics (over all ranks).
+    ``multiplier=None`` is SDPO (rho = 1). ``seeds``: one RNG seed per question for its
+    rollouts (``rollout.seed_per_prompt``)."""
+    t0 = time.perf_counter()
+    world = world or World()
+    need_info = multiplier is not None or cfg.pgpo.track_info
+
+    rollouts = sample_rollouts(questions, tokenizer, engine, cfg, seeds)  # 1.
+    rewards = score(questions, rollouts, cfg)  # 2.
+    samples = with_demonstrations(questions, rollouts, rewards, tokenizer, cfg)  # 3.
+    pad = tokenizer.pad_token_id  # 4.: gradients accumulate in .grad
+    sums = loss_and_entropies(samples, policy, teacher, pad, cfg, world, with_entropies=need_info)
+
+    has_signal = need_info and sums.trained_tokens > 0
+    info = sums.info if has_signal else 0.0  # Eq. 8: I_k (0 without a trained token)
+    rho = 1.0 if multiplier is None else float(multiplier(info))  # Eq. 9: rho_k
+    finite = math.isfinite(sums.loss) and math.isfinite(info)
+    grad_norm, stepped = modulated_step(  # 6.
+        policy, teacher, optimizer, scheduler, cfg, rho=rho, finite_so_far=finite
+    )
+
+    seconds = time.perf_counter() - t0
+    metrics = step_metrics(questions, rollouts, rewards, samples, sums, world, cfg)
+    metrics.update(
+        loss=sums.loss,
+        info=info,
+        rho=rho,
+        entropy_student=sums.entropy_student if has_signal else 0.0,
+        entropy_teacher=sums.entropy_teacher if has_signal else 0.0,
+        grad_norm=grad_norm,
+        skipped=not stepped,
+        lr=optimizer.param_groups[0]["lr"],
+        empty_target_batch=not has_signal,
+        rollout_seconds=rollouts.seconds,
+        train_seconds=seconds - rollouts.seconds,
+        step_seconds=seconds,
+    )
+    return metrics
+
+
+@dataclass(frozen=True)
+class Rollouts:
+    """Step 1's result: the student prompts, n completions per question and their texts."""
+
+    prompts: list[list[int]]
+    completions: list[list[Completion]]
+    texts: list[list[str]]
+    seconds: float
+
+
 @dataclass
 class Sample:
     """One rollout prepared for the loss: prompts for both roles and the shared response."""
@@ -48,6 +114,79 @@ class Sample:
     response: list[int]
     trained: bool  # False: no demonstration, masked out of loss and I_k
     engine_logprobs: list[float] | None = None  # the rollout engine's, per response token
+
+
+class StepSums(NamedTuple):
+    """Step 4's sums over all ranks: the loss, Eq. 8's weighted sums (I_k and the two mean
+    entropies), the truncated-IS ratio sum and clipped count, and the trained tokens."""
+
+    loss: float
+    info: float
+    entropy_student: float
+    entropy_teacher: float
+    tis_ratio_sum: float
+    tis_clipped: float
+    trained_tokens: float
+
+
+def sample_rollouts(
+    questions: list[Question], tokenizer, engine: RolloutEngine, cfg: TrainConfig, seeds
+) -> Rollouts:
+    """Step 1: ``rollout.n`` samples per question from the current policy."""
+    start = time.perf_counter()
+    prompts = [student_prompt(tokenizer, q, cfg.rollout.max_prompt_tokens) for q in questions]
+    r = cfg.rollout
+    completions = engine.generate(prompts, r.n, r.temperature, r.top_p, r.max_new_tokens, seeds)
+    texts = [
+        [tokenizer.decode(c.tokens, skip_special_tokens=True) for c in group]
+        for group in completions
+    ]
+    return Rollouts(prompts, completions, texts, time.perf_counter() - start)
+
+
+def score(questions: list[Question], rollouts: Rollouts, cfg: TrainConfig) -> list[list[float]]:
+    """Step 2: 1 for each rollout whose extracted answer is the question's letter, else 0."""
+    lenient = cfg.reward.leading_letter
+    return [
+        [reward(t, q.answer, leading_letter=lenient) for t in group]
+        for q, group in zip(questions, rollouts.texts)
+    ]
+
+
+def with_demonstrations(
+    questions: list[Question], rollouts: Rollouts, rewards, tokenizer, cfg: TrainConfig
+) -> list[Sample]:
+    """Step 3: each rollout with its teacher prompt, the question plus the first successful
+    sibling's answer (thinking stripped); without one it is kept but not trained."""
+    t = cfg.teacher
+    demos = choose_demonstrations(
+        rewards, rollouts.texts, t.success_threshold, own_success_ok=t.reprompt_on_own_success
+    )
+    samples = []
+    for q, prompt, group, group_demos in zip(
+        questions, rollouts.prompts, rollouts.completions, demos
+    ):
+        for completion, demo in zip(group, group_demos):
+            if demo is None and t.fallback_demonstration == "gold":
+                demo = f"<answer>{q.answer}</answer>"
+            if demo is not None and t.strip_thinking:
+                demo = strip_thinking(demo)
+            tprompt = (
+                prompt
+                if demo is None
+                else teacher_prompt(tokenizer, q, demo, t.max_reprompt_tokens)
+            )
+            # An empty response (stopped at once) has nothing to train on.
+            samples.append(
+                Sample(
+                    prompt,
+                    tprompt,
+                    completion.tokens or [tokenizer.pad_token_id],
+                    demo is not None and len(completion.tokens) > 0,
+                    completion.logprobs if completion.tokens else [0.0],
+                )
+            )
+    return samples
 
 
 def response_mask(samples: list[Sample]) -> torch.Tensor:
@@ -72,6 +211,80 @@ def engine_logprobs(samples: list[Sample]) -> torch.Tensor | None:
     return out
 
 
+def loss_and_entropies(
+    samples: list[Sample],
+    policy: Policy,
+    teacher: Teacher,
+    pad: int,
+    cfg: TrainConfig,
+    world: World,
+    *,
+    with_entropies: bool,
+) -> StepSums:
+    """Step 4: forward and backward in micro-batches, gradients accumulated in ``.grad``.
+
+    The loss weights and Eq. 8's weights are those of the whole step (denominators summed over
+    ranks), so neither micro-batching nor the number of ranks changes the sums."""
+    mask = response_mask(samples)
+    loss_den, info_den, trained_tokens = world.sum(
+        [
+            reduction_denominator(mask, cfg.loss.reduction, empty_sequences_count=True),
+            reduction_denominator(mask, cfg.pgpo.info_reduction, empty_sequences_count=False),
+            mask.sum(),
+        ]
+    )
+    loss_w = reduction_weights(
+        mask, cfg.loss.reduction, empty_sequences_count=True, denominator=loss_den
+    ).float()
+    info_w = reduction_weights(
+        mask, cfg.pgpo.info_reduction, empty_sequences_count=False, denominator=info_den
+    )
+    # The engine's log-probs, for the truncated importance-sampling correction (vLLM).
+    behaviour = engine_logprobs(samples) if cfg.rollout.tis_cap is not None else None
+    totals = [0.0] * 6  # loss, I_k, H_S, H_T (Eq. 8's sums), IS ratio sum, IS clipped
+    for start in range(0, len(samples), cfg.loss.micro_batch):
+        mb = samples[start : start + cfg.loss.micro_batch]
+        rows = slice(start, start + len(mb))
+        t_mb = max(len(s.response) for s in mb)
+        responses = [s.response for s in mb]
+        with torch.no_grad():
+            teacher_hidden = teacher.policy([s.teacher_prompt for s in mb], responses, pad)
+            teacher_head = full(head_weight(teacher.lm)).to(teacher_hidden.dtype)
+        student_loss = functools.partial(
+            distill_loss,
+            teacher_hidden=teacher_hidden,
+            teacher_head=teacher_head,
+            weights=loss_w[rows, :t_mb],
+            targets=torch.tensor([r + [pad] * (t_mb - len(r)) for r in responses]),
+            behaviour=None if behaviour is None else behaviour[rows, :t_mb],
+            cfg=cfg,
+            with_entropies=with_entropies,
+        )
+        out = policy([s.student_prompt for s in mb], responses, pad, student_loss)
+        # FSDP2 averages gradients over ranks; this rank's loss is its share of the batch's.
+        (out.loss * world.size).backward()
+        gap = (
+            weighted_entropy_gap(out.h_student, out.h_teacher, info_w[rows, :t_mb])
+            if with_entropies
+            else (0.0, 0.0, 0.0)
+        )
+        parts = (out.loss.item(), *gap, out.tis_ratio_sum, out.tis_clipped)
+        totals = [total + float(part) for total, part in zip(totals, parts)]
+        del teacher_hidden, teacher_head
+    return StepSums(*world.sum(totals), trained_tokens)
+
+
+class DistillOutput(NamedTuple):
+    """A micro-batch's loss (differentiable), per-token entropies ``[B, T]`` of both roles, and
+    the truncated-IS sums over its trained tokens (ratio sum, number clipped)."""
+
+    loss: torch.Tensor
+    h_student: torch.Tensor
+    h_teacher: torch.Tensor
+    tis_ratio_sum: float
+    tis_clipped: float
+
+
 def distill_loss(
     student_hidden: torch.Tensor,
     student_head: torch.Tensor,
@@ -83,13 +296,12 @@ def distill_loss(
     behaviour: torch.Tensor | None,
     cfg: TrainConfig,
     with_entropies: bool,
-    tis: list[float],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> DistillOutput:
     """A micro-batch's loss and per-token entropies (the ``loss_fn`` of :class:`Policy`: it runs
     inside the policy's forward, where FSDP2 has the LM head gathered). Hidden states
-    ``[B, T, H]``, heads ``[V, H]``, weights / targets / behaviour log-probs ``[B, T]``;
-    ``tis`` accumulates [sum of importance ratios, number clipped] over trained tokens."""
+    ``[B, T, H]``, heads ``[V, H]``, weights / targets / behaviour log-probs ``[B, T]``."""
     w = weights.to(student_hidden.device)
+    tis_sum = tis_clipped = 0.0
     if behaviour is not None:
         # Truncated importance sampling (the reference's rollout correction): the engine
         # sampled with its own numerics, so each token's loss is multiplied by
@@ -99,13 +311,13 @@ def distill_loss(
         )
         ratio = (trainer_lp - behaviour.to(w.device)).exp()
         on = w != 0
-        tis[0] += float(ratio[on].double().sum())
-        tis[1] += float((ratio[on] > cfg.rollout.tis_cap).sum())
+        tis_sum = float(ratio[on].double().sum())
+        tis_clipped = float((ratio[on] > cfg.rollout.tis_cap).sum())
         w = w * ratio.clamp(max=cfg.rollout.tis_cap)
     # Eq. 2 (beta = 1) or the reference's JSD, weighted by the step's reduction weights, with
     # the LM head applied chunk by chunk; with I_k wanted, the per-token entropies of Eq. 8 come
     # out of the same pass over the logits (no extra forward).
-    return head_divergence(
+    loss, h_student, h_teacher = head_divergence(
         student_hidden,
         student_head,
         teacher_hidden,
@@ -118,143 +330,48 @@ def distill_loss(
         cfg.loss.chunk_size,
         return_entropies=with_entropies,
     )
+    return DistillOutput(loss, h_student, h_teacher, tis_sum, tis_clipped)
 
 
-def train_step(
-    questions: list[Question],
+def modulated_step(
     policy: Policy,
     teacher: Teacher,
-    tokenizer,
-    engine: RolloutEngine,
     optimizer: ModulatedOptimizer,
     scheduler,
     cfg: TrainConfig,
-    multiplier: MultiplierConfig | None,
-    world: World | None = None,
-    seeds: list[int] | None = None,
-) -> dict:
-    """One step on this rank's ``questions``; returns the step's metrics (over all ranks).
-    ``multiplier=None`` is SDPO (rho = 1). ``seeds``: one RNG seed per question for its
-    rollouts (``rollout.seed_per_prompt``)."""
-    t0 = time.perf_counter()
-    world = world or World()
-    n = cfg.rollout.n
-
-    # 1. Rollouts from the current policy.
-    prompts = [student_prompt(tokenizer, q, cfg.rollout.max_prompt_tokens) for q in questions]
-    completions: list[list[Completion]] = engine.generate(
-        prompts, n, cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.max_new_tokens, seeds
-    )
-    texts = [
-        [tokenizer.decode(c.tokens, skip_special_tokens=True) for c in group]
-        for group in completions
-    ]
-    t_rollout = time.perf_counter() - t0
-
-    # 2. Rewards (1 when the extracted letter is right).
-    lenient = cfg.reward.leading_letter
-    rewards = [[reward(t, q.answer, lenient) for t in group] for q, group in zip(questions, texts)]
-    formatted = [extract_answer(t).has_answer_tag for group in texts for t in group]
-
-    # 3. Demonstrations: the first successful sibling's answer, thinking stripped.
-    demos = choose_demonstrations(
-        rewards, texts, cfg.teacher.success_threshold, cfg.teacher.reprompt_on_own_success
-    )
-    samples = []
-    for q, prompt, group, group_demos in zip(questions, prompts, completions, demos):
-        for completion, demo in zip(group, group_demos):
-            if demo is None and cfg.teacher.fallback_demonstration == "gold":
-                demo = f"<answer>{q.answer}</answer>"
-            if demo is not None and cfg.teacher.strip_thinking:
-                demo = strip_thinking(demo)
-            tprompt = (
-                prompt
-                if demo is None
-                else teacher_prompt(tokenizer, q, demo, cfg.teacher.max_reprompt_tokens)
-            )
-            # An empty response (stopped at once) has nothing to train on.
-            samples.append(
-                Sample(
-                    prompt,
-                    tprompt,
-                    completion.tokens or [tokenizer.pad_token_id],
-                    demo is not None and len(completion.tokens) > 0,
-                    completion.logprobs if completion.tokens else [0.0],
-                )
-            )
-
-    # 4-5. Forwards in micro-batches: divergence (loss) and entropies (I_k) from the same logits.
-    # Weights are computed over the whole step (all ranks' denominators summed) so that
-    # neither micro-batching nor the number of ranks changes the sums.
-    mask = response_mask(samples)
-    loss_den, info_den, trained_tokens = world.sum(
-        [
-            reduction_denominator(mask, cfg.loss.reduction, empty_sequences_count=True),
-            reduction_denominator(mask, cfg.pgpo.info_reduction, empty_sequences_count=False),
-            mask.sum(),
-        ]
-    )
-    loss_w = reduction_weights(mask, cfg.loss.reduction, True, loss_den).float()
-    info_w = reduction_weights(mask, cfg.pgpo.info_reduction, False, info_den)
-    # The engine's log-probs, for the truncated importance-sampling correction (vLLM).
-    behaviour = engine_logprobs(samples) if cfg.rollout.tis_cap is not None else None
-    tis = [0.0, 0.0]  # sum of ratios, number clipped (over trained tokens)
-    loss_total, info_total, h_student, h_teacher = 0.0, 0.0, 0.0, 0.0
-    pad = tokenizer.pad_token_id
-    need_info = multiplier is not None or cfg.pgpo.track_info
-    optimizer.zero_grad()
-    for start in range(0, len(samples), cfg.loss.micro_batch):
-        mb = samples[start : start + cfg.loss.micro_batch]
-        rows = slice(start, start + len(mb))
-        t_mb = max(len(s.response) for s in mb)
-        responses = [s.response for s in mb]
-        with torch.no_grad():
-            teacher_hidden = teacher.net([s.teacher_prompt for s in mb], responses, pad)
-            teacher_head = full(head_weight(teacher.model)).to(teacher_hidden.dtype)
-        targets = torch.tensor([r + [pad] * (t_mb - len(r)) for r in responses])
-        student_loss = functools.partial(
-            distill_loss,
-            teacher_hidden=teacher_hidden,
-            teacher_head=teacher_head,
-            weights=loss_w[rows, :t_mb],
-            targets=targets,
-            behaviour=None if behaviour is None else behaviour[rows, :t_mb],
-            cfg=cfg,
-            with_entropies=need_info,
-            tis=tis,
-        )
-        loss, hs, ht = policy([s.student_prompt for s in mb], responses, pad, student_loss)
-        # FSDP2 averages gradients over ranks; this rank's loss is its share of the batch's.
-        (loss * world.size).backward()
-        loss_total += loss.item()
-        if need_info:  # Eq. 8: I_k = mean over trained tokens of H(student) - H(teacher)
-            w = info_w[rows, :t_mb]
-            hs, ht = hs.double().cpu(), ht.double().cpu()
-            info_total += float((w * (hs - ht)).sum())
-            h_student += float((w * hs).sum())
-            h_teacher += float((w * ht).sum())
-        del teacher_hidden, teacher_head
-
-    # 6. The modulated step, unless anything is non-finite. Every rank holds the same totals.
-    loss_total, info_total, h_student, h_teacher, tis_sum, tis_clipped = world.sum(
-        [loss_total, info_total, h_student, h_teacher, *tis]
-    )
+    *,
+    rho: float,
+    finite_so_far: bool,
+) -> tuple[float, bool]:
+    """Step 6: clip the accumulated gradient, then, unless anything is non-finite, AdamW's step
+    scaled by ``rho`` (``theta <- theta - eta rho h``), the schedule and the EMA teacher.
+    Returns (gradient norm before clipping, whether the step was taken)."""
     grad_norm = float(
         full(torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.optim.grad_clip))
     )
-    has_signal = trained_tokens > 0 and need_info
-    info = info_total if has_signal else 0.0  # no trained token (or not tracked): I = 0
-    rho = 1.0 if multiplier is None else float(multiplier(info))  # Eq. 9
-    finite = all(math.isfinite(v) for v in (loss_total, grad_norm, info, rho))
-    if finite:
+    stepped = finite_so_far and math.isfinite(grad_norm) and math.isfinite(rho)
+    if stepped:
         optimizer.step(rho)
         scheduler.step()
         teacher.update(policy)
     optimizer.zero_grad()
+    return grad_norm, stepped
 
-    seconds = time.perf_counter() - t0
-    lengths = [len(c.tokens) for group in completions for c in group]
+
+def step_metrics(
+    questions: list[Question],
+    rollouts: Rollouts,
+    rewards: list[list[float]],
+    samples: list[Sample],
+    sums: StepSums,
+    world: World,
+    cfg: TrainConfig,
+) -> dict:
+    """The step's rollout and reward metrics over all ranks (the loss side is added by the
+    caller)."""
+    lengths = [len(c.tokens) for group in rollouts.completions for c in group]
     flat_rewards = [r for group in rewards for r in group]
+    formatted = [extract_answer(t).has_answer_tag for group in rollouts.texts for t in group]
     threshold = cfg.teacher.success_threshold
     (count, reward_sum, correct, formatted_sum, length_sum, trained, groups, success_groups) = (
         world.sum(
@@ -274,28 +391,16 @@ def train_step(
         "reward": reward_sum / count,
         "accuracy": correct / count,
         "format_rate": formatted_sum / count,
-        "loss": loss_total,
-        "info": info,
-        "rho": rho,
-        "entropy_student": h_student if has_signal else 0.0,
-        "entropy_teacher": h_teacher if has_signal else 0.0,
-        "grad_norm": grad_norm,
-        "skipped": not finite,
-        "lr": optimizer.param_groups[0]["lr"],
         "response_length_mean": length_sum / count,
         "response_length_max": int(world.max(max(lengths))),
         "masked_share": 1.0 - trained / count,
         "success_group_fraction": success_groups / groups,
-        "empty_target_batch": not has_signal,
-        "rollout_seconds": t_rollout,
-        "train_seconds": seconds - t_rollout,
-        "step_seconds": seconds,
-        "tokens_per_second": sum(lengths) / max(t_rollout, 1e-9),
+        "tokens_per_second": sum(lengths) / max(rollouts.seconds, 1e-9),
         "samples": [
             {
                 "question": q.prompt[:200],
                 "answer": q.answer,
-                "response": texts[i][0],
+                "response": rollouts.texts[i][0],
                 "reward": rewards[i][0],
             }
             for i, q in enumerate(questions[:2])
@@ -304,7 +409,8 @@ def train_step(
     if torch.cuda.is_available():  # the step's peak, then start the next step's count afresh
         metrics["gpu_peak_gib"] = world.max(torch.cuda.max_memory_allocated() / 2**30)
         torch.cuda.reset_peak_memory_stats()
-    if behaviour is not None and trained_tokens > 0:
-        metrics["tis_ratio_mean"] = tis_sum / trained_tokens
-        metrics["tis_clipped_share"] = tis_clipped / trained_tokens
+    corrected = cfg.rollout.tis_cap is not None and engine_logprobs(samples) is not None
+    if corrected and sums.trained_tokens > 0:
+        metrics["tis_ratio_mean"] = sums.tis_ratio_sum / sums.trained_tokens
+        metrics["tis_clipped_share"] = sums.tis_clipped / sums.trained_tokens
     return metrics

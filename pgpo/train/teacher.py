@@ -15,24 +15,24 @@ from pgpo.train.forward import Policy
 
 
 class Teacher:
-    """The teacher network (``net``, a :class:`Policy`) and its update rule. ``student`` is the
-    policy's :class:`Policy`; ``model`` is the teacher's causal LM."""
+    """The teacher's network (``policy``, a :class:`Policy` around the causal LM ``lm``) and its
+    update rule. Built from the student's :class:`Policy`: a copy of it, or (``live``) itself."""
 
     def __init__(
         self, student: Policy, mode: str, ema_rate: float, dtype: torch.dtype | None = None
     ) -> None:
         self.mode, self.ema_rate = mode, ema_rate
         if mode == "live":
-            self.net = student
+            self.policy = student
         else:
-            self.net = Policy(copy.deepcopy(student.lm)).eval()
-            self.net.requires_grad_(False)
+            self.policy = Policy(copy.deepcopy(student.lm)).eval()
+            self.policy.requires_grad_(False)
             if dtype is not None:
-                self.net.to(dtype)
+                self.policy.to(dtype)
 
     @property
-    def model(self) -> torch.nn.Module:
-        return self.net.lm
+    def lm(self) -> torch.nn.Module:
+        return self.policy.lm
 
     @torch.no_grad()
     def update(self, student: Policy) -> None:
@@ -40,19 +40,19 @@ class Teacher:
         sharded alike, so each rank updates its own shards."""
         if self.mode != "ema" or self.ema_rate == 0:
             return
-        for t, s in zip(self.net.parameters(), student.parameters()):
+        for t, s in zip(self.policy.parameters(), student.parameters()):
             t.lerp_(s.detach().to(t.dtype), self.ema_rate)
 
     def state_dict(self) -> dict | None:
-        return None if self.mode == "live" else self.model.state_dict()
+        return None if self.mode == "live" else self.lm.state_dict()
 
     def load_state_dict(self, state: dict | None) -> None:
         if self.mode != "live" and state is not None:
-            self.model.load_state_dict(state)
+            self.lm.load_state_dict(state)
 
 
 def choose_demonstrations(
-    rewards: list[list[float]], texts: list[list[str]], threshold: float, own_success_ok: bool
+    rewards: list[list[float]], texts: list[list[str]], threshold: float, *, own_success_ok: bool
 ) -> list[list[str | None]]:
     """For each rollout, the first successful sibling's response (not its own unless allowed);
     None where there is none (the sample is then masked out of the loss)."""
