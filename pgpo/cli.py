@@ -17,7 +17,14 @@ import typing
 
 import numpy as np
 
-from pgpo.cli_util import ArgumentParser, atomic_dir, positive_float, positive_int, run
+from pgpo.cli_util import (
+    ArgumentParser,
+    check_output,
+    output_files,
+    positive_float,
+    positive_int,
+    run,
+)
 from pgpo.multiplier import KINDS, MultiplierConfig, cap_point
 from pgpo.train.config import Dtype
 
@@ -69,6 +76,8 @@ def _plot_multiplier(alpha: float, rho_max: float, sharpness: float, path) -> No
 
 def _cmd_multiplier(args) -> int:
     rows = multiplier_report(args.alpha, args.rho_max, args.sharpness)
+    if args.out:
+        check_output(args.out)
     print(f"rho(I) = min(exp(alpha I), rho_max), alpha={args.alpha:g}, rho_max={args.rho_max:g}")
     print(
         f"{'kind':8s} {'inf':>6s} {'sup':>6s} {'Lipschitz':>9s}  {'kinks (I)':18s} "
@@ -81,7 +90,7 @@ def _cmd_multiplier(args) -> int:
             f"{kinks:18s} " + " ".join(f"{v:9.4f}" for v in r["rho_at"].values())
         )
     if args.out:
-        with atomic_dir(args.out) as tmp:
+        with output_files(args.out) as tmp:
             (tmp / "multiplier.json").write_text(
                 json.dumps(
                     dict(
@@ -101,7 +110,8 @@ def _cmd_train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)  # refused here, before any model loads
     out = train(cfg, resume=args.resume)
-    print(f"wrote {out}/metrics.jsonl, samples.jsonl and checkpoints/")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun: once
+        print(f"wrote {out}/metrics.jsonl, samples.jsonl and checkpoints/")
     return 0
 
 
@@ -121,12 +131,15 @@ def _cmd_consolidate(args) -> int:
 
     from pgpo.train import checkpoint
 
-    source = Path(args.checkpoint)
-    if not (source / "state.pt").exists():
-        raise ValueError(f"--checkpoint {source}: not a checkpoint folder (no state.pt)")
+    source, out = Path(args.checkpoint), Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a folder")
+    target = out / f"{checkpoint.PREFIX}{checkpoint.load(source)['step']:06d}"
+    if target.exists():  # never replaced: it is not this command's
+        raise ValueError(f"--out {out} already holds {target.name}")
     state = checkpoint.consolidate(source)
     step, rng = state.pop("step"), state.pop("rng")
-    final = checkpoint.save(Path(args.out), step, state, rng=rng)
+    final = checkpoint.save(out, step, state, rng=rng)
     print(f"wrote {final} (whole tensors: pgpo eval / train --resume in one process)")
     return 0
 

@@ -1,12 +1,16 @@
 """Command-line plumbing shared by ``pgpo``, ``pgpo-sde`` and ``pgpo-check``.
 
-User mistakes (bad arguments, bad values) end with one line on stderr and exit code 2, never a
-traceback; outputs are written to a temporary folder and moved into place only when complete.
+One error path for every command: a user mistake (bad argument, bad value, bad file), a file
+system failure (no permission, a full disk) or an interruption ends with one line on stderr and
+exit code 2 (130 for Ctrl-C, 143 for SIGTERM), never a traceback. Outputs are written to a
+temporary folder and moved into place only when complete; nothing that a command did not write
+is ever replaced or removed.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import shutil
 import sys
@@ -15,9 +19,20 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+USER_ERROR = 2
+
 
 class UserError(Exception):
     """A mistake in what the user asked for: reported as one line, exit code 2."""
+
+
+class Interrupted(Exception):
+    """The run was stopped by a signal after saving what it could; ``code`` is the exit code
+    (128 + the signal's number) and the message says how to continue."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -25,17 +40,30 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UserError(message)
 
 
+def os_error_text(err: OSError) -> str:
+    """An OSError in one line that names the file and, for a full disk, says so."""
+    where = f" ({err.filename})" if err.filename else ""
+    if err.errno == errno.ENOSPC:
+        return f"no space left on device{where}: free some space, then run again"
+    return f"{err.strerror or err}{where}"
+
+
 def run(main: Callable[[list[str] | None], int], prog: str, argv: list[str] | None = None) -> int:
-    """Run ``main(argv)``; turn UserError/ValueError into ``prog: error: ...`` and exit 2
-    (``PGPO_DEBUG=1`` re-raises them with their traceback)."""
+    """Run ``main(argv)``; turn UserError/ValueError/OSError into ``prog: error: ...`` and exit
+    2 (``PGPO_DEBUG=1`` re-raises them with their traceback)."""
     try:
         return main(argv)
-    except (UserError, ValueError) as err:
+    except (UserError, ValueError, OSError) as err:
         if os.environ.get("PGPO_DEBUG"):  # a ValueError can also be a bug: show the traceback
             raise
-        message = " ".join(str(err).split())  # one line
-        print(f"{prog}: error: {message}", file=sys.stderr)
-        return 2
+        text = os_error_text(err) if isinstance(err, OSError) else str(err)
+        # One line, printable whatever the input held (a non-UTF-8 byte arrives as a surrogate).
+        text = " ".join(text.split()).encode("utf-8", "backslashreplace").decode("utf-8")
+        print(f"{prog}: error: {text}", file=sys.stderr)
+        return USER_ERROR
+    except Interrupted as err:
+        print(f"{prog}: {err}", file=sys.stderr)
+        return err.code
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
@@ -55,13 +83,26 @@ def positive_int(text: str) -> int:
     return value
 
 
-@contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder beside ``path``; on success it replaces ``path`` at once.
+def check_output(path: str | os.PathLike) -> None:
+    """Refuse, before any work, an output location that :func:`output_files` could not fill:
+    an existing file, or a place where no folder can be made. Leaves nothing behind."""
+    final = Path(path)
+    if final.exists() and not final.is_dir():
+        raise UserError(f"{final} exists and is not a folder")
+    existing = final if final.exists() else next(p for p in final.absolute().parents if p.exists())
+    os.rmdir(tempfile.mkdtemp(prefix=".pgpo-probe-", dir=existing))  # OSError if not writable
 
-    On any error the temporary folder is removed and ``path`` is left as it was.
+
+@contextmanager
+def output_files(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder for a command's outputs; on success they land in ``path``.
+
+    A new ``path`` appears at once, complete (one rename). An existing folder keeps everything
+    in it: each output file replaces only the file of the same name. ``path`` must be a folder
+    or not exist. On any error the temporary folder is removed and ``path`` is left as it was.
     """
     final = Path(path)
+    check_output(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
@@ -69,8 +110,15 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = final.with_name(f".{final.name}.old-{os.getpid()}")
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+    try:
+        if not final.exists():
+            tmp.rename(final)
+            return
+        for item in sorted(tmp.rglob("*")):  # parents before their contents
+            target = final / item.relative_to(tmp)
+            if item.is_dir():
+                target.mkdir(exist_ok=True)
+            else:
+                os.replace(item, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -15,7 +15,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from pgpo.cli_util import ArgumentParser, UserError, atomic_dir, positive_float, run
+from pgpo.cli_util import ArgumentParser, UserError, output_files, positive_float, run
 from pgpo.multiplier import KINDS, MultiplierConfig
 from proofs_checks.checks import Check, log_checks, problem_checks, read_metrics, rho_checks
 from proofs_checks.claims import Effort, all_claims
@@ -62,7 +62,7 @@ def _cmd_report(args) -> int:
     start = time.perf_counter()
     from tqdm import tqdm
 
-    with atomic_dir(args.out) as tmp:
+    with output_files(args.out) as tmp:
         regularity = multiplier_checks(mult)
         assumptions = []
         for name in ("quadratic", "logistic", "distill"):

@@ -13,12 +13,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 
 import numpy as np
 
-from pgpo.cli_util import ArgumentParser, UserError, atomic_dir, positive_float, positive_int, run
+from pgpo.cli_util import (
+    ArgumentParser,
+    UserError,
+    check_output,
+    output_files,
+    positive_float,
+    positive_int,
+    run,
+)
 from pgpo.multiplier import KINDS, MultiplierConfig
 from sde.chains import gaussian_chain, minibatch_chain
 from sde.integrate import BrownianPath, euler_maruyama
@@ -85,6 +94,23 @@ def _multiplier(args):
     return MultiplierConfig(args.alpha, args.rho_max, args.kind)
 
 
+# Bounds on the loops a user's numbers control: steps per path (horizon / eta, times the SDE's
+# substeps) and paths. Past them a run would take days or all the memory.
+MAX_STEPS = 1_000_000
+MAX_PATHS = 10_000_000
+
+
+def _check_size(args, eta: float, substeps: int = 1) -> None:
+    steps = args.horizon / eta
+    if steps * substeps > MAX_STEPS:
+        raise UserError(
+            f"eta {eta:g} with --horizon {args.horizon:g} means {steps * substeps:.3g} steps per "
+            f"path (at most {MAX_STEPS:,}): use a larger eta or a shorter horizon"
+        )
+    if args.paths > MAX_PATHS:
+        raise UserError(f"--paths must be at most {MAX_PATHS:,}, got {args.paths}")
+
+
 def _check_batch(args, problem) -> None:
     if args.without_replacement and args.batch_size > problem.n:
         raise UserError(
@@ -97,8 +123,12 @@ def _cmd_weak_error(args) -> int:
     _check_batch(args, problem)
     if args.paths < 2:
         raise UserError(f"--paths must be >= 2, got {args.paths}")
+    for eta in args.etas:  # the chain's steps, and the SDE reference's at h / 2
+        _check_size(args, eta, 2 * max(2, math.ceil(eta / args.sde_step)))
     if max(args.etas) > args.horizon:
         raise UserError(f"every eta must be <= --horizon {args.horizon}, got {max(args.etas)}")
+    if args.out:
+        check_output(args.out)
     multiplier = _multiplier(args)
     settings = {k: v for k, v in vars(args).items() if k != "func"}
     rho_text = (
@@ -167,7 +197,7 @@ def _cmd_weak_error(args) -> int:
         print(f"diverged paths (left out of every mean): {diverged}")
     print(f"time: {seconds:.1f} s")
     if args.out:
-        with atomic_dir(args.out) as tmp:
+        with output_files(args.out) as tmp:
             data = to_json(estimates, summaries, settings)
             data["seconds"] = seconds
             (tmp / "results.json").write_text(json.dumps(data, indent=2))
@@ -186,6 +216,8 @@ def _cmd_simulate(args) -> int:
     _check_batch(args, problem)
     if args.eta > args.horizon:
         raise UserError(f"--eta must be <= --horizon {args.horizon}, got {args.eta}")
+    _check_size(args, args.eta, args.substeps)
+    check_output(args.out)
     multiplier = _multiplier(args)
     steps = max(1, round(args.horizon / args.eta))
     replace = not args.without_replacement
@@ -220,7 +252,7 @@ def _cmd_simulate(args) -> int:
             record=True,
         )
     times = np.arange(steps + 1) * args.eta
-    with atomic_dir(args.out) as tmp:
+    with output_files(args.out) as tmp:
         np.savez(tmp / "paths.npz", times=times, sde=sde.path, chain=chain.path)
         (tmp / "settings.json").write_text(
             json.dumps({k: v for k, v in vars(args).items() if k != "func"}, indent=2)

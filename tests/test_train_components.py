@@ -45,7 +45,7 @@ def test_jsonl_layout_and_malformed_rows(tmp_path):
         json.dumps(sdpo_row(3, system="Be brief.")),
     ]
     path.write_text("\n".join(lines) + "\n")
-    with pytest.raises(DataError, match=r"train\.jsonl:2: answer must be an option letter"):
+    with pytest.raises(DataError, match=r"train\.jsonl:2: answer .Z. is not one of the options AB"):
         load_jsonl(path)
     data = load_jsonl(path, skip_bad_rows=True)
     assert [q.id for q in data.questions] == ["0", "3"] and data.skipped == 2
@@ -175,5 +175,5 @@ def test_model_loading_errors_are_clear():
 
     with pytest.raises(ModelLoadError, match="does not exist"):
         load_model(ModelConfig(path="/nonexistent/model"), seed=0)
-    with pytest.raises(ModelLoadError, match="hub could not be reached"):
+    with pytest.raises(ModelLoadError, match="hub cannot be reached"):
         load_model(ModelConfig(path="no-such-org/no-such-model-xyz"), seed=0)

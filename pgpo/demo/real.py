@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from pgpo.cli_util import atomic_dir
+from pgpo.cli_util import output_files
 from pgpo.demo.run import default_cache, quiet_transformers
 from pgpo.demo.task import write_jsonl
 from pgpo.train.config import load_config
@@ -58,7 +58,7 @@ def convert_smollm2(folder: Path) -> Path:
     )
     model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(loaded.state_dict())
-    with atomic_dir(folder) as tmp:
+    with output_files(folder) as tmp:
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
     return folder
@@ -129,6 +129,7 @@ def run_real(
             "teacher.mode=ema",
             "teacher.ema_rate=0.05",
             f"output.dir={out / 'smollm2-sdpo'}",
+            "output.overwrite=true",  # each --real run measures afresh
             *overrides,
         ],
     )

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from pgpo.demo.task import make_splits, write_jsonl
 from pgpo.demo.warmstart import WarmStartConfig, warm_start
-from pgpo.train.config import TrainConfig, load_config
+from pgpo.train.config import TrainConfig, load_config, to_dict
+from pgpo.train.run_dir import finished
 
 N_TRAIN, N_TEST, TASK_SEED = 2000, 200, 0
 
@@ -109,11 +110,21 @@ def _train_job(cfg: TrainConfig, desc: str, progress: bool, position: int) -> st
 
 
 def run_all(plan: DemoPlan, configs: dict[str, TrainConfig]) -> dict[str, Path]:
-    """Train every config: in this process with ``workers=1``, else in a spawned pool."""
+    """Train every config: in this process with ``workers=1``, else in a spawned pool. A run
+    that already finished with the same settings is kept and not run again; any other earlier
+    run in its folder is replaced (``output.overwrite``: only that run's own files)."""
     from pgpo.train import loop
 
+    done = {n: Path(c.output.dir) for n, c in configs.items() if finished(c.output.dir, to_dict(c))}
+    if done:
+        print(f"kept {len(done)} finished run(s): {', '.join(done)}", file=sys.stderr)
+    configs = {n: c for n, c in configs.items() if n not in done}
+    for cfg in configs.values():
+        cfg.output.overwrite = True
+    if not configs:
+        return done
     if plan.workers == 1:
-        return {
+        return done | {
             name: loop.train(cfg, progress=plan.progress, desc=name)
             for name, cfg in configs.items()
         }
@@ -123,7 +134,7 @@ def run_all(plan: DemoPlan, configs: dict[str, TrainConfig]) -> dict[str, Path]:
             name: pool.submit(_train_job, cfg, name, plan.progress, i % plan.workers)
             for i, (name, cfg) in enumerate(configs.items())
         }
-        return {name: Path(job.result()) for name, job in jobs.items()}
+        return done | {name: Path(job.result()) for name, job in jobs.items()}
 
 
 def run_demo(plan: DemoPlan) -> dict:

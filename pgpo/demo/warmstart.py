@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from pgpo.cli_util import atomic_dir
+from pgpo.cli_util import output_files
 from pgpo.demo.task import answer_text
 from pgpo.demo.vocab import trim_tokenizer
 from pgpo.train.data import LETTERS, Question
@@ -119,7 +119,7 @@ def warm_start(
     from transformers import AutoTokenizer
 
     full = AutoTokenizer.from_pretrained(str(qwen3_tokenizer_dir()))
-    with atomic_dir(folder) as tmp:
+    with output_files(folder) as tmp:
         trim_tokenizer(qwen3_tokenizer_dir(), task_texts(full, all_questions), tmp)
         tokenizer = AutoTokenizer.from_pretrained(str(tmp))
         model = build_model(len(tokenizer), tokenizer, cfg)

@@ -190,6 +190,9 @@ class EvalConfig:
 @dataclass
 class OutputConfig:
     dir: str = "runs/train"
+    # A fresh run into a folder that holds an earlier run: refused, or with true, that run's
+    # own entries (config.yaml, logs, checkpoints/, tensorboard/) are removed first.
+    overwrite: bool = False
     save_every: Count = 50
     sample_every: Count = 10
     tensorboard: bool = True
@@ -392,7 +395,10 @@ _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def _parse_value(key: str, text: str):
-    """A YAML value; numbers such as ``1e-3`` (a string to YAML 1.1) are floats."""
+    """A YAML value; numbers such as ``1e-3`` (a string to YAML 1.1) are floats, and
+    ``key=`` is the empty string."""
+    if not text.strip():
+        return ""
     value = _yaml(text, f"override {key}={text}")
     if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
         return float(value)

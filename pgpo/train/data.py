@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,15 +62,37 @@ def format_question(question: str, options: list[str]) -> str:
     return f"{question}\n\n{lines}\n\nPlease reason step by step."
 
 
-def _check_answer(answer, where: str) -> str:
-    if not isinstance(answer, str) or answer.strip().upper() not in LETTERS:
-        raise DataError(f"{where}: answer must be an option letter, got {answer!r}")
-    return answer.strip().upper()
+# An option line of the user message: "A: ...", "A. ...", "A) ..." or "(A) ...".
+_OPTION = re.compile(r"^\s*\(?([A-H])(?:[:.]|\))\s", re.MULTILINE)
+
+
+def option_letters(prompt: str) -> str:
+    """The letters of the options a prompt lists, in order ("ABCD" for four)."""
+    return "".join(_OPTION.findall(prompt))
+
+
+def _check_answer(answer, where: str, prompt: str) -> str:
+    """The answer letter, which must name one of the prompt's own options (exactly one
+    letter: "", "AB" or a letter beyond the options are refused)."""
+    letters = option_letters(prompt)
+    if not letters:
+        raise DataError(f"{where}: the prompt lists no options (lines such as 'A: ...')")
+    if not isinstance(answer, str) or len(answer.strip()) != 1:
+        raise DataError(f"{where}: answer must be one option letter of {letters}, got {answer!r}")
+    letter = answer.strip().upper()
+    if letter not in letters:
+        raise DataError(f"{where}: answer {answer!r} is not one of the options {letters}")
+    return letter
 
 
 def _jsonl_rows(path: Path):
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                yield number, DataError(f"{path}:{number}: not UTF-8 text")
+                continue
             if line.strip():
                 try:
                     yield number, json.loads(line)
@@ -81,20 +104,16 @@ def _from_sdpo_row(row: dict, where: str) -> Question:
     if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"]:
         raise DataError(f"{where}: needs a non-empty string 'prompt'")
     system = row.get("system") if isinstance(row.get("system"), str) and row["system"] else None
-    return Question(
-        str(row.get("idx", where)), row["prompt"], _check_answer(row.get("answer"), where), system
-    )
+    answer = _check_answer(row.get("answer"), where, row["prompt"])
+    return Question(str(row.get("idx", where)), row["prompt"], answer, system)
 
 
 def _from_mmlu_row(row: dict, where: str) -> Question:
     options = [row.get(f"answer_{c}") for c in "abcd"]
     if not isinstance(row.get("question"), str) or not all(isinstance(o, str) for o in options):
         raise DataError(f"{where}: needs 'question' and 'answer_a'..'answer_d'")
-    return Question(
-        where,
-        format_question(row["question"], options),
-        _check_answer(row.get("correct_answer"), where),
-    )
+    prompt = format_question(row["question"], options)
+    return Question(where, prompt, _check_answer(row.get("correct_answer"), where, prompt))
 
 
 def _collect(rows, convert, skip_bad: bool, source: str, keep=lambda row: True) -> Dataset:
@@ -128,21 +147,25 @@ def load_parquet(path: str | Path, skip_bad_rows: bool = False) -> Dataset:
         import pyarrow.parquet as pq
     except ImportError:
         raise DataError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
-    table = pq.read_table(path).to_pylist()
+    try:
+        table = pq.read_table(path).to_pylist()
+    except Exception as err:  # pyarrow's errors for a file that is not parquet
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise DataError(f"{path}: not a readable parquet file ({reason})") from None
 
     def convert(row, where):
         messages = row.get("prompt")
-        if not isinstance(messages, list) or not messages:
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
             raise DataError(f"{where}: 'prompt' must be a list of chat messages")
         user = [m.get("content") for m in messages if m.get("role") == "user"]
         system = [m.get("content") for m in messages if m.get("role") == "system"]
-        truth = (row.get("reward_model") or {}).get("ground_truth")
+        reward_model = row.get("reward_model")
+        truth = reward_model.get("ground_truth") if isinstance(reward_model, dict) else None
         if not user or not isinstance(user[-1], str):
             raise DataError(f"{where}: no user message")
         index = (row.get("extra_info") or {}).get("index", where)
-        return Question(
-            str(index), user[-1], _check_answer(truth, where), system[0] if system else None
-        )
+        answer = _check_answer(truth, where, user[-1])
+        return Question(str(index), user[-1], answer, system[0] if system else None)
 
     rows = ((f"{path}:row {i + 1}", r) for i, r in enumerate(table))
     return _collect(rows, convert, skip_bad_rows, str(path))
@@ -215,6 +238,8 @@ def load_split(spec: str, split: str, seed: int, skip_bad_rows: bool, limit: int
         path = Path(spec)
         if not path.exists():
             raise DataError(f"data.{split}: {spec} does not exist")
+        if not path.is_file():
+            raise DataError(f"data.{split}: {spec} is a folder, not a .jsonl or .parquet file")
         loader = load_parquet if path.suffix == ".parquet" else load_jsonl
         data = loader(path, skip_bad_rows)
     if limit is not None:

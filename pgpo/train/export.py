@@ -8,10 +8,10 @@ from pathlib import Path
 
 import torch
 
-from pgpo.cli_util import atomic_dir
+from pgpo.cli_util import output_files
 from pgpo.train import checkpoint
 from pgpo.train.config import ModelConfig, model_config
-from pgpo.train.model import TINY, load_model, load_tokenizer, torch_dtype
+from pgpo.train.model import TINY, from_pretrained, load_model, load_tokenizer, torch_dtype
 
 
 def _empty_model(cfg: ModelConfig, seed: int) -> torch.nn.Module:
@@ -21,7 +21,7 @@ def _empty_model(cfg: ModelConfig, seed: int) -> torch.nn.Module:
         return load_model(cfg, seed)
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(cfg.path, local_files_only=Path(cfg.path).exists())
+    config = from_pretrained(AutoConfig.from_pretrained, cfg.path, "model config")
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
 
@@ -33,24 +33,28 @@ def export(path: Path, out: Path, role: str = "policy", dtype: str | None = None
     role). Atomic: ``out`` appears complete or not at all; an existing non-empty ``out`` is
     refused, not replaced."""
     path, out = Path(path), Path(out)
-    if not (path / "state.pt").exists():
-        raise ValueError(f"--checkpoint {path}: not a checkpoint folder (no state.pt)")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"--out {out}: exists and is not empty")
     state = checkpoint.load(path)
     if state.get("sharded"):  # only this model's shards are read, not the optimizer's
         weights = checkpoint.load_sharded_weights(path, role)
     else:
-        weights = state[role]
+        weights = state.get(role)
     if weights is None:
         raise ValueError(f"{path}: holds no {role} weights (the teacher is the policy itself)")
     cfg = model_config(state["config"]["model"])
-    model = _empty_model(cfg, state["config"]["seed"])
-    model.load_state_dict(weights, assign=True)
+    model = _empty_model(cfg, state["config"].get("seed", 0))
+    try:
+        model.load_state_dict(weights, assign=True)
+    except (RuntimeError, TypeError, AttributeError) as err:
+        reason = (str(err).strip().splitlines() or [repr(err)])[0]
+        raise checkpoint.CheckpointError(
+            f"{path}: its {role} weights do not fit its own model config ({reason})"
+        ) from None
     model.tie_weights()  # assign=True replaces tied tensors one by one: tie them again
     model.to(torch_dtype(dtype or cfg.dtype)).eval()
 
-    with atomic_dir(out) as tmp:
+    with output_files(out) as tmp:
         model.save_pretrained(tmp)
         load_tokenizer(cfg.tokenizer).save_pretrained(tmp)
         record = {"checkpoint": str(path.resolve()), "step": state["step"], "role": role}

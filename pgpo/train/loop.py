@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
+import signal
 import sys
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 import yaml
 
+from pgpo.cli_util import Interrupted
 from pgpo.multiplier import MultiplierConfig
 from pgpo.optim import ModulatedOptimizer
 from pgpo.train import checkpoint, distributed
@@ -26,7 +28,9 @@ from pgpo.train.evaluate import evaluate
 from pgpo.train.forward import Policy
 from pgpo.train.model import load_model, load_tokenizer, torch_dtype
 from pgpo.train.rollout import RolloutEngine
+from pgpo.train.run_dir import METRICS, SAMPLES, RunDir
 from pgpo.train.step import train_step
+from pgpo.train.stop import StopRequest
 from pgpo.train.teacher import Teacher
 
 
@@ -136,9 +140,20 @@ class Run:
             }
         return {**weights, **self._small_state()}
 
-    def restore(self, path: Path) -> None:
-        """Continue from a checkpoint folder written by :meth:`save`."""
-        state = checkpoint.load(path)
+    def restore(self, path: Path, state: dict | None = None) -> None:
+        """Continue from a checkpoint folder written by :meth:`save` (``state``: its
+        ``state.pt``, when already read). A checkpoint that does not fit this run's model is
+        refused in one line."""
+        state = checkpoint.load(path) if state is None else state
+        try:
+            self._restore(path, state)
+        except (RuntimeError, KeyError) as err:  # shapes or names that do not match
+            reason = (str(err).strip().splitlines() or [repr(err)])[0]
+            raise checkpoint.CheckpointError(
+                f"{path} does not fit this run's model ({reason})"
+            ) from None
+
+    def _restore(self, path: Path, state: dict) -> None:
         if state.get("sharded"):
             if not self.world.distributed:
                 raise ValueError(
@@ -285,14 +300,63 @@ class Run:
         return result
 
 
-def _writer(folder: Path, enabled: bool):
-    if not enabled:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(str(folder / "tensorboard"))
+# A run whose steps are all skipped (non-finite loss, gradient or I_k) has diverged.
+MAX_SKIPPED_IN_A_ROW = 10
+
+
+class _Logs:
+    """The run's JSON-lines logs and TensorBoard (main process only; no-ops elsewhere)."""
+
+    def __init__(self, folder: RunDir, tensorboard: bool) -> None:
+        main = folder.main
+        self.metrics = open(folder.path / METRICS, "a") if main else None
+        self.samples = open(folder.path / SAMPLES, "a") if main else None
+        self.writer = None
+        if tensorboard and main:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                pass
+            else:
+                self.writer = SummaryWriter(str(folder.path / "tensorboard"))
+
+    @staticmethod
+    def _write(file, row: dict) -> None:
+        if file is not None:
+            file.write(json.dumps(row) + "\n")
+            file.flush()
+
+    def step(self, row: dict, samples: list | None) -> None:
+        self._write(self.metrics, row)
+        if samples is not None:
+            self._write(self.samples, {"step": row["step"], "samples": samples})
+        if self.writer is not None:
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.writer.add_scalar(key, value, row["step"])
+
+    def close(self) -> None:
+        for file in (self.metrics, self.samples):
+            if file is not None:
+                file.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _resume_point(folder: RunDir, steps: int) -> tuple[Path, dict]:
+    """The newest intact checkpoint to continue from (damaged newer ones are skipped)."""
+    path, state, skipped = checkpoint.newest_intact(folder.checkpoints)
+    if path is None:
+        why = f": {'; '.join(skipped)}" if skipped else ""
+        raise ValueError(f"--resume: no usable checkpoint in {folder.checkpoints}{why}")
+    for reason in skipped:  # the run goes on from an older checkpoint: say which were left
+        print(f"pgpo: --resume skips damaged checkpoint {reason}", file=sys.stderr)
+    if state["step"] >= steps:
+        raise ValueError(
+            f"--resume: {path} is at step {state['step']} and steps={steps}: nothing to do "
+            "(raise steps to train further)"
+        )
+    return path, state
 
 
 def train(
@@ -302,86 +366,96 @@ def train(
     desc: str = "train",
     position: int | None = None,
 ) -> Path:
-    """Run ``cfg.steps`` steps (continuing from the newest checkpoint with ``resume``). Writes
-    ``metrics.jsonl``, ``samples.jsonl``, ``config.yaml`` and ``checkpoints/`` to output.dir.
-    ``desc`` labels the progress bar, ``position`` its line (for runs in parallel processes)."""
+    """Run ``cfg.steps`` steps (continuing from the newest intact checkpoint with ``resume``).
+    Writes ``metrics.jsonl``, ``samples.jsonl``, ``config.yaml`` and ``checkpoints/`` to
+    output.dir (see :mod:`pgpo.train.run_dir` for what it may replace). ``desc`` labels the
+    progress bar, ``position`` its line (for runs in parallel processes). SIGINT / SIGTERM stop
+    it after the current step with a checkpoint (:class:`~pgpo.cli_util.Interrupted`)."""
+    world = distributed.init_world()  # size 1 unless launched by torchrun
+    folder = RunDir(cfg.output.dir, resume=resume, overwrite=cfg.output.overwrite, main=world.main)
+    start = _resume_point(folder, cfg.steps) if resume else None
+    run = None
+    stepped = False
+    try:
+        run = Run(cfg, world)
+        if start is not None:
+            run.restore(*start)
+        folder.start(yaml.safe_dump(to_dict(cfg), sort_keys=False), start and run.step)
+        logs = _Logs(folder, cfg.output.tensorboard)
+        try:
+            with StopRequest() as stop:
+                for _ in _steps(run, folder, logs, stop, progress, desc, position):
+                    stepped = True
+        finally:
+            logs.close()
+    except BaseException as err:
+        if not stepped and not isinstance(err, Interrupted):
+            folder.failed_before_first_step()
+        raise
+    finally:
+        if run is not None and hasattr(run.engine, "close"):
+            run.engine.close()
+    return folder.path
+
+
+def _steps(run: Run, folder: RunDir, logs: _Logs, stop: StopRequest, progress, desc, position):
+    """The step loop; yields after each step (logged, and checkpointed when due)."""
     from tqdm import tqdm
 
-    world = distributed.init_world()  # size 1 unless launched by torchrun
-    out = Path(cfg.output.dir)
-    run = Run(cfg, world)
-    ckpt_dir = out / "checkpoints"
-    if resume:
-        found = checkpoint.latest(ckpt_dir)
-        if found is None:
-            raise ValueError(f"--resume: no checkpoint in {ckpt_dir}")
-        run.restore(found)
-    main = world.main  # only rank 0 writes files and shows progress
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    writer = _writer(out, cfg.output.tensorboard and main)
-    metrics_file = open(out / "metrics.jsonl", "a") if main else None
-    samples_file = open(out / "samples.jsonl", "a") if main else None
-
-    def log(file, row: dict) -> None:
-        if file is not None:
-            file.write(json.dumps(row) + "\n")
-            file.flush()
-
-    try:
-        if cfg.eval.before_train and run.step == 0:
-            log(metrics_file, {"step": 0, **{f"eval_{k}": v for k, v in run.evaluate().items()}})
-        bar = tqdm(
-            range(run.step, cfg.steps),
-            initial=run.step,
-            total=cfg.steps,
-            desc=desc,
-            position=position,
-            unit="step",
-            file=sys.stderr,
-            disable=not (progress and main) or None,
+    cfg = run.cfg
+    if cfg.eval.before_train and run.step == 0:
+        logs.step({"step": 0, **{f"eval_{k}": v for k, v in run.evaluate().items()}}, None)
+    bar = tqdm(
+        range(run.step, cfg.steps),
+        initial=run.step,
+        total=cfg.steps,
+        desc=desc,
+        position=position,
+        unit="step",
+        file=sys.stderr,
+        disable=not (progress and run.world.main) or None,
+    )
+    skipped_in_a_row = 0
+    for _ in bar:
+        questions, seeds = run.next_questions()
+        metrics = run.train_step(questions, seeds=seeds)
+        run.step += 1
+        run.skipped += metrics["skipped"]
+        skipped_in_a_row = skipped_in_a_row + 1 if metrics["skipped"] else 0
+        run.engine.sync_weights(run.lm)
+        samples = metrics.pop("samples")
+        row = {"step": run.step, **metrics, "skipped_total": run.skipped}
+        if run.step % cfg.eval.every == 0 or run.step == cfg.steps:
+            row.update({f"eval_{k}": v for k, v in run.evaluate().items()})
+        logs.step(row, samples if run.step % cfg.output.sample_every == 0 else None)
+        bar.set_postfix(
+            reward=f"{row['reward']:.2f}", rho=f"{row['rho']:.3f}", loss=f"{row['loss']:.4f}"
         )
-        for _ in bar:
-            questions, seeds = run.next_questions()
-            metrics = run.train_step(questions, seeds=seeds)
-            run.step += 1
-            run.skipped += metrics["skipped"]
-            run.engine.sync_weights(run.lm)
-            samples = metrics.pop("samples")
-            row = {"step": run.step, **metrics, "skipped_total": run.skipped}
-            if run.step % cfg.eval.every == 0 or run.step == cfg.steps:
-                result = run.evaluate()
-                row.update({f"eval_{k}": v for k, v in result.items()})
-            log(metrics_file, row)
-            if run.step % cfg.output.sample_every == 0:
-                log(samples_file, {"step": run.step, "samples": samples})
-            if writer is not None:
-                for key, value in row.items():
-                    if isinstance(value, (int, float)) and not isinstance(value, bool):
-                        writer.add_scalar(key, value, run.step)
-            bar.set_postfix(
-                reward=f"{row['reward']:.2f}", rho=f"{row['rho']:.3f}", loss=f"{row['loss']:.4f}"
+        saved = run.step % cfg.output.save_every == 0 or run.step == cfg.steps
+        if saved:
+            run.save(folder.checkpoints)
+        yield
+        if skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+            raise ValueError(
+                f"the last {skipped_in_a_row} steps were all skipped (non-finite loss, gradient "
+                f"or I_k: has the run diverged? optim.lr={cfg.optim.lr:g}); "
+                f"see {folder.path / METRICS}"
             )
-            if run.step % cfg.output.save_every == 0 or run.step == cfg.steps:
-                run.save(ckpt_dir)
-    finally:
-        for file in (metrics_file, samples_file):
-            if file is not None:
-                file.close()
-        if writer is not None:
-            writer.close()
-        close = getattr(run.engine, "close", None)
-        if close is not None:
-            close()
-    return out
+        signal_number = int(run.world.max(stop.signal))
+        if signal_number:
+            if not saved:
+                run.save(folder.checkpoints)
+            raise Interrupted(
+                f"stopped by {signal.Signals(signal_number).name} after step {run.step}; "
+                f"continue with --resume (checkpoint in {folder.checkpoints})",
+                128 + signal_number,
+            )
 
 
 def evaluate_checkpoint(cfg: TrainConfig, path: str | Path) -> dict:
     """avg@k of a checkpoint (under torchrun: sharded like training, test set split over ranks;
     needed for ``fsdp.checkpoint=sharded`` checkpoints)."""
+    state = checkpoint.load(Path(path))  # refused in one line before any model loads
     run = Run(cfg, distributed.init_world())
-    if not (Path(path) / "state.pt").exists():
-        raise ValueError(f"--checkpoint {path}: not a checkpoint folder (no state.pt)")
-    run.restore(Path(path))
+    run.restore(Path(path), state)
     return run.evaluate()

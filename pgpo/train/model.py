@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import socket
+import urllib.parse
 from pathlib import Path
 
 import torch
@@ -37,26 +40,47 @@ def qwen3_tokenizer_dir() -> Path:
     return Path(spec.origin).parent / "tokenizer_files"
 
 
-def _from_pretrained(loader, name: str, what: str, **kwargs):
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One connection attempt to the Hugging Face hub (``HF_ENDPOINT``); False at once when
+    offline (``HF_HUB_OFFLINE=1``, or no route or name resolution)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def from_pretrained(loader, name: str, what: str, **kwargs):
+    """A local folder, or a hub id: first from the local cache, then from the hub only if it
+    can be reached (one probe instead of the hub client's minute of retries)."""
     local = Path(name).exists()
     if not local and name.startswith(("/", "./", "../", "~")):
         raise ModelLoadError(f"{what} folder {name!r} does not exist")
     try:
-        return loader(name, local_files_only=local, **kwargs)
+        return loader(name, local_files_only=True, **kwargs)
     except OSError as err:
-        reason = (
-            "is not a local folder and the hub could not be reached"
-            if not local
-            else str(err).splitlines()[0]
+        if local:
+            raise ModelLoadError(f"{what} {name!r}: {str(err).splitlines()[0]}") from None
+    if not hub_reachable():
+        raise ModelLoadError(
+            f"{what} {name!r} is not a local folder nor in the Hugging Face cache, and the hub "
+            "cannot be reached (no network): give a local folder"
         )
-        raise ModelLoadError(f"{what} {name!r} {reason}") from None
+    try:
+        return loader(name, **kwargs)
+    except OSError as err:
+        raise ModelLoadError(f"{what} {name!r}: {str(err).splitlines()[0]}") from None
 
 
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
     path = str(qwen3_tokenizer_dir()) if name == "qwen3" else name
-    tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, path, "tokenizer")
+    tokenizer = from_pretrained(AutoTokenizer.from_pretrained, path, "tokenizer")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -117,7 +141,7 @@ def load_model(cfg: ModelConfig, seed: int) -> torch.nn.Module:
     else:
         from transformers import AutoModelForCausalLM
 
-        model = _from_pretrained(
+        model = from_pretrained(
             AutoModelForCausalLM.from_pretrained, cfg.path, "model", dtype=dtype
         )
     model.generation_config.pad_token_id = (

@@ -1,0 +1,182 @@
+"""Faults a real run meets: a SIGKILL while a checkpoint is written, a damaged newest checkpoint,
+SIGTERM from a scheduler, and checkpoint files crafted to run code. Each run is the real
+``python -m pgpo.train`` in a subprocess, compared with a straight run of the same config."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pgpo.cli import main as pgpo_main
+from pgpo.train import checkpoint
+
+STEPS = 5
+ARGS = ["--config", "tiny-cpu", f"steps={STEPS}", "eval.every=100", "output.tensorboard=false"]
+
+
+def command(out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "pgpo.train", *ARGS, f"output.dir={out}", *extra]
+
+
+def env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def launch(out: Path, *extra: str) -> subprocess.CompletedProcess:
+    done = subprocess.run(command(out, *extra), env=env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done
+
+
+def rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("faults") / "straight"
+    launch(out, "output.save_every=1")
+    return out
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """Every step logged once, the same losses and rho, bit-identical final weights."""
+    ra, rb = rows(a), rows(b)
+    assert [r["step"] for r in rb] == list(range(1, STEPS + 1))
+    assert [(r["loss"], r["rho"]) for r in ra] == [(r["loss"], r["rho"]) for r in rb]
+    sa = checkpoint.load(checkpoint.latest(a / "checkpoints"))
+    sb = checkpoint.load(checkpoint.latest(b / "checkpoints"))
+    for part in ("policy", "teacher"):
+        assert all(torch.equal(sa[part][k], sb[part][k]) for k in sa[part]), part
+
+
+def test_sigkill_while_a_checkpoint_is_written_then_resume_equals_the_straight_run(
+    straight, tmp_path
+):
+    out = tmp_path / "killed"
+    caught = False
+    for _ in range(3):  # the save takes a fraction of a second: catch one in the act
+        proc = subprocess.Popen(
+            command(out, "output.save_every=1", "output.overwrite=true"),
+            env=env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        while proc.poll() is None:
+            ckpts = out / "checkpoints"
+            temporaries = list(ckpts.glob(".tmp-step_*")) if ckpts.is_dir() else []
+            if any(not t.name.startswith(".tmp-step_000001") for t in temporaries):
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                caught = bool(list(ckpts.glob(".tmp-step_*")))
+                break
+            time.sleep(0.001)
+        if caught:
+            break
+    assert caught, "never caught a checkpoint being written"
+    launch(out, "--resume")
+    assert not list((out / "checkpoints").glob(".tmp-*"))  # its own leftovers are gone
+    assert_same_run(straight, out)
+
+
+def test_a_damaged_newest_checkpoint_resumes_from_the_one_before(straight, tmp_path):
+    import shutil
+
+    out = tmp_path / "damaged"
+    shutil.copytree(straight, out)
+    newest = out / "checkpoints" / f"step_{STEPS:06d}" / "state.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])  # cut short
+    done = launch(out, "--resume")
+    assert f"skips damaged checkpoint step_{STEPS:06d}" in done.stderr
+    assert_same_run(straight, out)
+
+
+def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resumes_exactly(straight, tmp_path):
+    out = tmp_path / "terminated"
+    proc = subprocess.Popen(
+        command(out, "output.save_every=1000"),
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    while not (out / "metrics.jsonl").exists() or len(rows(out)) < 2:
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "stopped by SIGTERM" in err and "--resume" in err
+    stopped_at = rows(out)[-1]["step"]
+    assert stopped_at < STEPS  # it stopped early...
+    assert checkpoint.latest(out / "checkpoints").name == f"step_{stopped_at:06d}"  # ...saved
+    launch(out, "--resume")
+    assert_same_run(straight, out)
+
+
+class _Payload:
+    """Unpickling this runs ``touch MARKER`` (what a crafted checkpoint would do)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_crafted_pickle_in_a_checkpoint_never_runs(straight, tmp_path, capsys):
+    marker = tmp_path / "ran"
+    pickle.loads(pickle.dumps(_Payload(marker)))  # the payload works when unpickled freely
+    assert marker.exists()
+    marker.unlink()
+
+    whole = tmp_path / "whole" / "checkpoints" / "step_000001"
+    state = checkpoint.load(straight / "checkpoints" / "step_000001")
+    whole.mkdir(parents=True)
+    torch.save({**state, "sampler": _Payload(marker)}, whole / "state.pt")
+    sharded = tmp_path / "sharded" / "checkpoints" / "step_000001"
+    (sharded / "shards").mkdir(parents=True)
+    small = {k: v for k, v in state.items() if k not in ("policy", "teacher", "optimizer")}
+    torch.save({**small, "sharded": True}, sharded / "state.pt")
+    (sharded / "shards" / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
+
+    for ckpt in (whole, sharded):
+        run_dir = ckpt.parents[1]
+        for argv in (
+            ["eval", "--config", "tiny-cpu", "--checkpoint", str(ckpt)],
+            ["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "export")],
+            ["consolidate", "--checkpoint", str(ckpt), "--out", str(tmp_path / "whole2")],
+            ["train", "--config", "tiny-cpu", f"output.dir={run_dir}", "--resume"],
+        ):
+            assert pgpo_main(argv) == 2, argv
+            err = capsys.readouterr().err.strip()
+            assert len(err.splitlines()) == 1 and err.startswith("pgpo: error:"), err
+            assert not marker.exists(), argv
+    assert not (tmp_path / "export").exists() and not (tmp_path / "whole2").exists()
+    with pytest.raises(checkpoint.CheckpointError, match="Python objects other than tensors"):
+        checkpoint.load(whole)
+    with pytest.raises(checkpoint.CheckpointError, match="refers to posix.system"):
+        checkpoint.SafeReader(sharded / "shards").read_metadata()
+
+
+def test_checkpoints_of_the_earlier_format_still_load(straight, tmp_path):
+    """Earlier versions pickled NumPy's RNG state as an array: loaded by name, not refused."""
+    state = checkpoint.load(straight / "checkpoints" / "step_000002")
+    np.random.seed(7)
+    old = {**state, "rng": {**state["rng"], "numpy": np.random.get_state()}}
+    (tmp_path / "old").mkdir()
+    torch.save(old, tmp_path / "old" / "state.pt")
+    loaded = checkpoint.load(tmp_path / "old")
+    checkpoint.set_rng_state(loaded["rng"])
+    expected = np.random.RandomState(7).random_sample(3)
+    assert np.array_equal(np.random.random_sample(3), expected)
