@@ -25,10 +25,9 @@ from pathlib import Path
 
 import torch
 
-from pgpo.multiplier import MultiplierConfig
 from pgpo.train import checkpoint
 from pgpo.train.config import load_config
-from pgpo.train.loop import Run
+from pgpo.train.loop import Run, modulation
 
 RESULTS = Path(__file__).parent / "results" / "train_step.json"
 
@@ -58,7 +57,7 @@ def main(argv=None) -> int:
     questions = run.sampler.next(cfg.questions_per_step)
     # Everything a checkpoint holds: each variant starts from exactly this state.
     snapshot = copy.deepcopy({**run.state(), "step": 0, "rng": checkpoint.rng_state()})
-    pgpo_mult = MultiplierConfig(cfg.pgpo.alpha, cfg.pgpo.rho_max, cfg.pgpo.kind)
+    pgpo_mult = modulation(cfg)
     variants = {
         "sdpo": (None, False),
         "sdpo+info": (None, True),
@@ -70,7 +69,7 @@ def main(argv=None) -> int:
         for name, (mult, track) in variants.items():
             run.load_state(snapshot)
             cfg.pgpo.track_info = track
-            run.multiplier = mult
+            run.modulation = mult
             start = time.perf_counter()
             metrics = run.train_step(questions)
             if trial > 0:

@@ -1,6 +1,7 @@
 """``pgpo``: the project's command line.
 
 pgpo demo [--seeds N] [--collapse | --real]             SDPO vs PGPO on a small local model
+pgpo study [--quick] [--methods ...] [--settings ...]    when modulation helps: methods x seeds
 pgpo train --config PRESET|FILE [key=value ...]          training
 pgpo eval --config ... --checkpoint DIR                  avg@k of a checkpoint
 pgpo consolidate --checkpoint DIR --out DIR              sharded checkpoint -> whole one
@@ -10,6 +11,7 @@ pgpo multiplier [--alpha A] [--rho-max R] [--out DIR]   the multiplier's propert
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -153,6 +155,32 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _cmd_study(args) -> int:
+    from pathlib import Path
+
+    from pgpo.demo.study import METHODS, SETTINGS, StudyPlan, run_study
+    from pgpo.demo.warmstart import WarmStartConfig
+    from pgpo.train.config import load_config
+
+    plan = StudyPlan(
+        Path(args.out),
+        methods=args.methods or list(METHODS),
+        settings=args.settings or list(SETTINGS),
+        seeds=list(range(args.seeds or (1 if args.quick else 3))),
+        overrides=list(args.overrides),
+        workers=args.workers,
+        cache=args.cache and Path(args.cache),
+        quick=args.quick,
+    )
+    if args.quick or args.warm_steps:
+        plan.warm = WarmStartConfig(steps=args.warm_steps or 10)
+    load_config("demo", plan.overrides)  # refuse bad overrides before any work
+    check_output(plan.out)
+    run_study(plan)
+    print(f"wrote {args.out}/summary.md, summary.json and figures")
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from pathlib import Path
 
@@ -194,6 +222,14 @@ def _cmd_demo(args) -> int:
     run_demo(plan)
     print(f"wrote {args.out}/summary.md, summary.json and curves.png")
     return 0
+
+
+def _names(text: str) -> list[str]:
+    """A comma-separated list of names (checked by the command that takes them)."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"no names in {text!r}")
+    return names
 
 
 def build_parser() -> ArgumentParser:
@@ -242,6 +278,17 @@ def build_parser() -> ArgumentParser:
     d.add_argument("--questions", type=positive_int, default=50, help="--real: test questions")
     d.add_argument("overrides", nargs="*", help="trainer key=value for every run")
     d.set_defaults(func=_cmd_demo)
+    st = sub.add_parser("study", help="methods x settings x paired seeds: when modulation helps")
+    st.add_argument("--out", default="runs/study", help="output folder (runs, figures, summary)")
+    st.add_argument("--methods", type=_names, default=None, help="comma-separated (all)")
+    st.add_argument("--settings", type=_names, default=None, help="learn,collapse (both)")
+    st.add_argument("--seeds", type=positive_int, default=None, help="seeds (3; --quick: 1)")
+    st.add_argument("--workers", type=positive_int, default=2, help="runs in parallel")
+    st.add_argument("--cache", default=None, help="warm-start cache (default ~/.cache/pgpo)")
+    st.add_argument("--warm-steps", type=positive_int, default=None, help="warm-start steps")
+    st.add_argument("--quick", action="store_true", help="a few steps per run (for tests)")
+    st.add_argument("overrides", nargs="*", help="trainer key=value for every run")
+    st.set_defaults(func=_cmd_study)
     m = sub.add_parser("multiplier", help="properties of rho(I) for each kind, and a plot")
     m.add_argument("--alpha", type=positive_float, default=1.0)
     m.add_argument("--rho-max", type=float, default=2.0)

@@ -36,6 +36,7 @@ __all__ = [
     "EntropyGap",
     "entropy_from_log_probs",
     "entropy_gap",
+    "head_token_entropy",
     "token_entropy",
     "weighted_entropy_gap",
 ]
@@ -67,6 +68,28 @@ def token_entropy(
         x = flat.index_select(0, rows).float()
         if temperature != 1.0:
             x.div_(temperature)
+        out[rows] = entropy_from_log_probs(torch.log_softmax(x, dim=-1))
+    return out.reshape(token_shape)
+
+
+@torch.no_grad()
+def head_token_entropy(
+    hidden: torch.Tensor,
+    head_weight: torch.Tensor,
+    mask: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> torch.Tensor:
+    """:func:`token_entropy` of ``hidden @ head_weight.T``, the LM head applied chunk by chunk
+    (logits never exist for more than ``chunk_size`` tokens). hidden ``[..., T, H]``, head
+    ``[V, H]``, mask ``[..., T]`` -> float32 ``[..., T]`` (0 where the mask is 0). No gradient."""
+    check_temperature(temperature)
+    token_shape = tuple(hidden.shape[:-1])
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    keep = (mask != 0).reshape(-1).to(flat.device)
+    out = torch.zeros(flat.shape[0], dtype=torch.float32, device=flat.device)
+    for rows in kept_chunks(keep, chunk_size):
+        x = (flat.index_select(0, rows) @ head_weight.T).float() / temperature
         out[rows] = entropy_from_log_probs(torch.log_softmax(x, dim=-1))
     return out.reshape(token_shape)
 

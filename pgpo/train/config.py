@@ -21,6 +21,7 @@ from typing import Annotated, Literal
 
 import yaml
 
+from pgpo.modulation import Granularity, Schedule
 from pgpo.multiplier import DEFAULT_SHARPNESS, Kind, check_params
 
 PRESETS = Path(__file__).parent / "presets"
@@ -164,6 +165,20 @@ class PGPOConfig:
     info_reduction: Literal["token_mean", "seq_mean"] = "token_mean"
     # Compute I_k (and log it) in SDPO runs too; off: SDPO skips the entropy passes entirely.
     track_info: bool = True
+    # Where rho acts (pgpo/modulation.py): the step (Eq. 9), or each response's / token's loss
+    # weight, renormalised to the same total; combine_step also scales those steps by rho_k.
+    granularity: Granularity = "step"
+    combine_step: bool = False
+    # alpha per step: constant; target_rho (a controller moving alpha so that the running mean
+    # of rho_k approaches rho_target, by exp(schedule_rate x the gap), within [alpha_min,
+    # alpha_max]); normalized (alpha / the running mean of |I_k|, at least info_floor nats).
+    alpha_schedule: Schedule = "constant"
+    rho_target: Annotated[float, Range(0, 100, low_open=True)] = 1.1
+    schedule_rate: Annotated[float, Range(0, 100, low_open=True)] = 1.0
+    alpha_min: Annotated[float, Range(0, 100, low_open=True)] = 0.05
+    alpha_max: Annotated[float, Range(0, 100, low_open=True)] = 20.0
+    info_floor: Positive = 1e-3
+    schedule_window: Count = 10  # steps: the running means' horizon
 
 
 @dataclass
@@ -359,6 +374,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         check_params(p.alpha, p.rho_max, p.kind, p.sharpness)
     except ValueError as err:
         raise ConfigError(f"pgpo.{err}") from None
+    if p.alpha_schedule == "target_rho":
+        bounds = f"within [pgpo.alpha_min, pgpo.alpha_max] = [{p.alpha_min:g}, {p.alpha_max:g}]"
+        need(p.alpha_min <= p.alpha <= p.alpha_max, "pgpo.alpha", bounds, p.alpha)
     for section, key in (("model", "path"), ("model", "tokenizer"), ("data", "train"),
                          ("data", "test"), ("output", "dir")):  # fmt: skip
         part = getattr(cfg, section)

@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from pgpo.cli_util import Interrupted
-from pgpo.multiplier import MultiplierConfig
+from pgpo.modulation import AlphaSchedule, Modulation
 from pgpo.optim import ModulatedOptimizer
 from pgpo.train import checkpoint, distributed
 from pgpo.train.config import TrainConfig, to_dict
@@ -57,6 +57,22 @@ def make_engine(
     from pgpo.train.rollout_vllm import VLLMRolloutEngine
 
     return VLLMRolloutEngine.from_config(cfg, lm, tokenizer)
+
+
+def modulation(cfg: TrainConfig) -> Modulation:
+    """The ``pgpo`` section as the step's :class:`~pgpo.modulation.Modulation`."""
+    p = cfg.pgpo
+    schedule = AlphaSchedule(
+        p.alpha_schedule,
+        p.alpha,
+        rho_target=p.rho_target,
+        rate=p.schedule_rate,
+        alpha_min=p.alpha_min,
+        alpha_max=p.alpha_max,
+        floor=p.info_floor,
+        window=p.schedule_window,
+    )
+    return Modulation(p.rho_max, p.kind, p.sharpness, p.granularity, p.combine_step, schedule)
 
 
 def prompt_seed(seed: int, step: int, index: int, stream: int) -> int:
@@ -113,10 +129,7 @@ class Run:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             adamw, lambda k: min(1.0, (k + 1) / warmup) if warmup > 0 else 1.0
         )
-        p = cfg.pgpo
-        self.multiplier = (
-            MultiplierConfig(p.alpha, p.rho_max, p.kind, p.sharpness) if p.enabled else None
-        )
+        self.modulation = modulation(cfg) if cfg.pgpo.enabled else None
         self.sampler = QuestionSampler(self.train_data.questions, cfg.seed)
         self.step = 0
         self.skipped = 0
@@ -179,11 +192,13 @@ class Run:
         self.world.barrier()
 
     def _small_state(self) -> dict:
+        schedule = None if self.modulation is None else self.modulation.schedule.state_dict()
         return {
             "scheduler": self.scheduler.state_dict(),
             "sampler": self.sampler.state_dict(),
             "skipped": self.skipped,
             "config": to_dict(self.cfg),
+            "alpha_schedule": schedule,
         }
 
     def _shard_templates(self) -> dict:
@@ -229,6 +244,8 @@ class Run:
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
         self.skipped, self.step = state["skipped"], state["step"]
+        if self.modulation is not None and state.get("alpha_schedule") is not None:
+            self.modulation.schedule.load_state_dict(state["alpha_schedule"])
         checkpoint.set_rng_state(state["rng"])
 
     def next_questions(self) -> tuple[list, list[int] | None]:
@@ -244,7 +261,7 @@ class Run:
         return mine, seeds
 
     def train_step(self, questions, seeds: list[int] | None = None) -> dict:
-        """One step on ``questions`` with the run's multiplier (None: SDPO)."""
+        """One step on ``questions`` with the run's modulation (None: SDPO)."""
         return train_step(
             questions,
             self.policy,
@@ -254,7 +271,7 @@ class Run:
             self.optimizer,
             self.scheduler,
             self.cfg,
-            self.multiplier,
+            self.modulation,
             self.world,
             seeds,
         )

@@ -10,6 +10,9 @@
    per-token entropies come out of the same pass;
 5. I_k (Eq. 8, :func:`pgpo.information.weighted_entropy_gap`) and rho_k (Eq. 9);
 6. AdamW step scaled by rho_k (theta_{k+1} = theta_k - eta rho_k h_k), then the EMA teacher.
+With ``pgpo.granularity`` token or sequence, step 4 weights each token's loss by rho(I_t) (or
+its response's rho(I_i)) instead, renormalised over the step (:mod:`pgpo.modulation`), and step
+6 scales by rho_k only with ``combine_step``.
 A NaN/inf loss, gradient or I_k skips the step: weights, optimizer and teacher stay untouched.
 
 Under torchrun each rank runs this on its slice of the questions; the loss weights and I_k are
@@ -28,7 +31,8 @@ from typing import NamedTuple
 import torch
 
 from pgpo.distill import head_divergence, head_token_logprobs
-from pgpo.information import weighted_entropy_gap
+from pgpo.information import head_token_entropy, weighted_entropy_gap
+from pgpo.modulation import Modulation, gap_per_token, modulated_weights
 from pgpo.multiplier import MultiplierConfig
 from pgpo.optim import ModulatedOptimizer
 from pgpo.reduction import reduction_denominator, reduction_weights
@@ -51,30 +55,39 @@ def train_step(
     optimizer: ModulatedOptimizer,
     scheduler,
     cfg: TrainConfig,
-    multiplier: MultiplierConfig | None,
+    modulation: Modulation | None,
     world: World | None = None,
     seeds: list[int] | None = None,
 ) -> dict:
     """One step on this rank's ``questions``; returns the step's metrics (over all ranks).
-    ``multiplier=None`` is SDPO (rho = 1). ``seeds``: one RNG seed per question for its
+    ``modulation=None`` is SDPO (rho = 1). ``seeds``: one RNG seed per question for its
     rollouts (``rollout.seed_per_prompt``)."""
     t0 = time.perf_counter()
     world = world or World()
-    need_info = multiplier is not None or cfg.pgpo.track_info
+    need_info = modulation is not None or cfg.pgpo.track_info
+    reweight = None  # token / sequence: (granularity, rho of this step's alpha) for the weights
+    if modulation is not None and modulation.granularity != "step":
+        reweight = modulation.granularity, modulation.multiplier(modulation.schedule.current())
 
     rollouts = sample_rollouts(questions, tokenizer, engine, cfg, seeds)  # 1.
     rewards = score(questions, rollouts, cfg)  # 2.
     samples = with_demonstrations(questions, rollouts, rewards, tokenizer, cfg)  # 3.
     pad = tokenizer.pad_token_id  # 4.: gradients accumulate in .grad
-    sums = loss_and_entropies(samples, policy, teacher, pad, cfg, world, with_entropies=need_info)
+    sums = loss_and_entropies(
+        samples, policy, teacher, pad, cfg, world, with_entropies=need_info, reweight=reweight
+    )
 
     has_signal = need_info and sums.trained_tokens > 0
     info = sums.info if has_signal else 0.0  # Eq. 8: I_k (0 without a trained token)
-    rho = 1.0 if multiplier is None else float(multiplier(info))  # Eq. 9: rho_k
+    alpha = None if modulation is None else modulation.schedule.current(info)
+    rho_k = 1.0 if modulation is None else float(modulation.multiplier(alpha)(info))  # Eq. 9
+    rho = rho_k if modulation is not None and modulation.scales_step else 1.0
     finite = math.isfinite(sums.loss) and math.isfinite(info)
     grad_norm, stepped = modulated_step(  # 6.
         policy, teacher, optimizer, scheduler, cfg, rho=rho, finite_so_far=finite
     )
+    if modulation is not None and stepped:
+        modulation.schedule.update(info, rho_k)  # adaptive alpha: state for the next step
 
     seconds = time.perf_counter() - t0
     metrics = step_metrics(questions, rollouts, rewards, samples, sums, world, cfg)
@@ -92,6 +105,10 @@ def train_step(
         train_seconds=seconds - rollouts.seconds,
         step_seconds=seconds,
     )
+    if modulation is not None:
+        metrics.update(alpha=alpha, rho_batch=rho_k)
+        if reweight is not None and sums.weight_sum > 0:  # the mean rho_t of the loss weights
+            metrics["rho_weight_mean"] = sums.modulated_sum / sums.weight_sum
     return metrics
 
 
@@ -126,6 +143,8 @@ class StepSums(NamedTuple):
     entropy_teacher: float
     tis_ratio_sum: float
     tis_clipped: float
+    weight_sum: float  # token / sequence granularity: sum of the loss weights w_t ...
+    modulated_sum: float  # ... and of w_t rho(I_t), whose ratio renormalised the gradient
     trained_tokens: float
 
 
@@ -220,11 +239,15 @@ def loss_and_entropies(
     world: World,
     *,
     with_entropies: bool,
+    reweight: tuple[str, MultiplierConfig] | None = None,
 ) -> StepSums:
     """Step 4: forward and backward in micro-batches, gradients accumulated in ``.grad``.
 
     The loss weights and Eq. 8's weights are those of the whole step (denominators summed over
-    ranks), so neither micro-batching nor the number of ranks changes the sums."""
+    ranks), so neither micro-batching nor the number of ranks changes the sums. With
+    ``reweight`` (token or sequence granularity) each micro-batch trains on ``w_t rho(I_t)``,
+    and the summed gradient (and loss) is then scaled by ``sum w / sum w rho`` over the whole
+    step: exactly the renormalised weights of :func:`pgpo.modulation.reallocated_weights`."""
     mask = response_mask(samples)
     loss_den, info_den, trained_tokens = world.sum(
         [
@@ -241,7 +264,8 @@ def loss_and_entropies(
     )
     # The engine's log-probs, for the truncated importance-sampling correction (vLLM).
     behaviour = engine_logprobs(samples) if cfg.rollout.tis_cap is not None else None
-    totals = [0.0] * 6  # loss, I_k, H_S, H_T (Eq. 8's sums), IS ratio sum, IS clipped
+    # loss, I_k, H_S, H_T (Eq. 8's sums), IS ratio sum, IS clipped, sum w, sum w rho
+    totals = [0.0] * 8
     for start in range(0, len(samples), cfg.loss.micro_batch):
         mb = samples[start : start + cfg.loss.micro_batch]
         rows = slice(start, start + len(mb))
@@ -259,6 +283,7 @@ def loss_and_entropies(
             behaviour=None if behaviour is None else behaviour[rows, :t_mb],
             cfg=cfg,
             with_entropies=with_entropies,
+            reweight=reweight,
         )
         out = policy([s.student_prompt for s in mb], responses, pad, student_loss)
         # FSDP2 averages gradients over ranks; this rank's loss is its share of the batch's.
@@ -268,10 +293,17 @@ def loss_and_entropies(
             if with_entropies
             else (0.0, 0.0, 0.0)
         )
-        parts = (out.loss.item(), *gap, out.tis_ratio_sum, out.tis_clipped)
+        parts = (out.loss.item(), *gap, out.tis_ratio_sum, out.tis_clipped, *out.weight_sums)
         totals = [total + float(part) for total, part in zip(totals, parts)]
         del teacher_hidden, teacher_head
-    return StepSums(*world.sum(totals), trained_tokens)
+    totals = world.sum(totals)
+    if reweight is not None and totals[7] > 0:  # renormalise: the same total weight
+        scale = totals[6] / totals[7]
+        for p in policy.parameters():
+            if p.grad is not None:
+                p.grad.mul_(scale)
+        totals[0] *= scale
+    return StepSums(*totals, trained_tokens)
 
 
 class DistillOutput(NamedTuple):
@@ -283,6 +315,7 @@ class DistillOutput(NamedTuple):
     h_teacher: torch.Tensor
     tis_ratio_sum: float
     tis_clipped: float
+    weight_sums: tuple[float, float] = (0.0, 0.0)  # reweighted: sum w, sum w rho
 
 
 def distill_loss(
@@ -296,10 +329,12 @@ def distill_loss(
     behaviour: torch.Tensor | None,
     cfg: TrainConfig,
     with_entropies: bool,
+    reweight: tuple[str, MultiplierConfig] | None = None,
 ) -> DistillOutput:
     """A micro-batch's loss and per-token entropies (the ``loss_fn`` of :class:`Policy`: it runs
     inside the policy's forward, where FSDP2 has the LM head gathered). Hidden states
-    ``[B, T, H]``, heads ``[V, H]``, weights / targets / behaviour log-probs ``[B, T]``."""
+    ``[B, T, H]``, heads ``[V, H]``, weights / targets / behaviour log-probs ``[B, T]``.
+    ``reweight``: (granularity, multiplier) for token or sequence modulation."""
     w = weights.to(student_hidden.device)
     tis_sum = tis_clipped = 0.0
     if behaviour is not None:
@@ -314,6 +349,20 @@ def distill_loss(
         tis_sum = float(ratio[on].double().sum())
         tis_clipped = float((ratio[on] > cfg.rollout.tis_cap).sum())
         w = w * ratio.clamp(max=cfg.rollout.tis_cap)
+    weight_sums = (0.0, 0.0)
+    entropies = None
+    if reweight is not None:
+        # The weights need each token's entropies first: a no-grad pass of both heads, whose
+        # entropies then also serve Eq. 8 (the loss pass below skips its own).
+        granularity, multiplier = reweight
+        t = cfg.loss.temperature
+        keep = w != 0
+        h_s = head_token_entropy(student_hidden.detach(), student_head.detach(), keep, t,
+                                 cfg.loss.chunk_size)  # fmt: skip
+        h_t = head_token_entropy(teacher_hidden, teacher_head, keep, t, cfg.loss.chunk_size)
+        w, *weight_sums = modulated_weights(w, gap_per_token(h_s, h_t, keep, granularity),
+                                            multiplier)  # fmt: skip
+        entropies, with_entropies = (h_s, h_t), False
     # Eq. 2 (beta = 1) or the reference's JSD, weighted by the step's reduction weights, with
     # the LM head applied chunk by chunk; with I_k wanted, the per-token entropies of Eq. 8 come
     # out of the same pass over the logits (no extra forward).
@@ -330,7 +379,9 @@ def distill_loss(
         cfg.loss.chunk_size,
         return_entropies=with_entropies,
     )
-    return DistillOutput(loss, h_student, h_teacher, tis_sum, tis_clipped)
+    if entropies is not None:
+        h_student, h_teacher = entropies
+    return DistillOutput(loss, h_student, h_teacher, tis_sum, tis_clipped, tuple(weight_sums))
 
 
 def modulated_step(
