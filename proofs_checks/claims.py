@@ -269,6 +269,36 @@ def claim_c6_overhead(bench_file: Path | None) -> Check:
     )
 
 
+def claim_c7_stability(study_file: Path | None) -> Check:
+    """C7 read from ``pgpo study``'s summary.json (its ``collapse`` setting): each PGPO
+    variant's collapses against SDPO's, over the same seeds."""
+    title = "C7: PGPO remains stable where SDPO collapses"
+    if study_file is None or not Path(study_file).exists():
+        missing = "no study results found (pgpo study writes runs/study/summary.json)"
+        return Check("C7.stability", title, NOT_MEASURED, missing)
+    data = json.loads(Path(study_file).read_text())
+    methods = data.get("settings", {}).get("collapse", {}).get("methods", {})
+    if "sdpo" not in methods or data.get("quick"):
+        why = "a --quick study" if data.get("quick") else "no collapse setting with SDPO"
+        return Check("C7.stability", title, NOT_MEASURED, f"{study_file}: {why}")
+    runs = len(methods["sdpo"]["runs"])
+    sdpo = methods["sdpo"]["collapsed"]
+    counts = {
+        m: (v["collapsed"], len(v["runs"])) for m, v in methods.items() if m.startswith("pgpo")
+    }
+    text = f"SDPO collapsed in {sdpo}/{runs} runs; " + ", ".join(
+        f"{m} {c}/{n}" for m, (c, n) in counts.items()
+    )
+    if sdpo == 0:
+        text += ": SDPO did not collapse, so there is nothing to be stable against"
+        return Check("C7.stability", title, NOT_MEASURED, text, {"sdpo": sdpo, "pgpo": counts})
+    fewer = [m for m, (c, n) in counts.items() if c / n < sdpo / runs]
+    verdict = HOLDS if len(fewer) == len(counts) else (CONDITIONAL if fewer else FAILS)
+    text += f" (from {study_file}). Fewer collapses than SDPO: {', '.join(fewer) or 'none'}"
+    numbers = {"sdpo": sdpo, "runs": runs, "pgpo": counts, "fewer_than_sdpo": fewer}
+    return Check("C7.stability", title, verdict, text, numbers)
+
+
 def _histogram(infos, mult, path) -> None:
     from sde.plots import _pyplot
 
@@ -293,6 +323,7 @@ def all_claims(
     log_infos=None,
     log_source=None,
     progress=None,
+    study_file=None,
 ) -> list[Check]:
     effort = Effort.of(quick)
     steps = [
@@ -303,6 +334,7 @@ def all_claims(
         lambda: claim_c4_kink(mult, effort, out),
         lambda: claim_c5_rho_ge_1(mult, effort, out, log_infos, log_source),
         lambda: claim_c6_overhead(bench_file),
+        lambda: claim_c7_stability(study_file),
     ]
     results = []
     for step in steps:

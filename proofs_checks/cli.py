@@ -22,6 +22,7 @@ from proofs_checks.claims import Effort, all_claims
 from sde.problems import make_problem
 
 DEFAULT_BENCH = Path("benchmarks/results/train_step.json")
+DEFAULT_STUDY = Path("runs/study/summary.json")
 
 
 def multiplier_checks(mult: MultiplierConfig) -> list[Check]:
@@ -70,7 +71,7 @@ def _cmd_report(args) -> int:
                 make_problem(name), mult, samples=500 if args.quick else 2000
             )
         logs = log_checks(metrics, mult, log_source) if args.log else []
-        with tqdm(total=7, desc="claims", file=sys.stderr, disable=None) as bar:
+        with tqdm(total=8, desc="claims", file=sys.stderr, disable=None) as bar:
             bench = Path(args.bench) if args.bench else DEFAULT_BENCH
             claims = all_claims(
                 mult,
@@ -80,6 +81,7 @@ def _cmd_report(args) -> int:
                 log_infos,
                 log_source,
                 progress=lambda label: (bar.set_postfix_str(label), bar.update()),
+                study_file=Path(args.study) if args.study else DEFAULT_STUDY,
             )
         seconds = time.perf_counter() - start
         sections = {
@@ -156,6 +158,7 @@ def build_parser() -> ArgumentParser:
             p.add_argument("--quick", action="store_true", help="fewer paths (for CI)")
             p.add_argument("--log", default=None, help="trainer metrics file (JSON lines)")
             p.add_argument("--bench", default=None, help="trainer benchmark JSON (for C6)")
+            p.add_argument("--study", default=None, help="pgpo study's summary.json (for C7)")
             p.add_argument("--out", default="runs/report")
     return parser
 

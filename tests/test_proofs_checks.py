@@ -135,6 +135,29 @@ def test_c6_not_measured_without_benchmark_output(tmp_path):
     assert claim_c6_overhead(tmp_path / "missing.json").verdict == NOT_MEASURED
 
 
+def _study(tmp_path, collapsed: dict, quick: bool = False):
+    methods = {m: {"collapsed": c, "runs": ["r"] * 3} for m, c in collapsed.items()}
+    path = tmp_path / "summary.json"
+    path.write_text(json.dumps({"quick": quick, "settings": {"collapse": {"methods": methods}}}))
+    return path
+
+
+def test_c7_is_read_from_the_studys_collapse_counts(tmp_path):
+    from proofs_checks.claims import claim_c7_stability
+
+    def verdict(collapsed, quick=False):
+        return claim_c7_stability(_study(tmp_path, collapsed, quick)).verdict
+
+    assert verdict({"sdpo": 3, "pgpo-a1": 1, "pgpo-token": 0}) == HOLDS
+    assert verdict({"sdpo": 2, "pgpo-a1": 1, "pgpo-token": 3}) == CONDITIONAL
+    assert verdict({"sdpo": 2, "pgpo-a1": 2, "pgpo-token": 3}) == FAILS
+    assert verdict({"sdpo": 0, "pgpo-a1": 0}) == NOT_MEASURED  # nothing to be stable against
+    assert verdict({"sdpo": 3, "pgpo-a1": 0}, quick=True) == NOT_MEASURED
+    assert claim_c7_stability(tmp_path / "missing.json").verdict == NOT_MEASURED
+    check = claim_c7_stability(_study(tmp_path, {"sdpo": 3, "pgpo-a1": 1}))
+    assert "SDPO collapsed in 3/3 runs" in check.summary and "pgpo-a1 1/3" in check.summary
+
+
 def test_cli_rho_table_and_bad_arguments(capsys):
     assert check_main(["rho", "--alpha", "1.0", "--rho-max", "2.0"]) == 0
     out = capsys.readouterr().out
@@ -154,7 +177,9 @@ def test_quick_report_verdicts_and_evidence(tmp_path):
     out = tmp_path / "report"
     bench = tmp_path / "train_step.json"  # what benchmarks/bench_train_step.py writes
     bench.write_text(json.dumps({"time_ratio": 1.004}))
-    assert check_main(["report", "--quick", "--out", str(out), "--bench", str(bench)]) == 0
+    study = tmp_path / "no-study.json"
+    args = ["report", "--quick", "--out", str(out), "--bench", str(bench), "--study", str(study)]
+    assert check_main(args) == 0
     data = json.loads((out / "report.json").read_text())
     claims = {c["id"]: c for c in data["checks"]["Claims"]}
     # The verdicts of the full run (and of the theory): see the issue notes for the numbers.
@@ -169,7 +194,7 @@ def test_quick_report_verdicts_and_evidence(tmp_path):
     assert "quick" in report
     for c in claims.values():
         assert c["title"] in report
-        if c["id"] != "C6.overhead":  # every number carries an interval or a sample size
+        if c["id"] not in ("C6.overhead", "C7.stability"):  # intervals or sample sizes
             assert "[" in c["summary"] or "+-" in c["summary"], c["summary"]
         if c["figure"]:
             assert (out / c["figure"]).stat().st_size > 5_000
