@@ -1,0 +1,2 @@
+"""PGPO for other trainers. Each integration is imported only when used
+(``from pgpo.integrations.trl import PGPOSDPOTrainer``)."""

@@ -1,0 +1,195 @@
+"""PGPO for TRL users: ``trl.experimental.sdpo.SDPOTrainer`` with the information-modulated step.
+
+Change one line::
+
+    from pgpo.integrations.trl import PGPOSDPOTrainer as SDPOTrainer
+
+and the trainer computes ``I_k`` (Eq. 8) from the student and teacher logits that TRL already
+forms, pooled over the gradient-accumulation micro-batches of one optimizer step and over
+processes; ``rho_k = min(exp(alpha I_k), rho_max)`` (Eq. 9, any kind, any alpha schedule); and
+scales every param group's learning rate by ``rho_k`` for that optimizer step only. AdamW's
+moments are untouched and schedulers of every kind see the unscaled rate. Settings:
+``PGPOSDPOTrainer(..., pgpo=PGPOSettings(alpha=1.0, rho_max=2.0))``.
+
+Logged into TRL's logs: ``pgpo/info``, ``pgpo/rho``, ``pgpo/alpha``, ``pgpo/entropy_student``,
+``pgpo/entropy_teacher`` and ``pgpo/nonfinite`` (steps whose ``I_k`` was not finite: those take
+``rho = 1``, an unmodulated step, since the callback cannot undo TRL's own step). A step with no
+distilled token (TRL returns a zero loss) has no signal: ``I_k = 0`` and ``rho = rho(0)``.
+
+Refused in one line, where PGPO cannot work: DeepSpeed (its optimizer steps inside the backward
+call), ``use_teacher_server`` (no teacher logits), ``distillation_weight == 0`` (no teacher
+logits are formed).
+
+The math is this project's own: :mod:`pgpo.information` for Eq. 8, :mod:`pgpo.multiplier` and
+:mod:`pgpo.modulation` for Eq. 9 and the schedules.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from pgpo.information import token_entropy, weighted_entropy_gap
+from pgpo.modulation import AlphaSchedule, Modulation
+from pgpo.multiplier import DEFAULT_SHARPNESS, Kind
+from pgpo.reduction import reduction_denominator, reduction_weights
+
+TESTED = ("1.16.0", "1.17")  # the TRL versions the tests ran against: [1.16.0, 1.17)
+
+
+def _check_trl():
+    try:
+        import trl
+        from packaging.version import Version
+    except ImportError:
+        raise ImportError("pgpo.integrations.trl needs TRL: pip install 'pgpo[trl]'") from None
+    version = Version(trl.__version__)
+    if not (Version(TESTED[0]) <= version < Version(TESTED[1])):
+        raise ImportError(
+            f"pgpo.integrations.trl is tested with trl >= {TESTED[0]}, < {TESTED[1]}; found "
+            f"{trl.__version__} (pip install 'pgpo[trl]')"
+        )
+
+
+_check_trl()
+
+from transformers import TrainerCallback  # noqa: E402
+from trl.experimental.sdpo import SDPOTrainer  # noqa: E402
+
+__all__ = ["PGPOSDPOTrainer", "PGPOSettings"]
+
+
+@dataclass
+class PGPOSettings:
+    """The multiplier (Eq. 9), how ``I_k`` is reduced (``token_mean``: Eq. 8; ``seq_mean``: token
+    mean per sequence, then over sequences), and the alpha schedule (:mod:`pgpo.modulation`)."""
+
+    alpha: float = 1.0
+    rho_max: float = 2.0
+    kind: Kind = "paper"
+    sharpness: float = DEFAULT_SHARPNESS
+    info_reduction: str = "token_mean"
+    schedule: AlphaSchedule | None = None
+    chunk_size: int = 16  # tokens per chunk of the entropy pass
+    _modulation: Modulation = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.info_reduction not in ("token_mean", "seq_mean"):
+            raise ValueError(
+                f"info_reduction must be token_mean or seq_mean: {self.info_reduction!r}"
+            )
+        schedule = self.schedule or AlphaSchedule("constant", self.alpha)
+        self._modulation = Modulation(self.rho_max, self.kind, self.sharpness, schedule=schedule)
+        self._modulation.multiplier(schedule.current())  # refuses invalid parameters now
+
+
+class _GapSums:
+    """Eq. 8's sums over the micro-batches of one optimizer step: ``sum w (H_S - H_T)``,
+    ``sum w H_S``, ``sum w H_T`` (unnormalised weights) and the reduction's denominator."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums = torch.zeros(4, dtype=torch.float64)
+
+    def add(self, student_logits, teacher_logits, mask, reduction: str, chunk_size: int) -> None:
+        keep = mask != 0
+        h_s = token_entropy(student_logits, keep, chunk_size=chunk_size)
+        h_t = token_entropy(teacher_logits, keep, chunk_size=chunk_size)
+        weights = reduction_weights(keep, reduction, empty_sequences_count=False, denominator=1.0)
+        gap = weighted_entropy_gap(h_s, h_t, weights)
+        den = reduction_denominator(keep, reduction, empty_sequences_count=False)
+        self.sums += torch.stack([*(g.cpu() for g in gap), torch.tensor(den, dtype=torch.float64)])
+
+    def pooled(self, accelerator) -> tuple[float, float, float, float]:
+        """(I_k, H_S, H_T, denominator) over all processes: the sums added, then divided."""
+        sums = self.sums.to(accelerator.device)
+        if accelerator.num_processes > 1:
+            sums = accelerator.reduce(sums, reduction="sum")
+        info, h_s, h_t, den = sums.cpu().tolist()
+        if den == 0:
+            return 0.0, 0.0, 0.0, 0.0
+        return info / den, h_s / den, h_t / den, den
+
+
+class PGPOSDPOTrainer(SDPOTrainer):
+    """``SDPOTrainer`` whose every optimizer step is scaled by ``rho_k`` (see the module)."""
+
+    def __init__(self, *args, pgpo: PGPOSettings | None = None, **kwargs) -> None:
+        config = kwargs.get("args") if "args" in kwargs else (args[2] if len(args) > 2 else None)
+        _refuse_unsupported(config)
+        self.pgpo = pgpo or PGPOSettings()
+        self._gap = _GapSums()
+        super().__init__(*args, **kwargs)
+        if self.is_deepspeed_enabled:
+            raise ValueError(_DEEPSPEED)
+        self.add_callback(_ModulatedStep(self))
+
+    def step_multiplier(self, info: float) -> tuple[float, float]:
+        """(alpha, rho) of this optimizer step from its ``I_k`` (Eq. 9 with the schedule)."""
+        modulation = self.pgpo._modulation
+        alpha = modulation.schedule.current(info)
+        return alpha, float(modulation.multiplier(alpha)(info))
+
+    def _compute_self_distillation_loss(self, model, inputs, distillation_logits):
+        if model.training:  # evaluation passes do not feed I_k
+            d = distillation_logits  # logits already divided by args.temperature
+            with torch.no_grad():
+                self._gap.add(d.student_logits, d.teacher_logits, d.loss_mask,
+                              self.pgpo.info_reduction, self.pgpo.chunk_size)  # fmt: skip
+        return super()._compute_self_distillation_loss(model, inputs, distillation_logits)
+
+
+_DEEPSPEED = (
+    "PGPO cannot modulate DeepSpeed's optimizer step (it runs inside the backward call): "
+    "use PGPOSDPOTrainer without DeepSpeed"
+)
+
+
+def _refuse_unsupported(config) -> None:
+    if config is None:
+        raise ValueError("PGPOSDPOTrainer needs args=SDPOConfig(...)")
+    if getattr(config, "deepspeed", None):
+        raise ValueError(_DEEPSPEED)
+    if config.use_teacher_server:
+        raise ValueError("PGPO needs teacher logits: use_teacher_server=True has none")
+    if config.distillation_weight == 0:
+        raise ValueError("PGPO needs teacher logits: distillation_weight=0 forms none")
+
+
+class _ModulatedStep(TrainerCallback):
+    """Scales every param group's lr by rho_k after clipping (``on_pre_optimizer_step``) and
+    restores it right after the step (``on_optimizer_step``, before the scheduler steps)."""
+
+    def __init__(self, trainer: PGPOSDPOTrainer) -> None:
+        self.trainer = trainer
+        self.saved: list[float] | None = None
+        self.last: tuple[float, float] | None = None
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        t = self.trainer
+        info, h_s, h_t, _ = t._gap.pooled(t.accelerator)
+        finite = math.isfinite(info)
+        alpha, rho = t.step_multiplier(info) if finite else (float("nan"), 1.0)
+        if not math.isfinite(rho):
+            finite, rho = False, 1.0
+        self.saved = [group["lr"] for group in optimizer.param_groups]
+        for group in optimizer.param_groups:
+            group["lr"] = group["lr"] * rho
+        self.last = (info, rho) if finite else None
+        metrics = t._metrics["train"]
+        for key, value in (("info", info), ("rho", rho), ("alpha", alpha),
+                           ("entropy_student", h_s), ("entropy_teacher", h_t),
+                           ("nonfinite", float(not finite))):  # fmt: skip
+            metrics[f"pgpo/{key}"].append(value)
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        for group, lr in zip(optimizer.param_groups, self.saved or []):
+            group["lr"] = lr
+        self.saved = None
+        if self.last is not None:
+            self.trainer.pgpo._modulation.schedule.update(*self.last)
+        self.trainer._gap.reset()
