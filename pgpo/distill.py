@@ -48,6 +48,7 @@ __all__ = [
     "head_divergence",
     "head_token_logprobs",
     "token_divergence",
+    "top_p_log_probs",
 ]
 
 
@@ -370,21 +371,46 @@ def head_divergence(
     return loss, h_s.reshape(token_shape), h_t.reshape(token_shape)
 
 
+def top_p_log_probs(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Log-probs ``[n, V]`` of nucleus sampling: ``softmax(logits)`` restricted to the smallest
+    set of most likely tokens whose mass reaches ``top_p`` and renormalised; ``-inf`` outside.
+    As vLLM does it: sorted ascending, the tokens whose cumulative mass is at most
+    ``1 - top_p`` are dropped, the most likely token always kept."""
+    log_p = torch.log_softmax(logits, dim=-1)
+    if top_p >= 1.0:
+        return log_p
+    sorted_log_p, order = log_p.sort(dim=-1)
+    drop = sorted_log_p.exp().cumsum(dim=-1) <= 1.0 - top_p
+    drop[..., -1] = False
+    kept = sorted_log_p.masked_fill(drop, float("-inf"))
+    kept = kept - kept.logsumexp(dim=-1, keepdim=True)
+    return torch.empty_like(kept).scatter_(-1, order, kept)
+
+
 @torch.no_grad()
 def head_token_logprobs(
     hidden: torch.Tensor,
     head_weight: torch.Tensor,
     targets: torch.Tensor,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
 ) -> torch.Tensor:
-    """``log softmax(hidden @ head_weight.T)[target]`` per token, float32 ``[..., T]``, from
-    hidden states ``[..., T, H]``, a head ``[V, H]`` and target ids ``[..., T]``; chunked like
-    :func:`head_divergence` (no gradient). The trainer's log-probs of sampled tokens."""
+    """The log-prob of each target token under the distribution it was sampled from:
+    ``softmax(hidden @ head_weight.T / temperature)``, restricted to the top-p nucleus
+    (:func:`top_p_log_probs`). Float32 ``[..., T]`` from hidden states ``[..., T, H]``, a head
+    ``[V, H]`` and target ids ``[..., T]``; chunked like :func:`head_divergence` (no gradient).
+    The trainer's side of the rollout importance ratio."""
+    check_temperature(temperature)
     h = hidden.reshape(-1, hidden.shape[-1])
     t = targets.reshape(-1).to(h.device)
     out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
     for start, stop in chunks(h.shape[0], chunk_size):
         logits = (h[start:stop] @ head_weight.T).float()
+        if temperature != 1.0 or top_p < 1.0:
+            log_p = top_p_log_probs(logits / temperature, top_p)
+            out[start:stop] = log_p.gather(-1, t[start:stop].unsqueeze(-1)).squeeze(-1)
+            continue
         picked = logits.gather(-1, t[start:stop].unsqueeze(-1)).squeeze(-1)
         out[start:stop] = picked - logits.logsumexp(-1)
     return out.reshape(targets.shape)

@@ -140,6 +140,7 @@ CASES = [
     (TRAIN + ["rollout.top_p=0"], "rollout.top_p"),
     (TRAIN + ["rollout.tis_cap=0.5"], "rollout.tis_cap"),
     (TRAIN + ["rollout.engine=sglang"], "rollout.engine"),
+    (TRAIN + ["rollout.vllm_tensor_parallel_size=2"], "tensor-parallel rollouts"),
     (TRAIN + ["teacher.mode=oracle"], "teacher.mode"),
     (TRAIN + ["teacher.success_threshold=5"], "teacher.success_threshold"),
     (TRAIN + ["teacher.ema_rate=1.5"], "teacher.ema_rate"),

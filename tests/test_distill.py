@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -267,3 +269,32 @@ def test_weights_of_a_split_batch_with_summed_denominators_are_the_whole_batchs(
         abs(float(whole.sum()) - (1.0 if reduction == "token_mean" or not empty_count else 5 / 6))
         < 1e-12
     )
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 1.0), (0.7, 0.9), (1.3, 0.5)])
+def test_head_token_logprobs_are_of_the_sampling_distribution(temperature, top_p):
+    """Log-probs after temperature and top-p (what vLLM's processed_logprobs return): the
+    nucleus is the most likely tokens whose mass reaches top_p, renormalised."""
+    from pgpo.distill import head_token_logprobs
+
+    g = torch.Generator().manual_seed(3)
+    hidden, head = torch.randn(2, 5, 8, generator=g), torch.randn(40, 8, generator=g)
+    logits = (hidden @ head.T).double() / temperature
+    probs = torch.softmax(logits, -1)
+    expected = torch.empty(2, 5, dtype=torch.float64)
+    targets = torch.empty(2, 5, dtype=torch.long)
+    for i in range(2):
+        for t in range(5):
+            p = probs[i, t]
+            order = p.argsort(descending=True).tolist()
+            nucleus, mass = [], 0.0
+            for v in order:  # add tokens until the mass reaches top_p
+                nucleus.append(v)
+                mass += float(p[v])
+                if mass >= top_p - 1e-12:
+                    break
+            target = nucleus[len(nucleus) // 2]  # a token inside the nucleus
+            targets[i, t] = target
+            expected[i, t] = math.log(float(p[target]) / sum(float(p[v]) for v in nucleus))
+    got = head_token_logprobs(hidden, head, targets, 3, temperature, top_p)
+    assert torch.allclose(got.double(), expected, atol=1e-5)  # float32 log-probs of ~3 nats

@@ -243,3 +243,76 @@ def test_gpu_smoke_plans_torchrun_of_both_presets_and_checks_a_run(tmp_path, cap
     (tmp_path / "metrics.jsonl").write_text("\n".join([json.dumps(bad), *rows[1:]]) + "\n")
     with pytest.raises(AssertionError, match="step 1: rho"):
         gpu_smoke.check_run("tiny-cpu", tmp_path, 2)
+
+
+def rank_samples(tmp_path, *overrides: str) -> list[list[list[int]]]:
+    """Every rank's samples of the same prompt (gpu_check's two-ranks probe, under torchrun)."""
+    out = tmp_path / "samples.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    cmd += ["-m", "pgpo.train.gpu_check", "--rank-samples", str(out)]
+    cmd += [f"output.dir={tmp_path / 'run'}", *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_two_ranks_given_the_same_prompt_draw_different_samples_with_hf(tmp_path):
+    first, second = rank_samples(tmp_path, "fsdp.compute_dtype=float32")
+    assert len(first) == len(second) == 4
+    assert first != second  # before per-rank seeds both ranks drew the same noise
+
+
+def test_the_process_group_has_gloo_for_cpu_tensors_when_cuda_is_there():
+    from pgpo.train.distributed import process_group_backend
+
+    assert process_group_backend(cuda=True) == "cpu:gloo,cuda:nccl"
+    assert process_group_backend(cuda=False) == "gloo"
+
+
+def test_gpu_check_plans_every_path_and_checks_a_run(tmp_path, capsys):
+    from pgpo.train import gpu_check
+
+    assert gpu_check.main(["--dry-run", "--gpus", "2", "--out", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    names = [line.split(":")[0] for line in lines]
+    assert names == ["plain", "torchrun", "no-sleep", "runner-v1", "runner-v2", "two-ranks"]
+    assert "VLLM_USE_V2_MODEL_RUNNER=1" in lines[4] and "--nproc-per-node=1" in lines[1]
+    assert "rollout.vllm_sleep=false" in lines[2]
+    assert gpu_check.main(["--dry-run", "--gpus", "1", "--out", str(tmp_path)]) == 0
+    assert "two-ranks" not in capsys.readouterr().out  # needs 2 GPUs
+    if not torch.cuda.is_available():
+        assert gpu_check.main(["--out", str(tmp_path)]) == 2
+        assert "no GPU visible" in capsys.readouterr().err
+
+    folder = tmp_path / "plain"
+    folder.mkdir()
+    rows = [{"step": s, "loss": 0.1, "tis_ratio_mean": 1.01, "vllm_sleep_freed_gib": 3.2}
+            for s in (1, 2)]  # fmt: skip
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert gpu_check.check_training("plain", folder, "ok", sleep=True)["run"] == "plain"
+    with pytest.raises(AssertionError, match="said 'Failed to load weights'"):
+        gpu_check.check_training("plain", folder, "LMHead: Failed to load weights", sleep=True)
+    rows[1]["tis_ratio_mean"] = 1.2
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(AssertionError, match="importance ratios"):
+        gpu_check.check_training("plain", folder, "ok", sleep=True)
+
+
+def test_the_no_vllm_smoke_plans_the_largest_random_qwen3_that_fits(capsys):
+    from pgpo.train import gpu_smoke
+    from pgpo.train.model import small_qwen3
+
+    # The parameter formula against the model itself (built on the meta device).
+    with torch.device("meta"):
+        lm = small_qwen3(151_936, 256, 3, 4, 1, 64, True, (0, 1, 0), 64, seed=0)
+    counted = sum(p.numel() for p in lm.parameters())
+    assert gpu_smoke.random_qwen3_parameters(256, 3, 4, 64) == counted
+    plan = gpu_smoke.largest_random_qwen3(139.0)
+    one_more = gpu_smoke.random_qwen3_parameters(layers=plan["layers"] + 1, **gpu_smoke.WIDTH)
+    budget = (139.0 - gpu_smoke.HEADROOM_GIB) * 2**30 / gpu_smoke.BYTES_PER_PARAMETER
+    assert plan["parameters"] <= budget < one_more  # the largest that fits
+    assert gpu_smoke.main(["--no-vllm", "--gpu-gib", "139", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"model.tiny_layers={plan['layers']}" in out and "--nproc-per-node=1" in out
+    assert "rollout.engine=hf" in out and "output.save_last=false" in out

@@ -13,6 +13,7 @@ import pytest
 
 from pgpo.cli import build_parser as pgpo_parser
 from pgpo.train.config import PRESETS, load_config
+from pgpo.train.gpu_check import build_parser as check_gpu_parser
 from pgpo.train.gpu_smoke import build_parser as smoke_parser
 from proofs_checks.cli import build_parser as check_parser
 from sde.cli import build_parser as sde_parser
@@ -71,6 +72,9 @@ def test_a_documented_command_is_accepted(where, command):
         argv = ["pgpo", "train", *argv[3:]]
     if argv[:3] == ["python", "-m", "pgpo.train.gpu_smoke"]:
         smoke_parser().parse_args(argv[3:])
+        return
+    if argv[:3] == ["python", "-m", "pgpo.train.gpu_check"]:
+        check_gpu_parser().parse_args(argv[3:])
         return
     parser = {"pgpo": pgpo_parser, "pgpo-sde": sde_parser, "pgpo-check": check_parser}[argv[0]]
     args = parser().parse_args(argv[1:])

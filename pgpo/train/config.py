@@ -112,7 +112,7 @@ class RolloutConfig:
     tis_cap: Annotated[float, AT_LEAST_1] | None = 2.0
     # vLLM only: share of GPU memory for weights + KV cache; context length; tensor parallelism;
     # sleep mode (free vLLM's memory while training; CUDA only, ignored on CPU).
-    vllm_gpu_memory_utilization: Annotated[float, SHARE] = 0.55
+    vllm_gpu_memory_utilization: Annotated[float, SHARE] = 0.5  # 4 x 80 GB: docs/scaling.md
     vllm_max_model_len: Count | None = None
     vllm_tensor_parallel_size: Count = 1
     vllm_sleep: bool = True
@@ -209,6 +209,7 @@ class OutputConfig:
     # own entries (config.yaml, logs, checkpoints/, tensorboard/) are removed first.
     overwrite: bool = False
     save_every: Count = 50
+    save_last: bool = True  # also checkpoint the last step (false: only every save_every)
     sample_every: Count = 10
     tensorboard: bool = True
 
@@ -359,6 +360,15 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         "batch_size",
         f"divisible by rollout.n ({cfg.rollout.n})",
         cfg.batch_size,
+    )
+    # Under external_launcher every rank of a TP group must send vLLM the same requests; each
+    # rank here samples its own slice of prompts, and one process with TP > 1 gets vLLM's
+    # multiprocess executor, which cannot take the in-process weight push.
+    need(
+        cfg.rollout.vllm_tensor_parallel_size == 1,
+        "rollout.vllm_tensor_parallel_size",
+        "1 (tensor-parallel rollouts are not supported: use one engine per GPU)",
+        cfg.rollout.vllm_tensor_parallel_size,
     )
     need(len(cfg.optim.betas) == 2, "optim.betas", "two numbers in [0, 1)", cfg.optim.betas)
     # AdamW multiplies every weight by 1 - lr * weight_decay each step.

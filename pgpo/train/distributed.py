@@ -23,9 +23,16 @@ from pgpo.train.model import torch_dtype
 _WRAPPED = "_checkpoint_wrapped_module."
 
 
+def process_group_backend(cuda: bool) -> str:
+    """The process group's backends: NCCL for CUDA tensors and, with CUDA, gloo beside it for CPU
+    tensors, which CPU-offloaded FSDP2 shards are (their gradient-norm and ``full_tensor``
+    collectives fail on an NCCL-only group); gloo alone without CUDA."""
+    return "cpu:gloo,cuda:nccl" if cuda else "gloo"
+
+
 def _device() -> str:
-    """Where collectives' tensors live: NCCL reduces CUDA tensors, gloo CPU ones."""
-    return "cuda" if dist.get_backend() == "nccl" else "cpu"
+    """Where the trainer's own collectives' tensors live: CUDA when NCCL is in the group."""
+    return "cuda" if "nccl" in str(dist.get_backend()) else "cpu"
 
 
 @dataclass(frozen=True)
@@ -70,7 +77,7 @@ def init_world() -> World:
         cuda = torch.cuda.is_available()
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if cuda else "gloo")
+        dist.init_process_group(process_group_backend(cuda))
     return World(dist.get_rank(), dist.get_world_size(), distributed=True)
 
 

@@ -40,11 +40,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """The sampling seed of ``rank``: ``seed`` itself on rank 0 (a single process is unchanged),
+    an independent stream on every other rank, so that ranks never share sampling noise."""
+    if rank == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+
+
 def make_engine(
-    cfg: TrainConfig, lm: torch.nn.Module, tokenizer, *, distributed: bool
+    cfg: TrainConfig, lm: torch.nn.Module, tokenizer, *, distributed: bool, rank: int = 0
 ) -> RolloutEngine:
     """The rollout engine ``rollout.engine`` names, for the policy's causal LM ``lm`` (before
-    any sharding). Only this function knows the engines; the step sees the interface."""
+    any sharding), sampling with ``rank``'s seed. Only this function knows the engines; the step
+    sees the interface."""
     if cfg.rollout.engine == "hf":
         from pgpo.train.rollout_hf import HFRolloutEngine
 
@@ -56,7 +65,7 @@ def make_engine(
         )
     from pgpo.train.rollout_vllm import VLLMRolloutEngine
 
-    return VLLMRolloutEngine.from_config(cfg, lm, tokenizer)
+    return VLLMRolloutEngine.from_config(cfg, lm, tokenizer, seed=rank_seed(cfg.seed, rank))
 
 
 def modulation(cfg: TrainConfig) -> Modulation:
@@ -109,10 +118,16 @@ class Run:
             cfg.data.max_test,
         )
         self.lm = load_model(cfg.model, cfg.seed)  # the causal LM (same init on every rank)
+        if torch.cuda.is_available() and not self.world.distributed:
+            self.lm.to("cuda")  # one process on a GPU machine trains there (FSDP2 places its own)
         self.policy = Policy(self.lm)  # what the step calls
         teacher_dtype = None if cfg.teacher.dtype is None else torch_dtype(cfg.teacher.dtype)
         self.teacher = Teacher(self.policy, cfg.teacher.mode, cfg.teacher.ema_rate, teacher_dtype)
-        self.engine = make_engine(cfg, self.lm, self.tokenizer, distributed=self.world.distributed)
+        if self.world.rank:  # every other rank samples from its own stream; rank 0 keeps seed's
+            seed_everything(rank_seed(cfg.seed, self.world.rank))
+        self.engine = make_engine(
+            cfg, self.lm, self.tokenizer, distributed=self.world.distributed, rank=self.world.rank
+        )
         if self.world.distributed:
             distributed.shard(self.policy, self.lm, cfg.fsdp, trainable=True)
             if cfg.teacher.mode != "live":
@@ -442,13 +457,17 @@ def _steps(run: Run, folder: RunDir, logs: _Logs, stop: StopRequest, progress, d
         run.engine.sync_weights(run.lm)
         samples = metrics.pop("samples")
         row = {"step": run.step, **metrics, "skipped_total": run.skipped}
+        freed = getattr(run.engine, "sleep_freed_gib", None)  # vLLM sleep mode, on CUDA
+        if freed is not None:
+            row["vllm_sleep_freed_gib"] = freed
         if run.step % cfg.eval.every == 0 or run.step == cfg.steps:
             row.update({f"eval_{k}": v for k, v in run.evaluate().items()})
         logs.step(row, samples if run.step % cfg.output.sample_every == 0 else None)
         bar.set_postfix(
             reward=f"{row['reward']:.2f}", rho=f"{row['rho']:.3f}", loss=f"{row['loss']:.4f}"
         )
-        saved = run.step % cfg.output.save_every == 0 or run.step == cfg.steps
+        last = run.step == cfg.steps and cfg.output.save_last
+        saved = run.step % cfg.output.save_every == 0 or last
         if saved:
             run.save(folder.checkpoints)
         yield

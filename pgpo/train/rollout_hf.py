@@ -26,6 +26,8 @@ class HFRolloutEngine:
         self.lm = copy.deepcopy(lm).eval() if own_copy else lm
         if own_copy:
             self.lm.requires_grad_(False)
+            if torch.cuda.is_available():  # the sharded policy is on the GPU: sample there too
+                self.lm.to("cuda")
         self.tokenizer, self.prompts_per_call = tokenizer, prompts_per_call
         self.stop_ids = set(stop_token_ids(tokenizer))
 
@@ -65,9 +67,10 @@ class HFRolloutEngine:
                 for i, p in enumerate(group):  # left padding: generation continues on the right
                     ids[i, width - len(p) :] = torch.tensor(p)
                     mask[i, width - len(p) :] = 1
+                device = self.lm.get_input_embeddings().weight.device
                 generated = self.lm.generate(
-                    input_ids=ids,
-                    attention_mask=mask,
+                    input_ids=ids.to(device),
+                    attention_mask=mask.to(device),
                     do_sample=True,
                     temperature=temperature,
                     top_p=top_p,

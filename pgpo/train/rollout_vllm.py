@@ -12,16 +12,20 @@ The same code runs on vLLM's GPU and CPU builds; the CPU build is what the tests
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from pgpo.train.checkpoint import rng_state, set_rng_state
 from pgpo.train.distributed import full_named_tensors
+from pgpo.train.model import TINY
 from pgpo.train.rollout import Completion, stop_token_ids
 
 # Head sizes of vLLM's CPU attention backend (0.32; head_dim 16 fails inside vLLM).
@@ -33,6 +37,19 @@ def _without_chat_warmup_warning(record: logging.LogRecord) -> bool:
     ids only) vLLM still tries to render a chat at start-up and logs the expected failure with
     a traceback."""
     return not record.getMessage().startswith("Chat template warmup failed")
+
+
+@contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Python's, NumPy's, torch's and every CUDA device's generator as they were before."""
+    saved = rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        set_rng_state(saved)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
 
 
 def _prepare_lm_head(model: torch.nn.Module) -> None:
@@ -62,8 +79,10 @@ class VLLMRolloutEngine:
         sleep: bool = True,
         cleanup: Path | None = None,
     ) -> None:
-        # In-process engine: weights can be handed over as tensors, no serialization.
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        # In-process engine: weights can be handed over as tensors, no serialization. A user's
+        # VLLM_ENABLE_V1_MULTIPROCESSING=1 would move the engine into another process, where the
+        # weight push cannot reach it: this engine always sets 0.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         cpu = not torch.cuda.is_available()
         if cpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB
@@ -75,12 +94,16 @@ class VLLMRolloutEngine:
         self.stop_ids = list(stop_ids)
         self.sleep_enabled = sleep and not cpu  # the CPU build refuses enable_sleep_mode
         self.asleep: set[str] = set()  # which of "weights", "kv_cache" are offloaded
+        self.sleep_freed_gib: float | None = None  # GPU memory the last sleep gave back
         self._cleanup = cleanup
         options = {}
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             options["distributed_executor_backend"] = "external_launcher"
-        # vLLM reseeds torch's global generator with `seed`: keep the trainer's stream intact.
-        with torch.random.fork_rng(devices=[]):
+        # vLLM tears down the process group when it shuts down: only one it made itself.
+        self._owns_process_group = not torch.distributed.is_initialized()
+        # vLLM reseeds Python's, NumPy's, torch's and CUDA's global generators with `seed`: keep
+        # the trainer's streams intact.
+        with preserved_rng():
             self.llm = LLM(
                 model=str(model_dir),
                 dtype=dtype,
@@ -91,14 +114,20 @@ class VLLMRolloutEngine:
                 enforce_eager=cpu,
                 enable_sleep_mode=self.sleep_enabled,
                 skip_tokenizer_init=True,  # token ids in, token ids out
+                # Log-probs of what was sampled from (after temperature and top-p), as the
+                # truncated importance ratio needs; at temperature 1, top-p 1 they are the raw.
+                logprobs_mode="processed_logprobs",
                 **options,
             )
 
     @classmethod
-    def from_config(cls, cfg, lm: torch.nn.Module, tokenizer) -> VLLMRolloutEngine:
-        """From a TrainConfig and the policy's causal LM (before sharding). A policy that
-        exists only in memory (``tiny-random-qwen3``) is first saved to
-        ``output.dir/.vllm-initial-weights`` (by rank 0; removed by :meth:`close`) for vLLM."""
+    def from_config(
+        cls, cfg, lm: torch.nn.Module, tokenizer, seed: int | None = None
+    ) -> VLLMRolloutEngine:
+        """From a TrainConfig and the policy's causal LM (before sharding), sampling with
+        ``seed`` (this rank's; default ``cfg.seed``). A local folder or hub id in model.path is
+        what vLLM loads; a policy that exists only in memory (``tiny-random-qwen3``) is first
+        saved to ``output.dir/.vllm-initial-weights`` (by rank 0; removed by :meth:`close`)."""
         cpu = not torch.cuda.is_available()
         head_dim = getattr(lm.config, "head_dim", None)
         if cpu and head_dim is not None and head_dim not in CPU_HEAD_DIMS:
@@ -106,9 +135,9 @@ class VLLMRolloutEngine:
                 f"rollout.engine=vllm on CPU: vLLM's CPU attention does not support head_dim "
                 f"{head_dim} (it supports {', '.join(map(str, CPU_HEAD_DIMS))})"
             )
-        path = Path(cfg.model.path)
+        path = cfg.model.path
         cleanup = None
-        if not (path.is_dir() and (path / "config.json").exists()):
+        if path == TINY:
             path = cleanup = Path(cfg.output.dir) / ".vllm-initial-weights"
             ranks = torch.distributed.is_initialized()
             if not ranks or torch.distributed.get_rank() == 0:
@@ -120,7 +149,7 @@ class VLLMRolloutEngine:
         return cls(
             path,
             stop_token_ids(tokenizer),
-            seed=cfg.seed,
+            seed=cfg.seed if seed is None else seed,
             # The CPU attention kernels are float32 here; on GPUs vLLM runs in bf16.
             dtype="float32" if cpu else "bfloat16",
             max_model_len=cfg.rollout.vllm_max_model_len or cfg.rollout.max_prompt_tokens + longest,
@@ -219,10 +248,22 @@ class VLLMRolloutEngine:
     def _sleep(self) -> None:
         if self.sleep_enabled:
             # Level 1: weights to CPU memory, KV cache dropped; the trainer gets the memory.
+            free_before = torch.cuda.mem_get_info()[0]
             self.llm.sleep(level=1)
             self.asleep = {"weights", "kv_cache"}
+            self.sleep_freed_gib = (torch.cuda.mem_get_info()[0] - free_before) / 2**30
 
     def close(self) -> None:
+        """Shut the engine down and free what it holds, so that another engine can start in
+        this process; remove the initial weights this engine saved."""
+        llm = getattr(self, "llm", None)
+        if llm is not None:
+            if self._owns_process_group:  # its shutdown also destroys the process group
+                llm.llm_engine.engine_core.shutdown()
+            del self.llm
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
         if self._cleanup is not None:
             shutil.rmtree(self._cleanup, ignore_errors=True)
             self._cleanup = None

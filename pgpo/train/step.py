@@ -341,8 +341,15 @@ def distill_loss(
         # Truncated importance sampling (the reference's rollout correction): the engine
         # sampled with its own numerics, so each token's loss is multiplied by
         # min(p_trainer / p_engine, cap), detached.
+        # Both sides are log-probs of what was sampled from: after the rollout temperature
+        # and top-p (the engine returns processed log-probs).
         trainer_lp = head_token_logprobs(
-            student_hidden.detach(), student_head.detach(), targets, cfg.loss.chunk_size
+            student_hidden.detach(),
+            student_head.detach(),
+            targets,
+            cfg.loss.chunk_size,
+            cfg.rollout.temperature,
+            cfg.rollout.top_p,
         )
         ratio = (trainer_lp - behaviour.to(w.device)).exp()
         on = w != 0
