@@ -23,7 +23,7 @@ from trl.experimental.sdpo import SDPOConfig, SDPOTrainer  # noqa: E402
 
 from pgpo.information import entropy_gap  # noqa: E402
 from pgpo.integrations.trl import PGPOSDPOTrainer, PGPOSettings  # noqa: E402
-from pgpo.train.model import load_tokenizer, small_qwen3  # noqa: E402
+from pgpo.train.model import load_tokenizer  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*experimental.*")
 
@@ -31,13 +31,9 @@ warnings.filterwarnings("ignore", message=".*experimental.*")
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny Qwen3 (real vocabulary, weights x12 so that student and teacher differ clearly)."""
-    folder = tmp_path_factory.mktemp("trl-qwen3")
-    lm = small_qwen3(151_936, 32, 1, 2, 1, 16, True, (151643, 151645, 151643), 512, seed=0)
-    with torch.no_grad():
-        for name, p in lm.named_parameters():
-            if "norm" not in name:
-                p.mul_(12.0)
-    lm.save_pretrained(folder)
+    from tests.conftest import save_sharp_qwen3
+
+    folder = save_sharp_qwen3(tmp_path_factory.mktemp("trl-qwen3"), 32, 1, 16, 12.0)
     load_tokenizer("qwen3").save_pretrained(folder)
     return folder
 
