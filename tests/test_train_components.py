@@ -177,3 +177,30 @@ def test_model_loading_errors_are_clear():
         load_model(ModelConfig(path="/nonexistent/model"), seed=0)
     with pytest.raises(ModelLoadError, match="hub cannot be reached"):
         load_model(ModelConfig(path="no-such-org/no-such-model-xyz"), seed=0)
+
+
+def test_a_hub_id_offline_fails_at_once_after_one_connection_attempt(monkeypatch, capsys):
+    """Without a network the hub is probed once (no minute of retries), then one line."""
+    import socket
+
+    from pgpo.cli import main as pgpo_main
+    from pgpo.train import model
+
+    if model.hub_reachable(timeout=3.0):
+        pytest.skip("the hub is reachable here: nothing to fail")
+    attempts = []
+    real = socket.create_connection
+
+    def counted(*args, **kwargs):  # the real call, counted
+        attempts.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(socket, "create_connection", counted)
+    argv = ["train", "--config", "tiny-cpu", "model.tokenizer=no-such-org/no-model"]
+    assert pgpo_main(argv + ["output.dir=/nonexistent-pgpo/x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "cannot be reached" in err
+    # pgpo's one probe, plus at most huggingface_hub's own one-time fetch of its agent registry
+    # (made even for local_files_only loads, then cached); before: 12 attempts (6 per load,
+    # with back-off), 50 s.
+    assert 1 <= len(attempts) <= 2 and all(host == "huggingface.co" for host, _ in attempts)
