@@ -24,16 +24,18 @@ ORDER_TOLERANCE = 0.15  # |slope - 1| within this counts as order 1
 
 @dataclass(frozen=True)
 class Effort:
-    """How hard to measure: ``quick`` for CI, ``full`` for the report."""
+    """How hard to measure: ``quick`` for CI, ``full`` for the report; ``workers`` processes
+    (the same numbers for any count)."""
 
     name: str
     paths: int
     etas: tuple[float, ...]
+    workers: int = 1
 
     @classmethod
-    def of(cls, quick: bool) -> Effort:
+    def of(cls, quick: bool, workers: int = 1) -> Effort:
         etas = (0.2, 0.1, 0.05, 0.025, 0.0125, 0.00625)  # the same etas: the same question
-        return cls("quick", 1000, etas) if quick else cls("full", 4000, etas)
+        return cls("quick", 1000, etas, workers) if quick else cls("full", 4000, etas, workers)
 
 
 def _study(problem, mult, models, info_source, effort, out: Path, figure: str, title: str):
@@ -46,6 +48,7 @@ def _study(problem, mult, models, info_source, effort, out: Path, figure: str, t
         paths=effort.paths,
         chain="gaussian",
         test_fns=("theta1", "sqnorm"),
+        workers=effort.workers,
     )
     summaries = summarize(est)
     plot_weak_error(est, summaries, out / figure, title)
@@ -324,8 +327,9 @@ def all_claims(
     log_source=None,
     progress=None,
     study_file=None,
+    workers: int = 1,
 ) -> list[Check]:
-    effort = Effort.of(quick)
+    effort = Effort.of(quick, workers)
     steps = [
         lambda: claim_c1_full(mult, effort, out),
         lambda: claim_c1_same_batch(mult, effort, out),

@@ -15,7 +15,14 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from pgpo.cli_util import ArgumentParser, UserError, output_files, positive_float, run
+from pgpo.cli_util import (
+    ArgumentParser,
+    UserError,
+    output_files,
+    positive_float,
+    positive_int,
+    run,
+)
 from pgpo.multiplier import KINDS, MultiplierConfig
 from proofs_checks.checks import Check, log_checks, problem_checks, read_metrics, rho_checks
 from proofs_checks.claims import Effort, all_claims
@@ -59,7 +66,7 @@ def _cmd_report(args) -> int:
             raise UserError(f"--log {args.log}: no such file")
         metrics = read_metrics(args.log)
         log_infos, log_source = metrics["info"], f"training log {args.log}"
-    effort = Effort.of(args.quick)
+    effort = Effort.of(args.quick, args.workers)
     start = time.perf_counter()
     from tqdm import tqdm
 
@@ -82,6 +89,7 @@ def _cmd_report(args) -> int:
                 log_source,
                 progress=lambda label: (bar.set_postfix_str(label), bar.update()),
                 study_file=Path(args.study) if args.study else DEFAULT_STUDY,
+                workers=args.workers,
             )
         seconds = time.perf_counter() - start
         sections = {
@@ -124,7 +132,7 @@ def _cmd_report(args) -> int:
                         alpha=args.alpha,
                         rho_max=args.rho_max,
                         kind=args.kind,
-                        effort=asdict(effort),
+                        effort={k: v for k, v in asdict(effort).items() if k != "workers"},
                         log=args.log,
                         seconds=seconds,
                     ),
@@ -159,6 +167,7 @@ def build_parser() -> ArgumentParser:
             p.add_argument("--log", default=None, help="trainer metrics file (JSON lines)")
             p.add_argument("--bench", default=None, help="trainer benchmark JSON (for C6)")
             p.add_argument("--study", default=None, help="pgpo study's summary.json (for C7)")
+            p.add_argument("--workers", type=positive_int, default=1, help="processes")
             p.add_argument("--out", default="runs/report")
     return parser
 

@@ -45,9 +45,19 @@ INFO_SOURCES = ("same-batch", "independent-batch", "full")
 Multiplier = Callable[[np.ndarray], np.ndarray]
 
 
+@dataclass(frozen=True)
+class ConstantRho:
+    """rho = value whatever I; a picklable multiplier (worker processes receive it)."""
+
+    value: float = 1.0
+
+    def __call__(self, info):
+        return np.full_like(np.asarray(info, dtype=np.float64), self.value)
+
+
 def constant_rho(value: float = 1.0) -> Multiplier:
     """rho = value whatever I (value 1: SGD, SDPO's baseline)."""
-    return lambda info: np.full_like(np.asarray(info, dtype=np.float64), value)
+    return ConstantRho(float(value))
 
 
 def as_multiplier(multiplier: MultiplierConfig | Multiplier | None) -> Multiplier:

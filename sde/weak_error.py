@@ -106,8 +106,11 @@ def weak_errors(
     chain: str = "minibatch",
     sde_step: float = 0.0125,
     progress: Callable[[str], None] | None = None,
+    workers: int = 1,
 ) -> list[Estimate]:
-    """Estimates for every (eta, model, test function). ``progress(label)`` is called per unit."""
+    """Estimates for every (eta, model, test function), in that order. ``progress(label)`` is
+    called once per eta; ``workers`` > 1 computes the etas in that many processes, with the
+    same results."""
     if chain not in CHAINS:
         raise ValueError(f"unknown chain {chain!r}; choose from {', '.join(CHAINS)}")
     for name in test_fns:
@@ -117,56 +120,87 @@ def weak_errors(
             )
     if not sde_step > 0:
         raise ValueError(f"sde_step must be > 0, got {sde_step!r}")
-    out: list[Estimate] = []
-    for j, eta in enumerate(etas):
-        steps = max(1, round(horizon / eta))
-        substeps = max(2, int(np.ceil(eta / sde_step - 1e-9)))
-        brownian = BrownianPath(
-            seed=seed * 1000 + j, paths=paths, dim=problem.d, eta=eta, fine=2 * substeps
-        )
-        if chain == "gaussian":
-            end = gaussian_chain(
-                problem, multiplier, eta, steps, batch_size, brownian, info_source, replace
-            )
-        else:
-            end = minibatch_chain(
-                problem,
-                multiplier,
-                eta,
-                steps,
-                batch_size,
-                paths,
-                seed=[seed, j, 7],
-                info_source=info_source,
-                replace=replace,
-            )
-        for name in models:
-            model = make_model(name, problem, multiplier, batch_size, eta, info_source, replace)
-            coarse = euler_maruyama(model, problem.theta0, steps, brownian, substeps)
-            fine = euler_maruyama(model, problem.theta0, steps, brownian, 2 * substeps)
-            sde_bad = coarse.diverged | fine.diverged
-            for fn in test_fns:
-                g = TEST_FUNCTIONS[fn]
-                chain_g = np.where(end.diverged, np.nan, g(end.theta))
-                sde_g = np.where(sde_bad, np.nan, richardson(g(coarse.theta), g(fine.theta)))
-                value, se, n = estimate_difference(chain_g, sde_g)
-                out.append(
-                    Estimate(
-                        model=name,
-                        eta=float(eta),
-                        test_fn=fn,
-                        value=value,
-                        se=se,
-                        ci_low=value - 1.96 * se,
-                        ci_high=value + 1.96 * se,
-                        resolved=bool(np.isfinite(value) and abs(value) >= RESOLVED_SE * se),
-                        paths=n,
-                        diverged_chain=int(end.diverged.sum()),
-                        diverged_sde=int(sde_bad.sum()),
-                    )
-                )
+    cells = [
+        (problem, multiplier, j, float(eta), tuple(models), info_source, batch_size, replace,
+         paths, horizon, seed, tuple(test_fns), chain, sde_step)
+        for j, eta in enumerate(etas)
+    ]  # fmt: skip
+    if workers <= 1:
+        results = []
+        for cell in cells:
+            results.append(_eta_cell(cell))
             if progress is not None:
-                progress(f"eta={eta:g} {name}")
+                progress(f"eta={cell[3]:g}")
+        return [e for r in results for e in r]
+    import concurrent.futures as futures
+    import multiprocessing
+
+    # Every cell has its own seeds (from seed and the eta's index), so the estimates do not
+    # depend on which process computes them: the results are bit-identical for every N. The
+    # smallest eta (the most steps) is submitted first, so that it does not finish last.
+    order = sorted(range(len(cells)), key=lambda i: cells[i][3])
+    # The platform's default start method: fork on Linux, where the workers import nothing.
+    with futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context()) as pool:
+        jobs = {i: pool.submit(_eta_cell, cells[i]) for i in order}
+        results = {}
+        for i in order:
+            results[i] = jobs[i].result()
+            if progress is not None:
+                progress(f"eta={cells[i][3]:g}")
+    return [e for i in range(len(cells)) for e in results[i]]
+
+
+def _eta_cell(cell) -> list[Estimate]:
+    """The chain and every model at one eta (index j), with that eta's own seeds."""
+    (problem, multiplier, j, eta, models, info_source, batch_size, replace, paths, horizon,
+     seed, test_fns, chain, sde_step) = cell  # fmt: skip
+    out: list[Estimate] = []
+    steps = max(1, round(horizon / eta))
+    substeps = max(2, int(np.ceil(eta / sde_step - 1e-9)))
+    brownian = BrownianPath(
+        seed=seed * 1000 + j, paths=paths, dim=problem.d, eta=eta, fine=2 * substeps
+    )
+    if chain == "gaussian":
+        end = gaussian_chain(
+            problem, multiplier, eta, steps, batch_size, brownian, info_source, replace
+        )
+    else:
+        end = minibatch_chain(
+            problem,
+            multiplier,
+            eta,
+            steps,
+            batch_size,
+            paths,
+            seed=[seed, j, 7],
+            info_source=info_source,
+            replace=replace,
+        )
+    for name in models:
+        model = make_model(name, problem, multiplier, batch_size, eta, info_source, replace)
+        coarse = euler_maruyama(model, problem.theta0, steps, brownian, substeps)
+        fine = euler_maruyama(model, problem.theta0, steps, brownian, 2 * substeps)
+        sde_bad = coarse.diverged | fine.diverged
+        for fn in test_fns:
+            g = TEST_FUNCTIONS[fn]
+            chain_g = np.where(end.diverged, np.nan, g(end.theta))
+            sde_g = np.where(sde_bad, np.nan, richardson(g(coarse.theta), g(fine.theta)))
+            value, se, n = estimate_difference(chain_g, sde_g)
+            out.append(
+                Estimate(
+                    model=name,
+                    eta=float(eta),
+                    test_fn=fn,
+                    value=value,
+                    se=se,
+                    ci_low=value - 1.96 * se,
+                    ci_high=value + 1.96 * se,
+                    resolved=bool(np.isfinite(value) and abs(value) >= RESOLVED_SE * se),
+                    paths=n,
+                    diverged_chain=int(end.diverged.sum()),
+                    diverged_sde=int(sde_bad.sum()),
+                )
+            )
     return out
 
 

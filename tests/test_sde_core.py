@@ -224,3 +224,15 @@ def test_bad_model_arguments(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         make_model(**args)
+
+
+def test_weak_error_results_are_bit_identical_for_any_number_of_workers(tmp_path):
+    from sde.cli import main as sde_main
+
+    outs = []
+    for workers in (1, 2):
+        out = tmp_path / "study"  # the same folder: results.json records it
+        args = ["weak-error", "--paths", "200", "--etas", "0.2,0.1,0.05", "--out", str(out)]
+        assert sde_main([*args, "--workers", str(workers)]) == 0
+        outs.append((out / "results.json").read_bytes())
+    assert outs[0] == outs[1]
