@@ -204,6 +204,55 @@ class Distill(Problem):
         return fields + self.lam * theta[:, None, :], infos
 
 
+class TorchProblem(Problem):
+    """A problem from any per-example torch loss: bring your own model.
+
+    ``loss(theta, example) -> scalar`` and ``info(theta, example) -> scalar`` (nats) take one
+    parameter vector ``theta`` ``[d]`` and one example (a dict of tensors, one row of
+    ``examples``). ``examples`` maps names to arrays whose first axis is the N examples. The
+    update field is ``grad_theta loss`` (a stop-gradient inside ``loss`` (``.detach()``) makes it
+    a semi-gradient, as for a distillation teacher), computed with ``torch.func``: ``vmap`` over
+    the paths and the examples of ``grad``, in float64. For ``workers > 1``, define ``loss``
+    and ``info`` at module level (worker processes receive them pickled).
+    """
+
+    def __init__(self, name: str, loss, info, examples: dict, theta0) -> None:
+        import torch
+
+        self.name = name
+        self._loss, self._info = loss, info
+        self.examples = {k: torch.as_tensor(np.asarray(v), dtype=torch.float64)
+                         for k, v in examples.items()}  # fmt: skip
+        sizes = {v.shape[0] for v in self.examples.values()}
+        if len(sizes) != 1:
+            raise ValueError(f"examples must share their first axis (N), got sizes {sorted(sizes)}")
+        (self._n,) = sizes
+        self.theta0 = np.asarray(theta0, dtype=np.float64)
+
+    @property
+    def n(self) -> int:
+        return self._n
+
+    def _map(self, fn, theta: np.ndarray) -> np.ndarray:
+        """``fn(theta_p, example_i)`` for every path p and example i: ``[P, N, ...]``."""
+        import torch
+        from torch.func import vmap
+
+        per_example = vmap(fn, in_dims=(None, 0))
+        per_path = vmap(per_example, in_dims=(0, None))
+        with torch.no_grad():  # torch.func's grad needs no autograd graph around it
+            out = per_path(torch.as_tensor(theta, dtype=torch.float64), self.examples)
+        return out.numpy()
+
+    def fields(self, theta):
+        from torch.func import grad
+
+        return self._map(grad(self._loss), theta)
+
+    def infos(self, theta):
+        return self._map(self._info, theta)
+
+
 PROBLEMS = {"quadratic": Quadratic, "logistic": Logistic, "distill": Distill}
 
 
