@@ -60,6 +60,31 @@ def ou_moments(
     return mean, q @ (s * integral) @ q.T
 
 
+def sme_moments(
+    problem: Quadratic, r: float, eta: float, t_end: float, batch_size: int, order: int,
+    replace: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Mean and covariance at ``t_end`` of Li, Tai and E's stochastic modified equations for the
+    chain ``theta_{k+1} = theta_k - eta r g_B`` on the quadratic (constant rho = r):
+
+    - order 1: ``d Theta = -r A (Theta - xbar) dt + r sqrt(eta) Sigma_b^{1/2} dW``;
+    - order 2: the drift of ``-grad(f + (eta / 4) |grad f|^2)`` with ``f = r L``, i.e.
+      ``-(r A + (eta / 2) r^2 A^2) (Theta - xbar)``, and the same diffusion.
+
+    Their weak errors against the chain are of order 1 and 2 in eta (Li, Tai and E, 2017,
+    "Stochastic modified equations and adaptive stochastic gradient algorithms")."""
+    if order not in (1, 2):
+        raise ValueError(f"order must be 1 or 2, got {order!r}")
+    drift = r * problem.A + (order == 2) * 0.5 * eta * r**2 * problem.A @ problem.A
+    xbar = problem.x.mean(axis=0)
+    w, q = np.linalg.eigh(drift)  # symmetric: a polynomial in the symmetric A
+    mean = xbar + expm(-drift * t_end) @ (problem.theta0 - xbar)
+    s = q.T @ (r**2 * eta * _sigma_b(problem, batch_size, replace)) @ q
+    rate = w[:, None] + w[None, :]
+    integral = np.where(rate > 0, -np.expm1(-rate * t_end) / np.where(rate > 0, rate, 1.0), t_end)
+    return mean, q @ (s * integral) @ q.T
+
+
 def gaussian_expectations(mean: np.ndarray, cov: np.ndarray) -> dict[str, float]:
     """E g for the default test functions under N(mean, cov) (``exp`` is exact only there)."""
     d = len(mean)

@@ -236,3 +236,40 @@ def test_weak_error_results_are_bit_identical_for_any_number_of_workers(tmp_path
         assert sde_main([*args, "--workers", str(workers)]) == 0
         outs.append((out / "results.json").read_bytes())
     assert outs[0] == outs[1]
+
+
+def test_li_tai_e_modified_equations_are_order_one_and_two_on_the_quadratic():
+    """Positive controls from the literature: on the quadratic with constant rho the chain's
+    moments and the first- and second-order SMEs' are all closed-form, so the weak errors are
+    exact (no Monte Carlo error) and their slopes must be 1 and 2."""
+    from sde.exact import chain_moments, gaussian_expectations, sme_moments
+    from sde.weak_error import fit_slope
+
+    q = make_problem("quadratic", info_scale=0.0)
+    etas = [0.1, 0.05, 0.025, 0.0125, 0.00625]
+    for order in (1, 2):
+        for fn in ("theta1", "sqnorm"):
+            errors = []
+            for eta in etas:
+                chain = gaussian_expectations(*chain_moments(q, 1.0, eta, round(1 / eta), 2))
+                sme = gaussian_expectations(*sme_moments(q, 1.0, eta, 1.0, 2, order))
+                errors.append(chain[fn] - sme[fn])
+            fit = fit_slope(etas[-3:], errors[-3:], [1e-12] * 3, n_boot=10)
+            assert abs(fit.slope - order) < 0.05, (order, fn, fit.slope)
+
+
+def test_the_toolkits_second_order_model_is_li_tai_es_second_order_sme():
+    """The same SME through the toolkit's own model and Euler-Maruyama: the Monte Carlo mean
+    agrees with the closed form within 4 standard errors (which the test computes)."""
+    from sde.exact import sme_moments
+
+    q = make_problem("quadratic", info_scale=0.0)
+    eta, paths = 0.1, 20_000
+    steps, substeps = round(1 / eta), 64  # EM's own O(h) error far below the SE
+    model = make_model("second-order", q, constant_rho(1.0), 2, eta, "full", True)
+    brownian = BrownianPath(seed=3, paths=paths, dim=q.d, eta=eta, fine=substeps)
+    end = euler_maruyama(model, q.theta0, steps, brownian, substeps)
+    mean, cov = sme_moments(q, 1.0, eta, 1.0, 2, order=2)
+    se = end.theta.std(axis=0, ddof=1) / np.sqrt(paths)
+    assert np.all(np.abs(end.theta.mean(axis=0) - mean) < 4 * se + 1e-3 * eta), (
+        end.theta.mean(axis=0), mean, se)  # fmt: skip
