@@ -78,7 +78,8 @@ def _cmd_report(args) -> int:
                 make_problem(name), mult, samples=500 if args.quick else 2000
             )
         logs = log_checks(metrics, mult, log_source) if args.log else []
-        with tqdm(total=8, desc="claims", file=sys.stderr, disable=None) as bar:
+        total = 8 + len(effort.adamw_etas)
+        with tqdm(total=total, desc="claims", file=sys.stderr, disable=None) as bar:
             bench = Path(args.bench) if args.bench else DEFAULT_BENCH
             claims = all_claims(
                 mult,

@@ -85,7 +85,10 @@ def euler_maruyama(
         for k in range(steps):
             dw = None if model.is_ode else brownian.increments(k, substeps)
             for j in range(substeps):
-                drift, diffusion = model.coefficients(theta)
+                if model.time_dependent:
+                    drift, diffusion = model.coefficients(theta, (k + j / substeps) * brownian.eta)
+                else:
+                    drift, diffusion = model.coefficients(theta)
                 theta += drift * h
                 if dw is None:
                     continue

@@ -70,13 +70,15 @@ class SDEModel:
     """``d theta = b(theta) dt + G(theta) dW``; W is ``noise_dim``-dimensional.
 
     ``coefficients(theta [P, d]) -> (b [P, d], G)``: one call, since both usually need the same
-    per-example fields. ``G`` is ``[P, d, noise_dim]``, or ``[d, noise_dim]`` for additive noise
+    per-example fields; ``coefficients(theta, t)`` when ``time_dependent``.
+    ``G`` is ``[P, d, noise_dim]``, or ``[d, noise_dim]`` for additive noise
     shared by every path (applied as one matrix product), or None for an ODE.
     """
 
     name: str
-    coefficients: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]]
+    coefficients: Callable[..., tuple[np.ndarray, np.ndarray | None]]
     noise_dim: int
+    time_dependent: bool = False
 
     def drift(self, theta: np.ndarray) -> np.ndarray:
         return self.coefficients(theta)[0]

@@ -27,7 +27,9 @@ def plot_weak_error(
 
     fns = list(dict.fromkeys(e.test_fn for e in estimates))
     models = list(dict.fromkeys(e.model for e in estimates))
-    fig, axes = plt.subplots(1, len(fns), figsize=(4.6 * len(fns), 4.2), squeeze=False)
+    below = len(models) > 2  # many curves: the legend goes under the axes, not over the data
+    height = 4.2 + (0.35 * (len(models) + 2) if below else 0.0)
+    fig, axes = plt.subplots(1, len(fns), figsize=(4.6 * len(fns), height), squeeze=False)
     for ax, fn in zip(axes[0], fns):
         top = None
         for i, model in enumerate(models):
@@ -67,7 +69,11 @@ def plot_weak_error(
         ax.set_yscale("log")
         ax.set_xlabel("learning rate eta")
         ax.set_ylabel(f"|weak error|, g = {fn}")
-        ax.legend(fontsize=7)
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())  # minor labels of a log axis overlap
+        if below:
+            ax.legend(fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.16))
+        else:
+            ax.legend(fontsize=7)
     fig.suptitle(title + "  (hollow: |e| < 3 SE, not fitted; bars: 95 %)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
