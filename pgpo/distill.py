@@ -10,6 +10,11 @@ Generalized Jensen-Shannon with mix ``beta`` (named so to keep PGPO's ``alpha`` 
 The end points are special cases, as in the reference (the mixed form tends to 0, not to a KL,
 as beta -> 0 or 1).
 
+``mode="sampled_token"`` (the reference's token-level variant, reverse KL only): per token
+``(log p_S(y) - log p_T(y)).detach() * log p_S(y)`` at the sampled token y. Its gradient is the
+single-sample estimate of ``grad KL(p_S || p_T)`` along the sampled response; its value is that
+surrogate's, not a KL.
+
 Over the full vocabulary, or over the student's top-k tokens (indices of the student's
 temperature-scaled logits, teacher gathered at the same indices, true log-probs normalised over
 the full vocabulary) with an optional tail bucket holding the remaining mass
@@ -71,29 +76,42 @@ def _generalized_jsd(log_s: torch.Tensor, log_t: torch.Tensor, beta: float) -> t
     return (1.0 - beta) * _kl(log_s, log_m) + beta * _kl(log_t, log_m)
 
 
+MODES = ("logits", "sampled_token")
+
+
 @dataclass(frozen=True)
 class DivergenceSpec:
     """Which divergence: JSD mix ``beta``, student top-k (None: full vocabulary) with or without
-    the tail bucket, and the logits' temperature."""
+    the tail bucket, and the logits' temperature; ``mode`` ``sampled_token`` uses the sampled
+    tokens instead (beta 1 only; top-k does not apply)."""
 
     beta: float
     topk: int | None = None
     add_tail: bool = True
     temperature: float = 1.0
+    mode: str = "logits"
 
 
 def _chunk_divergence(
-    x_s: torch.Tensor, x_t: torch.Tensor, spec: DivergenceSpec, with_entropy: bool
+    x_s: torch.Tensor,
+    x_t: torch.Tensor,
+    spec: DivergenceSpec,
+    with_entropy: bool,
+    targets: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """Per-row divergence of float32 temperature-scaled logits ``[n, V] -> [n]`` and, with
     ``with_entropy``, both rows' full-vocabulary entropies ``[n]`` (no gradient), read from the
     log-probs computed here anyway: Eq. 8's entropies cost no extra pass over the logits
-    beyond one product and sum."""
+    beyond one product and sum. ``targets`` ``[n]``: the sampled tokens (sampled_token mode)."""
     log_s = torch.log_softmax(x_s, dim=-1)
     log_t = torch.log_softmax(x_t, dim=-1)
     entropies = None
     if with_entropy:
         entropies = (entropy_from_log_probs(log_s), entropy_from_log_probs(log_t))
+    if spec.mode == "sampled_token":
+        lp_s = log_s.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        lp_t = log_t.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        return (lp_s - lp_t).detach() * lp_s, entropies
     if spec.topk is not None:
         index = x_s.detach().topk(spec.topk, dim=-1).indices
         # With k = V the tail is empty (mass 0): it would add exactly 0 to every term.
@@ -134,6 +152,7 @@ def _divergence_chunks(
     weights: torch.Tensor | None = None,
     student_head: torch.Tensor | None = None,
     teacher_head: torch.Tensor | None = None,
+    targets: torch.Tensor | None = None,
     need_grad: bool,
     with_entropy: bool,
 ) -> Iterator[_Chunk]:
@@ -141,7 +160,7 @@ def _divergence_chunks(
     logits (``D = V``, no heads) or hidden states multiplied by ``*_head`` ``[V, D]`` one chunk
     at a time, so logits never exist for more than ``chunk_size`` rows. Only rows with ``keep``
     ``[N]`` are computed; ``weights`` ``[N]`` (None: all 1) weight the sum whose gradient is
-    taken."""
+    taken; ``targets`` ``[N]`` are the sampled tokens (sampled_token mode)."""
     for rows in kept_chunks(keep, chunk_size):
         x_t = teacher.index_select(0, rows)
         if teacher_head is not None:
@@ -149,10 +168,11 @@ def _divergence_chunks(
         x_t = x_t.float() / spec.temperature
         student_rows = student.index_select(0, rows)
         w = None if weights is None else weights.index_select(0, rows).float()
+        y = None if targets is None else targets.index_select(0, rows)
         with torch.enable_grad():
             x_s = student_rows if student_head is None else student_rows @ student_head.T
             x_s = x_s.float().requires_grad_(need_grad)
-            d, entropies = _chunk_divergence(x_s / spec.temperature, x_t, spec, with_entropy)
+            d, entropies = _chunk_divergence(x_s / spec.temperature, x_t, spec, with_entropy, y)
             total = d.sum() if w is None else (w * d).sum()
             grad = torch.autograd.grad(total, x_s)[0] if need_grad else None
         yield _Chunk(rows, student_rows, d.detach(), total.detach(), grad, entropies)
@@ -202,15 +222,23 @@ class _RowwiseDivergence(torch.autograd.Function):
         return grad, None, None, None, None, None
 
 
-def _check_arguments(what, student, teacher, spec: DivergenceSpec, vocab) -> None:
-    """One-line ValueErrors for the shared arguments of the divergence functions."""
-    if student.shape != teacher.shape:
+def _check_arguments(
+    what, student, teacher, spec: DivergenceSpec, vocab, same_width: bool = True
+) -> None:
+    """One-line ValueErrors for the shared arguments of the divergence functions
+    (``same_width=False``: only the token axes must agree, as for hidden states of two widths)."""
+    n = None if same_width else -1
+    if student.shape[:n] != teacher.shape[:n]:
         raise ValueError(
             f"student and teacher {what} differ in shape: "
             f"{tuple(student.shape)} vs {tuple(teacher.shape)}"
         )
     if not (0.0 <= spec.beta <= 1.0):
         raise ValueError(f"beta must be in [0, 1], got {spec.beta!r}")
+    if spec.mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {spec.mode!r}")
+    if spec.mode == "sampled_token" and spec.beta != 1.0:
+        raise ValueError(f"mode sampled_token is reverse KL only: beta must be 1, got {spec.beta}")
     topk = spec.topk
     if topk is not None and not (isinstance(topk, int) and 1 <= topk <= vocab):
         raise ValueError(f"topk must be an integer in [1, {vocab}] or None, got {topk!r}")
@@ -283,7 +311,7 @@ class _HeadDivergence(torch.autograd.Function):
     accumulated in forward (row i's loss depends on row i's hidden state and on the weight)."""
 
     @staticmethod
-    def forward(ctx, h_s, weight, h_t, weight_t, token_w, spec, chunk_size, with_entropy):
+    def forward(ctx, h_s, weight, h_t, weight_t, token_w, targets, spec, chunk_size, with_entropy):
         needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         n = h_s.shape[0]
         loss = torch.zeros((), dtype=torch.float64, device=h_s.device)
@@ -304,6 +332,7 @@ class _HeadDivergence(torch.autograd.Function):
             weights=token_w,
             student_head=weight,
             teacher_head=weight_t,
+            targets=targets,
             need_grad=needs_grad,
             with_entropy=with_entropy,
         ):
@@ -324,7 +353,7 @@ class _HeadDivergence(torch.autograd.Function):
     def backward(ctx, grad_out, _grad_h_stu, _grad_h_tea):
         grad_h, grad_w = ctx.saved_tensors
         # One gradient per forward input: hidden states and head weight; the rest are constants.
-        return (grad_out * grad_h, (grad_out * grad_w).to(ctx.weight_dtype)) + (None,) * 6
+        return (grad_out * grad_h, (grad_out * grad_w).to(ctx.weight_dtype)) + (None,) * 7
 
 
 def head_divergence(
@@ -339,10 +368,14 @@ def head_divergence(
     temperature: float = 1.0,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     return_entropies: bool = True,
+    mode: str = "logits",
+    targets: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The weighted divergence ``sum_t w_t d_t`` from hidden states, the LM head fused in.
 
-    student_hidden, teacher_hidden ``[..., T, H]``; head weights ``[V, H]`` (no bias);
+    student_hidden ``[..., T, H]`` and head ``[V, H]`` (no bias); teacher_hidden
+    ``[..., T, H']`` and its head ``[V, H']`` (H' may differ: a trust-region teacher is one pair
+    of width 2H); ``targets`` ``[..., T]``: the sampled tokens, for ``mode="sampled_token"``;
     token_weights ``[..., T]`` (0 = not trained; the reduction's weights, so the result is the
     loss). Returns (loss, H_student ``[..., T]``, H_teacher ``[..., T]``): the scalar loss,
     differentiable w.r.t. the student's hidden states and head weight, and the per-token
@@ -350,20 +383,28 @@ def head_divergence(
     skips their pass). Peak extra memory is O(chunk_size x V),
     whatever T is: full-vocabulary logits never exist for a whole sequence.
     """
-    spec = DivergenceSpec(float(beta), topk, add_tail, float(temperature))
-    _check_arguments("hidden states", student_hidden, teacher_hidden, spec, head_weight.shape[0])
+    spec = DivergenceSpec(float(beta), topk, add_tail, float(temperature), mode)
+    vocab = head_weight.shape[0]
+    _check_arguments("hidden states", student_hidden, teacher_hidden, spec, vocab, False)
+    if tuple(teacher_head_weight.shape) != (vocab, teacher_hidden.shape[-1]):
+        raise ValueError(
+            f"teacher head {tuple(teacher_head_weight.shape)} does not match vocabulary {vocab} "
+            f"and teacher width {teacher_hidden.shape[-1]}"
+        )
     token_shape = tuple(student_hidden.shape[:-1])
     if tuple(token_weights.shape) != token_shape:
         raise ValueError(
             f"token_weights shape {tuple(token_weights.shape)} does not match {token_shape}"
         )
-    hidden = student_hidden.shape[-1]
+    if mode == "sampled_token" and (targets is None or tuple(targets.shape) != token_shape):
+        raise ValueError(f"mode sampled_token needs targets of shape {token_shape}")
     loss, h_s, h_t = _HeadDivergence.apply(
-        student_hidden.reshape(-1, hidden),
+        student_hidden.reshape(-1, student_hidden.shape[-1]),
         head_weight,
-        teacher_hidden.detach().reshape(-1, hidden),
+        teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]),
         teacher_head_weight.detach(),
         token_weights.reshape(-1),
+        None if targets is None else targets.reshape(-1).to(student_hidden.device),
         spec,
         chunk_size,
         return_entropies,

@@ -120,8 +120,11 @@ class RolloutConfig:
 
 @dataclass
 class TeacherConfig:
-    mode: Literal["ema", "live", "frozen"] = "ema"
+    # trust_region: logits lerp(z_ref, z_student, trust_region_rate), the frozen initial model
+    # as ref and the current student on the teacher's prompt (the reference's trust-region).
+    mode: Literal["ema", "live", "frozen", "trust_region"] = "ema"
     ema_rate: Annotated[float, UNIT] = 0.05
+    trust_region_rate: Annotated[float, UNIT] = 0.05
     # A rollout whose reward is at least this is a success (rewards are 0 or 1).
     success_threshold: Annotated[float, SHARE] = 0.5
     reprompt_on_own_success: bool = False
@@ -138,6 +141,9 @@ class TeacherConfig:
 
 @dataclass
 class LossConfig:
+    # logits: the divergence over the vocabulary (or its top-k); sampled_token: the reference's
+    # token-level variant (log p_S(y) - log p_T(y)).detach() * log p_S(y), reverse KL (beta 1)
+    mode: Literal["logits", "sampled_token"] = "logits"
     beta: Annotated[float, UNIT] = 0.5  # JSD mix: 0 KL(T||S), 1 KL(S||T) (Eq. 2), 0.5 the reference
     topk: Count | None = 100
     add_tail: bool = True
@@ -369,6 +375,12 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         "rollout.vllm_tensor_parallel_size",
         "1 (tensor-parallel rollouts are not supported: use one engine per GPU)",
         cfg.rollout.vllm_tensor_parallel_size,
+    )
+    need(
+        cfg.loss.mode != "sampled_token" or cfg.loss.beta == 1.0,
+        "loss.beta",
+        "1 with loss.mode sampled_token (it is reverse KL only)",
+        cfg.loss.beta,
     )
     need(len(cfg.optim.betas) == 2, "optim.betas", "two numbers in [0, 1)", cfg.optim.betas)
     # AdamW multiplies every weight by 1 - lr * weight_decay each step.

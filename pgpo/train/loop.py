@@ -122,7 +122,13 @@ class Run:
             self.lm.to("cuda")  # one process on a GPU machine trains there (FSDP2 places its own)
         self.policy = Policy(self.lm)  # what the step calls
         teacher_dtype = None if cfg.teacher.dtype is None else torch_dtype(cfg.teacher.dtype)
-        self.teacher = Teacher(self.policy, cfg.teacher.mode, cfg.teacher.ema_rate, teacher_dtype)
+        self.teacher = Teacher(
+            self.policy,
+            cfg.teacher.mode,
+            cfg.teacher.ema_rate,
+            teacher_dtype,
+            trust_region_rate=cfg.teacher.trust_region_rate,
+        )
         if self.world.rank:  # every other rank samples from its own stream; rank 0 keeps seed's
             seed_everything(rank_seed(cfg.seed, self.world.rank))
         self.engine = make_engine(

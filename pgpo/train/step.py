@@ -39,7 +39,7 @@ from pgpo.reduction import reduction_denominator, reduction_weights
 from pgpo.train.config import TrainConfig
 from pgpo.train.data import Question
 from pgpo.train.distributed import World, full
-from pgpo.train.forward import Policy, head_weight
+from pgpo.train.forward import Policy
 from pgpo.train.prompts import student_prompt, teacher_prompt
 from pgpo.train.rewards import extract_answer, reward, strip_thinking
 from pgpo.train.rollout import Completion, RolloutEngine
@@ -271,9 +271,9 @@ def loss_and_entropies(
         rows = slice(start, start + len(mb))
         t_mb = max(len(s.response) for s in mb)
         responses = [s.response for s in mb]
-        with torch.no_grad():
-            teacher_hidden = teacher.policy([s.teacher_prompt for s in mb], responses, pad)
-            teacher_head = full(head_weight(teacher.lm)).to(teacher_hidden.dtype)
+        teacher_hidden, teacher_head = teacher.hidden_and_head(
+            policy, [s.teacher_prompt for s in mb], responses, pad
+        )
         student_loss = functools.partial(
             distill_loss,
             teacher_hidden=teacher_hidden,
@@ -385,6 +385,8 @@ def distill_loss(
         cfg.loss.temperature,
         cfg.loss.chunk_size,
         return_entropies=with_entropies,
+        mode=cfg.loss.mode,
+        targets=targets,
     )
     if entropies is not None:
         h_student, h_teacher = entropies

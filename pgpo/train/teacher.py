@@ -2,7 +2,9 @@
 
 ``ema``: a separate copy from the initial weights, after each finite step
 ``theta_T <- (1 - r) theta_T + r theta_S`` (r = 0.05 in the reference; r = 0 is frozen);
-``frozen``: the initial weights; ``live``: the current policy itself (the paper's Eq. 2).
+``frozen``: the initial weights; ``live``: the current policy itself (the paper's Eq. 2);
+``trust_region``: logits ``lerp(z_ref, z_S, r)``, the frozen initial weights as ref and the
+current policy, both on the teacher's prompt (the reference's trust-region teacher).
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ import copy
 
 import torch
 
-from pgpo.train.forward import Policy
+from pgpo.train.distributed import full
+from pgpo.train.forward import Policy, head_weight
 
 
 class Teacher:
@@ -19,9 +22,14 @@ class Teacher:
     update rule. Built from the student's :class:`Policy`: a copy of it, or (``live``) itself."""
 
     def __init__(
-        self, student: Policy, mode: str, ema_rate: float, dtype: torch.dtype | None = None
+        self,
+        student: Policy,
+        mode: str,
+        ema_rate: float,
+        dtype: torch.dtype | None = None,
+        trust_region_rate: float = 0.05,
     ) -> None:
-        self.mode, self.ema_rate = mode, ema_rate
+        self.mode, self.ema_rate, self.trust_region_rate = mode, ema_rate, trust_region_rate
         if mode == "live":
             self.policy = student
         else:
@@ -33,6 +41,23 @@ class Teacher:
     @property
     def lm(self) -> torch.nn.Module:
         return self.policy.lm
+
+    @torch.no_grad()
+    def hidden_and_head(
+        self, student: Policy, prompts: list[list[int]], responses: list[list[int]], pad: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher's response hidden states ``[B, T, H']`` and head ``[V, H']``: its logits
+        are ``hidden @ head.T``. For ``trust_region``, ``lerp(z_ref, z_S, r)`` is written as one
+        pair of width 2H, ``[(1 - r) h_ref, r h_S] @ [W_ref, W_S].T``, so that the fused loss
+        and Eq. 8's entropies see that teacher like any other."""
+        hidden = self.policy(prompts, responses, pad)
+        head = full(head_weight(self.lm)).to(hidden.dtype)
+        if self.mode != "trust_region":
+            return hidden, head
+        r = self.trust_region_rate
+        h_student = student(prompts, responses, pad).to(hidden.dtype)
+        head_student = full(head_weight(student.lm)).to(hidden.dtype)
+        return torch.cat([(1 - r) * hidden, r * h_student], -1), torch.cat([head, head_student], -1)
 
     @torch.no_grad()
     def update(self, student: Policy) -> None:

@@ -1,0 +1,120 @@
+"""The SDPO reference's remaining variants, each against its direct formula: the sampled-token
+loss (``loss.mode: sampled_token``) and the trust-region teacher (``teacher.mode:
+trust_region``), then both end to end in the trainer."""
+
+import json
+
+import pytest
+import torch
+
+from pgpo.distill import head_divergence
+from pgpo.train import checkpoint
+from pgpo.train.config import ConfigError, load_config
+from pgpo.train.forward import Policy
+from pgpo.train.loop import Run, train
+from pgpo.train.model import small_qwen3
+from pgpo.train.teacher import Teacher
+
+B, T, H, H_T, V = 2, 5, 8, 16, 11
+
+
+def _inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h_s = torch.randn(B, T, H, generator=g, requires_grad=True)
+    w_s = torch.randn(V, H, generator=g, requires_grad=True)
+    h_t, w_t = torch.randn(B, T, H_T, generator=g), torch.randn(V, H_T, generator=g)
+    weights = torch.rand(B, T, generator=g)
+    weights[1, 3:] = 0  # padding: not trained
+    targets = torch.randint(0, V, (B, T), generator=g)
+    return h_s, w_s, h_t, w_t, weights, targets
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampled_token_loss_and_gradient_are_the_formula(temperature):
+    """sum_t w_t (lp_S - lp_T).detach() lp_S at the sampled tokens, from full logits and
+    autograd; the teacher has another width (a trust-region pair is 2H wide)."""
+    h_s, w_s, h_t, w_t, weights, targets = _inputs()
+    loss, _, _ = head_divergence(h_s, w_s, h_t, w_t, weights, 1.0, topk=3, temperature=temperature,
+                                 chunk_size=3, mode="sampled_token", targets=targets)  # fmt: skip
+    grads = torch.autograd.grad(loss, (h_s, w_s))
+    lp_s = torch.log_softmax(h_s @ w_s.T / temperature, -1).gather(-1, targets[..., None])[..., 0]
+    lp_t = torch.log_softmax(h_t @ w_t.T / temperature, -1).gather(-1, targets[..., None])[..., 0]
+    direct = (weights * (lp_s - lp_t).detach() * lp_s).sum()
+    direct_grads = torch.autograd.grad(direct, (h_s, w_s))
+    # float32 throughout, summed in another order: a few ulps of values of size ~10
+    torch.testing.assert_close(loss, direct, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, direct_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_sampled_token_gradient_is_unbiased_for_reverse_kl():
+    """Averaged over the token y ~ p_S (every y, weighted p_S(y)), the sampled-token gradient is
+    the gradient of KL(p_S || p_T): sum_y p_S(y) grad log p_S(y) = 0 removes the rest."""
+    h_s, w_s, h_t, w_t, _, _ = _inputs(1)
+    h_s = h_s[:1, :1].detach().double().requires_grad_()  # one token
+    w_s, h_t, w_t = w_s.detach().double(), h_t[:1, :1].double(), w_t.double()
+    p_s = torch.softmax(h_s @ w_s.T, -1)[0, 0].detach()
+    expected = torch.zeros_like(h_s)
+    for y in range(V):
+        loss, _, _ = head_divergence(h_s, w_s, h_t, w_t, torch.ones(1, 1), 1.0,
+                                     mode="sampled_token", targets=torch.tensor([[y]]))  # fmt: skip
+        expected += p_s[y] * torch.autograd.grad(loss, h_s)[0]
+    kl, _, _ = head_divergence(h_s, w_s, h_t, w_t, torch.ones(1, 1), 1.0)
+    # the chunk loop computes in float32: agreement to float32 rounding
+    torch.testing.assert_close(expected, torch.autograd.grad(kl, h_s)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_sampled_token_needs_reverse_kl_and_targets():
+    h_s, w_s, h_t, w_t, weights, targets = _inputs()
+    with pytest.raises(ValueError, match="beta must be 1"):
+        head_divergence(h_s, w_s, h_t, w_t, weights, 0.5, mode="sampled_token", targets=targets)
+    with pytest.raises(ValueError, match="needs targets"):
+        head_divergence(h_s, w_s, h_t, w_t, weights, 1.0, mode="sampled_token")
+    with pytest.raises(ConfigError, match="loss.beta"):
+        load_config("tiny-cpu", ["loss.mode=sampled_token"])  # the preset's beta is 0.5
+
+
+def _lm(seed):
+    return small_qwen3(300, 32, 2, 2, 1, 16, True, (0, 1, 0), 128, seed=seed)
+
+
+def _logits(lm, prompt, response):
+    """Full logits ``[T, V]`` at the positions predicting the response, one plain forward."""
+    with torch.no_grad():
+        out = lm(torch.tensor([prompt + response])).logits[0]
+    return out[len(prompt) - 1 : len(prompt) - 1 + len(response)]
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.3, 1.0])
+def test_trust_region_teacher_logits_are_the_lerp_of_reference_and_student(rate):
+    student = Policy(_lm(0))
+    teacher = Teacher(student, "trust_region", 0.05, trust_region_rate=rate)
+    with torch.no_grad():  # the student trains away from the frozen reference
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    prompts, responses = [[5, 6, 7, 8], [9, 10, 11]], [[12, 13, 14], [15, 16, 17]]
+    hidden, head = teacher.hidden_and_head(student, prompts, responses, pad=0)
+    assert hidden.shape == (2, 3, 64) and head.shape == (300, 64)  # one pair of width 2H
+    got = hidden @ head.T
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        want = torch.lerp(_logits(teacher.lm, p, r), _logits(student.lm, p, r), rate)
+        # float32 forwards of logits of size ~1, the product summed in another order
+        torch.testing.assert_close(got[i], want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(_logits(teacher.lm, [5], [6]), _logits(student.lm, [5], [6]))
+
+
+def test_trust_region_and_sampled_token_train_end_to_end(tmp_path):
+    """Both variants in the trainer: the loss is finite, I_k is measured, the policy moves and
+    the trust-region reference stays the initial weights."""
+    cfg = load_config("tiny-cpu", [
+        f"output.dir={tmp_path}", "eval.every=1000", "steps=2", "teacher.mode=trust_region",
+        "teacher.trust_region_rate=0.3", "loss.mode=sampled_token", "loss.beta=1",
+    ])  # fmt: skip
+    before = {k: v.detach().clone() for k, v in Run(cfg).lm.state_dict().items()}
+    out = train(cfg, progress=False)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(not r["skipped"] and abs(r["loss"]) < 1e3 and r["info"] != 0 for r in rows)
+    state = checkpoint.load(checkpoint.latest(out / "checkpoints"))
+    assert all(torch.equal(before[k], state["teacher"][k]) for k in before)
+    assert any(not torch.equal(before[k], state["policy"][k]) for k in before)
