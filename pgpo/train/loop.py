@@ -22,7 +22,7 @@ from pgpo.modulation import AlphaSchedule, Modulation
 from pgpo.optim import ModulatedOptimizer
 from pgpo.train import checkpoint, distributed
 from pgpo.train.config import TrainConfig, to_dict
-from pgpo.train.data import QuestionSampler, load_split
+from pgpo.train.data import QuestionSampler, load_split, split_specs
 from pgpo.train.distributed import World
 from pgpo.train.evaluate import evaluate
 from pgpo.train.forward import Policy
@@ -106,17 +106,12 @@ class Run:
                 f"batch_size / rollout.n = {q} questions per step do not split over {size} ranks"
             )
         seed_everything(cfg.seed)
+        # The data first: a wrong path fails before a tokenizer or model is fetched.
+        d = cfg.data
+        train_spec, test_spec = split_specs(d.train, d.test, d.sciknoweval, d.domain)
+        self.train_data = load_split(train_spec, "train", cfg.seed, d.skip_bad_rows, d.max_train)
+        self.test_data = load_split(test_spec, "test", cfg.seed, d.skip_bad_rows, d.max_test)
         self.tokenizer = load_tokenizer(cfg.model.tokenizer)
-        self.train_data = load_split(
-            cfg.data.train, "train", cfg.seed, cfg.data.skip_bad_rows, cfg.data.max_train
-        )
-        self.test_data = load_split(
-            cfg.data.test or cfg.data.train,
-            "test",
-            cfg.seed,
-            cfg.data.skip_bad_rows,
-            cfg.data.max_test,
-        )
         self.lm = load_model(cfg.model, cfg.seed)  # the causal LM (same init on every rank)
         if torch.cuda.is_available() and not self.world.distributed:
             self.lm.to("cuda")  # one process on a GPU machine trains there (FSDP2 places its own)
