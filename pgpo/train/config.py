@@ -227,6 +227,16 @@ class OutputConfig:
 
 
 @dataclass
+class CollapseConfig:
+    # A collapse: the training reward's mean over the last `window` steps at or below
+    # `threshold`; logged as collapsed_at (pgpo/train/guard.py).
+    window: Count = 10
+    threshold: Annotated[float, UNIT] = 0.05
+    stop: bool = False  # end the run there, with a checkpoint
+    keep_best: bool = True  # checkpoints/best/: the step of the best eval_avg_at_k so far
+
+
+@dataclass
 class FSDPConfig:
     """Used under ``torchrun`` (more than one process): the policy and a separate teacher are
     sharded per decoder layer with PyTorch FSDP2; master weights in model.dtype (use float32).
@@ -256,6 +266,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    collapse: CollapseConfig = field(default_factory=CollapseConfig)
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
 
     @property

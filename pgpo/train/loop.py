@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -26,6 +27,7 @@ from pgpo.train.data import QuestionSampler, load_split, split_specs
 from pgpo.train.distributed import World
 from pgpo.train.evaluate import evaluate
 from pgpo.train.forward import Policy
+from pgpo.train.guard import CollapseGuard
 from pgpo.train.model import load_model, load_tokenizer, torch_dtype
 from pgpo.train.rollout import RolloutEngine
 from pgpo.train.run_dir import METRICS, SAMPLES, RunDir
@@ -147,8 +149,10 @@ class Run:
         )
         self.modulation = modulation(cfg) if cfg.pgpo.enabled else None
         self.sampler = QuestionSampler(self.train_data.questions, cfg.seed)
+        self.guard = CollapseGuard(cfg.collapse.window, cfg.collapse.threshold)
         self.step = 0
         self.skipped = 0
+        self.step_seconds_total = 0.0  # training wall-clock (rollouts and updates, no evals)
 
     def state(self) -> dict:
         """Everything to continue from, whole tensors (under FSDP2 gathered: a collective)."""
@@ -207,6 +211,15 @@ class Run:
             checkpoint.save(folder, self.step, state)
         self.world.barrier()
 
+    def save_best(self, folder: Path) -> None:
+        """Checkpoint the current step as the best one: ``folder/step_...``, the previous best
+        removed once the new one is complete."""
+        self.save(folder)
+        if self.world.main:
+            for older in checkpoint.candidates(folder)[1:]:
+                shutil.rmtree(older, ignore_errors=True)
+        self.world.barrier()
+
     def _small_state(self) -> dict:
         schedule = None if self.modulation is None else self.modulation.schedule.state_dict()
         return {
@@ -215,6 +228,8 @@ class Run:
             "skipped": self.skipped,
             "config": to_dict(self.cfg),
             "alpha_schedule": schedule,
+            "guard": self.guard.state_dict(),
+            "step_seconds_total": self.step_seconds_total,
         }
 
     def _shard_templates(self) -> dict:
@@ -260,6 +275,8 @@ class Run:
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
         self.skipped, self.step = state["skipped"], state["step"]
+        self.guard.load_state_dict(state.get("guard"))  # older checkpoints have neither
+        self.step_seconds_total = state.get("step_seconds_total", 0.0)
         if self.modulation is not None and state.get("alpha_schedule") is not None:
             self.modulation.schedule.load_state_dict(state["alpha_schedule"])
         checkpoint.set_rng_state(state["rng"])
@@ -457,12 +474,19 @@ def _steps(run: Run, folder: RunDir, logs: _Logs, stop: StopRequest, progress, d
         skipped_in_a_row = skipped_in_a_row + 1 if metrics["skipped"] else 0
         run.engine.sync_weights(run.lm)
         samples = metrics.pop("samples")
-        row = {"step": run.step, **metrics, "skipped_total": run.skipped}
+        run.step_seconds_total += metrics["step_seconds"]
+        row = {"step": run.step, **metrics, "skipped_total": run.skipped,
+               "step_seconds_total": run.step_seconds_total}  # fmt: skip
+        collapsed = run.guard.observe(run.step, row["reward"])
+        if run.guard.collapsed_at is not None:
+            row["collapsed_at"] = run.guard.collapsed_at
         freed = getattr(run.engine, "sleep_freed_gib", None)  # vLLM sleep mode, on CUDA
         if freed is not None:
             row["vllm_sleep_freed_gib"] = freed
+        best = False
         if run.step % cfg.eval.every == 0 or run.step == cfg.steps:
             row.update({f"eval_{k}": v for k, v in run.evaluate().items()})
+            best = cfg.collapse.keep_best and run.guard.improved(run.step, row["eval_avg_at_k"])
         logs.step(row, samples if run.step % cfg.output.sample_every == 0 else None)
         bar.set_postfix(
             reward=f"{row['reward']:.2f}", rho=f"{row['rho']:.3f}", loss=f"{row['loss']:.4f}"
@@ -471,7 +495,20 @@ def _steps(run: Run, folder: RunDir, logs: _Logs, stop: StopRequest, progress, d
         saved = run.step % cfg.output.save_every == 0 or last
         if saved:
             run.save(folder.checkpoints)
+        if best:
+            run.save_best(folder.checkpoints / "best")
         yield
+        if collapsed and cfg.collapse.stop:
+            if not saved:
+                run.save(folder.checkpoints)
+            if run.world.main:
+                print(
+                    f"pgpo: the training reward collapsed at step {run.step} (mean "
+                    f"{run.guard.window_mean():.3f} over {cfg.collapse.window} steps <= "
+                    f"{cfg.collapse.threshold:g}); stopped (collapse.stop)",
+                    file=sys.stderr,
+                )
+            return
         if skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
             raise ValueError(
                 f"the last {skipped_in_a_row} steps were all skipped (non-finite loss, gradient "
