@@ -50,7 +50,10 @@ def test_without_stop_the_collapse_is_logged_and_the_run_goes_on(tmp_path):
 
 
 def test_the_best_checkpoint_is_the_best_evaluated_step(tmp_path):
-    out = train(tiny(tmp_path, "steps=4", "eval.every=1", "output.save_every=1"), progress=False)
+    cfg = tiny(
+        tmp_path, "steps=4", "eval.every=1", "output.save_every=1", "collapse.keep_best=true"
+    )
+    out = train(cfg, progress=False)
     scores = [r["eval_avg_at_k"] for r in rows(out)]
     best_step = scores.index(max(scores)) + 1  # the first of equal scores
     kept = checkpoint.candidates(out / "checkpoints" / "best")

@@ -233,7 +233,8 @@ class CollapseConfig:
     window: Count = 10
     threshold: Annotated[float, UNIT] = 0.05
     stop: bool = False  # end the run there, with a checkpoint
-    keep_best: bool = True  # checkpoints/best/: the step of the best eval_avg_at_k so far
+    # checkpoints/best/: the step of the best eval_avg_at_k so far (a second full checkpoint)
+    keep_best: bool = False
 
 
 @dataclass
