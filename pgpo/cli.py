@@ -4,6 +4,7 @@ pgpo demo [--seeds N] [--collapse | --real]             SDPO vs PGPO on a small 
 pgpo study [--quick] [--methods ...] [--settings ...]    when modulation helps: methods x seeds
 pgpo train --config PRESET|FILE [key=value ...]          training
 pgpo eval --config ... --checkpoint DIR                  avg@k of a checkpoint
+pgpo teacher-check --config ... [--questions N]          does the teacher know more? (edge)
 pgpo consolidate --checkpoint DIR --out DIR              sharded checkpoint -> whole one
 pgpo export --checkpoint DIR --out DIR [--teacher]       policy -> transformers folder
 pgpo multiplier [--alpha A] [--rho-max R] [--out DIR]   the multiplier's properties + plot
@@ -128,6 +129,20 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_teacher_check(args) -> int:
+    from pgpo.train.config import load_config
+    from pgpo.train.exact import edge_lines, teacher_check
+
+    cfg = load_config(args.config, args.overrides)
+    report = teacher_check(cfg, args.questions, args.prefix)
+    print("\n".join(edge_lines(report)))
+    if args.json:
+        with output_files(args.json) as tmp:
+            (tmp / "teacher_check.json").write_text(json.dumps(report, indent=1) + "\n")
+        print(f"wrote {args.json}/teacher_check.json")
+    return 0
+
+
 def _cmd_consolidate(args) -> int:
     from pathlib import Path
 
@@ -249,6 +264,18 @@ def build_parser() -> ArgumentParser:
     e.add_argument("--checkpoint", required=True)
     e.add_argument("overrides", nargs="*")
     e.set_defaults(func=_cmd_eval)
+    tc = sub.add_parser(
+        "teacher-check",
+        help="P(correct answer) under the student and the solution-conditioned teacher: an edge?",
+    )
+    tc.add_argument("--config", required=True)
+    tc.add_argument("--questions", type=positive_int, default=50, help="training questions")
+    tc.add_argument(
+        "--prefix", default="<answer>", help="response text before the letter ('' : none)"
+    )
+    tc.add_argument("--json", default=None, metavar="DIR", help="also write teacher_check.json")
+    tc.add_argument("overrides", nargs="*")
+    tc.set_defaults(func=_cmd_teacher_check)
     c = sub.add_parser(
         "consolidate", help="a sharded checkpoint (fsdp.checkpoint=sharded) as a whole one"
     )

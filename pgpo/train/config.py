@@ -212,6 +212,13 @@ class EvalConfig:
     top_p: Annotated[float, SHARE] = 0.95
     max_new_tokens: Count = 8192
     before_train: bool = False  # also evaluate the starting weights (logged as step 0)
+    # sample: avg@n of sampled answers; exact: the mean probability of the correct letter
+    # (pgpo/train/exact.py), written by the model after answer_prefix: no sampling noise
+    mode: Literal["sample", "exact"] = "sample"
+    answer_prefix: str = "<answer>"
+    # At each evaluation, the teacher's edge on this many training questions: P(correct |
+    # teacher prompt with the gold answer) - P(correct | student prompt), paired; 0: off.
+    edge_questions: Annotated[int, Range(0)] = 16
 
 
 @dataclass

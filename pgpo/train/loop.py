@@ -26,6 +26,7 @@ from pgpo.train.config import TrainConfig, to_dict
 from pgpo.train.data import QuestionSampler, load_split, split_specs
 from pgpo.train.distributed import World
 from pgpo.train.evaluate import evaluate
+from pgpo.train.exact import edge_report, edge_sums, mean_and_se, p_correct, p_correct_taught
 from pgpo.train.forward import Policy
 from pgpo.train.guard import CollapseGuard
 from pgpo.train.model import load_model, load_tokenizer, torch_dtype
@@ -318,6 +319,34 @@ class Run:
             return self._evaluate(e)
 
     def _evaluate(self, e) -> dict:
+        result = self._exact(e) if e.mode == "exact" else self._sampled(e)
+        if e.edge_questions:
+            result.update(self.teacher_edge(e.edge_questions))
+        return result
+
+    # Exact scores are computed by every rank on every question: under FSDP2 each forward is a
+    # collective, so all ranks must run the same ones (and the sums need no all-reduce).
+    def _exact(self, e) -> dict:
+        """Mean P(correct letter) over the test split, with its standard error."""
+        p = p_correct(self.policy, self.tokenizer, self.test_data.questions, e.answer_prefix,
+                      self.cfg.rollout.max_prompt_tokens)  # fmt: skip
+        mean, se = mean_and_se((len(p), float(p.sum()), float((p * p).sum())))
+        return {"p_correct": mean, "p_correct_se": se, "questions": len(p)}
+
+    def teacher_edge(self, count: int) -> dict:
+        """The teacher's paired edge on the first ``count`` training questions (pgpo.train.exact),
+        the current teacher network against the current policy."""
+        questions = self.train_data.questions[:count]
+        prefix, t = self.cfg.eval.answer_prefix, self.cfg.teacher
+        p_s = p_correct(self.policy, self.tokenizer, questions, prefix,
+                        self.cfg.rollout.max_prompt_tokens)  # fmt: skip
+        p_t = p_correct_taught(self.teacher.policy, self.tokenizer, questions, prefix,
+                               t.max_reprompt_tokens)  # fmt: skip
+        report = edge_report(edge_sums(p_s, p_t))
+        report.pop("has_edge")
+        return report
+
+    def _sampled(self, e) -> dict:
         # Each rank evaluates every size-th question; the averages are combined by weight.
         questions = self.test_data.questions
         mine = list(range(self.world.rank, len(questions), self.world.size))
@@ -486,7 +515,8 @@ def _steps(run: Run, folder: RunDir, logs: _Logs, stop: StopRequest, progress, d
         best = False
         if run.step % cfg.eval.every == 0 or run.step == cfg.steps:
             row.update({f"eval_{k}": v for k, v in run.evaluate().items()})
-            best = cfg.collapse.keep_best and run.guard.improved(run.step, row["eval_avg_at_k"])
+            score = row.get("eval_avg_at_k", row.get("eval_p_correct"))  # by eval.mode
+            best = cfg.collapse.keep_best and run.guard.improved(run.step, score)
         logs.step(row, samples if run.step % cfg.output.sample_every == 0 else None)
         bar.set_postfix(
             reward=f"{row['reward']:.2f}", rho=f"{row['rho']:.3f}", loss=f"{row['loss']:.4f}"

@@ -1,0 +1,164 @@
+"""Exact scores: the probability of the correct answer, read off the model instead of sampled.
+
+``P(answer | prompt + prefix)`` is the product of the answer tokens' probabilities under teacher
+forcing (``prefix``, e.g. ``<answer>``, is written for the model: the letter is scored where the
+format puts it). Two uses:
+
+- ``eval.mode: exact``: the mean over held-out questions of P(correct letter | student prompt),
+  with its standard error; no sampling noise.
+- the teacher's *edge*: on the same question, P(correct | teacher prompt with a demonstration)
+  minus P(correct | student prompt), paired. SDPO can only teach what the solution-conditioned
+  teacher knows that the student does not: with no edge there is nothing to distil.
+  ``pgpo teacher-check`` measures it before training, and the trainer logs it at each evaluation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from pgpo.distill import head_token_logprobs
+from pgpo.train.data import Question
+from pgpo.train.distributed import full
+from pgpo.train.forward import Policy, head_weight
+from pgpo.train.prompts import student_prompt, teacher_prompt
+
+BATCH = 8  # sequences per forward pass
+
+
+def gold_demonstration(question: Question) -> str:
+    """The demonstration built from the reference answer (``teacher.fallback_demonstration:
+    gold``'s format)."""
+    return f"<answer>{question.answer}</answer>"
+
+
+def answer_ids(tokenizer, prefix: str, answer: str) -> tuple[list[int], list[int]]:
+    """``prefix + answer`` tokenized as the model writes it, split into what is given and what
+    is scored: the tokens shared with ``prefix`` alone, and the rest (a token that merges the
+    prefix's end with the answer, such as ``>B``, is scored: it is how the letter is written)."""
+    both = tokenizer(prefix + answer, add_special_tokens=False)["input_ids"]
+    first = tokenizer(prefix, add_special_tokens=False)["input_ids"] if prefix else []
+    shared = 0
+    while shared < min(len(first), len(both) - 1) and first[shared] == both[shared]:
+        shared += 1
+    return both[:shared], both[shared:]
+
+
+@torch.no_grad()
+def answer_probabilities(
+    policy: Policy, prompts: list[list[int]], answers: list[list[int]], pad: int
+) -> torch.Tensor:
+    """``P(answer_i | prompt_i)`` ``[B]`` in float64: exp of the summed log-probs of each answer's
+    tokens, teacher-forced (prompts and answers are token ids)."""
+    out = []
+    for start in range(0, len(prompts), BATCH):
+        p, a = prompts[start : start + BATCH], answers[start : start + BATCH]
+        hidden = policy(p, a, pad)
+        head = full(head_weight(policy.lm)).to(hidden.dtype)
+        width = max(len(x) for x in a)
+        targets = torch.tensor([x + [pad] * (width - len(x)) for x in a])
+        mask = torch.tensor([[1.0] * len(x) + [0.0] * (width - len(x)) for x in a])
+        logp = head_token_logprobs(hidden, head, targets).cpu().double()
+        out.append((logp * mask.double()).sum(-1).exp())
+    return torch.cat(out)
+
+
+def p_correct(
+    policy: Policy, tokenizer, questions: list[Question], prefix: str, max_prompt_tokens: int
+) -> torch.Tensor:
+    """P(correct letter | student prompt + prefix) per question ``[n]``."""
+    prompts, answers = [], []
+    for q in questions:
+        first, letter = answer_ids(tokenizer, prefix, q.answer)
+        prompts.append(student_prompt(tokenizer, q, max_prompt_tokens) + first)
+        answers.append(letter)
+    return answer_probabilities(policy, prompts, answers, tokenizer.pad_token_id)
+
+
+def p_correct_taught(
+    teacher: Policy,
+    tokenizer,
+    questions: list[Question],
+    prefix: str,
+    max_reprompt_tokens: int,
+    demonstrations: list[str] | None = None,
+) -> torch.Tensor:
+    """P(correct letter | teacher prompt with a demonstration + prefix) per question ``[n]``;
+    the gold demonstration unless ``demonstrations`` are given."""
+    prompts, answers = [], []
+    for i, q in enumerate(questions):
+        demo = gold_demonstration(q) if demonstrations is None else demonstrations[i]
+        first, letter = answer_ids(tokenizer, prefix, q.answer)
+        prompts.append(teacher_prompt(tokenizer, q, demo, max_reprompt_tokens) + first)
+        answers.append(letter)
+    return answer_probabilities(teacher, prompts, answers, tokenizer.pad_token_id)
+
+
+def mean_and_se(sums: tuple[float, float, float]) -> tuple[float, float]:
+    """Mean and standard error from (n, sum x, sum x^2)."""
+    n, s, s2 = sums
+    mean = s / n
+    var = max(s2 - n * mean * mean, 0.0) / (n - 1) if n > 1 else 0.0
+    return mean, math.sqrt(var / n)
+
+
+def edge_sums(p_student: torch.Tensor, p_teacher: torch.Tensor) -> list[float]:
+    """(n, sum p_S, sum p_T, sum d, sum d^2) with ``d = p_T - p_S``: additive over ranks."""
+    d = p_teacher - p_student
+    return [len(d), float(p_student.sum()), float(p_teacher.sum()), float(d.sum()),
+            float((d * d).sum())]  # fmt: skip
+
+
+def edge_report(sums: list[float]) -> dict:
+    """The paired edge from :func:`edge_sums` (summed over ranks), with its verdict: *edge*
+    when the mean difference is more than 2 standard errors above 0."""
+    n, s_student, s_teacher, s_d, s_d2 = sums
+    edge, se = mean_and_se((n, s_d, s_d2))
+    return {
+        "p_student": s_student / n,
+        "p_teacher": s_teacher / n,
+        "teacher_edge": edge,
+        "teacher_edge_se": se,
+        "edge_questions": int(n),
+        "has_edge": bool(edge > 2 * se),
+    }
+
+
+def teacher_check(cfg, count: int, prefix: str) -> dict:
+    """The edge of a config's starting model (student and teacher are then the same weights)
+    on its first ``count`` training questions, before any training (``pgpo teacher-check``)."""
+    from pgpo.train.data import load_split, split_specs
+    from pgpo.train.model import load_model, load_tokenizer
+
+    d = cfg.data
+    train_spec, _ = split_specs(d.train, d.test, d.sciknoweval, d.domain)
+    data = load_split(train_spec, "train", cfg.seed, d.skip_bad_rows, d.max_train)
+    questions = data.questions[:count]
+    tokenizer = load_tokenizer(cfg.model.tokenizer)
+    policy = Policy(load_model(cfg.model, cfg.seed)).eval()
+    p_s = p_correct(policy, tokenizer, questions, prefix, cfg.rollout.max_prompt_tokens)
+    p_t = p_correct_taught(policy, tokenizer, questions, prefix, cfg.teacher.max_reprompt_tokens)
+    return {**edge_report(edge_sums(p_s, p_t)), "prefix": prefix, "source": data.source}
+
+
+def edge_lines(report: dict) -> list[str]:
+    """What ``pgpo teacher-check`` prints: the two probabilities, the edge and a verdict."""
+    n, prefix = report["edge_questions"], report["prefix"]
+    verdict = (
+        "edge: the teacher, shown the answer, gives it more probability than the student; "
+        "self-distillation has something to pass on"
+        if report["has_edge"]
+        else "no edge: the teacher is not reliably more likely to give the right answer than "
+        "the student; self-distillation has nothing to pass on (try a format the teacher "
+        "copies from its demonstration, or a warm start)"
+    )
+    return [
+        f"teacher-check: {n} training questions of {report['source']}, scored at the answer "
+        f"letter after {prefix!r}",
+        f"  student P(correct)  {report['p_student']:.3f}",
+        f"  teacher P(correct)  {report['p_teacher']:.3f}  (its prompt shows the gold answer)",
+        f"  edge                {report['teacher_edge']:+.3f} +- {report['teacher_edge_se']:.3f}"
+        "  (paired difference, 1 standard error)",
+        f"verdict: {verdict}",
+    ]
