@@ -5,6 +5,8 @@ pgpo study [--quick] [--methods ...] [--settings ...]    when modulation helps: 
 pgpo train --config PRESET|FILE [key=value ...]          training
 pgpo eval --config ... --checkpoint DIR                  avg@k of a checkpoint
 pgpo teacher-check --config ... [--questions N]          does the teacher know more? (edge)
+pgpo sweep GRID.yaml [--print]                           a grid of runs (domain x method x ...)
+pgpo table RUNS... --out DIR [--budgets 1h,5h]           Table 1 / 4 layout + curves
 pgpo consolidate --checkpoint DIR --out DIR              sharded checkpoint -> whole one
 pgpo export --checkpoint DIR --out DIR [--teacher]       policy -> transformers folder
 pgpo multiplier [--alpha A] [--rho-max R] [--out DIR]   the multiplier's properties + plot
@@ -22,6 +24,7 @@ import numpy as np
 
 from pgpo.cli_util import (
     ArgumentParser,
+    UserError,
     check_output,
     output_files,
     positive_float,
@@ -140,6 +143,30 @@ def _cmd_teacher_check(args) -> int:
         with output_files(args.json) as tmp:
             (tmp / "teacher_check.json").write_text(json.dumps(report, indent=1) + "\n")
         print(f"wrote {args.json}/teacher_check.json")
+    return 0
+
+
+def _cmd_sweep(args) -> int:
+    from pgpo.train.sweep import sweep
+
+    for line in sweep(args.grid, print_only=args.print):
+        print(line)
+    return 0
+
+
+def _cmd_table(args) -> int:
+    from pathlib import Path
+
+    from pgpo.train.table import write_table
+
+    folders = [Path(p) for p in args.runs]
+    for f in folders:
+        if not (f / "metrics.jsonl").is_file():
+            raise UserError(f"{f}: not a run folder (no metrics.jsonl)")
+    with output_files(args.out) as tmp:
+        written = write_table(folders, tmp, args.budgets.split(","), args.steps)
+    print((Path(args.out) / "table.md").read_text(), end="")
+    print(f"wrote {', '.join(str(Path(args.out) / w.name) for w in written)}")
     return 0
 
 
@@ -276,6 +303,16 @@ def build_parser() -> ArgumentParser:
     tc.add_argument("--json", default=None, metavar="DIR", help="also write teacher_check.json")
     tc.add_argument("overrides", nargs="*")
     tc.set_defaults(func=_cmd_teacher_check)
+    sw = sub.add_parser("sweep", help="run a grid of configs (idempotent, resumable)")
+    sw.add_argument("grid", help="a grid YAML file (examples/paper_table1.yaml)")
+    sw.add_argument("--print", action="store_true", help="print one launch line per run to do")
+    sw.set_defaults(func=_cmd_sweep)
+    tb = sub.add_parser("table", help="best within budgets, final and collapse step, per domain")
+    tb.add_argument("runs", nargs="+", help="run folders (output.dir of each run)")
+    tb.add_argument("--out", required=True, help="folder for table.md, table.csv, curves_*.png")
+    tb.add_argument("--budgets", default="1h,5h", help="wall-clock budgets of training")
+    tb.add_argument("--steps", type=positive_int, default=None, help="also: best within N steps")
+    tb.set_defaults(func=_cmd_table)
     c = sub.add_parser(
         "consolidate", help="a sharded checkpoint (fsdp.checkpoint=sharded) as a whole one"
     )

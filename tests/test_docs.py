@@ -78,7 +78,11 @@ def test_a_documented_command_is_accepted(where, command):
         return
     parser = {"pgpo": pgpo_parser, "pgpo-sde": sde_parser, "pgpo-check": check_parser}[argv[0]]
     args = parser().parse_args(argv[1:])
-    if argv[1] in ("train", "eval"):
+    if argv[1] in ("train", "eval", "teacher-check"):
         _check_train_config(args)
+    elif argv[1] == "sweep":
+        from pgpo.train.sweep import expand
+
+        expand(ROOT / args.grid)  # every run of the shipped grid validates
     elif argv[1] == "demo":
         load_config("demo", args.overrides)
