@@ -17,20 +17,24 @@ COLLAPSE_WINDOW = 5
 
 
 def read_run(folder: Path) -> dict:
-    """Series from one run's metrics.jsonl: eval (step, avg@k) and per-step training metrics."""
-    evals, formats = [], []
+    """Series from one run's metrics.jsonl: eval (step, avg@k), the teacher's edge at each
+    evaluation (step, edge; pgpo.train.exact) and per-step training metrics."""
+    evals, formats, edges = [], [], []
     train = {"step": [], "info": [], "rho": [], "reward": []}
     for line in (folder / "metrics.jsonl").read_text().splitlines():
         row = json.loads(line)
         if "eval_avg_at_k" in row:
             evals.append((row["step"], row["eval_avg_at_k"]))
             formats.append(row["eval_format_rate"])
+        if "eval_teacher_edge" in row:
+            edges.append((row["step"], row["eval_teacher_edge"]))
         if "info" in row:
             for key in train:
                 train[key].append(row[key])
     return {
         "eval": evals,
         "eval_format": formats,
+        "edge": edges,
         **{k: np.asarray(v, float) for k, v in train.items()},
     }
 
@@ -106,7 +110,8 @@ def plot(runs: dict[str, dict], path: Path, title: str) -> None:
 
     methods = sorted({name.rsplit("-seed", 1)[0] for name in runs})
     colors = {m: plt.cm.tab10(i) for i, m in enumerate(methods)}
-    fig, axes = plt.subplots(1, 4, figsize=(19, 4))
+    with_edge = any(run.get("edge") for run in runs.values())
+    fig, axes = plt.subplots(1, 5 if with_edge else 4, figsize=(23 if with_edge else 19, 4))
     seen = set()
     for name, run in runs.items():
         method = name.rsplit("-seed", 1)[0]
@@ -114,6 +119,9 @@ def plot(runs: dict[str, dict], path: Path, title: str) -> None:
         seen.add(method)
         steps, values = zip(*run["eval"])
         axes[0].plot(steps, values, "o-", color=colors[method], label=label, ms=3)
+        if with_edge and run.get("edge"):
+            steps, values = zip(*run["edge"])
+            axes[4].plot(steps, values, "o-", color=colors[method], label=label, ms=3)
         axes[1].plot(run["step"], run["info"], color=colors[method], lw=0.8, label=label)
         axes[2].plot(run["step"], run["rho"], color=colors[method], lw=0.8, label=label)
         window = np.ones(COLLAPSE_WINDOW) / COLLAPSE_WINDOW
@@ -131,6 +139,9 @@ def plot(runs: dict[str, dict], path: Path, title: str) -> None:
     axes[2].set_title("rho_k (1 for SDPO)")
     axes[3].set_title(f"training reward ({COLLAPSE_WINDOW}-step mean)")
     axes[1].axhline(0, color="gray", lw=0.6)
+    if with_edge:
+        axes[4].set_title("teacher's edge: P_T(correct) - P_S(correct)")
+        axes[4].axhline(0, color="gray", lw=0.6)
     for ax in axes:
         ax.set_xlabel("step")
         if ax.get_legend_handles_labels()[0]:
