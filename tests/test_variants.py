@@ -118,3 +118,23 @@ def test_trust_region_and_sampled_token_train_end_to_end(tmp_path):
     state = checkpoint.load(checkpoint.latest(out / "checkpoints"))
     assert all(torch.equal(before[k], state["teacher"][k]) for k in before)
     assert any(not torch.equal(before[k], state["policy"][k]) for k in before)
+
+
+def test_a_response_prefix_is_written_for_student_teacher_and_reward(tmp_path):
+    """rollout.response_prefix: every rollout prompt and every teacher prompt ends with the
+    prefix's tokens, and the reward reads the prefix as part of the response."""
+    from pgpo.train.step import sample_rollouts, score, with_demonstrations
+
+    cfg = load_config("tiny-cpu", [f"output.dir={tmp_path}", "rollout.response_prefix=<answer>",
+                                   "teacher.fallback_demonstration=gold"])  # fmt: skip
+    run = Run(cfg)
+    questions, _ = run.next_questions()
+    prefix = run.tokenizer("<answer>", add_special_tokens=False)["input_ids"]
+    rollouts = sample_rollouts(questions, run.tokenizer, run.engine, cfg, None)
+    assert all(p[-len(prefix) :] == prefix for p in rollouts.prompts)
+    assert all(t.startswith("<answer>") for group in rollouts.texts for t in group)
+    rollouts.texts[0][0] = f"<answer>{questions[0].answer}</answer>"  # the prefix + "B</answer>"
+    assert score(questions, rollouts, cfg)[0][0] == 1.0
+    samples = with_demonstrations(questions, rollouts, score(questions, rollouts, cfg),
+                                  run.tokenizer, cfg)  # fmt: skip
+    assert all(s.teacher_prompt[-len(prefix) :] == prefix for s in samples)

@@ -112,6 +112,10 @@ class RolloutConfig:
     # Sample each prompt from its own RNG stream, seeded by (seed, step, question): rollouts then
     # do not depend on batching or on how prompts are split over ranks (slower with hf).
     seed_per_prompt: bool = False
+    # Text written for the model at the start of every response (rollouts, evaluation and the
+    # teacher's side alike), e.g. "<answer>": keeps a format the teacher copies from its
+    # demonstration; rewards read it as part of the response.
+    response_prefix: str = ""
     # Truncated importance-sampling correction for an engine whose sampling log-probs differ from
     # the trainer's (vLLM): each token's loss is multiplied by min(p_trainer / p_engine, cap).
     # null: off. Engines that sample from the trained weights themselves (hf) need none.

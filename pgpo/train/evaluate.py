@@ -19,14 +19,16 @@ def evaluate(
     max_prompt_tokens: int,
     leading_letter: bool = False,
     seeds: list[int] | None = None,
+    response_prefix: str = "",
 ) -> dict:
     """avg@k, format rate and question count of ``questions`` (k samples each; ``seeds``: one
     RNG seed per question, or None for the engine's own stream)."""
-    prompts = [student_prompt(tokenizer, q, max_prompt_tokens) for q in questions]
+    prompts = [student_prompt(tokenizer, q, max_prompt_tokens, response_prefix) for q in questions]
     completions = engine.generate(prompts, k, temperature, top_p, max_new_tokens, seeds)
     per_question, formatted = [], 0
     for q, group in zip(questions, completions):
-        texts = [tokenizer.decode(c.tokens, skip_special_tokens=True) for c in group]
+        texts = [response_prefix + tokenizer.decode(c.tokens, skip_special_tokens=True)
+                 for c in group]  # fmt: skip
         per_question.append(
             sum(reward(t, q.answer, leading_letter=leading_letter) for t in texts) / k
         )

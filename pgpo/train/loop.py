@@ -364,6 +364,7 @@ class Run:
             self.cfg.rollout.max_prompt_tokens,
             self.cfg.reward.leading_letter,
             seeds,
+            self.cfg.rollout.response_prefix,
         )
         if self.world.distributed:
             count, score, formatted = self.world.sum(

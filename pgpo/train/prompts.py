@@ -34,18 +34,34 @@ def render(tokenizer, msgs: list[dict]) -> list[int]:
     return tokenizer(chat_text(tokenizer, msgs), add_special_tokens=False)["input_ids"]
 
 
-def student_prompt(tokenizer, question: Question, max_tokens: int) -> list[int]:
+def prefixed(tokenizer, ids: list[int], response_prefix: str) -> list[int]:
+    """A prompt followed by the start of the response written for the model
+    (``rollout.response_prefix``)."""
+    if not response_prefix:
+        return ids
+    return ids + tokenizer(response_prefix, add_special_tokens=False)["input_ids"]
+
+
+def student_prompt(
+    tokenizer, question: Question, max_tokens: int, response_prefix: str = ""
+) -> list[int]:
     ids = render(tokenizer, messages(question))
     if len(ids) > max_tokens:  # keep the end: the question's options and the generation prompt
         ids = ids[-max_tokens:]
-    return ids
+    return prefixed(tokenizer, ids, response_prefix)
 
 
-def teacher_prompt(tokenizer, question: Question, demonstration: str, max_tokens: int) -> list[int]:
+def teacher_prompt(
+    tokenizer, question: Question, demonstration: str, max_tokens: int, response_prefix: str = ""
+) -> list[int]:
     """The reprompt: question + 'Correct solution:' + demonstration + instruction. When too long,
     the demonstration is cut (not the instruction, which the reference's right truncation can
     lose)."""
+    return prefixed(tokenizer, _reprompt(tokenizer, question, demonstration, max_tokens),
+                    response_prefix)  # fmt: skip
 
+
+def _reprompt(tokenizer, question: Question, demonstration: str, max_tokens: int) -> list[int]:
     def build(demo: str) -> list[int]:
         return render(tokenizer, teacher_messages(question, demo))
 

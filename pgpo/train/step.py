@@ -153,11 +153,12 @@ def sample_rollouts(
 ) -> Rollouts:
     """Step 1: ``rollout.n`` samples per question from the current policy."""
     start = time.perf_counter()
-    prompts = [student_prompt(tokenizer, q, cfg.rollout.max_prompt_tokens) for q in questions]
     r = cfg.rollout
+    prompts = [student_prompt(tokenizer, q, r.max_prompt_tokens, r.response_prefix)
+               for q in questions]  # fmt: skip
     completions = engine.generate(prompts, r.n, r.temperature, r.top_p, r.max_new_tokens, seeds)
-    texts = [
-        [tokenizer.decode(c.tokens, skip_special_tokens=True) for c in group]
+    texts = [  # what the response says, the prefix written for the model included
+        [r.response_prefix + tokenizer.decode(c.tokens, skip_special_tokens=True) for c in group]
         for group in completions
     ]
     return Rollouts(prompts, completions, texts, time.perf_counter() - start)
@@ -193,7 +194,9 @@ def with_demonstrations(
             tprompt = (
                 prompt
                 if demo is None
-                else teacher_prompt(tokenizer, q, demo, t.max_reprompt_tokens)
+                else teacher_prompt(
+                    tokenizer, q, demo, t.max_reprompt_tokens, cfg.rollout.response_prefix
+                )  # fmt: skip
             )
             # An empty response (stopped at once) has nothing to train on.
             samples.append(
