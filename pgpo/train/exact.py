@@ -25,6 +25,9 @@ from pgpo.train.forward import Policy, head_weight
 from pgpo.train.prompts import student_prompt, teacher_prompt
 
 BATCH = 8  # sequences per forward pass
+# The smallest edge called one: a difference of a few thousandths can be many standard errors
+# above 0 on 100 questions and still leave nothing worth distilling.
+MIN_EDGE = 0.05
 
 
 def gold_demonstration(question: Question) -> str:
@@ -112,7 +115,8 @@ def edge_sums(p_student: torch.Tensor, p_teacher: torch.Tensor) -> list[float]:
 
 def edge_report(sums: list[float]) -> dict:
     """The paired edge from :func:`edge_sums` (summed over ranks), with its verdict: *edge*
-    when the mean difference is more than 2 standard errors above 0."""
+    when the mean difference is more than 2 standard errors above 0 and at least
+    :data:`MIN_EDGE`."""
     n, s_student, s_teacher, s_d, s_d2 = sums
     edge, se = mean_and_se((n, s_d, s_d2))
     return {
@@ -121,7 +125,7 @@ def edge_report(sums: list[float]) -> dict:
         "teacher_edge": edge,
         "teacher_edge_se": se,
         "edge_questions": int(n),
-        "has_edge": bool(edge > 2 * se),
+        "has_edge": bool(edge > 2 * se and edge >= MIN_EDGE),
     }
 
 
@@ -145,14 +149,22 @@ def teacher_check(cfg, count: int, prefix: str) -> dict:
 def edge_lines(report: dict) -> list[str]:
     """What ``pgpo teacher-check`` prints: the two probabilities, the edge and a verdict."""
     n, prefix = report["edge_questions"], report["prefix"]
-    verdict = (
-        "edge: the teacher, shown the answer, gives it more probability than the student; "
-        "self-distillation has something to pass on"
-        if report["has_edge"]
-        else "no edge: the teacher is not reliably more likely to give the right answer than "
-        "the student; self-distillation has nothing to pass on (try a format the teacher "
-        "copies from its demonstration, or a warm start)"
-    )
+    edge, se = report["teacher_edge"], report["teacher_edge_se"]
+    if report["has_edge"]:
+        verdict = (
+            "edge: the teacher, shown the answer, gives it more probability than the student; "
+            "self-distillation has something to pass on"
+        )
+    else:
+        why = (
+            f"{edge:+.3f} is above 0 but below {MIN_EDGE:g}"
+            if edge > 2 * se
+            else "the teacher is not reliably more likely to give the right answer"
+        )
+        verdict = (
+            f"no edge: {why}; self-distillation has little or nothing to pass on (try a format "
+            "the teacher copies from its demonstration, or a warm start)"
+        )
     return [
         f"teacher-check: {n} training questions of {report['source']}, scored at the answer "
         f"letter after {prefix!r}",
