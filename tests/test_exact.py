@@ -11,6 +11,7 @@ from pgpo.cli import main as pgpo_main
 from pgpo.demo.task import make_splits, write_jsonl
 from pgpo.demo.warmstart import WarmStartConfig, warm_start
 from pgpo.train.config import load_config
+from pgpo.train.data import option_letters
 from pgpo.train.exact import answer_ids
 from pgpo.train.loop import Run, train
 from pgpo.train.prompts import student_prompt
@@ -28,25 +29,37 @@ def test_the_answer_is_split_where_the_tokenizer_writes_it():
         assert tok.decode(given) == prefix[: len(tok.decode(given))]  # a start of the prefix
 
 
+def _mean_se(values):
+    n = len(values)
+    mean = sum(values) / n
+    return mean, (sum((v - mean) ** 2 for v in values) / (n - 1) / n) ** 0.5
+
+
 def test_exact_evaluation_is_the_mean_probability_of_the_correct_letter(tmp_path):
     cfg = load_config("tiny-cpu", [f"output.dir={tmp_path}", "eval.mode=exact", "data.max_test=5",
                                    "eval.edge_questions=0"])  # fmt: skip
     run = Run(cfg)
     result = run.evaluate()
-    direct = []
-    for q in run.test_data.questions:  # one plain forward per question, full softmax
-        given, scored = answer_ids(run.tokenizer, "<answer>", q.answer)
-        ids = student_prompt(run.tokenizer, q, cfg.rollout.max_prompt_tokens) + given
-        with torch.no_grad():
-            logits = run.lm(torch.tensor([ids + scored])).logits[0].double()
-        logp = torch.log_softmax(logits[len(ids) - 1 : -1], -1)
-        direct.append(logp.gather(-1, torch.tensor(scored)[:, None]).sum().exp().item())
+    correct, given_letter, best = [], [], []
+    for q in run.test_data.questions:  # one plain forward per option, full softmax
+        probs = {}
+        for letter in option_letters(q.prompt):
+            given, scored = answer_ids(run.tokenizer, "<answer>", letter)
+            ids = student_prompt(run.tokenizer, q, cfg.rollout.max_prompt_tokens) + given
+            with torch.no_grad():
+                logits = run.lm(torch.tensor([ids + scored])).logits[0].double()
+            logp = torch.log_softmax(logits[len(ids) - 1 : -1], -1)
+            probs[letter] = logp.gather(-1, torch.tensor(scored)[:, None]).sum().exp().item()
+        correct.append(probs[q.answer])
+        given_letter.append(probs[q.answer] / sum(probs.values()))
+        best.append(float(max(probs, key=probs.get) == q.answer))
     assert result["questions"] == 5
     # float32 forwards: relative agreement to ~1e-5 of probabilities of any size
-    assert result["p_correct"] == pytest.approx(sum(direct) / 5, rel=1e-4)
-    mean = sum(direct) / 5
-    se = (sum((p - mean) ** 2 for p in direct) / 4 / 5) ** 0.5
-    assert result["p_correct_se"] == pytest.approx(se, rel=1e-3)
+    for name, values in (("p_correct", correct), ("p_correct_given_letter", given_letter),
+                         ("letter_accuracy", best)):  # fmt: skip
+        mean, se = _mean_se(values)
+        assert result[name] == pytest.approx(mean, rel=1e-4), name
+        assert result[f"{name}_se"] == pytest.approx(se, rel=1e-3, abs=1e-12), name
 
 
 def test_the_training_log_carries_the_teachers_edge(tmp_path):

@@ -79,6 +79,40 @@ def p_correct(
     return answer_probabilities(policy, prompts, answers, tokenizer.pad_token_id)
 
 
+def exact_scores(
+    policy: Policy, tokenizer, questions: list[Question], prefix: str, max_prompt_tokens: int
+) -> dict:
+    """``eval.mode: exact`` on ``questions``: the mean P(correct letter) with its standard error,
+    the same conditional on answering with one of the options' letters (P(correct) / sum of
+    the options' P), which format alone cannot raise, and the accuracy of the most likely
+    letter. Every option of every question is scored (one forward each)."""
+    from pgpo.train.data import option_letters
+
+    prompts, answers, owners = [], [], []
+    for i, q in enumerate(questions):
+        base = student_prompt(tokenizer, q, max_prompt_tokens)
+        for letter in option_letters(q.prompt):
+            first, ids = answer_ids(tokenizer, prefix, letter)
+            prompts.append(base + first)
+            answers.append(ids)
+            owners.append((i, letter == q.answer))
+    p = answer_probabilities(policy, prompts, answers, tokenizer.pad_token_id)
+    correct, given_letter, best = [], [], []
+    for i in range(len(questions)):
+        rows = [j for j, (owner, _) in enumerate(owners) if owner == i]
+        right = next(j for j in rows if owners[j][1])
+        total = float(p[rows].sum())
+        correct.append(float(p[right]))
+        given_letter.append(float(p[right]) / total if total > 0 else 0.0)
+        best.append(float(max(rows, key=lambda j: float(p[j])) == right))
+    out = {"questions": len(questions)}
+    for name, values in (("p_correct", correct), ("p_correct_given_letter", given_letter),
+                         ("letter_accuracy", best)):  # fmt: skip
+        x = torch.tensor(values, dtype=torch.float64)
+        out[name], out[f"{name}_se"] = mean_and_se((len(x), float(x.sum()), float((x * x).sum())))
+    return out
+
+
 def p_correct_taught(
     teacher: Policy,
     tokenizer,

@@ -26,7 +26,7 @@ from pgpo.train.config import TrainConfig, to_dict
 from pgpo.train.data import QuestionSampler, load_split, split_specs
 from pgpo.train.distributed import World
 from pgpo.train.evaluate import evaluate
-from pgpo.train.exact import edge_report, edge_sums, mean_and_se, p_correct, p_correct_taught
+from pgpo.train.exact import edge_report, edge_sums, exact_scores, p_correct, p_correct_taught
 from pgpo.train.forward import Policy
 from pgpo.train.guard import CollapseGuard
 from pgpo.train.model import load_model, load_tokenizer, torch_dtype
@@ -327,11 +327,10 @@ class Run:
     # Exact scores are computed by every rank on every question: under FSDP2 each forward is a
     # collective, so all ranks must run the same ones (and the sums need no all-reduce).
     def _exact(self, e) -> dict:
-        """Mean P(correct letter) over the test split, with its standard error."""
-        p = p_correct(self.policy, self.tokenizer, self.test_data.questions, e.answer_prefix,
-                      self.cfg.rollout.max_prompt_tokens)  # fmt: skip
-        mean, se = mean_and_se((len(p), float(p.sum()), float((p * p).sum())))
-        return {"p_correct": mean, "p_correct_se": se, "questions": len(p)}
+        """Mean P(correct letter) over the test split, with its standard error (and the same
+        given a letter, and the most likely letter's accuracy: pgpo.train.exact)."""
+        return exact_scores(self.policy, self.tokenizer, self.test_data.questions,
+                            e.answer_prefix, self.cfg.rollout.max_prompt_tokens)  # fmt: skip
 
     def teacher_edge(self, count: int) -> dict:
         """The teacher's paired edge on the first ``count`` training questions (pgpo.train.exact),
