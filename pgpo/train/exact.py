@@ -141,14 +141,14 @@ def mean_and_se(sums: tuple[float, float, float]) -> tuple[float, float]:
 
 
 def edge_sums(p_student: torch.Tensor, p_teacher: torch.Tensor) -> list[float]:
-    """(n, sum p_S, sum p_T, sum d, sum d^2) with ``d = p_T - p_S``: additive over ranks."""
+    """(n, sum p_S, sum p_T, sum d, sum d^2) with ``d = p_T - p_S``."""
     d = p_teacher - p_student
     return [len(d), float(p_student.sum()), float(p_teacher.sum()), float(d.sum()),
             float((d * d).sum())]  # fmt: skip
 
 
 def edge_report(sums: list[float]) -> dict:
-    """The paired edge from :func:`edge_sums` (summed over ranks), with its verdict: *edge*
+    """The paired edge from :func:`edge_sums`, with its verdict: *edge*
     when the mean difference is more than 2 standard errors above 0 and at least
     :data:`MIN_EDGE`."""
     n, s_student, s_teacher, s_d, s_d2 = sums
