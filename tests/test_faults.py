@@ -21,7 +21,7 @@ from pgpo.cli import main as pgpo_main
 from pgpo.train import checkpoint
 
 STEPS = 5
-ARGS = ["--config", "tiny-cpu", f"steps={STEPS}", "eval.every=100", "output.tensorboard=false"]
+ARGS = ["--config", "tiny-cpu", f"steps={STEPS}", "eval.every=100"]
 
 
 def command(out: Path, *extra: str) -> list[str]:

@@ -23,9 +23,13 @@ import yaml
 
 from pgpo.modulation import Granularity, Schedule
 from pgpo.multiplier import DEFAULT_SHARPNESS, Kind, check_params
+from pgpo.train.trackers import TRACKERS, missing  # finds packages, imports none
 
 PRESETS = Path(__file__).parent / "presets"
 Dtype = Literal["float32", "bfloat16"]
+Tracker = Literal["none", "tensorboard", "wandb", "trackio", "mlflow"]
+# Keys that were renamed: the hint given instead of "unknown key"
+RENAMED = {"output.tensorboard": "output.report_to=tensorboard"}
 
 
 class ConfigError(ValueError):
@@ -234,7 +238,12 @@ class OutputConfig:
     save_every: Count = 50
     save_last: bool = True  # also checkpoint the last step (false: only every save_every)
     sample_every: Count = 10
-    tensorboard: bool = True
+    # Experiment trackers, as transformers names them (pgpo/train/trackers.py): none, or a list
+    # of tensorboard, wandb, trackio, mlflow (a single name is a list of one). Each is imported
+    # only when named; a named one that is not installed is refused before any model loads.
+    report_to: Tracker | list[Tracker] = "none"
+    project: str = "pgpo"  # the wandb / Trackio project, the MLflow experiment
+    run_name: str | None = None  # the trackers' run name; null: output.dir's folder name
 
 
 @dataclass
@@ -359,7 +368,8 @@ def _build(cls, data: dict, prefix: str = ""):
     names = {f.name for f in dataclasses.fields(cls)}
     for key in data:
         if key not in names:
-            raise ConfigError(f"unknown key {prefix}{key}")
+            hint = RENAMED.get(f"{prefix}{key}")
+            raise ConfigError(f"unknown key {prefix}{key}" + (f" (now {hint})" if hint else ""))
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name not in data:
@@ -428,6 +438,18 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         cfg.optim.weight_decay,
     )
     need(bool(cfg.output.dir.strip()), "output.dir", "a folder name", cfg.output.dir)
+    out = cfg.output
+    if isinstance(out.report_to, str):
+        out.report_to = [out.report_to]
+    need(len(set(out.report_to)) == len(out.report_to) and ("none" not in out.report_to
+         or out.report_to == ["none"]), "output.report_to",
+         "none or a list of distinct trackers", out.report_to)  # fmt: skip
+    out.report_to = out.report_to or ["none"]
+    for name in missing(out.report_to):
+        raise ConfigError(
+            f"output.report_to: {name} is not installed (pip install {TRACKERS[name]}, or "
+            f'pip install "pgpo[trackers]")'
+        )
     try:
         p = cfg.pgpo
         check_params(p.alpha, p.rho_max, p.kind, p.sharpness)

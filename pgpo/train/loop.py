@@ -35,6 +35,7 @@ from pgpo.train.run_dir import METRICS, SAMPLES, RunDir
 from pgpo.train.step import train_step
 from pgpo.train.stop import StopRequest
 from pgpo.train.teacher import Teacher
+from pgpo.train.trackers import Trackers
 
 
 def seed_everything(seed: int) -> None:
@@ -384,20 +385,18 @@ MAX_SKIPPED_IN_A_ROW = 10
 
 
 class _Logs:
-    """The run's JSON-lines logs and TensorBoard (main process only; no-ops elsewhere)."""
+    """The run's JSON-lines logs and its trackers (``output.report_to``); main process only,
+    no-ops elsewhere."""
 
-    def __init__(self, folder: RunDir, tensorboard: bool) -> None:
+    def __init__(self, folder: RunDir, cfg: TrainConfig) -> None:
         main = folder.main
         self.metrics = open(folder.path / METRICS, "a") if main else None
         self.samples = open(folder.path / SAMPLES, "a") if main else None
-        self.writer = None
-        if tensorboard and main:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                pass
-            else:
-                self.writer = SummaryWriter(str(folder.path / "tensorboard"))
+        out = cfg.output
+        name = out.run_name or folder.path.absolute().name
+        self.trackers = Trackers(
+            out.report_to if main else [], folder.path, out.project, name, to_dict(cfg)
+        )
 
     @staticmethod
     def _write(file, row: dict) -> None:
@@ -409,17 +408,13 @@ class _Logs:
         self._write(self.metrics, row)
         if samples is not None:
             self._write(self.samples, {"step": row["step"], "samples": samples})
-        if self.writer is not None:
-            for key, value in row.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self.writer.add_scalar(key, value, row["step"])
+        self.trackers.log(row)
 
     def close(self) -> None:
         for file in (self.metrics, self.samples):
             if file is not None:
                 file.close()
-        if self.writer is not None:
-            self.writer.close()
+        self.trackers.close()
 
 
 def _resume_point(folder: RunDir, steps: int) -> tuple[Path, dict]:
@@ -460,7 +455,7 @@ def train(
         if start is not None:
             run.restore(*start)
         folder.start(yaml.safe_dump(to_dict(cfg), sort_keys=False), start and run.step)
-        logs = _Logs(folder, cfg.output.tensorboard)
+        logs = _Logs(folder, cfg)
         try:
             with StopRequest() as stop:
                 for _ in _steps(run, folder, logs, stop, progress, desc, position):

@@ -17,9 +17,13 @@ import shutil
 from pathlib import Path
 
 from pgpo.train.checkpoint import remove_temporaries
+from pgpo.train.trackers import TRACKER_DIRS
 
 METRICS, SAMPLES, CONFIG = "metrics.jsonl", "samples.jsonl", "config.yaml"
-OWN = (CONFIG, METRICS, SAMPLES, "checkpoints", "tensorboard", ".vllm-initial-weights")
+# A run's own entries: those that mark a folder as holding a run, and the trackers' folders
+# (removed with the run's by output.overwrite, but a wandb/ folder alone is no earlier run).
+MARKS = (CONFIG, METRICS, SAMPLES, "checkpoints", ".vllm-initial-weights")
+OWN = MARKS + TRACKER_DIRS
 
 
 def finished(folder: str | Path, config: dict) -> bool:
@@ -67,7 +71,9 @@ class RunDir:
         if self.path.exists() and not self.path.is_dir():
             raise RunDirError(f"output.dir {self.path} exists and is not a folder")
         self.created = not self.path.exists()
-        earlier = [name for name in OWN if (self.path / name).exists()]
+        earlier = [name for name in MARKS if (self.path / name).exists()]
+        if earlier:
+            earlier += [name for name in TRACKER_DIRS if (self.path / name).exists()]
         if earlier and not resume and not overwrite:
             raise RunDirError(
                 f"output.dir {self.path} holds an earlier run ({', '.join(earlier)}): continue "
@@ -90,7 +96,7 @@ class RunDir:
             target = self.path / name
             shutil.rmtree(target) if target.is_dir() else target.unlink()
         self.path.mkdir(parents=True, exist_ok=True)
-        for name in (CONFIG, METRICS, SAMPLES, "tensorboard", "checkpoints"):
+        for name in (CONFIG, METRICS, SAMPLES, "checkpoints", *TRACKER_DIRS):
             if not (self.path / name).exists():
                 self._written.append(self.path / name)
         write_atomic(self.path / CONFIG, config_yaml)
