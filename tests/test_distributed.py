@@ -98,6 +98,42 @@ def test_two_ranks_match_one_process_in_rho_gradient_and_weights(runs):
         assert torch.allclose(v["exp_avg"], s2["optimizer"]["state"][k]["exp_avg"], atol=1e-9)
 
 
+LORA = ["model.lora.rank=4", "model.lora.alpha=8", "optim.lr=1e-2", "teacher.ema_rate=0.25"]
+
+
+@pytest.fixture(scope="module")
+def lora_runs(sharp_model, tmp_path_factory) -> dict[str, Path]:
+    """LoRA (peft) on 1 process and on 2 ranks, and 2 ranks resumed after step 1."""
+    pytest.importorskip("peft")
+    root = tmp_path_factory.mktemp("fsdp-lora")
+    out = {
+        "single": launch(root / "single", sharp_model, 1, 2, *LORA),
+        "fsdp": launch(root / "fsdp", sharp_model, 2, 2, *LORA),
+    }
+    resumed = launch(root / "resumed", sharp_model, 2, 1, *LORA)
+    out["resumed"] = launch(resumed, sharp_model, 2, 2, *LORA, "--resume")
+    return out
+
+
+def test_lora_on_two_ranks_matches_one_process(lora_runs):
+    one, two = metrics(lora_runs["single"]), metrics(lora_runs["fsdp"])
+    for a, b in zip(one, two):
+        assert a["info"] > 1e-3 and abs(a["info"] - b["info"]) < 1e-6
+        assert close(a["loss"], b["loss"], 1e-5) and close(a["grad_norm"], b["grad_norm"], 1e-4)
+    s1, s2, s3 = (final_state(lora_runs[k]) for k in ("single", "fsdp", "resumed"))
+    assert s1["policy"] and all(".lora_" in k for k in s1["policy"])  # adapters, gathered whole
+    assert sorted(s1["policy"]) == sorted(s2["policy"]) == sorted(s1["teacher"])
+    for role in ("policy", "teacher"):
+        # Two Adam steps of lr 1e-2 move adapters by ~2e-2; float32 reductions in another order
+        # (and Adam's division) leave ~1e-6 of it.
+        gap = max((s1[role][k] - s2[role][k]).abs().max().item() for k in s1[role])
+        assert gap < 1e-5, role
+        resumed = max((s2[role][k] - s3[role][k]).abs().max().item() for k in s2[role])
+        assert resumed < 1e-6, role
+    moved = max((s1["policy"][k]).abs().max().item() for k in s1["policy"] if ".lora_B." in k)
+    assert moved > 1e-3  # B started at 0
+
+
 def test_bf16_compute_keeps_fp32_master_weights_and_the_signal(runs):
     fp32, bf16 = metrics(runs["single"])[0], metrics(runs["bf16"])[0]
     # bf16 keeps 8 bits of mantissa: entropies of ~12 nats are off by ~0.05 per token, mostly

@@ -23,7 +23,7 @@ import yaml
 
 from pgpo.modulation import Granularity, Schedule
 from pgpo.multiplier import DEFAULT_SHARPNESS, Kind, check_params
-from pgpo.train.trackers import TRACKERS, missing  # finds packages, imports none
+from pgpo.train.trackers import TRACKERS, installed, missing  # finds packages, imports none
 
 PRESETS = Path(__file__).parent / "presets"
 Dtype = Literal["float32", "bfloat16"]
@@ -78,6 +78,28 @@ Tokens = Annotated[int, Range(MIN_PROMPT_TOKENS)]
 
 
 @dataclass
+class LoraConfig:
+    # LoRA through peft (pgpo/train/lora.py): adapters of this rank on the frozen base; 0: off
+    # (every weight trains). The teacher is then adapters over the same base.
+    rank: Annotated[int, Range(0)] = 0
+    alpha: Annotated[float, Range(0, low_open=True)] = 16.0  # the adapter's scale: alpha / rank
+    dropout: Annotated[float, Range(0, 1, high_open=True)] = 0.0
+    # The linear layers that get adapters (names as in the model; not the embedding or the LM
+    # head, whose weight the fused loss reads directly)
+    target_modules: list[str] = field(
+        default_factory=lambda: [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ]  # fmt: skip
+    )
+
+
+@dataclass
 class ModelConfig:
     # A local folder, a hub id (needs network), or "tiny-random-qwen3" (built from the `tiny`
     # settings below with the real Qwen3 tokenizer: the same class and vocabulary as Qwen3-8B).
@@ -88,6 +110,7 @@ class ModelConfig:
     tiny_layers: Count = 2
     tiny_heads: Count = 2
     tiny_head_dim: Count = 32
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -438,6 +461,18 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         cfg.optim.weight_decay,
     )
     need(bool(cfg.output.dir.strip()), "output.dir", "a folder name", cfg.output.dir)
+    lora = cfg.model.lora
+    if lora.rank:
+        need(installed("peft"), "model.lora.rank", 'positive only with peft installed (pip install '
+             '"pgpo[lora]")', lora.rank)  # fmt: skip
+        targets = set(lora.target_modules)
+        need(bool(targets) and not {"lm_head", "embed_tokens"} & targets,
+             "model.lora.target_modules", "linear layers other than lm_head and embed_tokens",
+             lora.target_modules)  # fmt: skip
+        need(cfg.teacher.dtype is None, "teacher.dtype", "null with model.lora (the teacher "
+             "shares the student's base weights)", cfg.teacher.dtype)  # fmt: skip
+        need(cfg.fsdp.checkpoint == "full", "fsdp.checkpoint", "full with model.lora (the "
+             "adapters are small)", cfg.fsdp.checkpoint)  # fmt: skip
     out = cfg.output
     if isinstance(out.report_to, str):
         out.report_to = [out.report_to]

@@ -20,7 +20,7 @@ from pgpo.train.config import FSDPConfig
 from pgpo.train.model import torch_dtype
 
 # torch's checkpoint_wrapper puts this in front of the wrapped layer's parameter names.
-_WRAPPED = "_checkpoint_wrapped_module."
+WRAPPED = "_checkpoint_wrapped_module."
 
 
 def process_group_backend(cuda: bool) -> str:
@@ -94,7 +94,7 @@ def full_named_tensors(lm: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]
     time (peak extra memory: the largest tensor), with transformers' names even when the layers
     are wrapped for activation checkpointing. Under FSDP2 every rank must consume it in step."""
     for name, tensor in lm.state_dict().items():
-        yield name.replace(_WRAPPED, ""), full(tensor).detach()
+        yield name.replace(WRAPPED, ""), full(tensor).detach()
 
 
 def shard(
@@ -145,21 +145,26 @@ def full_state_dict(lm: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: t.cpu().clone() for name, t in full_named_tensors(lm)}
 
 
-def load_full_state_dict(lm: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+def load_full_state_dict(
+    lm: torch.nn.Module, state: dict[str, torch.Tensor], strict: bool = True
+) -> None:
     """Load whole tensors (as written by :func:`full_state_dict`) into a causal LM whose
-    parameters may be sharded: each rank copies its own shard."""
+    parameters may be sharded: each rank copies its own shard. ``strict=False``: only the
+    entries ``state`` has (LoRA adapters over a base loaded otherwise)."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     own = lm.state_dict()
     mapped = {}
     for name, target in own.items():
-        source = state[name.replace(_WRAPPED, "")]
+        if not strict and name.replace(WRAPPED, "") not in state:
+            continue
+        source = state[name.replace(WRAPPED, "")]
         if isinstance(target, DTensor):
             source = distribute_tensor(
                 source.to(target.dtype), target.device_mesh, target.placements
             )
         mapped[name] = source
-    lm.load_state_dict(mapped)
+    lm.load_state_dict(mapped, strict=strict)
 
 
 def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:

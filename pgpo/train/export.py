@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from pgpo.cli_util import output_files
-from pgpo.train import checkpoint
+from pgpo.train import checkpoint, lora
 from pgpo.train.config import ModelConfig, model_config
 from pgpo.train.model import TINY, from_pretrained, load_model, load_tokenizer, torch_dtype
 
@@ -24,6 +24,20 @@ def _empty_model(cfg: ModelConfig, seed: int) -> torch.nn.Module:
     config = from_pretrained(AutoConfig.from_pretrained, cfg.path, "model config")
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
+
+
+def _merged(cfg: ModelConfig, seed: int, adapters: dict, path: Path, role: str) -> dict:
+    """The base model with ``role``'s LoRA adapters merged (``W + s B A``), as a plain state
+    dict under transformers' names (the base read from model.path, or built from the seed)."""
+    lm = load_model(cfg, seed)
+    l = cfg.lora  # noqa: E741
+    lora.apply(lm, l.rank, l.alpha, l.dropout, l.target_modules)
+    result = lm.load_state_dict(adapters, strict=False)
+    if result.unexpected_keys or any(lora.is_adapter(k) for k in result.missing_keys):
+        raise checkpoint.CheckpointError(
+            f"{path}: its {role} adapters do not fit its own model.lora settings"
+        )
+    return {name: t.clone() for name, t in lora.merged_named_tensors(lm)}
 
 
 def export(path: Path, out: Path, role: str = "policy", dtype: str | None = None) -> Path:
@@ -43,7 +57,10 @@ def export(path: Path, out: Path, role: str = "policy", dtype: str | None = None
     if weights is None:
         raise ValueError(f"{path}: holds no {role} weights (the teacher is the policy itself)")
     cfg = model_config(state["config"]["model"])
-    model = _empty_model(cfg, state["config"].get("seed", 0))
+    seed = state["config"].get("seed", 0)
+    if cfg.lora.rank:  # the checkpoint holds adapters: merged into the base they were trained on
+        weights = _merged(cfg, seed, weights, path, role)
+    model = _empty_model(cfg, seed)
     try:
         model.load_state_dict(weights, assign=True)
     except (RuntimeError, TypeError, AttributeError) as err:

@@ -21,7 +21,7 @@ import yaml
 from pgpo.cli_util import Interrupted
 from pgpo.modulation import AlphaSchedule, Modulation
 from pgpo.optim import ModulatedOptimizer
-from pgpo.train import checkpoint, distributed
+from pgpo.train import checkpoint, distributed, lora
 from pgpo.train.config import TrainConfig, to_dict
 from pgpo.train.data import QuestionSampler, load_split, split_specs
 from pgpo.train.distributed import World
@@ -117,17 +117,15 @@ class Run:
         self.test_data = load_split(test_spec, "test", cfg.seed, d.skip_bad_rows, d.max_test)
         self.tokenizer = load_tokenizer(cfg.model.tokenizer)
         self.lm = load_model(cfg.model, cfg.seed)  # the causal LM (same init on every rank)
+        self.lora = cfg.model.lora.rank > 0
+        if self.lora:  # adapters on the frozen base (seeded like the model: alike on every rank)
+            l = cfg.model.lora  # noqa: E741
+            lora.apply(self.lm, l.rank, l.alpha, l.dropout, l.target_modules)
         if torch.cuda.is_available() and not self.world.distributed:
             self.lm.to("cuda")  # one process on a GPU machine trains there (FSDP2 places its own)
         self.policy = Policy(self.lm)  # what the step calls
-        teacher_dtype = None if cfg.teacher.dtype is None else torch_dtype(cfg.teacher.dtype)
-        self.teacher = Teacher(
-            self.policy,
-            cfg.teacher.mode,
-            cfg.teacher.ema_rate,
-            teacher_dtype,
-            trust_region_rate=cfg.teacher.trust_region_rate,
-        )
+        if not self.lora:
+            self.teacher = self._teacher()
         if self.world.rank:  # every other rank samples from its own stream; rank 0 keeps seed's
             seed_everything(rank_seed(cfg.seed, self.world.rank))
         self.engine = make_engine(
@@ -135,10 +133,12 @@ class Run:
         )
         if self.world.distributed:
             distributed.shard(self.policy, self.lm, cfg.fsdp, trainable=True)
-            if cfg.teacher.mode != "live":
+            if cfg.teacher.mode != "live" and not self.lora:
                 distributed.shard(self.teacher.policy, self.teacher.lm, cfg.fsdp, trainable=False)
+        if self.lora:  # adapter values cloned from the (sharded) adapters: sharded alike
+            self.teacher = self._teacher()
         adamw = torch.optim.AdamW(
-            self.lm.parameters(),
+            [p for p in self.lm.parameters() if p.requires_grad],  # all, or the adapters
             lr=cfg.optim.lr,
             betas=tuple(cfg.optim.betas),
             weight_decay=cfg.optim.weight_decay,
@@ -156,11 +156,19 @@ class Run:
         self.skipped = 0
         self.step_seconds_total = 0.0  # training wall-clock (rollouts and updates, no evals)
 
+    def _teacher(self) -> Teacher:
+        t = self.cfg.teacher
+        dtype = None if t.dtype is None else torch_dtype(t.dtype)
+        rate = t.trust_region_rate
+        return Teacher(self.policy, t.mode, t.ema_rate, dtype, trust_region_rate=rate)
+
     def state(self) -> dict:
         """Everything to continue from, whole tensors (under FSDP2 gathered: a collective)."""
         if self.world.distributed:
             teacher = None
-            if self.cfg.teacher.mode != "live":
+            if self.lora:
+                teacher = self.teacher.state_dict()
+            elif self.cfg.teacher.mode != "live":
                 teacher = distributed.full_state_dict(self.teacher.lm)
             weights = {
                 "policy": distributed.full_state_dict(self.lm),
@@ -173,6 +181,8 @@ class Run:
                 "teacher": self.teacher.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
             }
+        if self.lora:  # the base is model.path's (or the seed's): only the adapters are saved
+            weights["policy"] = {k: v for k, v in weights["policy"].items() if lora.is_adapter(k)}
         return {**weights, **self._small_state()}
 
     def restore(self, path: Path, state: dict | None = None) -> None:
@@ -261,13 +271,19 @@ class Run:
             set_model_state_dict(self.teacher.policy, shards["teacher"])
 
     def load_state(self, state: dict) -> None:
+        if self.lora:
+            names = {n for n, _ in lora.adapters(self.lm)}
+            if set(state["policy"]) != names:
+                raise KeyError("its policy is not this run's LoRA adapters (model.lora)")
         if self.world.distributed:
-            distributed.load_full_state_dict(self.lm, state["policy"])
-            if state["teacher"] is not None and self.cfg.teacher.mode != "live":
+            distributed.load_full_state_dict(self.lm, state["policy"], strict=not self.lora)
+            if self.lora:
+                self.teacher.load_state_dict(state["teacher"])
+            elif state["teacher"] is not None and self.cfg.teacher.mode != "live":
                 distributed.load_full_state_dict(self.teacher.lm, state["teacher"])
             distributed.load_full_optimizer_state(self.optimizer.optimizer, state["optimizer"])
         else:
-            self.lm.load_state_dict(state["policy"])
+            self.lm.load_state_dict(state["policy"], strict=not self.lora)
             self.teacher.load_state_dict(state["teacher"])
             self.optimizer.load_state_dict(state["optimizer"])
         self._load_rest(state)

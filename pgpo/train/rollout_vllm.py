@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from pgpo.train.checkpoint import rng_state, set_rng_state
-from pgpo.train.distributed import full_named_tensors
+from pgpo.train.lora import merged_named_tensors
 from pgpo.train.model import TINY
 from pgpo.train.rollout import Completion, stop_token_ids
 
@@ -142,7 +142,8 @@ class VLLMRolloutEngine:
             ranks = torch.distributed.is_initialized()
             if not ranks or torch.distributed.get_rank() == 0:
                 shutil.rmtree(path, ignore_errors=True)
-                lm.save_pretrained(path)
+                # merged: a LoRA policy (B = 0 at the start) as the plain model vLLM loads
+                lm.save_pretrained(path, state_dict=dict(merged_named_tensors(lm)))
             if ranks:
                 torch.distributed.barrier()
         longest = max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens)
@@ -229,12 +230,12 @@ class VLLMRolloutEngine:
 
     @torch.no_grad()
     def sync_weights(self, lm: torch.nn.Module) -> None:
-        """Load ``lm``'s current weights (transformers names; sharded or not) into vLLM,
-        then re-prepare the LM head and reset the prefix cache."""
+        """Load ``lm``'s current weights (transformers names; sharded or not; LoRA adapters
+        merged) into vLLM, then re-prepare the LM head and reset the prefix cache."""
         self._wake("weights")
         self.llm.collective_rpc(
             "reload_weights",
-            kwargs=dict(weights_iterator=full_named_tensors(lm), is_checkpoint_format=True),
+            kwargs=dict(weights_iterator=merged_named_tensors(lm), is_checkpoint_format=True),
         )
         self.llm.apply_model(_prepare_lm_head)
         self.llm.reset_prefix_cache()

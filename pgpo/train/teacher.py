@@ -5,6 +5,9 @@
 ``frozen``: the initial weights; ``live``: the current policy itself (the paper's Eq. 2);
 ``trust_region``: logits ``lerp(z_ref, z_S, r)``, the frozen initial weights as ref and the
 current policy, both on the teacher's prompt (the reference's trust-region teacher).
+
+Over LoRA (``model.lora``) the teacher is adapter tensors on the student's own frozen base
+(:class:`AdapterTeacher`): the same rules act on the adapters alone.
 """
 
 from __future__ import annotations
@@ -13,8 +16,34 @@ import copy
 
 import torch
 
+from pgpo.train import lora
 from pgpo.train.distributed import full
 from pgpo.train.forward import Policy, head_weight
+
+
+class AdapterTeacher(torch.nn.Module):
+    """The teacher's network over LoRA: the student's modules, with the teacher's adapter
+    values (``values``, one per adapter parameter, sharded like them) swapped in for each call,
+    in eval mode (no adapter dropout). Nothing of the base is copied."""
+
+    def __init__(self, student: Policy, values: list[torch.Tensor]) -> None:
+        super().__init__()
+        self._student = [student]  # a list: not registered as a submodule a second time
+        self.values = values
+
+    @property
+    def lm(self) -> torch.nn.Module:
+        return self._student[0].lm
+
+    def forward(self, *args, **kwargs):
+        student = self._student[0]
+        was_training = student.training
+        with lora.swapped([p for _, p in lora.adapters(student.lm)], self.values):
+            student.eval()
+            try:
+                return student(*args, **kwargs)
+            finally:
+                student.train(was_training)
 
 
 class Teacher:
@@ -30,8 +59,13 @@ class Teacher:
         trust_region_rate: float = 0.05,
     ) -> None:
         self.mode, self.ema_rate, self.trust_region_rate = mode, ema_rate, trust_region_rate
+        self.adapter_names: list[str] | None = None
         if mode == "live":
             self.policy = student
+        elif lora.has_adapters(student.lm):  # built after sharding: values sharded alike
+            named = lora.adapters(student.lm)
+            self.adapter_names = [n for n, _ in named]
+            self.policy = AdapterTeacher(student, [p.detach().clone() for _, p in named])
         else:
             self.policy = Policy(copy.deepcopy(student.lm)).eval()
             self.policy.requires_grad_(False)
@@ -65,15 +99,37 @@ class Teacher:
         sharded alike, so each rank updates its own shards."""
         if self.mode != "ema" or self.ema_rate == 0:
             return
-        for t, s in zip(self.policy.parameters(), student.parameters()):
+        if self.adapter_names is not None:  # the adapters' EMA; the base is shared and frozen
+            pairs = zip(self.policy.values, (p for _, p in lora.adapters(student.lm)))
+        else:
+            pairs = zip(self.policy.parameters(), student.parameters())
+        for t, s in pairs:
             t.lerp_(s.detach().to(t.dtype), self.ema_rate)
 
     def state_dict(self) -> dict | None:
+        """The teacher's own weights (None for ``live``); over LoRA its adapters, whole (a
+        collective under FSDP2)."""
+        if self.adapter_names is not None:
+            values = self.policy.values
+            return {n: full(v).cpu().clone() for n, v in zip(self.adapter_names, values)}
         return None if self.mode == "live" else self.lm.state_dict()
 
     def load_state_dict(self, state: dict | None) -> None:
-        if self.mode != "live" and state is not None:
+        if self.mode == "live" or state is None:
+            return
+        if self.adapter_names is None:
             self.lm.load_state_dict(state)
+            return
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        if set(state) != set(self.adapter_names):
+            raise KeyError("the teacher's adapters do not match this run's model.lora")
+        with torch.no_grad():
+            for name, value in zip(self.adapter_names, self.policy.values):
+                source = state[name].to(value.dtype)
+                if isinstance(value, DTensor):
+                    source = distribute_tensor(source, value.device_mesh, value.placements)
+                value.copy_(source)
 
 
 def choose_demonstrations(
