@@ -138,3 +138,75 @@ def test_a_response_prefix_is_written_for_student_teacher_and_reward(tmp_path):
     samples = with_demonstrations(questions, rollouts, score(questions, rollouts, cfg),
                                   run.tokenizer, cfg)  # fmt: skip
     assert all(s.teacher_prompt[-len(prefix) :] == prefix for s in samples)
+
+
+@pytest.mark.parametrize("rollout_temperature", [1.0, 0.8])
+def test_clipped_importance_weight_on_old_logprobs_is_the_formula(rollout_temperature):
+    """With several updates per batch each token's loss carries min(p_now / p_old, is_cap),
+    detached: the loss and its gradients equal the divergence with those weights, computed
+    directly (p_now from the full logits at the rollout temperature)."""
+    from pgpo.train.step import distill_loss
+
+    cfg = load_config("tiny-cpu", ["loss.is_cap=2", f"rollout.temperature={rollout_temperature}",
+                                   "loss.topk=3", "loss.chunk_size=3"])  # fmt: skip
+    h_s, w_s, h_t, w_t, weights, targets = _inputs(2)
+    logits = h_s.detach() @ w_s.detach().T / rollout_temperature
+    lp_now = torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0]
+    shift = torch.linspace(-1.5, 1.5, B * T).reshape(B, T)  # ratios e^shift in [0.22, 4.5]
+    out = distill_loss(h_s, w_s, teacher_hidden=h_t, teacher_head=w_t, weights=weights,
+                       targets=targets, behaviour=None, cfg=cfg, with_entropies=False,
+                       old=lp_now - shift)  # fmt: skip
+    grads = torch.autograd.grad(out.loss, (h_s, w_s))
+    capped = weights * shift.exp().clamp(max=2.0)
+    l = cfg.loss  # noqa: E741
+    direct, _, _ = head_divergence(h_s, w_s, h_t, w_t, capped, l.beta, l.topk, l.add_tail,
+                                   l.temperature, l.chunk_size)  # fmt: skip
+    direct_grads = torch.autograd.grad(direct, (h_s, w_s))
+    torch.testing.assert_close(out.loss, direct, rtol=1e-5, atol=1e-6)  # float32 rounding
+    for got, want in zip(grads, direct_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    on = weights != 0
+    # the sums over trained tokens: exp(shift) up to float32 rounding of lp_now - (lp_now - s)
+    assert abs(out.is_ratio_sum - float(shift.exp()[on].sum())) < 1e-4
+    assert out.is_clipped == float((shift.exp()[on] > 2.0).sum()) > 0
+
+
+def test_two_updates_per_batch_take_two_steps_with_clipped_weights(tmp_path):
+    """optim.updates_per_batch=2: the batch's first mini-batch is trained at the rollout
+    weights (ratio 1 to float32), the second after one AdamW step (ratios move), and AdamW
+    has stepped twice."""
+    from pgpo.train.step import (
+        loss_and_entropies,
+        old_logprobs,
+        sample_rollouts,
+        score,
+        with_demonstrations,
+    )
+
+    cfg = load_config("tiny-cpu", [f"output.dir={tmp_path}", "eval.every=1000",
+                                   "optim.updates_per_batch=2", "optim.lr=1e-2"])  # fmt: skip
+    run = Run(cfg)
+    questions, _ = run.next_questions()
+    with torch.random.fork_rng(devices=[]):  # the same rollouts as the step below
+        rollouts = sample_rollouts(questions, run.tokenizer, run.engine, cfg, None)
+        samples = with_demonstrations(questions, rollouts, score(questions, rollouts, cfg),
+                                      run.tokenizer, cfg)  # fmt: skip
+        pad = run.tokenizer.pad_token_id
+        old = old_logprobs(samples, run.policy, pad, cfg)
+        first = loss_and_entropies(samples, run.policy, run.teacher, pad, cfg, run.world,
+                                   with_entropies=False, old=old)  # fmt: skip
+        run.optimizer.zero_grad()
+    assert first.trained_tokens > 0 and first.is_clipped == 0
+    # p_now / p_old at the same weights: 1 up to float32 log-prob rounding (~1e-6)
+    assert abs(first.is_ratio_sum / first.trained_tokens - 1.0) < 1e-5
+    metrics = run.train_step(questions)
+    assert metrics["updates_skipped"] == 0 and not metrics["skipped"]
+    steps = {float(s["step"]) for s in run.optimizer.optimizer.state.values()}
+    assert steps == {2.0}  # two AdamW steps in one batch
+    # the second half's ratios saw one step of lr 1e-2: away from 1, but a ratio, not noise
+    assert 1e-4 < abs(metrics["is_ratio_mean"] - 1.0) < 0.5
+
+
+def test_updates_per_batch_must_divide_the_batch():
+    with pytest.raises(ConfigError, match="optim.updates_per_batch: must be a divisor of"):
+        load_config("tiny-cpu", ["optim.updates_per_batch=3"])

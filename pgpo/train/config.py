@@ -188,6 +188,10 @@ class LossConfig:
     reduction: Literal["seq_mean", "token_mean"] = "seq_mean"  # seq_mean: the reference's
     chunk_size: Count = 16
     micro_batch: Count = 1  # sequences per forward pass
+    # With optim.updates_per_batch > 1: each token's loss times min(p_now / p_old, is_cap),
+    # detached, p_old the policy's probability of the token before the batch's first update
+    # (the reference's clipped importance weight; exactly 1 with one update per batch).
+    is_cap: Annotated[float, AT_LEAST_1] = 2.0
 
 
 @dataclass
@@ -233,6 +237,10 @@ class OptimConfig:
         default_factory=lambda: [0.9, 0.999]
     )
     grad_clip: Positive = 1.0
+    # AdamW steps per batch: the batch's samples split into this many mini-batches, one step
+    # (with its own I_k and rho_k, and the EMA teacher after it) each; verl's
+    # ppo_mini_batch_size = batch_size / updates_per_batch. The reference: 1.
+    updates_per_batch: Count = 1
 
 
 @dataclass
@@ -461,6 +469,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         cfg.optim.weight_decay,
     )
     need(bool(cfg.output.dir.strip()), "output.dir", "a folder name", cfg.output.dir)
+    need(cfg.batch_size % cfg.optim.updates_per_batch == 0, "optim.updates_per_batch",
+         f"a divisor of batch_size ({cfg.batch_size})", cfg.optim.updates_per_batch)  # fmt: skip
     lora = cfg.model.lora
     if lora.rank:
         need(installed("peft"), "model.lora.rank", 'positive only with peft installed (pip install '

@@ -109,6 +109,11 @@ class Run:
             raise ValueError(
                 f"batch_size / rollout.n = {q} questions per step do not split over {size} ranks"
             )
+        if (cfg.batch_size // size) % cfg.optim.updates_per_batch:
+            raise ValueError(
+                f"optim.updates_per_batch={cfg.optim.updates_per_batch} does not divide the "
+                f"{cfg.batch_size // size} samples per rank of each step"
+            )
         seed_everything(cfg.seed)
         # The data first: a wrong path fails before a tokenizer or model is fetched.
         d = cfg.data

@@ -14,6 +14,8 @@ With ``pgpo.granularity`` token or sequence, step 4 weights each token's loss by
 its response's rho(I_i)) instead, renormalised over the step (:mod:`pgpo.modulation`), and step
 6 scales by rho_k only with ``combine_step``.
 A NaN/inf loss, gradient or I_k skips the step: weights, optimizer and teacher stay untouched.
+With ``optim.updates_per_batch`` M > 1, steps 4-6 run once on each of M mini-batches of the
+batch, each token's loss weighted by the clipped importance weight min(p_now / p_old, cap).
 
 Under torchrun each rank runs this on its slice of the questions; the loss weights and I_k are
 normalised over the whole batch (denominators summed over ranks), so the gradient, I_k and
@@ -64,19 +66,68 @@ def train_step(
     rollouts (``rollout.seed_per_prompt``)."""
     t0 = time.perf_counter()
     world = world or World()
+    rollouts = sample_rollouts(questions, tokenizer, engine, cfg, seeds)  # 1.
+    rewards = score(questions, rollouts, cfg)  # 2.
+    samples = with_demonstrations(questions, rollouts, rewards, tokenizer, cfg)  # 3.
+    pad = tokenizer.pad_token_id
+    parts = cfg.optim.updates_per_batch  # 4.-6. once per mini-batch (the reference: once)
+    # Several updates: the policy's log-probs before the first, for the clipped IS weight.
+    old = old_logprobs(samples, policy, pad, cfg) if parts > 1 else None
+    size = len(samples) // parts
+    updates = [
+        update(samples[i * size : (i + 1) * size],
+               None if old is None else old[i * size : (i + 1) * size],
+               policy, teacher, optimizer, scheduler, cfg, modulation, world, pad)
+        for i in range(parts)
+    ]  # fmt: skip
+    seconds = time.perf_counter() - t0
+    metrics = step_metrics(questions, rollouts, rewards, samples, sum_updates(updates), world, cfg)
+    metrics.update(mean_over_updates(updates))
+    metrics.update(
+        lr=optimizer.param_groups[0]["lr"],
+        rollout_seconds=rollouts.seconds,
+        train_seconds=seconds - rollouts.seconds,
+        step_seconds=seconds,
+    )
+    return metrics
+
+
+class Update(NamedTuple):
+    """Steps 4-6 on one mini-batch: its sums, I_k, alpha, rho_k (Eq. 9), the rho the step was
+    scaled by, the gradient norm, and whether the step was taken."""
+
+    sums: StepSums
+    info: float
+    alpha: float | None
+    rho_k: float
+    rho: float
+    grad_norm: float
+    stepped: bool
+    has_signal: bool
+
+
+def update(
+    samples: list[Sample],
+    old: torch.Tensor | None,
+    policy: Policy,
+    teacher: Teacher,
+    optimizer: ModulatedOptimizer,
+    scheduler,
+    cfg: TrainConfig,
+    modulation: Modulation | None,
+    world: World,
+    pad: int,
+) -> Update:
+    """Steps 4-6 on ``samples`` (the whole batch, or one of its mini-batches). ``old``: their
+    log-probs before the batch's first update ``[B, T]`` (None: one update per batch)."""
     need_info = modulation is not None or cfg.pgpo.track_info
     reweight = None  # token / sequence: (granularity, rho of this step's alpha) for the weights
     if modulation is not None and modulation.granularity != "step":
         reweight = modulation.granularity, modulation.multiplier(modulation.schedule.current())
-
-    rollouts = sample_rollouts(questions, tokenizer, engine, cfg, seeds)  # 1.
-    rewards = score(questions, rollouts, cfg)  # 2.
-    samples = with_demonstrations(questions, rollouts, rewards, tokenizer, cfg)  # 3.
-    pad = tokenizer.pad_token_id  # 4.: gradients accumulate in .grad
-    sums = loss_and_entropies(
-        samples, policy, teacher, pad, cfg, world, with_entropies=need_info, reweight=reweight
-    )
-
+    sums = loss_and_entropies(  # 4.: gradients accumulate in .grad
+        samples, policy, teacher, pad, cfg, world, with_entropies=need_info, reweight=reweight,
+        old=old,
+    )  # fmt: skip
     has_signal = need_info and sums.trained_tokens > 0
     info = sums.info if has_signal else 0.0  # Eq. 8: I_k (0 without a trained token)
     alpha = None if modulation is None else modulation.schedule.current(info)
@@ -88,27 +139,45 @@ def train_step(
     )
     if modulation is not None and stepped:
         modulation.schedule.update(info, rho_k)  # adaptive alpha: state for the next step
+    return Update(sums, info, alpha, rho_k, rho, grad_norm, stepped, has_signal)
 
-    seconds = time.perf_counter() - t0
-    metrics = step_metrics(questions, rollouts, rewards, samples, sums, world, cfg)
-    metrics.update(
-        loss=sums.loss,
-        info=info,
-        rho=rho,
-        entropy_student=sums.entropy_student if has_signal else 0.0,
-        entropy_teacher=sums.entropy_teacher if has_signal else 0.0,
-        grad_norm=grad_norm,
-        skipped=not stepped,
-        lr=optimizer.param_groups[0]["lr"],
-        empty_target_batch=not has_signal,
-        rollout_seconds=rollouts.seconds,
-        train_seconds=seconds - rollouts.seconds,
-        step_seconds=seconds,
-    )
-    if modulation is not None:
-        metrics.update(alpha=alpha, rho_batch=rho_k)
-        if reweight is not None and sums.weight_sum > 0:  # the mean rho_t of the loss weights
-            metrics["rho_weight_mean"] = sums.modulated_sum / sums.weight_sum
+
+def sum_updates(updates: list[Update]) -> StepSums:
+    """The counts of all updates added (IS sums, trained tokens); their means averaged."""
+    n = len(updates)
+    fields = zip(*(u.sums for u in updates))
+    return StepSums(*(sum(f) / n if name in StepSums.MEANS else sum(f)
+                      for name, f in zip(StepSums._fields, fields)))  # fmt: skip
+
+
+def mean_over_updates(updates: list[Update]) -> dict:
+    """The step's loss-side metrics: each a mean over its updates (one, by default)."""
+    n = len(updates)
+    mean = lambda values: sum(values) / n  # noqa: E731
+    signal = [u.has_signal for u in updates]
+    metrics = {
+        "loss": mean([u.sums.loss for u in updates]),
+        "info": mean([u.info for u in updates]),
+        "rho": mean([u.rho for u in updates]),
+        "entropy_student": mean([u.sums.entropy_student if s else 0.0
+                                 for u, s in zip(updates, signal)]),
+        "entropy_teacher": mean([u.sums.entropy_teacher if s else 0.0
+                                 for u, s in zip(updates, signal)]),
+        "grad_norm": mean([u.grad_norm for u in updates]),
+        "skipped": not all(u.stepped for u in updates),
+        "empty_target_batch": not any(signal),
+    }  # fmt: skip
+    if updates[0].alpha is not None:
+        metrics.update(alpha=mean([u.alpha for u in updates]),
+                       rho_batch=mean([u.rho_k for u in updates]))  # fmt: skip
+    sums = sum_updates(updates)
+    if n > 1:
+        metrics["updates_skipped"] = sum(not u.stepped for u in updates)
+        if sums.trained_tokens > 0:  # the clipped importance weights of the later updates
+            metrics["is_ratio_mean"] = sums.is_ratio_sum / sums.trained_tokens
+            metrics["is_clipped_share"] = sums.is_clipped / sums.trained_tokens
+    if updates[0].alpha is not None and sums.weight_sum > 0:  # the loss weights' mean rho_t
+        metrics["rho_weight_mean"] = sums.modulated_sum / sums.weight_sum
     return metrics
 
 
@@ -145,7 +214,11 @@ class StepSums(NamedTuple):
     tis_clipped: float
     weight_sum: float  # token / sequence granularity: sum of the loss weights w_t ...
     modulated_sum: float  # ... and of w_t rho(I_t), whose ratio renormalised the gradient
+    is_ratio_sum: float  # several updates per batch: the clipped IS weights' ratio sum ...
+    is_clipped: float  # ... and how many were clipped
     trained_tokens: float
+
+    MEANS = ("loss", "info", "entropy_student", "entropy_teacher")  # the rest are counts
 
 
 def sample_rollouts(
@@ -243,6 +316,7 @@ def loss_and_entropies(
     *,
     with_entropies: bool,
     reweight: tuple[str, MultiplierConfig] | None = None,
+    old: torch.Tensor | None = None,
 ) -> StepSums:
     """Step 4: forward and backward in micro-batches, gradients accumulated in ``.grad``.
 
@@ -267,8 +341,9 @@ def loss_and_entropies(
     )
     # The engine's log-probs, for the truncated importance-sampling correction (vLLM).
     behaviour = engine_logprobs(samples) if cfg.rollout.tis_cap is not None else None
-    # loss, I_k, H_S, H_T (Eq. 8's sums), IS ratio sum, IS clipped, sum w, sum w rho
-    totals = [0.0] * 8
+    # loss, I_k, H_S, H_T (Eq. 8's sums), TIS ratio sum, TIS clipped, sum w, sum w rho,
+    # clipped-IS ratio sum, clipped-IS clipped
+    totals = [0.0] * 10
     for start in range(0, len(samples), cfg.loss.micro_batch):
         mb = samples[start : start + cfg.loss.micro_batch]
         rows = slice(start, start + len(mb))
@@ -284,6 +359,7 @@ def loss_and_entropies(
             weights=loss_w[rows, :t_mb],
             targets=torch.tensor([r + [pad] * (t_mb - len(r)) for r in responses]),
             behaviour=None if behaviour is None else behaviour[rows, :t_mb],
+            old=None if old is None else old[rows, :t_mb],
             cfg=cfg,
             with_entropies=with_entropies,
             reweight=reweight,
@@ -296,7 +372,8 @@ def loss_and_entropies(
             if with_entropies
             else (0.0, 0.0, 0.0)
         )
-        parts = (out.loss.item(), *gap, out.tis_ratio_sum, out.tis_clipped, *out.weight_sums)
+        parts = (out.loss.item(), *gap, out.tis_ratio_sum, out.tis_clipped, *out.weight_sums,
+                 out.is_ratio_sum, out.is_clipped)  # fmt: skip
         totals = [total + float(part) for total, part in zip(totals, parts)]
         del teacher_hidden, teacher_head
     totals = world.sum(totals)
@@ -319,6 +396,8 @@ class DistillOutput(NamedTuple):
     tis_ratio_sum: float
     tis_clipped: float
     weight_sums: tuple[float, float] = (0.0, 0.0)  # reweighted: sum w, sum w rho
+    is_ratio_sum: float = 0.0  # the clipped IS weight on the old log-probs: ratio sum ...
+    is_clipped: float = 0.0  # ... and number clipped
 
 
 def distill_loss(
@@ -333,13 +412,21 @@ def distill_loss(
     cfg: TrainConfig,
     with_entropies: bool,
     reweight: tuple[str, MultiplierConfig] | None = None,
+    old: torch.Tensor | None = None,
 ) -> DistillOutput:
     """A micro-batch's loss and per-token entropies (the ``loss_fn`` of :class:`Policy`: it runs
     inside the policy's forward, where FSDP2 has the LM head gathered). Hidden states
     ``[B, T, H]``, heads ``[V, H]``, weights / targets / behaviour log-probs ``[B, T]``.
-    ``reweight``: (granularity, multiplier) for token or sequence modulation."""
+    ``reweight``: (granularity, multiplier) for token or sequence modulation. ``old``: the
+    policy's log-probs before the batch's first update ``[B, T]``, for the clipped IS weight."""
     w = weights.to(student_hidden.device)
-    tis_sum = tis_clipped = 0.0
+    tis_sum = tis_clipped = is_sum = is_clipped = 0.0
+    if old is not None:
+        # The reference's clipped importance weight, for the second and later updates of one
+        # batch: min(p_now / p_old, is_cap) per token, detached (1 at the first update).
+        now = head_token_logprobs(student_hidden.detach(), student_head.detach(), targets,
+                                  cfg.loss.chunk_size, cfg.rollout.temperature)  # fmt: skip
+        w, is_sum, is_clipped = capped_ratio_weights(w, now, old, cfg.loss.is_cap)
     if behaviour is not None:
         # Truncated importance sampling (the reference's rollout correction): the engine
         # sampled with its own numerics, so each token's loss is multiplied by
@@ -354,11 +441,8 @@ def distill_loss(
             cfg.rollout.temperature,
             cfg.rollout.top_p,
         )
-        ratio = (trainer_lp - behaviour.to(w.device)).exp()
-        on = w != 0
-        tis_sum = float(ratio[on].double().sum())
-        tis_clipped = float((ratio[on] > cfg.rollout.tis_cap).sum())
-        w = w * ratio.clamp(max=cfg.rollout.tis_cap)
+        w, tis_sum, tis_clipped = capped_ratio_weights(w, trainer_lp, behaviour,
+                                                       cfg.rollout.tis_cap)  # fmt: skip
     weight_sums = (0.0, 0.0)
     entropies = None
     if reweight is not None:
@@ -393,7 +477,40 @@ def distill_loss(
     )
     if entropies is not None:
         h_student, h_teacher = entropies
-    return DistillOutput(loss, h_student, h_teacher, tis_sum, tis_clipped, tuple(weight_sums))
+    return DistillOutput(loss, h_student, h_teacher, tis_sum, tis_clipped, tuple(weight_sums),
+                         is_sum, is_clipped)  # fmt: skip
+
+
+def capped_ratio_weights(
+    weights: torch.Tensor, logp: torch.Tensor, logp_ref: torch.Tensor, cap: float
+) -> tuple[torch.Tensor, float, float]:
+    """``weights * min(exp(logp - logp_ref), cap)`` (all ``[B, T]``; the ratio carries no
+    gradient), with the ratios' sum and the number above ``cap`` over the tokens of nonzero
+    weight."""
+    ratio = (logp.detach() - logp_ref.to(logp.device)).exp()
+    on = weights != 0
+    return (weights * ratio.clamp(max=cap), float(ratio[on].double().sum()),
+            float((ratio[on] > cap).sum()))  # fmt: skip
+
+
+def old_logprobs(samples: list[Sample], policy: Policy, pad: int, cfg: TrainConfig) -> torch.Tensor:
+    """``[B, T]``: the policy's log-prob of each response token (at the rollout temperature),
+    before the batch's first update; 0 where padded. No gradient."""
+    out = torch.zeros((len(samples), max(len(s.response) for s in samples)))
+    with torch.no_grad():
+        for start in range(0, len(samples), cfg.loss.micro_batch):
+            mb = samples[start : start + cfg.loss.micro_batch]
+            t_mb = max(len(s.response) for s in mb)
+            targets = torch.tensor([s.response + [pad] * (t_mb - len(s.response)) for s in mb])
+            logp_fn = functools.partial(
+                head_token_logprobs,
+                targets=targets,
+                chunk_size=cfg.loss.chunk_size,
+                temperature=cfg.rollout.temperature,
+            )
+            logp = policy([s.student_prompt for s in mb], [s.response for s in mb], pad, logp_fn)
+            out[start : start + len(mb), :t_mb] = logp.cpu()
+    return out
 
 
 def modulated_step(
