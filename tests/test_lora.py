@@ -200,3 +200,15 @@ def test_lora_without_peft_is_refused_before_any_model_loads(tmp_path):
         '"pgpo[lora]"), got 8'
     ]
     assert not out.exists()
+
+
+def test_a_frozen_lora_teacher_exports_as_the_base(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny(tmp_path / "run", "steps=1", "teacher.mode=frozen")
+    path = checkpoint.latest(train(cfg, progress=False) / "checkpoints")
+    teacher = AutoModelForCausalLM.from_pretrained(export(path, tmp_path / "t", role="teacher"))
+    policy = AutoModelForCausalLM.from_pretrained(export(path, tmp_path / "p"))
+    base = load_model(cfg.model, cfg.seed).state_dict()
+    assert all(torch.equal(teacher.state_dict()[k], v) for k, v in base.items())  # W + s 0 A
+    assert any(not torch.equal(policy.state_dict()[k], v) for k, v in base.items())
