@@ -77,6 +77,10 @@ Positive = Annotated[float, POSITIVE]
 Tokens = Annotated[int, Range(MIN_PROMPT_TOKENS)]
 
 
+# Every projection of a Qwen3 / Llama decoder layer: attention and MLP
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
 @dataclass
 class LoraConfig:
     # LoRA through peft (pgpo/train/lora.py): adapters of this rank on the frozen base; 0: off
@@ -86,17 +90,7 @@ class LoraConfig:
     dropout: Annotated[float, Range(0, 1, high_open=True)] = 0.0
     # The linear layers that get adapters (names as in the model; not the embedding or the LM
     # head, whose weight the fused loss reads directly)
-    target_modules: list[str] = field(
-        default_factory=lambda: [
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ]  # fmt: skip
-    )
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
 
 
 @dataclass
@@ -490,10 +484,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
          or out.report_to == ["none"]), "output.report_to",
          "none or a list of distinct trackers", out.report_to)  # fmt: skip
     out.report_to = out.report_to or ["none"]
-    for name in missing(out.report_to):
+    absent = missing(out.report_to)
+    if absent:
         raise ConfigError(
-            f"output.report_to: {name} is not installed (pip install {TRACKERS[name]}, or "
-            f'pip install "pgpo[trackers]")'
+            f"output.report_to: {absent[0]} is not installed (pip install {TRACKERS[absent[0]]}, "
+            f'or pip install "pgpo[trackers]")'
         )
     try:
         p = cfg.pgpo

@@ -122,14 +122,14 @@ class Run:
         self.test_data = load_split(test_spec, "test", cfg.seed, d.skip_bad_rows, d.max_test)
         self.tokenizer = load_tokenizer(cfg.model.tokenizer)
         self.lm = load_model(cfg.model, cfg.seed)  # the causal LM (same init on every rank)
-        self.lora = cfg.model.lora.rank > 0
-        if self.lora:  # adapters on the frozen base (seeded like the model: alike on every rank)
+        self.uses_lora = cfg.model.lora.rank > 0
+        if self.uses_lora:  # adapters on the frozen base, seeded like the model: alike on all ranks
             l = cfg.model.lora  # noqa: E741
             lora.apply(self.lm, l.rank, l.alpha, l.dropout, l.target_modules)
         if torch.cuda.is_available() and not self.world.distributed:
             self.lm.to("cuda")  # one process on a GPU machine trains there (FSDP2 places its own)
         self.policy = Policy(self.lm)  # what the step calls
-        if not self.lora:
+        if not self.uses_lora:
             self.teacher = self._teacher()
         if self.world.rank:  # every other rank samples from its own stream; rank 0 keeps seed's
             seed_everything(rank_seed(cfg.seed, self.world.rank))
@@ -138,9 +138,9 @@ class Run:
         )
         if self.world.distributed:
             distributed.shard(self.policy, self.lm, cfg.fsdp, trainable=True)
-            if cfg.teacher.mode != "live" and not self.lora:
+            if cfg.teacher.mode != "live" and not self.uses_lora:
                 distributed.shard(self.teacher.policy, self.teacher.lm, cfg.fsdp, trainable=False)
-        if self.lora:  # adapter values cloned from the (sharded) adapters: sharded alike
+        if self.uses_lora:  # adapter values cloned from the (sharded) adapters: sharded alike
             self.teacher = self._teacher()
         adamw = torch.optim.AdamW(
             [p for p in self.lm.parameters() if p.requires_grad],  # all, or the adapters
@@ -171,7 +171,7 @@ class Run:
         """Everything to continue from, whole tensors (under FSDP2 gathered: a collective)."""
         if self.world.distributed:
             teacher = None
-            if self.lora:
+            if self.uses_lora:
                 teacher = self.teacher.state_dict()
             elif self.cfg.teacher.mode != "live":
                 teacher = distributed.full_state_dict(self.teacher.lm)
@@ -186,7 +186,7 @@ class Run:
                 "teacher": self.teacher.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
             }
-        if self.lora:  # the base is model.path's (or the seed's): only the adapters are saved
+        if self.uses_lora:  # the base is model.path (or the seed): only the adapters are saved
             weights["policy"] = {k: v for k, v in weights["policy"].items() if lora.is_adapter(k)}
         return {**weights, **self._small_state()}
 
@@ -276,19 +276,19 @@ class Run:
             set_model_state_dict(self.teacher.policy, shards["teacher"])
 
     def load_state(self, state: dict) -> None:
-        if self.lora:
+        if self.uses_lora:
             names = {n for n, _ in lora.adapters(self.lm)}
             if set(state["policy"]) != names:
                 raise KeyError("its policy is not this run's LoRA adapters (model.lora)")
         if self.world.distributed:
-            distributed.load_full_state_dict(self.lm, state["policy"], strict=not self.lora)
-            if self.lora:
+            distributed.load_full_state_dict(self.lm, state["policy"], strict=not self.uses_lora)
+            if self.uses_lora:
                 self.teacher.load_state_dict(state["teacher"])
             elif state["teacher"] is not None and self.cfg.teacher.mode != "live":
                 distributed.load_full_state_dict(self.teacher.lm, state["teacher"])
             distributed.load_full_optimizer_state(self.optimizer.optimizer, state["optimizer"])
         else:
-            self.lm.load_state_dict(state["policy"], strict=not self.lora)
+            self.lm.load_state_dict(state["policy"], strict=not self.uses_lora)
             self.teacher.load_state_dict(state["teacher"])
             self.optimizer.load_state_dict(state["optimizer"])
         self._load_rest(state)

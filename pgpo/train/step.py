@@ -81,8 +81,9 @@ def train_step(
         for i in range(parts)
     ]  # fmt: skip
     seconds = time.perf_counter() - t0
-    metrics = step_metrics(questions, rollouts, rewards, samples, sum_updates(updates), world, cfg)
-    metrics.update(mean_over_updates(updates))
+    sums = sum_updates(updates)
+    metrics = step_metrics(questions, rollouts, rewards, samples, sums, world, cfg)
+    metrics.update(mean_over_updates(updates, sums))
     metrics.update(
         lr=optimizer.param_groups[0]["lr"],
         rollout_seconds=rollouts.seconds,
@@ -150,8 +151,9 @@ def sum_updates(updates: list[Update]) -> StepSums:
                       for name, f in zip(StepSums._fields, fields)))  # fmt: skip
 
 
-def mean_over_updates(updates: list[Update]) -> dict:
-    """The step's loss-side metrics: each a mean over its updates (one, by default)."""
+def mean_over_updates(updates: list[Update], sums: StepSums) -> dict:
+    """The step's loss-side metrics: each a mean over its updates (one, by default); ``sums``:
+    :func:`sum_updates` of them."""
     n = len(updates)
     mean = lambda values: sum(values) / n  # noqa: E731
     signal = [u.has_signal for u in updates]
@@ -170,7 +172,6 @@ def mean_over_updates(updates: list[Update]) -> dict:
     if updates[0].alpha is not None:
         metrics.update(alpha=mean([u.alpha for u in updates]),
                        rho_batch=mean([u.rho_k for u in updates]))  # fmt: skip
-    sums = sum_updates(updates)
     if n > 1:
         metrics["updates_skipped"] = sum(not u.stepped for u in updates)
         if sums.trained_tokens > 0:  # the clipped importance weights of the later updates
