@@ -98,33 +98,6 @@ def test_weights_pushed_after_a_training_step(run):
     assert (after - synced).abs().max() < TOL
 
 
-def test_a_lora_policy_is_pushed_merged_after_a_training_step(tmp_path):
-    if not os.environ.get("PGPO_REQUIRE_VLLM"):
-        pytest.importorskip("peft")
-    cfg = load_config("tiny-cpu", [f"output.dir={tmp_path}", "eval.every=1000",
-                                   "output.save_every=1000", *VLLM_TINY, "model.lora.rank=4",
-                                   "optim.lr=1e-2"])  # fmt: skip
-    run = Run(cfg)
-    try:
-        prompt = student_prompt(run.tokenizer, run.test_data.questions[0], 256)
-        pad = run.tokenizer.pad_token_id
-        fixed = run.tokenizer("<answer>B</answer> because the second is largest")["input_ids"]
-        before = trainer_logprobs(run.lm, prompt, fixed, pad)  # adapters in place, B = 0
-        served = torch.tensor(run.engine.sequence_logprobs(prompt, fixed))
-        assert (before - served).abs().max() < TOL
-        metrics = run.train_step(run.sampler.next(2))
-        assert not metrics["skipped"] and abs(metrics["tis_ratio_mean"] - 1.0) < 1e-3
-        after = trainer_logprobs(run.lm, prompt, fixed, pad)
-        assert (after - before).abs().max() > 10 * TOL  # the adapters moved the log-probs
-        stale = torch.tensor(run.engine.sequence_logprobs(prompt, fixed))
-        assert (after - stale).abs().max() > 10 * TOL  # vLLM still has the step-0 weights
-        run.engine.sync_weights(run.lm)  # W + s B A, under the plain model's names
-        synced = torch.tensor(run.engine.sequence_logprobs(prompt, fixed))
-        assert (after - synced).abs().max() < TOL
-    finally:
-        run.engine.close()
-
-
 def test_truncated_importance_weights_use_vllms_logprobs(run):
     # Shift the engine's log-probs of every sampled token by -1 nat: ratio e^1 = 2.72 > cap 2,
     # so every trained token is clipped, and the step's loss doubles against no correction.
@@ -266,6 +239,35 @@ def test_a_second_engine_starts_in_the_same_process_after_close(tmp_path):
     finally:
         second.close()
     assert [c.tokens for c in a[0]] == [c.tokens for c in b[0]]  # same weights, same seeds
+
+
+# Closing an engine tears down vLLM's process-wide parallel state, which the module's `run`
+# needs: the tests that close engines come after every test of `run`.
+def test_a_lora_policy_is_pushed_merged_after_a_training_step(tmp_path):
+    if not os.environ.get("PGPO_REQUIRE_VLLM"):
+        pytest.importorskip("peft")
+    cfg = load_config("tiny-cpu", [f"output.dir={tmp_path}", "eval.every=1000",
+                                   "output.save_every=1000", *VLLM_TINY, "model.lora.rank=4",
+                                   "optim.lr=1e-2"])  # fmt: skip
+    run = Run(cfg)
+    try:
+        prompt = student_prompt(run.tokenizer, run.test_data.questions[0], 256)
+        pad = run.tokenizer.pad_token_id
+        fixed = run.tokenizer("<answer>B</answer> because the second is largest")["input_ids"]
+        before = trainer_logprobs(run.lm, prompt, fixed, pad)  # adapters in place, B = 0
+        served = torch.tensor(run.engine.sequence_logprobs(prompt, fixed))
+        assert (before - served).abs().max() < TOL
+        metrics = run.train_step(run.sampler.next(2))
+        assert not metrics["skipped"] and abs(metrics["tis_ratio_mean"] - 1.0) < 1e-3
+        after = trainer_logprobs(run.lm, prompt, fixed, pad)
+        assert (after - before).abs().max() > 10 * TOL  # the adapters moved the log-probs
+        stale = torch.tensor(run.engine.sequence_logprobs(prompt, fixed))
+        assert (after - stale).abs().max() > 10 * TOL  # vLLM still has the step-0 weights
+        run.engine.sync_weights(run.lm)  # W + s B A, under the plain model's names
+        synced = torch.tensor(run.engine.sequence_logprobs(prompt, fixed))
+        assert (after - synced).abs().max() < TOL
+    finally:
+        run.engine.close()
 
 
 def test_starting_vllm_leaves_the_trainers_random_generators_as_they_were(tmp_path):
