@@ -168,26 +168,22 @@ class Run:
         return Teacher(self.policy, t.mode, t.ema_rate, dtype, trust_region_rate=rate)
 
     def state(self) -> dict:
-        """Everything to continue from, whole tensors (under FSDP2 gathered: a collective)."""
-        if self.world.distributed:
+        """Everything to continue from, whole tensors (under FSDP2 gathered: a collective).
+        With LoRA the policy is its adapters alone: the base is model.path's (or the seed's),
+        and only the adapters are gathered."""
+        if self.uses_lora:
+            weights = {"policy": lora.adapter_state(self.lm), "teacher": self.teacher.state_dict()}
+        elif self.world.distributed:
             teacher = None
-            if self.uses_lora:
-                teacher = self.teacher.state_dict()
-            elif self.cfg.teacher.mode != "live":
+            if self.cfg.teacher.mode != "live":
                 teacher = distributed.full_state_dict(self.teacher.lm)
-            weights = {
-                "policy": distributed.full_state_dict(self.lm),
-                "teacher": teacher,
-                "optimizer": distributed.full_optimizer_state(self.optimizer.optimizer),
-            }
+            weights = {"policy": distributed.full_state_dict(self.lm), "teacher": teacher}
         else:
-            weights = {
-                "policy": self.lm.state_dict(),
-                "teacher": self.teacher.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-            }
-        if self.uses_lora:  # the base is model.path (or the seed): only the adapters are saved
-            weights["policy"] = {k: v for k, v in weights["policy"].items() if lora.is_adapter(k)}
+            weights = {"policy": self.lm.state_dict(), "teacher": self.teacher.state_dict()}
+        if self.world.distributed:
+            weights["optimizer"] = distributed.full_optimizer_state(self.optimizer.optimizer)
+        else:
+            weights["optimizer"] = self.optimizer.state_dict()
         return {**weights, **self._small_state()}
 
     def restore(self, path: Path, state: dict | None = None) -> None:

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 
 import torch
 
-from pgpo.train.distributed import WRAPPED, full_named_tensors
+from pgpo.train.distributed import WRAPPED, full, full_named_tensors
 
 ADAPTER = ".lora_"  # in the state-dict name of every adapter tensor
 
@@ -52,6 +52,12 @@ def adapters(lm: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
     transformers' names (as in checkpoints, also when layers are wrapped for activation
     checkpointing)."""
     return [(n.replace(WRAPPED, ""), p) for n, p in lm.named_parameters() if is_adapter(n)]
+
+
+def adapter_state(lm: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The adapters as whole tensors on the CPU, by name (under FSDP2 each is gathered: a
+    collective; the frozen base is not touched)."""
+    return {name: full(p).detach().cpu().clone() for name, p in adapters(lm)}
 
 
 def has_adapters(lm: torch.nn.Module) -> bool:
