@@ -10,6 +10,7 @@ is ever replaced or removed.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import errno
 import os
 import shutil
@@ -74,6 +75,34 @@ def positive_float(text: str) -> float:
     if not (value > 0 and value < float("inf")):
         raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return value
+
+
+def nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (0 <= value < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def keep_freed_memory() -> None:
+    """Let the C library's malloc keep freed blocks for reuse: a process-wide setting, made by the
+    NumPy-heavy commands (``pgpo-sde``, ``pgpo-check``) at start-up, never on import.
+
+    The SDE toolkit's temporaries are a few MB each (``[paths, batches]`` float64). glibc serves
+    such a block with a fresh ``mmap`` and unmaps it when it is freed, so every temporary pays
+    page faults for all of its pages: on the 2-core machine C8's ballistic cells took 38 s
+    instead of 23 s. Raising the mmap threshold (to glibc's 32 MiB maximum) and the trim
+    threshold keeps them on the heap. Results are unchanged; elsewhere than glibc, a no-op.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 512 << 20)  # M_TRIM_THRESHOLD: free heap kept before returning it
+    except (OSError, AttributeError):
+        pass
 
 
 def positive_int(text: str) -> int:

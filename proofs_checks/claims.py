@@ -18,9 +18,7 @@ from sde.adamw import adamw_study
 from sde.chains import minibatch_chain
 from sde.plots import plot_weak_error
 from sde.problems import make_problem
-from sde.weak_error import Summary, summarize, weak_errors
-
-ORDER_TOLERANCE = 0.15  # |slope - 1| within this counts as order 1
+from sde.weak_error import ORDER_TOLERANCE, Summary, order_one, summarize, weak_errors
 
 
 @dataclass(frozen=True)
@@ -326,12 +324,8 @@ ADAMW_SCALINGS = {
 
 
 def _adamw_cell_verdict(s: Summary) -> str:
-    """A converging weak error whose slope's interval reaches order 1: the order-1 picture."""
-    if s.slope is None or s.resolved < 3:  # two points always fit a line
-        return NOT_MEASURED
-    if s.plateau:
-        return FAILS
-    return HOLDS if s.slope.ci_high >= 1 - ORDER_TOLERANCE else FAILS
+    """A converging weak error whose slope's interval reaches order 1 (``order_one``)."""
+    return {True: HOLDS, False: FAILS, None: NOT_MEASURED}[order_one(s)]
 
 
 def _adamw_regime_verdict(rows: dict) -> str:

@@ -18,6 +18,7 @@ from pathlib import Path
 from pgpo.cli_util import (
     ArgumentParser,
     UserError,
+    keep_freed_memory,
     output_files,
     positive_float,
     positive_int,
@@ -179,6 +180,7 @@ def _main(argv: list[str] | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    keep_freed_memory()
     return run(_main, "pgpo-check", argv)
 
 

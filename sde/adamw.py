@@ -65,7 +65,7 @@ the two are independent, so the standard error adds both sides' variances.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -80,6 +80,7 @@ from sde.models import (
     as_multiplier,
     batch_covariance,
     batch_means,
+    example_mean,
     sqrtm_psd,
 )
 from sde.problems import Problem
@@ -166,7 +167,7 @@ def adamw_update(
 def _warm_moments(problem, theta0, batch_size, replace_, noise):
     """Stationary ``m_0 = grad L`` and ``v_0 = grad L^2 + noise^2 diag Sigma_b`` at theta0."""
     fields, _ = problem.fields_and_infos(np.asarray(theta0, float)[None])
-    grad = fields.mean(axis=1)[0]
+    grad = example_mean(fields)[0]
     var = np.diagonal(batch_covariance(fields, batch_size, replace_)[0])
     return grad, grad**2 + noise**2 * var
 
@@ -202,12 +203,12 @@ def adamw_chain(
         for k in range(1, steps + 1):
             fields, infos = problem.fields_and_infos(theta)
             batch = draw_batches(rng, paths, problem.n, batch_size, replace_)
-            grad = fields.mean(axis=1)
-            g = grad + hp["noise"] * (fields[rows, batch].mean(axis=1) - grad)
+            grad = example_mean(fields)
+            g = grad + hp["noise"] * (example_mean(fields[rows, batch]) - grad)
             if info_source == "same-batch":
-                info = infos[rows, batch].mean(axis=1)
+                info = example_mean(infos[rows, batch])
             else:
-                info = infos.mean(axis=1)
+                info = example_mean(infos)
             theta, m, v = adamw_update(
                 theta, m, v, g, rho(info), k, eta, hp["beta1"], hp["beta2"], hp["eps"],
                 hp["weight_decay"], bias_correction=scaling.start == "cold",
@@ -240,12 +241,12 @@ def adamw_sde(
     def parts(theta, with_corr=False):
         """grad L, Sigma_b, rho_bar and (when asked) C: ``[P, d], [P, d, d], [P], [P, d]``."""
         fields, infos = problem.fields_and_infos(theta)
-        grad = fields.mean(axis=1)
+        grad = example_mean(fields)
         cov = batch_covariance(fields, batch_size, replace_)
         if means is None:
-            return grad, cov, rho(infos.mean(axis=1)), np.zeros_like(grad)
+            return grad, cov, rho(example_mean(infos)), np.zeros_like(grad)
         rho_batch = rho(infos @ means.T)  # [P, nB]
-        rho_bar = rho_batch.mean(axis=1)
+        rho_bar = example_mean(rho_batch)
         if not with_corr:
             return grad, cov, rho_bar, None
         # E_B[rho_B g_B] = sum_i (E_B[rho_B M_Bi]) g_i: one [P, N] weight instead of [P, nB, d]
@@ -325,45 +326,84 @@ def adamw_weak_errors(
     seed: int = 0,
     test_fns: Sequence[str] = ("theta1", "sqnorm"),
     sde_step: float = 0.005,
+    progress: Callable[[str], None] | None = None,
+    workers: int = 1,
 ) -> list[Estimate]:
     """Weak error of the regime's limit equation against the chain, per (eta, test function).
     The SDE side (``sde_paths``, default ``paths``) is integrated once when it does not depend on
-    eta; the fixed regime's ODE on one path."""
+    eta; the fixed regime's ODE on one path. ``progress(label)`` is called once per eta;
+    ``workers`` > 1 computes the etas in that many processes, with the same results (each eta has
+    its own seeds)."""
     if info_source not in INFO_SOURCES or info_source == "independent-batch":
         raise ValueError(f"info source must be same-batch or full, got {info_source!r}")
-    name = f"adamw-{scaling.regime}-{info_source}-{scaling.start}"
+    for fn in test_fns:
+        if fn not in TEST_FUNCTIONS:
+            raise ValueError(
+                f"unknown test function {fn!r}; choose from {', '.join(TEST_FUNCTIONS)}"
+            )
     sde_paths = paths if sde_paths is None else sde_paths
-    cache: dict[float | None, tuple[np.ndarray, np.ndarray]] = {}
+    reference = (problem, multiplier, scaling, batch_size, info_source, replace_, sde_paths,
+                 horizon, tuple(test_fns), sde_step)  # fmt: skip
+    # Every regime but the ballistic one has an eta-free limit: one integration serves every eta.
+    shared = None
+    if scaling.regime != "ballistic":
+        shared = _reference(*reference[:3], float(etas[0]), *reference[3:], seed * 1000 + 500)
+    cells = [
+        (problem, multiplier, float(eta), j, scaling, info_source, batch_size, replace_, paths,
+         horizon, seed, reference, shared)
+        for j, eta in enumerate(etas)
+    ]  # fmt: skip
+    if workers <= 1:
+        results = []
+        for cell in cells:
+            results.append(_adamw_eta_cell(cell))
+            if progress is not None:
+                progress(f"eta={cell[2]:g}")
+        return [e for r in results for e in r]
+    import concurrent.futures as futures
+    import multiprocessing
+
+    order = sorted(range(len(cells)), key=lambda i: cells[i][2])  # most steps first
+    with futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context()) as pool:
+        jobs = {i: pool.submit(_adamw_eta_cell, cells[i]) for i in order}
+        done = {}
+        for i in order:
+            done[i] = jobs[i].result()
+            if progress is not None:
+                progress(f"eta={cells[i][2]:g}")
+    return [e for i in range(len(cells)) for e in done[i]]
+
+
+def _adamw_eta_cell(cell) -> list[Estimate]:
+    """One eta: the chain (seed ``1000 seed + j``) against the shared reference, or against its
+    own (ballistic: seed ``1000 seed + 500 + j``)."""
+    (problem, multiplier, eta, j, scaling, info_source, batch_size, replace_, paths, horizon,
+     seed, reference, shared) = cell  # fmt: skip
+    end = adamw_chain(
+        problem, multiplier, eta, scaling, horizon=horizon, batch_size=batch_size,
+        paths=paths, seed=seed * 1000 + j, info_source=info_source, replace_=replace_,
+    )  # fmt: skip
+    if shared is None:
+        shared = _reference(*reference[:3], eta, *reference[3:], seed * 1000 + 500 + j)
+    sde_values, sde_bad = shared
+    name = f"adamw-{scaling.regime}-{info_source}-{scaling.start}"
     out = []
-    for j, eta in enumerate(etas):
-        eta = float(eta)
-        end = adamw_chain(
-            problem, multiplier, eta, scaling, horizon=horizon, batch_size=batch_size,
-            paths=paths, seed=seed * 1000 + j, info_source=info_source, replace_=replace_,
+    for i, fn in enumerate(reference[8]):
+        chain_g = np.where(end.diverged, np.nan, TEST_FUNCTIONS[fn](end.theta))
+        value, se, n = _independent_difference(chain_g, sde_values[i])
+        out.append(
+            Estimate(
+                model=name, eta=eta, test_fn=fn, value=value, se=se,
+                ci_low=value - 1.96 * se, ci_high=value + 1.96 * se,
+                resolved=bool(np.isfinite(value) and abs(value) >= RESOLVED_SE * se),
+                paths=n, diverged_chain=int(end.diverged.sum()), diverged_sde=sde_bad,
+            )
         )  # fmt: skip
-        key = eta if scaling.regime == "ballistic" else None
-        if key not in cache:
-            cache[key] = _reference(
-                problem, multiplier, scaling, eta, batch_size, info_source, replace_,
-                sde_paths, horizon, seed * 1000 + 500 + j, test_fns, sde_step,
-            )  # fmt: skip
-        sde_values, sde_bad = cache[key]
-        for i, fn in enumerate(test_fns):
-            chain_g = np.where(end.diverged, np.nan, TEST_FUNCTIONS[fn](end.theta))
-            value, se, n = _independent_difference(chain_g, sde_values[i])
-            out.append(
-                Estimate(
-                    model=name, eta=eta, test_fn=fn, value=value, se=se,
-                    ci_low=value - 1.96 * se, ci_high=value + 1.96 * se,
-                    resolved=bool(np.isfinite(value) and abs(value) >= RESOLVED_SE * se),
-                    paths=n, diverged_chain=int(end.diverged.sum()), diverged_sde=sde_bad,
-                )
-            )  # fmt: skip
     return out
 
 
 def _reference(problem, multiplier, scaling, eta, batch_size, info_source, replace_, paths,
-               horizon, seed, test_fns, sde_step):  # fmt: skip
+               horizon, test_fns, sde_step, seed):  # fmt: skip
     """Richardson-extrapolated ``g(Theta_T)`` per path and test function ``[fns, paths]``, and the
     number of diverged paths."""
     model, z0 = adamw_sde(

@@ -20,7 +20,7 @@ import numpy as np
 
 from pgpo.multiplier import MultiplierConfig
 from sde.integrate import BrownianPath, Solution, _mark_diverged, euler_maruyama
-from sde.models import INFO_SOURCES, Multiplier, as_multiplier, make_model
+from sde.models import INFO_SOURCES, Multiplier, as_multiplier, example_mean, make_model
 from sde.problems import Problem
 
 
@@ -60,14 +60,14 @@ def minibatch_chain(
         for _ in range(steps):
             fields, infos = problem.fields_and_infos(theta)
             batch = draw_batches(rng, paths, problem.n, batch_size, replace)
-            g_hat = fields[rows, batch].mean(axis=1)
+            g_hat = example_mean(fields[rows, batch])
             if info_source == "same-batch":
-                info = infos[rows, batch].mean(axis=1)
+                info = example_mean(infos[rows, batch])
             elif info_source == "independent-batch":
                 other = draw_batches(rng, paths, problem.n, batch_size, replace)
-                info = infos[rows, other].mean(axis=1)
+                info = example_mean(infos[rows, other])
             else:
-                info = infos.mean(axis=1)
+                info = example_mean(infos)
             theta -= eta * rho(info)[:, None] * g_hat
             _mark_diverged(theta, diverged)
             if record:

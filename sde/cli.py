@@ -2,11 +2,17 @@
 
     pgpo-sde weak-error [--problem quadratic] [--models paper,matched,ode] [--info-source
         same-batch] [--etas ...] [--paths 2000] [--out runs/weak-error]
+    pgpo-sde weak-error --optimizer adamw --regime malladi|ballistic|fixed [--start cold|warm]
+        [--betas 0.9,0.999] [--c1 4 --c2 1] [--eps 1e-8] [--weight-decay 0.01] ...
     pgpo-sde simulate [--problem quadratic] [--model paper] [--eta 0.05] [--out runs/simulate]
 
 The default weak-error study is the one that shows the paper's same-batch gap: with the batch's
 own information (Algorithm 1) the paper's SDE stops converging as eta -> 0, the matched SDE
 converges at order 1, in about 20 s on one core.
+
+``--optimizer adamw`` measures the same weak error for PGPO on AdamW, as trained
+(``ModulatedOptimizer(torch.optim.AdamW)``), against the limit equation of one scaling regime
+(:mod:`sde.adamw`): the cell of claim C8 for the given information source and start.
 """
 
 from __future__ import annotations
@@ -23,18 +29,21 @@ from pgpo.cli_util import (
     ArgumentParser,
     UserError,
     check_output,
+    keep_freed_memory,
+    nonnegative_float,
     output_files,
     positive_float,
     positive_int,
     run,
 )
 from pgpo.multiplier import KINDS, MultiplierConfig
+from sde.adamw import REGIMES, STARTS, AdamWScaling, adamw_weak_errors
 from sde.chains import gaussian_chain, minibatch_chain
 from sde.integrate import BrownianPath, euler_maruyama
 from sde.models import INFO_SOURCES, MODELS, constant_rho, make_model
 from sde.plots import plot_paths, plot_weak_error
 from sde.problems import PROBLEMS, make_problem
-from sde.weak_error import CHAINS, TEST_FUNCTIONS, summarize, to_json, weak_errors
+from sde.weak_error import CHAINS, TEST_FUNCTIONS, order_one, summarize, to_json, weak_errors
 
 DEFAULT_ETAS = "0.2,0.1,0.05,0.025,0.0125,0.00625"
 
@@ -63,6 +72,21 @@ def _etas(text: str) -> list[float]:
     if len(etas) < 1 or any(not (0 < e < float("inf")) for e in etas):
         raise argparse.ArgumentTypeError(f"must be finite numbers > 0, got {text!r}")
     return sorted(set(etas), reverse=True)
+
+
+def _betas(text: str) -> tuple[float, float]:
+    try:
+        betas = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not two comma-separated numbers: {text!r}") from None
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise argparse.ArgumentTypeError(f"must be two numbers in [0, 1), got {text!r}")
+    return betas
+
+
+_ADAMW = AdamWScaling("malladi")
+ADAMW_DEFAULTS = dict(regime="malladi", start="cold", betas=None, c1=_ADAMW.c1, c2=_ADAMW.c2,
+                      eps=_ADAMW.eps, weight_decay=_ADAMW.weight_decay)  # fmt: skip
 
 
 def _add_common(p: ArgumentParser) -> None:
@@ -118,13 +142,47 @@ def _check_batch(args, problem) -> None:
         )
 
 
+def _adamw_scaling(args) -> AdamWScaling:
+    """The AdamW regime the arguments name; options of the other optimizer refused by name."""
+    for flag, value in (("--models", args.models), ("--chain", args.chain)):
+        if value is not None:
+            raise UserError(f"{flag} is for --optimizer sgd; AdamW's model is its regime's limit")
+    if args.info_source == "independent-batch":
+        raise UserError("--optimizer adamw takes --info-source same-batch or full")
+    if args.betas is not None and args.regime != "fixed":
+        raise UserError(f"--betas is for --regime fixed; {args.regime} sets them from --c1, --c2")
+    scaling = AdamWScaling(
+        args.regime, args.start, args.c1, args.c2, tuple(args.betas or (0.9, 0.999)), args.eps,
+        args.weight_decay,
+    )  # fmt: skip
+    for eta in args.etas:
+        try:
+            scaling.hyper(eta)
+        except ValueError as err:  # 1 - beta = c h must stay in (0, 1]
+            raise UserError(f"--etas: {err}") from None
+    return scaling
+
+
 def _cmd_weak_error(args) -> int:
     problem = make_problem(args.problem)
     _check_batch(args, problem)
     if args.paths < 2:
         raise UserError(f"--paths must be >= 2, got {args.paths}")
+    adamw = args.optimizer == "adamw"
+    if not adamw:
+        for flag in ("regime", "start", "betas", "c1", "c2", "eps", "weight_decay"):
+            if getattr(args, flag) != ADAMW_DEFAULTS[flag]:
+                raise UserError(f"--{flag.replace('_', '-')} is for --optimizer adamw")
+        args.models = args.models or ["paper", "matched", "ode"]
+        args.chain = args.chain or "gaussian"
+    scaling = _adamw_scaling(args) if adamw else None
+    sde_step = args.sde_step or (0.01 if adamw else 0.0125)
     for eta in args.etas:  # the chain's steps, and the SDE reference's at h / 2
-        _check_size(args, eta, 2 * max(2, math.ceil(eta / args.sde_step)))
+        if adamw:
+            _check_size(args, scaling.time_step(eta))
+            _check_size(args, sde_step, 2)
+        else:
+            _check_size(args, eta, 2 * max(2, math.ceil(eta / sde_step)))
     if max(args.etas) > args.horizon:
         raise UserError(f"every eta must be <= --horizon {args.horizon}, got {max(args.etas)}")
     if args.out:
@@ -132,44 +190,46 @@ def _cmd_weak_error(args) -> int:
     multiplier = _multiplier(args)
     # The results do not depend on the number of workers: it is not part of the settings.
     settings = {k: v for k, v in vars(args).items() if k not in ("func", "workers")}
+    settings["sde_step"] = sde_step
     rho_text = (
         f"rho = {args.constant_rho:g}"
         if args.constant_rho is not None
         else f"rho = {args.kind}(alpha={args.alpha:g}, rho_max={args.rho_max:g})"
     )
+    against = (
+        f"the {args.regime} limit of modulated AdamW ({args.start} start)"
+        if adamw
+        else f"the {args.chain} PGPO chain"
+    )
+    what = f"regime {args.regime}" if adamw else ", ".join(args.models)
     print(
-        f"weak error of {', '.join(args.models)} against the {args.chain} PGPO chain on "
-        f"{args.problem}; I from {args.info_source}; {rho_text}; batch {args.batch_size}; "
-        f"{args.paths} paths; T = {args.horizon:g}"
+        f"weak error of {what} against {against} on {args.problem}; I from {args.info_source}; "
+        f"{rho_text}; batch {args.batch_size}; {args.paths} paths; T = {args.horizon:g}"
     )
 
     from tqdm import tqdm
 
     start = time.perf_counter()
+    common = dict(
+        info_source=args.info_source, batch_size=args.batch_size, paths=args.paths,
+        horizon=args.horizon, seed=args.seed, test_fns=args.test_fns, sde_step=sde_step,
+        workers=args.workers,
+    )  # fmt: skip
     with tqdm(
-        total=len(args.etas),
-        desc="weak error",
-        unit="run",
-        file=sys.stderr,
-        disable=None,
+        total=len(args.etas), desc="weak error", unit="run", file=sys.stderr, disable=None
     ) as bar:
-        estimates = weak_errors(
-            problem,
-            multiplier,
-            args.etas,
-            args.models,
-            info_source=args.info_source,
-            batch_size=args.batch_size,
-            replace=not args.without_replacement,
-            paths=args.paths,
-            horizon=args.horizon,
-            seed=args.seed,
-            test_fns=args.test_fns,
-            chain=args.chain,
-            sde_step=args.sde_step,
-            progress=lambda label: (bar.set_postfix_str(label), bar.update()),
-            workers=args.workers,
-        )
+        progress = lambda label: (bar.set_postfix_str(label), bar.update())
+        if adamw:
+            estimates = adamw_weak_errors(
+                problem, multiplier, args.etas, scaling, replace_=not args.without_replacement,
+                progress=progress, **common,
+            )  # fmt: skip
+            args.models = [estimates[0].model]
+        else:
+            estimates = weak_errors(
+                problem, multiplier, args.etas, args.models, replace=not args.without_replacement,
+                chain=args.chain, progress=progress, **common,
+            )  # fmt: skip
     seconds = time.perf_counter() - start
     summaries = summarize(estimates, seed=args.seed)
 
@@ -195,6 +255,9 @@ def _cmd_weak_error(args) -> int:
             else ""
         )
         print(f"{s.model:14s} {s.test_fn:7s} {s.verdict}{small}")
+        if adamw:  # claim C8's reading of the same fit
+            verdict = {True: "holds", False: "fails", None: "not measured"}[order_one(s)]
+            print(f"{'':14s} {'':7s} order-1 picture (claim C8's cell verdict): {verdict}")
     if diverged:
         print(f"diverged paths (left out of every mean): {diverged}")
     print(f"time: {seconds:.1f} s")
@@ -279,23 +342,48 @@ def build_parser() -> ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
     w = sub.add_parser("weak-error", help="weak error of SDE models against PGPO vs eta")
     _add_common(w)
-    w.add_argument("--models", type=_csv(MODELS), default=["paper", "matched", "ode"])
+    w.add_argument(
+        "--optimizer",
+        choices=["sgd", "adamw"],
+        default="sgd",
+        help="sgd: the paper's chain against SDE models; adamw: modulated AdamW against its "
+        "regime's limit (claim C8)",
+    )
+    w.add_argument(
+        "--models", type=_csv(MODELS), default=None, help="sgd: SDE models (paper,matched,ode)"
+    )
     w.add_argument("--etas", type=_etas, default=_etas(DEFAULT_ETAS))
     w.add_argument("--paths", type=int, default=2000)
     w.add_argument("--test-fns", type=_csv(TEST_FUNCTIONS), default=list(TEST_FUNCTIONS))
     w.add_argument(
         "--chain",
         choices=list(CHAINS),
-        default="gaussian",
-        help="gaussian: the chain's exact step mean and covariance with Gaussian noise, "
-        "coupled to the SDE (low variance); minibatch: real batches (needs ~10x paths)",
+        default=None,
+        help="sgd: gaussian (default): the chain's exact step mean and covariance with Gaussian "
+        "noise, coupled to the SDE (low variance); minibatch: real batches (needs ~10x paths)",
     )
     w.add_argument(
         "--sde-step",
         type=positive_float,
-        default=0.0125,
-        help="largest Euler-Maruyama step of the SDE reference (Richardson on h, h/2)",
+        default=None,
+        help="largest Euler-Maruyama step of the SDE reference (Richardson on h, h/2); default "
+        "0.0125 (sgd), 0.01 in SDE time (adamw)",
     )
+    a = w.add_argument_group("--optimizer adamw (sde.adamw; claim C8)")
+    a.add_argument("--regime", choices=list(REGIMES), default=ADAMW_DEFAULTS["regime"],
+                   help="how the betas follow eta: malladi (1 - beta = c eta^2), ballistic "
+                   "(1 - beta = c eta), fixed (--betas, against the eta -> 0 ODE)")  # fmt: skip
+    a.add_argument("--start", choices=list(STARTS), default=ADAMW_DEFAULTS["start"],
+                   help="cold: zero moments, bias-corrected; warm: stationary moments")  # fmt: skip
+    a.add_argument("--betas", type=_betas, default=None, help="fixed regime: b1,b2 (0.9,0.999)")
+    a.add_argument("--c1", type=positive_float, default=ADAMW_DEFAULTS["c1"],
+                   help="scaled regimes: 1 - beta1 = c1 eta^p")  # fmt: skip
+    a.add_argument("--c2", type=positive_float, default=ADAMW_DEFAULTS["c2"],
+                   help="scaled regimes: 1 - beta2 = c2 eta^p")  # fmt: skip
+    a.add_argument("--eps", type=positive_float, default=ADAMW_DEFAULTS["eps"],
+                   help="AdamW's eps (eps0 / eta under malladi)")  # fmt: skip
+    a.add_argument("--weight-decay", type=nonnegative_float,
+                   default=ADAMW_DEFAULTS["weight_decay"])  # fmt: skip
     w.add_argument("--out", default="runs/weak-error", help="output folder ('' for none)")
     w.add_argument(
         "--workers", type=positive_int, default=1, help="processes (etas in parallel; same results)"
@@ -320,6 +408,7 @@ def _main(argv: list[str] | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    keep_freed_memory()
     return run(_main, "pgpo-sde", argv)
 
 

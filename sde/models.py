@@ -122,10 +122,29 @@ def sqrtm_psd(cov: np.ndarray) -> np.ndarray:
     return (q * np.sqrt(np.maximum(w, 0.0))[:, None, :]) @ np.swapaxes(q, 1, 2)
 
 
+def example_mean(x: np.ndarray) -> np.ndarray:
+    """Mean over axis 1 (the examples, or the batches): ``[P, N, ...] -> [P, ...]``.
+
+    ``x.mean(axis=1)`` up to the order of the additions, several times faster: NumPy's reduction
+    over the middle axis of the toolkit's ``[paths, 8, 2]`` arrays took 0.57 ms against 0.09 ms
+    for this (4,000 paths), and it ran in every step of every chain and SDE.
+    """
+    return np.einsum("pn...->p...", x) / x.shape[1]
+
+
 def weighted_cov(samples: np.ndarray) -> np.ndarray:
     """Population covariance over axis 1 of equally likely samples: ``[P, n, d] -> [P, d, d]``."""
-    centred = samples - samples.mean(axis=1, keepdims=True)
-    return np.swapaxes(centred, 1, 2) @ centred / samples.shape[1]
+    centred = samples - example_mean(samples)[:, None]
+    d = samples.shape[2]
+    if d > 4:
+        return np.swapaxes(centred, 1, 2) @ centred / samples.shape[1]
+    # Few dimensions: one einsum per entry is 1.7x faster than NumPy's batched [d, n] @ [n, d].
+    cov = np.empty((len(samples), d, d))
+    for i in range(d):
+        for j in range(i, d):
+            cov[:, i, j] = np.einsum("pn,pn->p", centred[:, :, i], centred[:, :, j])
+            cov[:, j, i] = cov[:, i, j]
+    return cov / samples.shape[1]
 
 
 def batch_covariance(fields: np.ndarray, b: int, replace: bool) -> np.ndarray:
@@ -142,7 +161,7 @@ def full_drift(problem: Problem, rho: Multiplier) -> Callable[[np.ndarray], np.n
 
     def drift(theta):
         fields, infos = problem.fields_and_infos(theta)
-        return -rho(infos.mean(axis=1))[:, None] * fields.mean(axis=1)
+        return -rho(example_mean(infos))[:, None] * example_mean(fields)
 
     return drift
 
@@ -190,8 +209,8 @@ def make_model(
 
         def coefficients(theta):
             fields, infos = problem.fields_and_infos(theta)
-            rho_full = rho(infos.mean(axis=1))[:, None]
-            drift = -rho_full * fields.mean(axis=1)
+            rho_full = rho(example_mean(infos))[:, None]
+            drift = -rho_full * example_mean(fields)
             g = factor * sqrtm_psd(batch_covariance(fields, noise_batch, replace))
             if scaled:
                 g = g * rho_full[:, :, None]
@@ -212,15 +231,15 @@ def make_model(
         fields, infos = problem.fields_and_infos(theta)
         g_batch = means @ fields  # [P, nB, d]
         if info_source == "full":
-            a = np.broadcast_to(rho(infos.mean(axis=1))[:, None], g_batch.shape[:2])
+            a = np.broadcast_to(rho(example_mean(infos))[:, None], g_batch.shape[:2])
             c = a**2
         else:
             rho_batch = rho(infos @ means.T)  # [P, nB]
             if info_source == "same-batch":
                 a, c = rho_batch, rho_batch**2
             else:
-                a = np.broadcast_to(rho_batch.mean(axis=1, keepdims=True), rho_batch.shape)
-                c = np.broadcast_to((rho_batch**2).mean(axis=1, keepdims=True), rho_batch.shape)
+                a = np.broadcast_to(example_mean(rho_batch)[:, None], rho_batch.shape)
+                c = np.broadcast_to(example_mean(rho_batch**2)[:, None], rho_batch.shape)
         mean_step = (a[:, None, :] @ g_batch)[:, 0, :] / n_batches
         second = np.swapaxes(g_batch * c[:, :, None], 1, 2) @ g_batch / n_batches
         cov = second - mean_step[:, :, None] * mean_step[:, None, :]

@@ -42,6 +42,7 @@ TEST_FUNCTIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 CHAINS = ("minibatch", "gaussian")
 RESOLVED_SE = 3.0  # |e| below this many standard errors: unresolved
 PLATEAU_SLOPE = 0.3
+ORDER_TOLERANCE = 0.15  # |slope - 1| within this counts as order 1
 
 
 @dataclass
@@ -219,15 +220,16 @@ def fit_slope(
         return None
 
     def wls(y_abs):
+        """The weighted slope of each row of ``y_abs`` ``[rows, points]``: ``[rows]``."""
         y = np.log(np.maximum(y_abs, 1e-300))
         w = (y_abs / np.maximum(s, 1e-300)) ** 2
-        xm = (w * x).sum() / w.sum()
-        ym = (w * y).sum() / w.sum()
-        return (w * (x - xm) * (y - ym)).sum() / (w * (x - xm) ** 2).sum()
+        xm = (w * x).sum(axis=-1, keepdims=True) / w.sum(axis=-1, keepdims=True)
+        ym = (w * y).sum(axis=-1, keepdims=True) / w.sum(axis=-1, keepdims=True)
+        return (w * (x - xm) * (y - ym)).sum(axis=-1) / (w * (x - xm) ** 2).sum(axis=-1)
 
-    slope = wls(np.abs(e))
+    slope = wls(np.abs(e)[None])[0]
     rng = np.random.default_rng(seed)
-    boot = np.array([wls(np.abs(e + s * rng.standard_normal(len(e)))) for _ in range(n_boot)])
+    boot = wls(np.abs(e + s * rng.standard_normal((n_boot, len(e)))))  # one draw per row
     lo, hi = np.percentile(boot, [2.5, 97.5])
     return SlopeFit(float(slope), float(lo), float(hi), [float(v) for v in etas])
 
@@ -291,6 +293,17 @@ def summarize(estimates: Sequence[Estimate], smallest: int = 3, seed: int = 0) -
             )
         )
     return out
+
+
+def order_one(s: Summary, tolerance: float = ORDER_TOLERANCE) -> bool | None:
+    """Whether a fit reads as the order-1 picture (claim C8's cell verdict): a converging weak
+    error (no plateau) whose slope's 95 % interval reaches ``1 - tolerance``. None (not measured)
+    when fewer than 3 etas are resolved: two points always fit a line."""
+    if s.slope is None or s.resolved < 3:
+        return None
+    if s.plateau:
+        return False
+    return s.slope.ci_high >= 1 - tolerance
 
 
 def to_json(estimates: Sequence[Estimate], summaries: Sequence[Summary], settings: dict) -> dict:
