@@ -179,8 +179,11 @@ def test_model_loading_errors_are_clear():
         load_model(ModelConfig(path="no-such-org/no-such-model-xyz"), seed=0)
 
 
-def test_a_hub_id_offline_fails_at_once_after_one_connection_attempt(monkeypatch, capsys):
-    """Without a network the hub is probed once (no minute of retries), then one line."""
+@pytest.mark.parametrize("key", ["model.tokenizer", "model.path"])
+def test_a_hub_id_offline_fails_at_once_after_one_connection_attempt(key, monkeypatch, capsys):
+    """Without a network the hub is probed once (no minute of retries), then one line. With peft
+    installed (as here: the suite installs pgpo[lora]), transformers' auto class also looks for
+    an adapter config without ``local_files_only``: that lookup must not retry either."""
     import socket
 
     from pgpo.cli import main as pgpo_main
@@ -188,6 +191,8 @@ def test_a_hub_id_offline_fails_at_once_after_one_connection_attempt(monkeypatch
 
     if model.hub_reachable(timeout=3.0):
         pytest.skip("the hub is reachable here: nothing to fail")
+    if key == "model.path":
+        pytest.importorskip("peft")
     attempts = []
     real = socket.create_connection
 
@@ -196,11 +201,12 @@ def test_a_hub_id_offline_fails_at_once_after_one_connection_attempt(monkeypatch
         return real(*args, **kwargs)
 
     monkeypatch.setattr(socket, "create_connection", counted)
-    argv = ["train", "--config", "tiny-cpu", "model.tokenizer=no-such-org/no-model"]
+    argv = ["train", "--config", "tiny-cpu", f"{key}=no-such-org/no-model"]
     assert pgpo_main(argv + ["output.dir=/nonexistent-pgpo/x"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "cannot be reached" in err
     # pgpo's one probe, plus at most huggingface_hub's own one-time fetch of its agent registry
     # (made even for local_files_only loads, then cached); before: 12 attempts (6 per load,
-    # with back-off), 50 s.
+    # with back-off), 50 s; model.path with peft installed: 7 attempts (the adapter-config
+    # lookup's 5 retries), 26 s.
     assert 1 <= len(attempts) <= 2 and all(host == "huggingface.co" for host, _ in attempts)

@@ -6,6 +6,8 @@ import importlib.util
 import os
 import socket
 import urllib.parse
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -54,18 +56,37 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+@contextmanager
+def hub_offline(offline: bool) -> Iterator[None]:
+    """While ``offline``, every Hugging Face hub request in this process fails at once, as under
+    ``HF_HUB_OFFLINE=1`` (huggingface_hub and transformers read that setting at each request).
+    Without it, lookups that ignore ``local_files_only`` (transformers' auto classes look for an
+    ``adapter_config.json`` when peft is installed) retry an unreachable hub for 30 s."""
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = before or offline
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
 def from_pretrained(loader, name: str, what: str, **kwargs):
     """A local folder, or a hub id: first from the local cache, then from the hub only if it
-    can be reached (one probe instead of the hub client's minute of retries)."""
+    can be reached. One probe decides, before any hub client runs: with no network every hub
+    request of the load is refused at once (:func:`hub_offline`), never retried."""
     local = Path(name).exists()
     if not local and name.startswith(("/", "./", "../", "~")):
         raise ModelLoadError(f"{what} folder {name!r} does not exist")
+    reachable = local or hub_reachable()
     try:
-        return loader(name, local_files_only=True, **kwargs)
+        with hub_offline(not reachable):
+            return loader(name, local_files_only=True, **kwargs)
     except OSError as err:
         if local:
             raise ModelLoadError(f"{what} {name!r}: {str(err).splitlines()[0]}") from None
-    if not hub_reachable():
+    if not reachable:
         raise ModelLoadError(
             f"{what} {name!r} is not a local folder nor in the Hugging Face cache, and the hub "
             "cannot be reached (no network): give a local folder"
