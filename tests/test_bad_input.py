@@ -255,11 +255,15 @@ CASES = [
     (["pgpo-sde", "weak-error", "--batch-size", "1000", "--without-replacement"], "exceeds"),
     (["pgpo-sde", "weak-error", "--out", "a_file", "--paths", "10"], "not a folder"),
     (["pgpo-sde", "weak-error", "--optimizer", "adamw", "--models", "paper"], "--models"),
-    (["pgpo-sde", "weak-error", "--optimizer", "adamw", "--info-source", "independent-batch"],
-     "--info-source"),  # fmt: skip
+    (
+        ["pgpo-sde", "weak-error", "--optimizer", "adamw", "--info-source", "independent-batch"],
+        "--info-source",
+    ),  # fmt: skip
     (["pgpo-sde", "weak-error", "--optimizer", "adamw", "--betas", "0.9,0.99"], "--betas"),
-    (["pgpo-sde", "weak-error", "--optimizer", "adamw", "--regime", "fixed", "--betas", "1,0"],
-     "--betas"),  # fmt: skip
+    (
+        ["pgpo-sde", "weak-error", "--optimizer", "adamw", "--regime", "fixed", "--betas", "1,0"],
+        "--betas",
+    ),  # fmt: skip
     (["pgpo-sde", "weak-error", "--optimizer", "adamw", "--etas", "0.6"], "too large"),
     (["pgpo-sde", "weak-error", "--regime", "ballistic"], "--optimizer adamw"),
     (["pgpo-sde", "simulate", "--eta", "1e-300", "--paths", "2"], "steps per path"),

@@ -175,13 +175,25 @@ def test_demo_cli_refuses_bad_input_in_one_line(argv, needle, capsys, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_demo_real_converts_smollm2_once_and_reports_before_and_after(tmp_path, capsys):
     pytest.importorskip("gguf")
     import torch
     from transformers import AutoModelForCausalLM
 
-    from pgpo.demo.real import CHANCE, gguf_path, run_real
+    from pgpo.demo.real import CHANCE, load_gguf, run_real, save_dequantized
 
+    # The conversion: the saved copy computes what the GGUF-loaded model computes. (The GGUF is
+    # loaded once, 26 s: convert_smollm2 is load_gguf then save_dequantized.)
+    folder = tmp_path / "cache" / "smollm2-135m-instruct"
+    gguf, tokenizer = load_gguf()
+    save_dequantized(gguf, tokenizer, folder)
+    copy = AutoModelForCausalLM.from_pretrained(str(folder))
+    ids = torch.tensor([[1, 504, 3458, 282, 4649, 314, 253, 1345, 30]])
+    with torch.no_grad():
+        torch.testing.assert_close(copy(ids).logits, gguf(ids).logits, rtol=0, atol=1e-4)
+    del gguf, copy
+    stamp = (folder / "model.safetensors").stat().st_mtime_ns
     result = run_real(
         tmp_path / "real",
         n_test=4,
@@ -190,16 +202,47 @@ def test_demo_real_converts_smollm2_once_and_reports_before_and_after(tmp_path, 
         cache=tmp_path / "cache",
         overrides=("batch_size=4", "eval.n=1"),
     )
+    assert (folder / "model.safetensors").stat().st_mtime_ns == stamp  # reused, not converted
     assert result["questions"] == 4 and result["chance"] == CHANCE == 0.25
     assert 0 <= result["before"] <= 1 and 0 <= result["after"] <= 1
-    assert "chance 0.25" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "chance 0.25" in captured.out and "converting" not in captured.err
     rows = [json.loads(x) for x in (tmp_path / "real" / "smollm2-sdpo" / "metrics.jsonl").open()]
     assert [r["step"] for r in rows] == [0, 1] and not rows[1]["skipped"]
-    # The converted copy computes what the GGUF-loaded model computes.
-    folder = tmp_path / "cache" / "smollm2-135m-instruct"
-    source = gguf_path()
-    gguf = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name)
-    copy = AutoModelForCausalLM.from_pretrained(str(folder))
-    ids = torch.tensor([[1, 504, 3458, 282, 4649, 314, 253, 1345, 30]])
-    with torch.no_grad():
-        torch.testing.assert_close(copy(ids).logits, gguf(ids).logits, rtol=0, atol=1e-4)
+
+
+def test_one_process_builds_a_shared_cache_entry_the_others_wait_for_it(tmp_path):
+    """``one_writer``, as ``pgpo demo`` (warm start) and ``--real`` (SmolLM2 conversion) use it:
+    three processes start building the same cached folder at once; one builds it, the others
+    wait and find it built. Without the lock each would build (each sees no folder yet)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    folder = tmp_path / "cache" / "entry"
+    builder = textwrap.dedent(
+        f"""
+        import sys, time
+        from pathlib import Path
+        from pgpo.cli_util import one_writer, output_files
+        folder = Path({str(folder)!r})
+        time.sleep(float(sys.argv[1]))
+        with one_writer(folder):
+            if not (folder / "done").exists():
+                time.sleep(1.0)  # a build that takes a while
+                with output_files(folder) as tmp:
+                    (tmp / "done").write_text(sys.argv[2])
+                print("built")
+        """
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", builder, str(0.1 * i), str(i)], stdout=subprocess.PIPE, text=True
+        )  # fmt: skip
+        for i in range(3)
+    ]
+    outputs = [p.communicate(timeout=60)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert sum(out.count("built") for out in outputs) == 1
+    assert (folder / "done").read_text() == "0"  # the first to arrive built it
+    assert sorted(x.name for x in folder.parent.iterdir()) == ["entry"]  # no lock file left

@@ -74,6 +74,7 @@ def close(a: float, b: float, rel: float) -> bool:
     return abs(a - b) <= rel * max(abs(a), abs(b), 1e-12)
 
 
+@pytest.mark.slow
 def test_two_ranks_match_one_process_in_rho_gradient_and_weights(runs):
     one, two = metrics(runs["single"]), metrics(runs["fsdp"])
     assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2]
@@ -115,6 +116,7 @@ def lora_runs(sharp_model, tmp_path_factory) -> dict[str, Path]:
     return out
 
 
+@pytest.mark.slow
 def test_lora_on_two_ranks_matches_one_process(lora_runs):
     one, two = metrics(lora_runs["single"]), metrics(lora_runs["fsdp"])
     for a, b in zip(one, two):
@@ -134,6 +136,7 @@ def test_lora_on_two_ranks_matches_one_process(lora_runs):
     assert moved > 1e-3  # B started at 0
 
 
+@pytest.mark.slow
 def test_bf16_compute_keeps_fp32_master_weights_and_the_signal(runs):
     fp32, bf16 = metrics(runs["single"])[0], metrics(runs["bf16"])[0]
     # bf16 keeps 8 bits of mantissa: entropies of ~12 nats are off by ~0.05 per token, mostly
@@ -146,6 +149,7 @@ def test_bf16_compute_keeps_fp32_master_weights_and_the_signal(runs):
     assert all(m["exp_avg"].dtype == torch.float32 for m in moments)
 
 
+@pytest.mark.slow
 def test_sharded_run_resumes_from_its_checkpoint(runs):
     straight, resumed = metrics(runs["fsdp"]), metrics(runs["resumed"])
     assert [r["step"] for r in resumed] == [1, 2]
@@ -154,6 +158,7 @@ def test_sharded_run_resumes_from_its_checkpoint(runs):
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
 
 
+@pytest.mark.slow
 def test_per_rank_shard_checkpoints_resume_like_whole_ones(runs):
     straight, resumed = metrics(runs["fsdp"]), metrics(runs["sharded"])
     assert [r["step"] for r in resumed] == [1, 2]
@@ -221,6 +226,7 @@ def test_per_rank_shard_checkpoints_resume_like_whole_ones(runs):
     assert json.loads(line)["questions"] == 4
 
 
+@pytest.mark.slow
 def test_sharded_checkpoint_exports_as_a_transformers_folder(runs, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -293,6 +299,7 @@ def rank_samples(tmp_path, *overrides: str) -> list[list[list[int]]]:
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_two_ranks_given_the_same_prompt_draw_different_samples_with_hf(tmp_path):
     first, second = rank_samples(tmp_path, "fsdp.compute_dtype=float32")
     assert len(first) == len(second) == 4

@@ -89,6 +89,7 @@ def models(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["edge", "none"])
 def test_teacher_check_tells_an_edge_from_none(models, name, tmp_path, capsys):
     folder = models[name]

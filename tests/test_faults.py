@@ -60,6 +60,7 @@ def assert_same_run(a: Path, b: Path) -> None:
         assert all(torch.equal(sa[part][k], sb[part][k]) for k in sa[part]), part
 
 
+@pytest.mark.slow
 def test_sigkill_while_a_checkpoint_is_written_then_resume_equals_the_straight_run(
     straight, tmp_path
 ):
@@ -101,6 +102,7 @@ def test_a_damaged_newest_checkpoint_resumes_from_the_one_before(straight, tmp_p
     assert_same_run(straight, out)
 
 
+@pytest.mark.slow
 def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resumes_exactly(straight, tmp_path):
     out = tmp_path / "terminated"
     proc = subprocess.Popen(

@@ -49,6 +49,7 @@ def test_without_stop_the_collapse_is_logged_and_the_run_goes_on(tmp_path):
     assert [r.get("collapsed_at") for r in rows(out)] == [None, 2, 2]
 
 
+@pytest.mark.slow
 def test_the_best_checkpoint_is_the_best_evaluated_step(tmp_path):
     cfg = tiny(
         tmp_path, "steps=4", "eval.every=1", "output.save_every=1", "collapse.keep_best=true"
@@ -64,6 +65,7 @@ def test_the_best_checkpoint_is_the_best_evaluated_step(tmp_path):
     assert checkpoint.latest(out / "checkpoints").name == "step_000004"
 
 
+@pytest.mark.slow
 def test_a_resumed_run_keeps_the_guards_window_and_the_total_time(tmp_path):
     guard = ("collapse.window=3", "collapse.threshold=1")
     straight = train(tiny(tmp_path / "a", "steps=4", *guard), progress=False)

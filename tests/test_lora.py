@@ -107,6 +107,7 @@ def test_a_trust_region_teacher_over_lora_lerps_the_base_and_the_student(tmp_pat
     assert torch.allclose(hidden @ head.T, expected, rtol=0, atol=1e-5 * expected.abs().max())
 
 
+@pytest.mark.slow
 def test_a_resumed_lora_run_is_bit_identical_to_a_straight_one(tmp_path):
     straight = train(tiny(tmp_path / "a", "steps=4"), progress=False)
     train(tiny(tmp_path / "b", "steps=2", "output.save_every=2"), progress=False)

@@ -118,6 +118,7 @@ def test_token_granularity_with_rho_one_is_sdpo_bit_for_bit(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "overrides",
     [

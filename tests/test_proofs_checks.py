@@ -173,6 +173,7 @@ def test_cli_rho_table_and_bad_arguments(capsys):
         assert err.startswith("pgpo-check: error:") and "\n" not in err
 
 
+@pytest.mark.slow
 def test_quick_report_verdicts_and_evidence(tmp_path):
     out = tmp_path / "report"
     bench = tmp_path / "train_step.json"  # what benchmarks/bench_train_step.py writes

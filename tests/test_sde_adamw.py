@@ -126,6 +126,7 @@ def test_the_study_is_bit_identical_on_one_and_two_workers():
     ]
 
 
+@pytest.mark.slow
 def test_the_weak_error_command_for_adamw_is_claim_c8s_cell(tmp_path, capsys):
     """``pgpo-sde weak-error --optimizer adamw --regime malladi`` on a small grid gives the same
     weak errors, slope and verdict as the report's C8 cell with the same settings (the cell
@@ -141,8 +142,9 @@ def test_the_weak_error_command_for_adamw_is_claim_c8s_cell(tmp_path, capsys):
     cell = claim_c8_adamw(MULT, effort, tmp_path / "report", "malladi").numbers
     out = tmp_path / "cli"
     argv = ["weak-error", "--optimizer", "adamw", "--regime", "malladi", "--start", "warm",
-            "--info-source", "same-batch", "--etas", ",".join(map(str, etas)), "--paths",
-            str(paths), "--seed", "30", "--test-fns", "theta1,sqnorm", "--out", str(out)]  # fmt: skip
+            "--info-source", "same-batch", "--etas", ",".join(map(str, etas)),
+            "--paths", str(paths), "--seed", "30", "--test-fns", "theta1,sqnorm",
+            "--out", str(out)]  # fmt: skip
     assert sde_main(argv) == 0
     printed = capsys.readouterr().out
     results = json.loads((out / "results.json").read_text())

@@ -258,6 +258,7 @@ def test_li_tai_e_modified_equations_are_order_one_and_two_on_the_quadratic():
             assert abs(fit.slope - order) < 0.05, (order, fn, fit.slope)
 
 
+@pytest.mark.slow
 def test_the_toolkits_second_order_model_is_li_tai_es_second_order_sme():
     """The same SME through the toolkit's own model and Euler-Maruyama: the Monte Carlo mean
     agrees with the closed form within 4 standard errors (which the test computes)."""

@@ -67,6 +67,7 @@ def test_full_information_paper_sde_is_order_one(problem):
     assert fit is not None and abs(fit.slope - 1.0) <= 0.15, fit
 
 
+@pytest.mark.slow
 def test_same_batch_paper_sde_plateaus_while_matched_is_order_one():
     est = weak_errors(
         make_problem("quadratic"),

@@ -101,3 +101,26 @@ def test_no_function_in_the_trainer_is_over_100_lines():
                 if length > MAX_LINES:
                     long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({length})")
     assert long == []
+
+
+def _is_slow(decorator: ast.expr) -> bool:
+    return ast.unparse(decorator) == "pytest.mark.slow"
+
+
+def test_the_quick_tier_covers_every_test_module():
+    """``-m "not slow"`` leaves at least one test in every test module, so the quick tier touches
+    every part of the project; a whole module marked slow (``pytestmark``) is refused."""
+    for path in sorted((ROOT / "tests").glob("test_*.py")):
+        tree = ast.parse(path.read_text())
+        for node in tree.body:
+            if isinstance(node, ast.Assign) and any(
+                isinstance(t, ast.Name) and t.id == "pytestmark" for t in node.targets
+            ):
+                assert "slow" not in ast.unparse(node.value), f"{path.name}: a whole module slow"
+        tests = [
+            node
+            for node in tree.body
+            if isinstance(node, ast.FunctionDef) and node.name.startswith("test_")
+        ]
+        quick = [t for t in tests if not any(_is_slow(d) for d in t.decorator_list)]
+        assert quick, f"{path.name}: every test is marked slow"

@@ -30,6 +30,7 @@ def rows(folder: Path) -> list[dict]:
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_the_quick_study_reports_every_method_in_every_setting(quick):
     summary = json.loads((quick / "summary.json").read_text())
     assert set(summary["settings"]) == set(SETTINGS)
@@ -46,6 +47,7 @@ def test_the_quick_study_reports_every_method_in_every_setting(quick):
     assert any(r.get("rho_weight_mean", 1.0) != 1.0 for r in token)  # the weights are
 
 
+@pytest.mark.slow
 def test_the_matched_control_uses_exactly_the_paired_runs_mean_rho(quick):
     for setting in SETTINGS:
         for seed in (0, 1):
@@ -62,6 +64,7 @@ def _config(folder: Path) -> dict:
     return yaml.safe_load((folder / "config.yaml").read_text())
 
 
+@pytest.mark.slow
 def test_a_second_call_keeps_the_finished_runs(quick, capsys):
     stamps = {p: p.stat().st_mtime_ns for p in quick.glob("*/*/metrics.jsonl")}
     cache = quick.parent / "cache"

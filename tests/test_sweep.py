@@ -43,6 +43,7 @@ def grid(tmp_path):
     return path
 
 
+@pytest.mark.slow
 def test_a_grid_sweeps_once_and_tabulates(grid, tmp_path, capsys):
     names = ["biology-sdpo", "biology-pgpo-a1", "physics-sdpo", "physics-pgpo-a1"]
     assert pgpo_main(["sweep", str(grid), "--print"]) == 0

@@ -107,6 +107,7 @@ def read_back(out: Path, tmp: Path, name: str) -> dict[str, dict[int, dict[str, 
     return got
 
 
+@pytest.mark.slow
 def test_every_tracker_holds_the_runs_logged_metrics(tmp_path):
     out = tmp_path / "run"
     done = pgpo(tmp_path, f"output.dir={out}", f"output.report_to=[{','.join(ALL)}]")

@@ -61,6 +61,7 @@ def test_two_steps_train_log_and_evaluate(tmp_path, pgpo):
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.slow
 def test_resume_is_bit_identical(tmp_path):
     straight = train(tiny(tmp_path / "a", "steps=4"), progress=False)
     half = tiny(tmp_path / "b", "steps=2", "output.save_every=2")

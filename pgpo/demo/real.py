@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from pgpo.cli_util import output_files
+from pgpo.cli_util import one_writer, output_files
 from pgpo.demo.run import default_cache, quiet_transformers
 from pgpo.demo.task import write_jsonl
 from pgpo.train.config import load_config
@@ -42,17 +42,30 @@ def gguf_path() -> Path:
 
 
 def convert_smollm2(folder: Path) -> Path:
-    """Dequantize the GGUF once into a transformers folder (model + tokenizer) and reuse it.
-    The GGUF-loaded model cannot be saved as is, so its weights go into a fresh model built from
-    the same config without the quantization settings."""
-    if (folder / "config.json").exists():
-        return folder
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    """Dequantize the GGUF once into a transformers folder (model + tokenizer) and reuse it."""
+    with one_writer(folder):  # one process converts; any other waits, then reuses it
+        if not (folder / "config.json").exists():
+            print(f"converting {GGUF} -> {folder} (once; reused afterwards)", file=sys.stderr)
+            save_dequantized(*load_gguf(), folder)
+    return folder
+
+
+def load_gguf():
+    """SmolLM2-135M-Instruct and its tokenizer as transformers reads the packaged GGUF file
+    (dequantized to float32 on load; about 26 s)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = gguf_path()
-    print(f"converting {source.name} -> {folder} (once; reused afterwards)", file=sys.stderr)
-    loaded = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name)
+    model = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name)
     tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
+    return model, tokenizer
+
+
+def save_dequantized(loaded, tokenizer, folder: Path) -> None:
+    """Save a GGUF-loaded model as a plain transformers folder. It cannot be saved as is, so its
+    weights go into a fresh model built from the same config without the quantization settings."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     config = AutoConfig.for_model(
         **{k: v for k, v in loaded.config.to_dict().items() if k != "quantization_config"}
     )
@@ -61,7 +74,6 @@ def convert_smollm2(folder: Path) -> Path:
     with output_files(folder) as tmp:
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
-    return folder
 
 
 def mmlu_splits(

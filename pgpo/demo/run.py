@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pgpo.cli_util import one_writer
 from pgpo.demo.task import make_splits, write_jsonl
 from pgpo.demo.warmstart import WarmStartConfig, warm_start
 from pgpo.train.config import TrainConfig, load_config, to_dict
@@ -65,9 +66,10 @@ def prepare(plan: DemoPlan) -> tuple[Path, Path, Path]:
     test_file = write_jsonl(test_q, data / "test.jsonl")
     cache = plan.cache if plan.cache is not None else default_cache()
     folder = cache / f"demo-warm-start-{plan.warm.key(N_TRAIN, N_TEST, TASK_SEED)}"
-    if not (folder / "config.json").exists():
-        print(f"warm start -> {folder} (once; reused afterwards)", file=sys.stderr)
-        warm_start(train_q, train_q + test_q, folder, plan.warm, plan.progress)
+    with one_writer(folder):  # one process builds it; any other waits, then reuses it
+        if not (folder / "config.json").exists():
+            print(f"warm start -> {folder} (once; reused afterwards)", file=sys.stderr)
+            warm_start(train_q, train_q + test_q, folder, plan.warm, plan.progress)
     return folder, train_file, test_file
 
 
