@@ -27,6 +27,8 @@ import subprocess
 import sys
 import time
 
+from pgpo.cli_util import json_text
+
 BETA, TOPK, TEMPERATURE = 0.5, 100, 1.0
 
 
@@ -156,7 +158,7 @@ def main(argv=None) -> int:
 
         args.chunk_size = DEFAULT_CHUNK_SIZE
     if args.worker:
-        print(json.dumps(worker(args.worker, args.tokens, args.vocab, args.chunk_size)))
+        print(json_text(worker(args.worker, args.tokens, args.vocab, args.chunk_size)))
         return 0
 
     gib = 2**30

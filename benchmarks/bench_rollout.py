@@ -16,7 +16,6 @@ each and the ratio vllm / hf, and writes benchmarks/results/rollout.json.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -24,6 +23,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from pgpo.cli_util import json_text
 
 RESULTS = Path(__file__).parent / "results" / "rollout.json"
 
@@ -88,7 +89,7 @@ def main(argv=None) -> int:
     print(f"ratio vllm / hf (transformers generate, the baseline): {ratio:.2f}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(
-        json.dumps(
+        json_text(
             {
                 "tokens_per_second": median,
                 "trials": rates,

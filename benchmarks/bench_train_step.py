@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from pgpo.cli_util import json_text
 from pgpo.train import checkpoint
 from pgpo.train.config import load_config
 from pgpo.train.loop import Run, modulation
@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     print(f"time ratio pgpo / sdpo+info: {med['pgpo'] / med['sdpo+info']:.3f}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(
-        json.dumps(
+        json_text(
             {
                 "time_ratio": ratio,
                 "time_ratio_loss_update": ratio_train,

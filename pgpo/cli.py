@@ -15,7 +15,6 @@ pgpo multiplier [--alpha A] [--rho-max R] [--out DIR]   the multiplier's propert
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import typing
@@ -25,10 +24,13 @@ import numpy as np
 from pgpo.cli_util import (
     ArgumentParser,
     UserError,
+    alpha_arg,
     check_output,
+    json_text,
     output_files,
     positive_float,
     positive_int,
+    rho_max_arg,
     run,
 )
 from pgpo.multiplier import KINDS, MultiplierConfig, cap_point
@@ -97,14 +99,10 @@ def _cmd_multiplier(args) -> int:
         )
     if args.out:
         with output_files(args.out) as tmp:
-            (tmp / "multiplier.json").write_text(
-                json.dumps(
-                    dict(
-                        alpha=args.alpha, rho_max=args.rho_max, sharpness=args.sharpness, kinds=rows
-                    ),
-                    indent=2,
-                )
+            data = dict(
+                alpha=args.alpha, rho_max=args.rho_max, sharpness=args.sharpness, kinds=rows
             )
+            (tmp / "multiplier.json").write_text(json_text(data, indent=2))
             _plot_multiplier(args.alpha, args.rho_max, args.sharpness, tmp / "multiplier.png")
         print(f"wrote {args.out}/multiplier.json and multiplier.png")
     return 0
@@ -128,7 +126,7 @@ def _cmd_eval(args) -> int:
     cfg = load_config(args.config, args.overrides)
     result = evaluate_checkpoint(cfg, args.checkpoint)
     if os.environ.get("RANK", "0") == "0":  # under torchrun: once
-        print(json.dumps(result))
+        print(json_text(result))
     return 0
 
 
@@ -141,7 +139,7 @@ def _cmd_teacher_check(args) -> int:
     print("\n".join(edge_lines(report)))
     if args.json:
         with output_files(args.json) as tmp:
-            (tmp / "teacher_check.json").write_text(json.dumps(report, indent=1) + "\n")
+            (tmp / "teacher_check.json").write_text(json_text(report, indent=1) + "\n")
         print(f"wrote {args.json}/teacher_check.json")
     return 0
 
@@ -354,8 +352,8 @@ def build_parser() -> ArgumentParser:
     st.add_argument("overrides", nargs="*", help="trainer key=value for every run")
     st.set_defaults(func=_cmd_study)
     m = sub.add_parser("multiplier", help="properties of rho(I) for each kind, and a plot")
-    m.add_argument("--alpha", type=positive_float, default=1.0)
-    m.add_argument("--rho-max", type=float, default=2.0)
+    m.add_argument("--alpha", type=alpha_arg, default=1.0)
+    m.add_argument("--rho-max", type=rho_max_arg, default=2.0)
     m.add_argument("--sharpness", type=positive_float, default=4.0, help="smooth kind only")
     m.add_argument("--out", default=None, help="folder for multiplier.json and multiplier.png")
     m.set_defaults(func=_cmd_multiplier)

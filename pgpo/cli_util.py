@@ -12,13 +12,18 @@ from __future__ import annotations
 import argparse
 import ctypes
 import errno
+import json
+import math
 import os
 import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from glob import escape as glob_escape
 from pathlib import Path
+
+from pgpo.multiplier import MAX_ALPHA, MAX_RHO_MAX
 
 USER_ERROR = 2
 
@@ -75,6 +80,53 @@ def positive_float(text: str) -> float:
     if not (value > 0 and value < float("inf")):
         raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return value
+
+
+def json_text(data, **kwargs) -> str:
+    """``data`` as JSON text that every reader accepts. A NaN or an infinity, which Python's
+    ``json`` writes as ``NaN``/``Infinity`` (not JSON), becomes null, JSON's missing value: a
+    diverged estimate or a NaN loss is recorded as missing, and the rest of the file is kept."""
+    return json.dumps(_finite(data), allow_nan=False, **kwargs)
+
+
+def _finite(x):
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
+def bounded_float(name: str, low: float, high: float, low_open: bool = False):
+    """An argparse type for a float in ``[low, high]`` (``(low, high]`` when ``low_open``): the
+    same bounds as the training config's field of the same meaning."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        inside = (value > low if low_open else value >= low) and value <= high
+        if not inside:
+            left = "(" if low_open else "["
+            raise argparse.ArgumentTypeError(
+                f"{name} must be in {left}{low:g}, {high:g}], got {text}"
+            )
+        return value
+
+    return parse
+
+
+def alpha_arg(text: str) -> float:
+    """``--alpha``: in (0, MAX_ALPHA], as ``pgpo.alpha``."""
+    return bounded_float("alpha", 0.0, MAX_ALPHA, low_open=True)(text)
+
+
+def rho_max_arg(text: str) -> float:
+    """``--rho-max``: in [1, MAX_RHO_MAX], as ``pgpo.rho_max``."""
+    return bounded_float("rho_max", 1.0, MAX_RHO_MAX)(text)
 
 
 def nonnegative_float(text: str) -> float:
@@ -144,6 +196,32 @@ def one_writer(path: str | os.PathLike) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _remove_abandoned(final: Path) -> None:
+    """Remove the temporary folders that earlier writers of ``final`` left when they were killed
+    (SIGKILL, a power cut): ``.NAME.tmp-PID-*`` whose process no longer runs. A live writer's
+    folder is left alone."""
+    for stale in final.parent.glob(f".{glob_escape(final.name)}.tmp-*"):
+        pid = stale.name.removeprefix(f".{final.name}.tmp-").split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 @contextmanager
 def output_files(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder for a command's outputs; on success they land in ``path``.
@@ -155,8 +233,10 @@ def output_files(path: str | os.PathLike) -> Iterator[Path]:
     final = Path(path)
     check_output(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    _remove_abandoned(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent))
     try:
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would make the result private
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

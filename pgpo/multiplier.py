@@ -37,6 +37,10 @@ import numpy as np
 Kind = Literal["paper", "floored", "smooth"]
 KINDS: tuple[str, ...] = get_args(Kind)
 DEFAULT_SHARPNESS = 4.0
+# The largest alpha and rho_max a setting takes (the trainer's config, every CLI). alpha * I_k is
+# log rho_k and |I_k| is a fraction of a nat: past 100, rho is only 0 or rho_max.
+MAX_ALPHA = 100.0
+MAX_RHO_MAX = 100.0
 
 __all__ = [
     "KINDS",

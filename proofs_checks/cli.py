@@ -9,7 +9,6 @@ claim with its figure) and ``report.json``.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from dataclasses import asdict
@@ -18,10 +17,12 @@ from pathlib import Path
 from pgpo.cli_util import (
     ArgumentParser,
     UserError,
+    alpha_arg,
+    json_text,
     keep_freed_memory,
     output_files,
-    positive_float,
     positive_int,
+    rho_max_arg,
     run,
 )
 from pgpo.multiplier import KINDS, MultiplierConfig
@@ -128,7 +129,7 @@ def _cmd_report(args) -> int:
                 md += ["", f"![{c.id}]({c.figure})"]
         (tmp / "REPORT.md").write_text("\n".join(md) + "\n")
         (tmp / "report.json").write_text(
-            json.dumps(
+            json_text(
                 {
                     "settings": dict(
                         alpha=args.alpha,
@@ -160,8 +161,8 @@ def build_parser() -> ArgumentParser:
         ("report", _cmd_report, "every check and claim -> REPORT.md"),
     ):
         p = sub.add_parser(name, help=help_text)
-        p.add_argument("--alpha", type=positive_float, default=1.0)
-        p.add_argument("--rho-max", type=float, default=2.0)
+        p.add_argument("--alpha", type=alpha_arg, default=1.0)
+        p.add_argument("--rho-max", type=rho_max_arg, default=2.0)
         p.add_argument("--kind", choices=list(KINDS), default="paper")
         p.set_defaults(func=func)
         if name == "report":

@@ -18,7 +18,6 @@ converges at order 1, in about 20 s on one core.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -28,12 +27,15 @@ import numpy as np
 from pgpo.cli_util import (
     ArgumentParser,
     UserError,
+    alpha_arg,
     check_output,
+    json_text,
     keep_freed_memory,
     nonnegative_float,
     output_files,
     positive_float,
     positive_int,
+    rho_max_arg,
     run,
 )
 from pgpo.multiplier import KINDS, MultiplierConfig
@@ -98,8 +100,8 @@ def _add_common(p: ArgumentParser) -> None:
         help="where the chain's I_hat comes from (same-batch = Algorithm 1)",
     )
     p.add_argument("--kind", choices=list(KINDS), default="paper", help="multiplier kind")
-    p.add_argument("--alpha", type=positive_float, default=1.0)
-    p.add_argument("--rho-max", type=float, default=2.0)
+    p.add_argument("--alpha", type=alpha_arg, default=1.0)
+    p.add_argument("--rho-max", type=rho_max_arg, default=2.0)
     p.add_argument(
         "--constant-rho",
         type=positive_float,
@@ -264,7 +266,7 @@ def _cmd_weak_error(args) -> int:
     if args.out:
         with output_files(args.out) as tmp:
             data = to_json(estimates, summaries, settings)  # no timing: the same for any workers
-            (tmp / "results.json").write_text(json.dumps(data, indent=2))
+            (tmp / "results.json").write_text(json_text(data, indent=2))
             plot_weak_error(
                 estimates,
                 summaries,
@@ -319,7 +321,7 @@ def _cmd_simulate(args) -> int:
     with output_files(args.out) as tmp:
         np.savez(tmp / "paths.npz", times=times, sde=sde.path, chain=chain.path)
         (tmp / "settings.json").write_text(
-            json.dumps({k: v for k, v in vars(args).items() if k != "func"}, indent=2)
+            json_text({k: v for k, v in vars(args).items() if k != "func"}, indent=2)
         )
         plot_paths(
             times,

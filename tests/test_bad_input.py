@@ -235,6 +235,8 @@ CASES = [
     (["pgpo", "multiplier", "--alpha", "0"], "--alpha"),
     (["pgpo", "multiplier", "--alpha", "nan"], "--alpha"),
     (["pgpo", "multiplier", "--rho-max", "0.5"], "rho_max"),
+    (["pgpo", "multiplier", "--alpha", "1e308", "--out", "m"], "alpha must be in (0, 100]"),
+    (["pgpo", "multiplier", "--rho-max", "1e9"], "rho_max must be in [1, 100]"),
     (["pgpo", "multiplier", "--rho-max", "inf"], "rho_max"),
     (["pgpo", "multiplier", "--sharpness", "-1"], "--sharpness"),
     (["pgpo", "multiplier", "--out", "a_file"], "not a folder"),
@@ -274,6 +276,8 @@ CASES = [
     # --- pgpo-check -------------------------------------------------------------------------
     (["pgpo-check", "rho", "--alpha", "0"], "--alpha"),
     (["pgpo-check", "rho", "--rho-max", "0.5"], "rho_max"),
+    (["pgpo-check", "report", "--alpha", "101"], "alpha must be in (0, 100]"),
+    (["pgpo-sde", "weak-error", "--alpha", "1e308"], "alpha must be in (0, 100]"),
     (["pgpo-check", "rho", "--kind", "foo"], "--kind"),
     (["pgpo-check", "report", "--log", "missing.jsonl"], "missing.jsonl"),
     (["pgpo-check", "report", "--log", "log.jsonl"], "not JSON"),

@@ -182,3 +182,26 @@ def test_checkpoints_of_the_earlier_format_still_load(straight, tmp_path):
     checkpoint.set_rng_state(loaded["rng"])
     expected = np.random.RandomState(7).random_sample(3)
     assert np.array_equal(np.random.random_sample(3), expected)
+
+
+def test_an_export_killed_midway_leaves_nothing_that_outlives_the_next_one(straight, tmp_path):
+    """SIGKILL while ``pgpo export`` writes: its temporary folder stays (nothing can run after
+    SIGKILL), the next export of the same folder removes it, and the export has the mode the
+    umask gives (not mkdtemp's private 0700: a vLLM server running as another user reads it)."""
+    last = checkpoint.latest(straight / "checkpoints")
+    argv = [sys.executable, "-m", "pgpo.cli", "export", "--checkpoint", str(last)]
+    out = tmp_path / "model"
+    proc = subprocess.Popen([*argv, "--out", str(out)], env=env(), stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".model.tmp-*")) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert list(tmp_path.glob(".model.tmp-*")) and not out.exists()  # killed while writing
+    done = subprocess.run([*argv, "--out", str(out)], env=env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # the leftover is gone
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~mask
+    assert (out / "config.json").stat().st_mode & 0o777 == 0o666 & ~mask

@@ -210,3 +210,20 @@ def test_a_hub_id_offline_fails_at_once_after_one_connection_attempt(key, monkey
     # with back-off), 50 s; model.path with peft installed: 7 attempts (the adapter-config
     # lookup's 5 retries), 26 s.
     assert 1 <= len(attempts) <= 2 and all(host == "huggingface.co" for host, _ in attempts)
+
+
+def test_json_text_writes_non_finite_numbers_as_null():
+    """What JSON cannot hold (NaN, infinities; Python's json writes them bare) becomes null,
+    nested or not, NumPy floats included; everything else is json.dumps' own output."""
+    import json
+    import math
+
+    import numpy as np
+
+    from pgpo.cli_util import json_text
+
+    data = {"loss": math.nan, "rho": 1.5, "e": [1.0, -math.inf, {"x": np.float64("inf")}], "n": 3}
+    text = json_text(data)
+    strict = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    assert strict == {"loss": None, "rho": 1.5, "e": [1.0, None, {"x": None}], "n": 3}
+    assert json_text({"a": [1, 2.5, "s"]}, indent=1) == json.dumps({"a": [1, 2.5, "s"]}, indent=1)

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from pgpo.cli_util import one_writer, output_files
+from pgpo.cli_util import json_text, one_writer, output_files
 from pgpo.demo.run import default_cache, quiet_transformers
 from pgpo.demo.task import write_jsonl
 from pgpo.train.config import load_config
@@ -161,7 +161,7 @@ def run_real(
         "steps": cfg.steps,
         "seconds": time.perf_counter() - start,
     }
-    (out / "real.json").write_text(json.dumps(result, indent=1))
+    (out / "real.json").write_text(json_text(result, indent=1))
     print(
         f"SmolLM2-135M-Instruct on {n_test} MMLU science questions (4 options, chance "
         f"{CHANCE:.2f}): avg@{cfg.eval.n} {result['before']:.3f} before, {result['after']:.3f} "

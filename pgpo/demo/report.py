@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pgpo.cli_util import json_text
 from pgpo.train.config import TrainConfig
 
 PIPELINE_TEACHER = ("ema", 0.05)  # the SDPO reference's teacher
@@ -235,6 +236,6 @@ def write_report(
     plot(runs, plan.out / "curves.png", title)
     text = markdown(summary, configs, seconds, model, title)
     (plan.out / "summary.md").write_text(text)
-    (plan.out / "summary.json").write_text(json.dumps(summary, indent=1))
+    (plan.out / "summary.json").write_text(json_text(summary, indent=1))
     print(text)
     return summary

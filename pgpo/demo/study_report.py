@@ -4,12 +4,12 @@ distributions of ``I_k`` and ``rho_k``; as ``summary.md``, ``summary.json`` and 
 
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
 
 import numpy as np
 
+from pgpo.cli_util import json_text
 from pgpo.demo.report import plot, read_run, summarize
 from pgpo.train.config import TrainConfig
 
@@ -159,6 +159,6 @@ def write_study_report(plan, configs: dict[str, TrainConfig], seconds: float) ->
     plot_distributions(summary, runs, plan.out / "distributions.png")
     text = markdown(summary, seconds)
     (plan.out / "summary.md").write_text(text)
-    (plan.out / "summary.json").write_text(json.dumps(summary, indent=1))
+    (plan.out / "summary.json").write_text(json_text(summary, indent=1))
     print(text)
     return summary

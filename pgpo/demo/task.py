@@ -7,10 +7,10 @@ seed; the held-out split shares no option set with the training split.
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
+from pgpo.cli_util import json_text
 from pgpo.train.data import LETTERS, Question
 
 SYSTEM = "Give the letter of the correct option inside <answer>...</answer>."
@@ -53,5 +53,5 @@ def write_jsonl(questions: list[Question], path: str | Path) -> Path:
     with open(path, "w") as f:
         for q in questions:
             row = {"idx": q.id, "prompt": q.prompt, "answer": q.answer, "system": q.system}
-            f.write(json.dumps(row) + "\n")
+            f.write(json_text(row) + "\n")
     return path

@@ -15,6 +15,8 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
+from pgpo.cli_util import json_text
+
 BYTE_TOKENS = 256  # byte-level BPE: ids 0..255 are the single-byte symbols
 
 
@@ -69,9 +71,9 @@ def trim_tokenizer(source: str | Path, texts: Iterable[str], out: str | Path) ->
         str(id_map[int(i)]): entry for i, entry in config.get("added_tokens_decoder", {}).items()
     }
     out.mkdir(parents=True, exist_ok=True)
-    (out / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
-    (out / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=1))
-    (out / "vocab.json").write_text(json.dumps(new_vocab, ensure_ascii=False))
+    (out / "tokenizer.json").write_text(json_text(spec, ensure_ascii=False))
+    (out / "tokenizer_config.json").write_text(json_text(config, ensure_ascii=False, indent=1))
+    (out / "vocab.json").write_text(json_text(new_vocab, ensure_ascii=False))
     (out / "merges.txt").write_text(
         "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in spec["model"]["merges"])
     )

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import random
 import sys
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from pgpo.cli_util import output_files
+from pgpo.cli_util import json_text, output_files
 from pgpo.demo.task import answer_text
 from pgpo.demo.vocab import trim_tokenizer
 from pgpo.train.data import LETTERS, Question
@@ -47,7 +46,7 @@ class WarmStartConfig:
     def key(self, *task) -> str:
         """A short hash naming the cached folder: changes with any setting and with ``task``
         (what defines the training questions)."""
-        text = json.dumps([dataclasses.asdict(self), task], sort_keys=True) + "|v1"
+        text = json_text([dataclasses.asdict(self), task], sort_keys=True) + "|v1"
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -152,5 +151,5 @@ def warm_start(
             bar.set_postfix(loss=f"{loss.item():.3f}")
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.save_pretrained(str(tmp))
-        (tmp / "warm_start.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+        (tmp / "warm_start.json").write_text(json_text(dataclasses.asdict(cfg), indent=1))
     return folder

@@ -22,7 +22,7 @@ from typing import Annotated, Literal
 import yaml
 
 from pgpo.modulation import Granularity, Schedule
-from pgpo.multiplier import DEFAULT_SHARPNESS, Kind, check_params
+from pgpo.multiplier import DEFAULT_SHARPNESS, MAX_ALPHA, MAX_RHO_MAX, Kind, check_params
 from pgpo.train.trackers import TRACKERS, installed, missing  # finds packages, imports none
 
 PRESETS = Path(__file__).parent / "presets"
@@ -199,8 +199,8 @@ class RewardConfig:
 class PGPOConfig:
     enabled: bool = False  # False: SDPO (rho = 1)
     # alpha * I_k is log rho_k; |I_k| is a fraction of a nat, so past 100 rho is only 0 or rho_max.
-    alpha: Annotated[float, Range(0, 100, low_open=True)] = 1.0
-    rho_max: Annotated[float, Range(1, 100)] = 2.0  # not given by the paper: an explicit choice
+    alpha: Annotated[float, Range(0, MAX_ALPHA, low_open=True)] = 1.0
+    rho_max: Annotated[float, Range(1, MAX_RHO_MAX)] = 2.0  # not in the paper: an explicit choice
     kind: Kind = "paper"
     sharpness: Positive = DEFAULT_SHARPNESS  # kind: smooth only (how closely it follows min)
     info_reduction: Literal["token_mean", "seq_mean"] = "token_mean"

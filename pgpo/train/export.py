@@ -3,12 +3,11 @@ sharing: ``from_pretrained`` and ``vllm serve`` read it as they read Qwen3-8B's 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from pgpo.cli_util import output_files
+from pgpo.cli_util import json_text, output_files
 from pgpo.train import checkpoint, lora
 from pgpo.train.config import ModelConfig, model_config
 from pgpo.train.model import TINY, from_pretrained, load_model, load_tokenizer, torch_dtype
@@ -75,5 +74,5 @@ def export(path: Path, out: Path, role: str = "policy", dtype: str | None = None
         model.save_pretrained(tmp)
         load_tokenizer(cfg.tokenizer).save_pretrained(tmp)
         record = {"checkpoint": str(path.resolve()), "step": state["step"], "role": role}
-        (tmp / "pgpo_export.json").write_text(json.dumps(record, indent=2) + "\n")
+        (tmp / "pgpo_export.json").write_text(json_text(record, indent=2) + "\n")
     return out

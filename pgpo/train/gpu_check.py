@@ -25,7 +25,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pgpo.cli_util import ArgumentParser, UserError, run
+from pgpo.cli_util import ArgumentParser, UserError, json_text, run
 
 TINY = ["--config", "tiny-cpu", "steps=2", "eval.every=2", "rollout.engine=vllm"]
 TINY += ["model.tiny_head_dim=64", "rollout.max_new_tokens=16", "output.overwrite=true"]
@@ -91,7 +91,7 @@ def rank_samples(out: str, overrides: list[str]) -> None:
     gathered = [None] * world.size
     dist.all_gather_object(gathered, samples)
     if world.main:
-        Path(out).write_text(json.dumps(gathered))
+        Path(out).write_text(json_text(gathered))
     if hasattr(trainer.engine, "close"):
         trainer.engine.close()
 
@@ -137,7 +137,7 @@ def _main(argv: list[str] | None) -> int:
         except AssertionError as err:
             print(f"{name}: FAILED: {err}")
             return 1
-        print(json.dumps(results[-1]))
+        print(json_text(results[-1]))
     print(f"gpu_check: all {len(results)} runs passed")
     return 0
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import yaml
 
-from pgpo.cli_util import ArgumentParser, UserError, positive_int, run
+from pgpo.cli_util import ArgumentParser, UserError, json_text, positive_int, run
 from pgpo.multiplier import MultiplierConfig
 
 PRESETS = ("qwen3-8b-sdpo", "qwen3-8b-pgpo")
@@ -208,7 +208,7 @@ def _no_vllm(args) -> int:
         print(f"no-vllm: torchrun exited {done.returncode}", file=sys.stderr)
         return 1
     result = check_run("tiny-cpu", Path(args.out) / "no-vllm", args.steps, checkpoint=False)
-    print(json.dumps({**plan, **result}))
+    print(json_text({**plan, **result}))
     return 0
 
 

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 import random
 import shutil
 import signal
@@ -18,7 +17,7 @@ import numpy as np
 import torch
 import yaml
 
-from pgpo.cli_util import Interrupted
+from pgpo.cli_util import Interrupted, json_text
 from pgpo.modulation import AlphaSchedule, Modulation
 from pgpo.optim import ModulatedOptimizer
 from pgpo.train import checkpoint, distributed, lora
@@ -418,7 +417,7 @@ class _Logs:
     @staticmethod
     def _write(file, row: dict) -> None:
         if file is not None:
-            file.write(json.dumps(row) + "\n")
+            file.write(json_text(row) + "\n")
             file.flush()
 
     def step(self, row: dict, samples: list | None) -> None:
