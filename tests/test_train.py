@@ -307,3 +307,20 @@ def test_logged_info_is_eq8_on_the_steps_own_logits(tmp_path, sharp_model, monke
     expected = ref.reduce(h_s - h_t, keep, reduction, empty_sequences_count=False)
     assert metrics["info"] == pytest.approx(float(expected), abs=tol)
     assert np.isfinite(expected)
+
+
+def test_skipped_bad_rows_are_counted_printed_and_logged(tmp_path, capsys):
+    """data.skip_bad_rows=true says how many rows it left out (one line per split on stderr) and
+    logs the counts on the first row of metrics.jsonl."""
+    from tests.test_train_components import sdpo_row
+
+    data = tmp_path / "train.jsonl"
+    rows = [json.dumps(sdpo_row(i)) for i in range(8)]
+    data.write_text("\n".join([*rows[:3], "{not json", *rows[3:], '{"prompt": 1}']) + "\n")
+    cfg = tiny(tmp_path / "run", "steps=1", f"data.train={data}", "data.skip_bad_rows=true")
+    out = train(cfg, progress=False)
+    err = capsys.readouterr().err
+    assert f"pgpo: data.train: skipped 2 bad row(s) of {data} (data.skip_bad_rows=true)" in err
+    assert "data.test: skipped" not in err  # the synthetic test set has no bad rows
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["data_train_rows_skipped"] == 2 and first["data_test_rows_skipped"] == 0

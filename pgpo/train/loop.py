@@ -119,6 +119,10 @@ class Run:
         train_spec, test_spec = split_specs(d.train, d.test, d.sciknoweval, d.domain)
         self.train_data = load_split(train_spec, "train", cfg.seed, d.skip_bad_rows, d.max_train)
         self.test_data = load_split(test_spec, "test", cfg.seed, d.skip_bad_rows, d.max_test)
+        for split, data in (("train", self.train_data), ("test", self.test_data)):
+            if data.skipped and self.world.main:
+                print(f"pgpo: data.{split}: skipped {data.skipped} bad row(s) of {data.source} "
+                      "(data.skip_bad_rows=true)", file=sys.stderr)  # fmt: skip
         self.tokenizer = load_tokenizer(cfg.model.tokenizer)
         self.lm = load_model(cfg.model, cfg.seed)  # the causal LM (same init on every rank)
         self.uses_lora = cfg.model.lora.rank > 0
@@ -404,7 +408,8 @@ class _Logs:
     """The run's JSON-lines logs and its trackers (``output.report_to``); main process only,
     no-ops elsewhere."""
 
-    def __init__(self, folder: RunDir, cfg: TrainConfig) -> None:
+    def __init__(self, folder: RunDir, cfg: TrainConfig, first: dict | None = None) -> None:
+        self.first = dict(first or {})  # added to the first row this process logs
         main = folder.main
         self.metrics = open(folder.path / METRICS, "a") if main else None
         self.samples = open(folder.path / SAMPLES, "a") if main else None
@@ -421,6 +426,7 @@ class _Logs:
             file.flush()
 
     def step(self, row: dict, samples: list | None) -> None:
+        row, self.first = {**row, **self.first}, {}
         self._write(self.metrics, row)
         if samples is not None:
             self._write(self.samples, {"step": row["step"], "samples": samples})
@@ -471,7 +477,11 @@ def train(
         if start is not None:
             run.restore(*start)
         folder.start(yaml.safe_dump(to_dict(cfg), sort_keys=False), start and run.step)
-        logs = _Logs(folder, cfg)
+        skipped = {}
+        if cfg.data.skip_bad_rows:  # what the data left out, once per process (each reads it)
+            skipped = {"data_train_rows_skipped": run.train_data.skipped,
+                       "data_test_rows_skipped": run.test_data.skipped}  # fmt: skip
+        logs = _Logs(folder, cfg, skipped)
         try:
             with StopRequest() as stop:
                 for _ in _steps(run, folder, logs, stop, progress, desc, position):
