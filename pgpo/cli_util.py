@@ -157,6 +157,16 @@ def keep_freed_memory() -> None:
         pass
 
 
+def nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
@@ -171,7 +181,12 @@ def check_output(path: str | os.PathLike) -> None:
     if final.exists() and not final.is_dir():
         raise UserError(f"{final} exists and is not a folder")
     existing = final if final.exists() else next(p for p in final.absolute().parents if p.exists())
-    os.rmdir(tempfile.mkdtemp(prefix=".pgpo-probe-", dir=existing))  # OSError if not writable
+    try:  # a folder can be made there (the probe is removed at once)
+        os.rmdir(tempfile.mkdtemp(prefix=".pgpo-probe-", dir=existing))
+    except OSError as err:  # name what the user gave, not the probe
+        raise OSError(
+            err.errno, f"{err.strerror}: cannot write into {existing}", str(final)
+        ) from None
 
 
 @contextmanager

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -319,19 +320,25 @@ def read_metrics(path) -> dict[str, np.ndarray]:
     import json
 
     cols: dict[str, list] = {"info": [], "rho": [], "entropy_student": [], "entropy_teacher": []}
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not JSON ({err.msg})") from None
-            if "info" not in row:
-                continue  # eval or other rows
-            for key in cols:
-                value = row.get(key)
-                cols[key].append(float(value) if value is not None else math.nan)
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not a text file (byte {err.start} is not UTF-8)") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{number}: not JSON ({err.msg})") from None
+        if not isinstance(row, dict) or "info" not in row:
+            continue  # eval or other rows
+        for key in cols:
+            value = row.get(key)
+            number_like = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if value is not None and not number_like:
+                raise ValueError(f"{path}:{number}: {key} is {value!r}, not a number")
+            cols[key].append(float(value) if value is not None else math.nan)
     if not cols["info"]:
         raise ValueError(f"{path}: no rows with an 'info' field")
     return {k: np.asarray(v, float) for k, v in cols.items()}

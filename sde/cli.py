@@ -32,6 +32,7 @@ from pgpo.cli_util import (
     json_text,
     keep_freed_memory,
     nonnegative_float,
+    nonnegative_int,
     output_files,
     positive_float,
     positive_int,
@@ -111,7 +112,7 @@ def _add_common(p: ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive_int, default=2)
     p.add_argument("--without-replacement", action="store_true")
     p.add_argument("--horizon", type=positive_float, default=1.0, help="T, in units of k * eta")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=nonnegative_int, default=0)
 
 
 def _multiplier(args):

@@ -87,6 +87,10 @@ def user_dir(tmp_path, monkeypatch, checkpoints) -> Path:
     (tmp_path / "dup.yaml").write_text("steps: 2\nsteps: 3\n")
     (tmp_path / "bad.yaml").write_text("steps: [1,\n")
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    (tmp_path / "empty_list.yaml").write_text("[]\n")
+    (tmp_path / "zero.yaml").write_text("0\n")
+    (tmp_path / "info_text.jsonl").write_text('{"info": "abc"}\n')
+    (tmp_path / "binary.jsonl").write_bytes(b"\x7fELF\x02\x01\x01\x00\xff\xfe\x00")
     (tmp_path / "latin1.yaml").write_bytes(b"seed: \xe9\n")
     (tmp_path / "log.jsonl").write_text("{nope\n")
     (tmp_path / "eval_only.jsonl").write_text('{"step": 1, "eval_avg_at_k": 0.5}\n')
@@ -174,6 +178,11 @@ CASES = [
     (["pgpo", "train", "--config", "dup.yaml"], "appears twice"),
     (["pgpo", "train", "--config", "bad.yaml"], "not valid YAML"),
     (["pgpo", "train", "--config", "list.yaml"], "expected a mapping"),
+    (["pgpo", "train", "--config", "empty_list.yaml"], "empty_list.yaml: expected a mapping"),
+    (["pgpo", "train", "--config", "zero.yaml"], "zero.yaml: expected a mapping"),
+    (["pgpo", "train", "--config", "data"], "it is a folder"),
+    (["pgpo", "train", "--config", "tiny-cpu", "=5"], "no key before '='"),
+    (TRAIN + ["data.train=/dev/null"], "/dev/null is not a regular file"),
     (["pgpo", "train", "--config", "latin1.yaml"], "cannot be read"),
     (["pgpo", "train"], "--config"),
     # --- pgpo train: output folder, resume, model -----------------------------------------
@@ -281,6 +290,10 @@ CASES = [
     (["pgpo-check", "rho", "--kind", "foo"], "--kind"),
     (["pgpo-check", "report", "--log", "missing.jsonl"], "missing.jsonl"),
     (["pgpo-check", "report", "--log", "log.jsonl"], "not JSON"),
+    (["pgpo-check", "report", "--log", "info_text.jsonl"], "info_text.jsonl:1: info is 'abc'"),
+    (["pgpo-check", "report", "--log", "binary.jsonl"], "binary.jsonl: not a text file"),
+    (["pgpo-sde", "simulate", "--seed", "-1"], "--seed: must be >= 0"),
+    (["pgpo-sde", "simulate", "--paths", "2", "--out", "/proc/x/y"], "(/proc/x/y)"),
     (["pgpo-check", "report", "--log", "eval_only.jsonl"], "no rows with an 'info' field"),
     (["pgpo-check", "report", "--out", "a_file", "--quick"], "not a folder"),
 ]

@@ -552,6 +552,11 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
         file = Path(path)
         if not file.is_file() and (PRESETS / f"{path}.yaml").exists():
             file = PRESETS / f"{path}.yaml"
+        if file.is_dir():
+            raise ConfigError(
+                f"config file {path} not found as a file: it is a folder (give a YAML file or a "
+                "preset's name)"
+            )
         if not file.is_file():
             raise ConfigError(
                 f"config file {path} not found (presets: "
@@ -561,11 +566,20 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
             text = file.read_text()
         except (OSError, UnicodeDecodeError) as err:
             raise ConfigError(f"config file {path}: cannot be read ({err})") from None
-        tree = _yaml(text, str(file)) or {}
+        tree = _yaml(text, str(file))
+        if tree is None:  # an empty file: the defaults
+            tree = {}
+        if not isinstance(tree, dict):
+            raise ConfigError(
+                f"config file {path}: expected a mapping of settings (key: value lines), "
+                f"got a {type(tree).__name__}"
+            )
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value")
         key, text = item.split("=", 1)
+        if not key.strip():
+            raise ConfigError(f"override {item!r}: no key before '=' (expected key=value)")
         _set(tree, key.strip(), _parse_value(key.strip(), text))
     return validate(_build(TrainConfig, tree))
 

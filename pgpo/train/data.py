@@ -335,7 +335,8 @@ def load_split(spec: str, split: str, seed: int, skip_bad_rows: bool, limit: int
         if not path.exists():
             raise DataError(f"data.{split}: {spec} does not exist")
         if not path.is_file():
-            raise DataError(f"data.{split}: {spec} is a folder, not a .jsonl or .parquet file")
+            what = "a folder" if path.is_dir() else "not a regular file (a device or a pipe)"
+            raise DataError(f"data.{split}: {spec} is {what}, not a .jsonl or .parquet file")
         loader = load_parquet if path.suffix == ".parquet" else load_jsonl
         data = loader(path, skip_bad_rows)
     if limit is not None:
