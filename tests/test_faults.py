@@ -205,3 +205,32 @@ def test_an_export_killed_midway_leaves_nothing_that_outlives_the_next_one(strai
     os.umask(mask)
     assert out.stat().st_mode & 0o777 == 0o777 & ~mask
     assert (out / "config.json").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+@pytest.mark.slow
+def test_a_disk_that_fills_up_during_a_checkpoint_gives_one_line_and_keeps_the_last(tmp_path):
+    """A real full disk, not a simulated one: the run's folder is a 250 MB tmpfs, room for one
+    checkpoint of tiny-cpu (157 MB) but not for the next. Step 2's checkpoint fails part-way:
+    one line that names the disk and the file (torch's own error is "unexpected pos"), exit 2,
+    step 1's checkpoint intact, no temporary folder left. Needs root to mount (CI runs as root)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=250m", "tmpfs", str(disk)]
+    if os.geteuid() != 0 or subprocess.run(mount, capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        out = disk / "run"
+        done = subprocess.run(
+            command(out, "output.save_every=1"), env=env(), capture_output=True, text=True
+        )
+        assert done.returncode == 2, done.stderr[-2000:]
+        err = done.stderr.strip().splitlines()
+        assert "Traceback" not in done.stderr
+        assert (
+            err[-1].startswith("pgpo: error: no space left on device (") and "state.pt" in err[-1]
+        )
+        left = sorted(p.name for p in (out / "checkpoints").iterdir())
+        assert left == ["step_000001"]  # the last good one, and nothing half-written
+        assert checkpoint.load(out / "checkpoints" / "step_000001")["step"] == 1
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)

@@ -80,6 +80,39 @@ def _replace(tmp: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+class _WriteErrors:
+    """A file for ``torch.save`` that keeps the first OSError of its writes: torch's zip writer
+    swallows it and raises its own "unexpected pos" RuntimeError, which says nothing of a full
+    disk or of the file."""
+
+    def __init__(self, file) -> None:
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as err:
+            self.error = self.error or err
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _torch_save(obj, path: Path) -> None:
+    """``torch.save(obj, path)``; a failed write (a disk that fills up on the way) raises the
+    OSError itself, naming ``path``, instead of torch's RuntimeError."""
+    with open(path, "wb") as file:
+        writer = _WriteErrors(file)
+        try:
+            torch.save(obj, writer)
+        except RuntimeError:
+            if writer.error is None:
+                raise
+            err = writer.error
+            raise OSError(err.errno, err.strerror, str(path)) from None
+
+
 def save(folder: Path, step: int, state: dict, rng: dict | None = None) -> Path:
     """Write ``state`` plus the RNG states (this process's, or ``rng``) as
     ``folder/step_000042``; atomic."""
@@ -89,7 +122,7 @@ def save(folder: Path, step: int, state: dict, rng: dict | None = None) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        torch.save({**state, "step": step, "rng": rng or rng_state()}, tmp / "state.pt")
+        _torch_save({**state, "step": step, "rng": rng or rng_state()}, tmp / "state.pt")
         _replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -114,7 +147,7 @@ def save_sharded(folder: Path, step: int, state: dict, shards: dict, world) -> P
         dcp.save(shards, checkpoint_id=str(tmp / "shards"))
         if world.main:
             record = {**state, "step": step, "rng": rng_state(), "sharded": True}
-            torch.save(record, tmp / "state.pt")
+            _torch_save(record, tmp / "state.pt")
         world.barrier()
         if world.main:
             _replace(tmp, final)
