@@ -324,3 +324,66 @@ def test_skipped_bad_rows_are_counted_printed_and_logged(tmp_path, capsys):
     assert "data.test: skipped" not in err  # the synthetic test set has no bad rows
     first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert first["data_train_rows_skipped"] == 2 and first["data_test_rows_skipped"] == 0
+
+
+def _front_matter(card_path) -> dict:
+    """The card's YAML metadata: huggingface_hub's ModelCard when installed, else the block
+    between the first two '---' lines."""
+    try:
+        from huggingface_hub import ModelCard
+    except ImportError:
+        import yaml
+
+        return yaml.safe_load(card_path.read_text().split("---\n")[1])
+    return ModelCard.load(card_path).data.to_dict()
+
+
+def test_export_writes_a_model_card_and_keeps_the_users_own(tmp_path):
+    """README.md in the Hub's model-card format: metadata the Hub reads, the method with its
+    settings, the teacher, the steps, the last evaluation, the command, the citation; a user's
+    README.md already in the output folder is kept."""
+    import yaml
+
+    run_dir = tmp_path / "run"
+    argv = ["train", "--config", "tiny-cpu", "steps=2", "eval.every=1", "pgpo.enabled=true",
+            "pgpo.alpha=1.5", f"output.dir={run_dir}"]  # fmt: skip
+    assert pgpo_main(argv) == 0
+    ckpt = checkpoint.latest(run_dir / "checkpoints")
+    out = tmp_path / "hf"
+    assert pgpo_main(["export", "--checkpoint", str(ckpt), "--out", str(out)]) == 0
+    meta = _front_matter(out / "README.md")
+    assert meta["base_model"] == "tiny-random-qwen3" and meta["library_name"] == "transformers"
+    assert meta["tags"] == ["pgpo", "sdpo"] and "datasets" not in meta  # synthetic: no Hub id
+    card = (out / "README.md").read_text()
+    assert "alpha = 1.5, rho_max = 2" in card and "teacher: `ema`, rate 0.05" in card
+    assert "after 2 steps of PGPO" in card and "pgpo train --config config.yaml" in card
+    last = [json.loads(r) for r in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
+    assert f"| avg_at_k | {last['eval_avg_at_k']:.4g} |" in card and "eprint = {2606.03620}" in card
+    saved = yaml.safe_load(card.split("```yaml\n")[1].split("```")[0])  # the run's config, whole
+    assert saved == yaml.safe_load((run_dir / "config.yaml").read_text())
+    # The user's own card, put in the folder first, is kept; everything else is written.
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "README.md").write_text("---\nlicense: mit\n---\n# my card\n")
+    assert pgpo_main(["export", "--checkpoint", str(ckpt), "--out", str(mine)]) == 0
+    assert (mine / "README.md").read_text() == "---\nlicense: mit\n---\n# my card\n"
+    assert (mine / "config.json").exists() and (mine / "pgpo_export.json").exists()
+
+
+def test_model_card_names_the_lora_tag_and_the_hub_datasets():
+    from pgpo.train.config import load_config, to_dict
+    from pgpo.train.model_card import datasets, model_card
+
+    cfg = to_dict(load_config("tiny-cpu", ["model.lora.rank=4", "data.train=mmlu-science"]))
+    meta = yaml_front(model_card(cfg, 3, "teacher", None))
+    assert meta["tags"] == ["pgpo", "sdpo", "lora"] and meta["datasets"] == ["cais/mmlu"]
+    cfg["data"] = {"train": "hf:org/name", "test": "", "sciknoweval": ""}
+    assert datasets(cfg) == ["org/name"]
+    cfg["data"]["sciknoweval"] = "/data/SDPO"
+    assert datasets(cfg) == ["hicai-zju/SciKnowEval"]
+
+
+def yaml_front(text: str) -> dict:
+    import yaml
+
+    return yaml.safe_load(text.split("---\n")[1])

@@ -11,6 +11,7 @@ from pgpo.cli_util import json_text, output_files
 from pgpo.train import checkpoint, lora
 from pgpo.train.config import ModelConfig, model_config
 from pgpo.train.model import TINY, from_pretrained, load_model, load_tokenizer, torch_dtype
+from pgpo.train.model_card import model_card
 
 
 def _empty_model(cfg: ModelConfig, seed: int) -> torch.nn.Module:
@@ -42,11 +43,13 @@ def _merged(cfg: ModelConfig, seed: int, adapters: dict, path: Path, role: str) 
 def export(path: Path, out: Path, role: str = "policy", dtype: str | None = None) -> Path:
     """Write ``role`` ("policy" or "teacher") of the checkpoint folder ``path`` (whole or
     sharded) to the new folder ``out``: config, safetensors weights in ``dtype`` (default: the
-    training dtype), generation config, tokenizer, and ``pgpo_export.json`` (source, step,
-    role). Atomic: ``out`` appears complete or not at all; an existing non-empty ``out`` is
-    refused, not replaced."""
+    training dtype), generation config, tokenizer, ``pgpo_export.json`` (source, step, role) and
+    a model card as README.md (:mod:`pgpo.train.model_card`). Atomic: ``out`` appears complete
+    or not at all. An existing non-empty ``out`` is refused, not replaced; one that holds only
+    the user's own README.md is filled around it, the README kept."""
     path, out = Path(path), Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    # A folder holding only the user's own README.md (their model card) is filled around it.
+    if out.exists() and (not out.is_dir() or any(p.name != "README.md" for p in out.iterdir())):
         raise ValueError(f"--out {out}: exists and is not empty")
     state = checkpoint.load(path)
     if state.get("sharded"):  # only this model's shards are read, not the optimizer's
@@ -75,4 +78,8 @@ def export(path: Path, out: Path, role: str = "policy", dtype: str | None = None
         load_tokenizer(cfg.tokenizer).save_pretrained(tmp)
         record = {"checkpoint": str(path.resolve()), "step": state["step"], "role": role}
         (tmp / "pgpo_export.json").write_text(json_text(record, indent=2) + "\n")
+        if not (out / "README.md").exists():  # the user's own card is kept
+            run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
+            card = model_card(state["config"], state["step"], role, run_dir)
+            (tmp / "README.md").write_text(card)
     return out
