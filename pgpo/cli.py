@@ -186,6 +186,24 @@ def _cmd_consolidate(args) -> int:
     return 0
 
 
+def _cmd_config(args) -> int:
+    from pgpo.train import settings
+    from pgpo.train.config import load_config
+
+    if args.keys:
+        if args.config or args.overrides:
+            raise UserError("--keys lists the schema: give it no config or overrides")
+        rows = settings.keys()
+        print(settings.keys_markdown(rows) if args.markdown else settings.keys_text(rows), end="")
+        return 0
+    if args.markdown:
+        raise UserError("--markdown goes with --keys")
+    if not args.config:
+        raise UserError("name a preset or a YAML file (or --keys for every setting)")
+    print(settings.resolved_yaml(load_config(args.config, args.overrides)), end="")
+    return 0
+
+
 def _cmd_export(args) -> int:
     from pgpo.train.export import export
 
@@ -282,8 +300,21 @@ def build_parser() -> ArgumentParser:
         help="a YAML file or a preset name (tiny-cpu, qwen3-8b-sdpo, qwen3-8b-pgpo)",
     )
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
-    t.add_argument("overrides", nargs="*", help="key=value, e.g. pgpo.alpha=1.5")
+    t.add_argument(
+        "overrides",
+        nargs="*",
+        help="key=value, e.g. pgpo.alpha=1.5 (every key, its type, default and meaning: "
+        "pgpo config --keys; the resolved configuration: pgpo config PRESET key=value ...)",
+    )
     t.set_defaults(func=_cmd_train)
+    cf = sub.add_parser(
+        "config", help="the resolved configuration as YAML (what pgpo train runs), or --keys"
+    )
+    cf.add_argument("config", nargs="?", help="a YAML file or a preset name")
+    cf.add_argument("overrides", nargs="*", help="key=value, as for pgpo train")
+    cf.add_argument("--keys", action="store_true", help="every key: type, default, meaning")
+    cf.add_argument("--markdown", action="store_true", help="with --keys: as markdown tables")
+    cf.set_defaults(func=_cmd_config)
     e = sub.add_parser("eval", help="avg@k of a checkpoint on the config's test split")
     e.add_argument("--config", required=True)
     e.add_argument("--checkpoint", required=True)

