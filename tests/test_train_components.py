@@ -227,3 +227,43 @@ def test_json_text_writes_non_finite_numbers_as_null():
     strict = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
     assert strict == {"loss": None, "rho": 1.5, "e": [1.0, None, {"x": None}], "n": 3}
     assert json_text({"a": [1, 2.5, "s"]}, indent=1) == json.dumps({"a": [1, 2.5, "s"]}, indent=1)
+
+
+def test_a_verifier_with_false_positives_flips_failures_at_its_rate_and_never_successes():
+    """reward.false_positive_rate q: each failing rollout becomes a success with probability q,
+    within 3 binomial standard errors over a seeded draw; a success is never turned into a
+    failure; the same seed gives the same flips; q = 0 changes nothing."""
+    import math
+    import random
+
+    from pgpo.train.rewards import with_false_positives
+
+    q = 0.4
+    truth = [[float((i * 7 + j) % 3 == 0) for j in range(8)] for i in range(500)]
+    out = with_false_positives(truth, q, random.Random(0))
+    pairs = [(t, o) for ts, os_ in zip(truth, out) for t, o in zip(ts, os_)]
+    assert all(o == 1.0 for t, o in pairs if t == 1.0)  # successes stay
+    failures = [o for t, o in pairs if t == 0.0]
+    share = sum(failures) / len(failures)
+    se = math.sqrt(q * (1 - q) / len(failures))
+    assert abs(share - q) < 3 * se, (share, se)
+    assert set(failures) == {0.0, 1.0}
+    assert with_false_positives(truth, q, random.Random(0)) == out  # seeded
+    assert with_false_positives(truth, 0.0, random.Random(0)) == truth
+
+
+def test_false_positives_are_logged_by_the_trainer(tmp_path):
+    from pgpo.train.config import load_config
+    from pgpo.train.loop import train
+
+    def run(out, *extra):
+        cfg = load_config("tiny-cpu", [f"output.dir={out}", "steps=1", "eval.every=100",
+                                       "teacher.fallback_demonstration=none", *extra])  # fmt: skip
+        rows = (train(cfg, progress=False) / "metrics.jsonl").read_text().splitlines()
+        return json.loads(rows[-1])
+
+    flipped = run(tmp_path / "q", "reward.false_positive_rate=1.0")
+    assert flipped["reward"] == 1.0  # q = 1: every rollout counts as a success
+    assert flipped["false_positive_share"] == pytest.approx(1.0 - flipped["reward_true"])
+    plain = run(tmp_path / "plain")
+    assert "false_positive_share" not in plain and plain["reward"] == flipped["reward_true"]

@@ -193,6 +193,10 @@ class RewardConfig:
     # Also accept a response opening with the option letter ("B: ..."), for models that do not
     # write <answer> tags. Off: the reference's extraction.
     leading_letter: bool = False
+    # A verifier with false positives, as real ones have: each failing rollout counts as a
+    # success with this probability (Python's seeded generator; successes stay). Misleading
+    # feedback for the premise study: a wrong answer then becomes a demonstration.
+    false_positive_rate: Annotated[float, UNIT] = 0.0
 
 
 @dataclass

@@ -8,6 +8,7 @@ template uses ``\\boxed{...}`` (braces may nest). Without either, the whole resp
 
 from __future__ import annotations
 
+import random
 import re
 from dataclasses import dataclass
 
@@ -64,6 +65,17 @@ def reward(response: str, answer: str, *, leading_letter: bool = False) -> float
     """1.0 when the extracted answer equals the answer letter (case-insensitive), else 0.0."""
     extracted = extract_answer(response, leading_letter=leading_letter).answer
     return float(extracted.upper() == answer.strip().upper())
+
+
+def with_false_positives(
+    rewards: list[list[float]], rate: float, rng: random.Random
+) -> list[list[float]]:
+    """A verifier with false positives: each reward below 1 becomes 1 with probability ``rate``
+    (one uniform draw per such reward, in order), and a success is never turned into a failure.
+    ``rewards``: ``[questions][rollouts]``, the same shape out."""
+    if rate == 0:
+        return [list(group) for group in rewards]
+    return [[1.0 if r < 1 and rng.random() < rate else r for r in group] for group in rewards]
 
 
 def strip_thinking(text: str) -> str:

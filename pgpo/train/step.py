@@ -1,7 +1,8 @@
 """One SDPO / PGPO training step (Algorithm 1), top to bottom.
 
 1. sample n rollouts per question from the current policy (temperature 1.0);
-2. score them (the letter in the last <answer>...</answer>, or \\boxed{});
+2. score them (the letter in the last <answer>...</answer>, or \\boxed{}); with
+   ``reward.false_positive_rate`` q, a failing rollout counts as a success with probability q;
 3. build the teacher's prompt: question + a successful sibling's answer (Sec. 3, reprompting);
    samples without a demonstration are masked out;
 4. student forward (with grad) and teacher forward (no grad) over the same response tokens; the
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import math
+import random
 import time
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -43,7 +45,7 @@ from pgpo.train.data import Question
 from pgpo.train.distributed import World, full
 from pgpo.train.forward import Policy
 from pgpo.train.prompts import student_prompt, teacher_prompt
-from pgpo.train.rewards import extract_answer, reward, strip_thinking
+from pgpo.train.rewards import extract_answer, reward, strip_thinking, with_false_positives
 from pgpo.train.rollout import Completion, RolloutEngine
 from pgpo.train.teacher import Teacher, choose_demonstrations
 
@@ -67,7 +69,9 @@ def train_step(
     t0 = time.perf_counter()
     world = world or World()
     rollouts = sample_rollouts(questions, tokenizer, engine, cfg, seeds)  # 1.
-    rewards = score(questions, rollouts, cfg)  # 2.
+    verified = score(questions, rollouts, cfg)  # 2.
+    # 2b. a verifier with false positives (reward.false_positive_rate; Python's seeded generator)
+    rewards = with_false_positives(verified, cfg.reward.false_positive_rate, random)
     samples = with_demonstrations(questions, rollouts, rewards, tokenizer, cfg)  # 3.
     pad = tokenizer.pad_token_id
     parts = cfg.optim.updates_per_batch  # 4.-6. once per mini-batch (the reference: once)
@@ -84,6 +88,11 @@ def train_step(
     sums = sum_updates(updates)
     metrics = step_metrics(questions, rollouts, rewards, samples, sums, world, cfg)
     metrics.update(mean_over_updates(updates, sums))
+    if cfg.reward.false_positive_rate:  # what the verifier let through, over all ranks
+        flat = [(v, r) for vs, rs in zip(verified, rewards) for v, r in zip(vs, rs)]
+        true_sum, flipped, count = world.sum([sum(v for v, _ in flat),
+                                              sum(r != v for v, r in flat), len(flat)])  # fmt: skip
+        metrics.update(reward_true=true_sum / count, false_positive_share=flipped / count)
     metrics.update(
         lr=optimizer.param_groups[0]["lr"],
         rollout_seconds=rollouts.seconds,
