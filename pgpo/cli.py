@@ -131,12 +131,16 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_teacher_check(args) -> int:
+    from pgpo.train import exact
     from pgpo.train.config import load_config
-    from pgpo.train.exact import edge_lines, teacher_check
 
     cfg = load_config(args.config, args.overrides)
-    report = teacher_check(cfg, args.questions, args.prefix)
-    print("\n".join(edge_lines(report)))
+    if args.wrong_demo:
+        report = exact.wrong_demo_check(cfg, args.questions, args.prefix)
+        print("\n".join(exact.wrong_demo_lines(report)))
+    else:
+        report = exact.teacher_check(cfg, args.questions, args.prefix)
+        print("\n".join(exact.edge_lines(report)))
     if args.json:
         with output_files(args.json) as tmp:
             (tmp / "teacher_check.json").write_text(json_text(report, indent=1) + "\n")
@@ -330,6 +334,12 @@ def build_parser() -> ArgumentParser:
         "--prefix", default="<answer>", help="response text before the letter ('' : none)"
     )
     tc.add_argument("--json", default=None, metavar="DIR", help="also write teacher_check.json")
+    tc.add_argument(
+        "--wrong-demo",
+        action="store_true",
+        help="the teacher shown the gold answer against shown a wrong one: entropy, P(shown), "
+        "P(gold); does I_k mark a right demonstration?",
+    )
     tc.add_argument("overrides", nargs="*")
     tc.set_defaults(func=_cmd_teacher_check)
     sw = sub.add_parser("sweep", help="run a grid of configs (idempotent, resumable)")

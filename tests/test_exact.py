@@ -106,3 +106,54 @@ def test_teacher_check_tells_an_edge_from_none(models, name, tmp_path, capsys):
         assert "verdict: edge" in printed
     else:
         assert not report["has_edge"] and "verdict: no edge" in printed
+
+
+def test_the_wrong_demo_diagnostic_is_a_direct_softmax(sharp_model, capsys):
+    """``pgpo teacher-check --wrong-demo`` against a direct computation from the model's logits:
+    the teacher's entropy where the letter is written, P(shown letter) and P(gold letter), with
+    the gold demonstration and with a seeded wrong one, averaged over the questions."""
+    from pgpo.train.exact import wrong_demo_check, wrong_letter
+    from pgpo.train.model import load_model, load_tokenizer
+    from pgpo.train.prompts import teacher_prompt
+
+    overrides = [f"model.path={sharp_model}", "data.train=synthetic"]
+    cfg = load_config("tiny-cpu", overrides)
+    report = wrong_demo_check(cfg, 6, "<answer>")
+    tokenizer = load_tokenizer("qwen3")
+    lm = load_model(cfg.model, cfg.seed).eval()
+    from pgpo.train.data import load_split
+
+    questions = load_split("synthetic", "train", cfg.seed, False, None).questions[:6]
+
+    def direct(q, shown, scored):
+        first, ids = answer_ids(tokenizer, "<answer>", scored)
+        prompt = teacher_prompt(tokenizer, q, f"<answer>{shown}</answer>", 10240) + first
+        with torch.no_grad():
+            logits = lm(torch.tensor([prompt + ids])).logits[0].double()
+        logp = torch.log_softmax(logits[len(prompt) - 1 : len(prompt) - 1 + len(ids)], -1)
+        p = float(sum(logp[i, t] for i, t in enumerate(ids)).exp())
+        entropy = float(-(logp[0].exp() * logp[0]).sum())
+        return p, entropy
+
+    rows = []
+    for q in questions:
+        wrong = wrong_letter(q, cfg.seed)
+        assert wrong != q.answer and wrong in option_letters(q.prompt)
+        p_gold, h_gold = direct(q, q.answer, q.answer)
+        p_gold_w, h_wrong = direct(q, wrong, q.answer)
+        p_shown_w, _ = direct(q, wrong, wrong)
+        rows.append((h_gold, h_wrong, p_gold, p_shown_w, p_gold_w))
+    mean = lambda i: sum(r[i] for r in rows) / len(rows)  # noqa: E731
+    # float32 forward passes of different batch shapes: entropies to 1e-4 nats, probabilities
+    # to 1e-5 absolute
+    assert report["entropy_gold"] == pytest.approx(mean(0), abs=1e-4)
+    assert report["entropy_wrong"] == pytest.approx(mean(1), abs=1e-4)
+    assert report["gap_right_minus_wrong"] == pytest.approx(mean(1) - mean(0), abs=2e-4)
+    assert report["p_shown_gold"] == pytest.approx(mean(2), abs=1e-5)
+    assert report["p_shown_wrong"] == pytest.approx(mean(3), abs=1e-5)
+    assert report["p_gold_given_wrong"] == pytest.approx(mean(4), abs=1e-5)
+    # The two prompts differ by one letter, and the sharp model's entropies see it.
+    assert max(abs(r[1] - r[0]) for r in rows) > 1e-3
+    argv = ["teacher-check", "--config", "tiny-cpu", *overrides, "--questions", "6", "--wrong-demo"]
+    assert pgpo_main(argv) == 0
+    assert "I(right demo) - I(wrong demo)" in capsys.readouterr().out

@@ -15,10 +15,12 @@ format puts it). Two uses:
 from __future__ import annotations
 
 import math
+import random
 
 import torch
 
 from pgpo.distill import head_token_logprobs
+from pgpo.information import token_entropy
 from pgpo.train.data import Question
 from pgpo.train.distributed import full
 from pgpo.train.forward import Policy, head_weight
@@ -48,13 +50,22 @@ def answer_ids(tokenizer, prefix: str, answer: str) -> tuple[list[int], list[int
     return both[:shared], both[shared:]
 
 
-@torch.no_grad()
 def answer_probabilities(
     policy: Policy, prompts: list[list[int]], answers: list[list[int]], pad: int
 ) -> torch.Tensor:
     """``P(answer_i | prompt_i)`` ``[B]`` in float64: exp of the summed log-probs of each answer's
     tokens, teacher-forced (prompts and answers are token ids)."""
-    out = []
+    return answer_scores(policy, prompts, answers, pad)[0]
+
+
+@torch.no_grad()
+def answer_scores(
+    policy: Policy, prompts: list[list[int]], answers: list[list[int]], pad: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``P(answer_i | prompt_i)`` ``[B]`` (float64, as :func:`answer_probabilities`) and the
+    entropy in nats ``[B]`` of the next-token distribution where the answer's first token is
+    written (Eq. 8's per-token entropy, :func:`pgpo.information.token_entropy`)."""
+    probs, entropies = [], []
     for start in range(0, len(prompts), BATCH):
         p, a = prompts[start : start + BATCH], answers[start : start + BATCH]
         hidden = policy(p, a, pad)
@@ -63,8 +74,9 @@ def answer_probabilities(
         targets = torch.tensor([x + [pad] * (width - len(x)) for x in a])
         mask = torch.tensor([[1.0] * len(x) + [0.0] * (width - len(x)) for x in a])
         logp = head_token_logprobs(hidden, head, targets).cpu().double()
-        out.append((logp * mask.double()).sum(-1).exp())
-    return torch.cat(out)
+        probs.append((logp * mask.double()).sum(-1).exp())
+        entropies.append(token_entropy(hidden[:, 0] @ head.T).cpu().double())
+    return torch.cat(probs), torch.cat(entropies)
 
 
 def p_correct(
@@ -207,4 +219,94 @@ def edge_lines(report: dict) -> list[str]:
         f"  edge                {report['teacher_edge']:+.3f} +- {report['teacher_edge_se']:.3f}"
         "  (paired difference, 1 standard error)",
         f"verdict: {verdict}",
+    ]
+
+
+def wrong_letter(question: Question, seed: int) -> str:
+    """A wrong option's letter for ``question``, drawn by a generator seeded by (seed, id)."""
+    from pgpo.train.data import option_letters
+
+    wrong = [x for x in option_letters(question.prompt) if x != question.answer]
+    return random.Random(f"{seed}:{question.id}").choice(wrong)
+
+
+def _paired(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """Mean of ``a - b`` over questions and its standard error."""
+    d = (a - b).double()
+    return mean_and_se((len(d), float(d.sum()), float((d * d).sum())))
+
+
+def wrong_demo_check(cfg, count: int, prefix: str) -> dict:
+    """Does the teacher mark a misleading demonstration? On a config's first ``count`` training
+    questions, the starting model as teacher, shown the gold answer and shown a wrong option's
+    (``pgpo teacher-check --wrong-demo``), both written ``<answer>X</answer>``:
+
+    - ``entropy_gold``, ``entropy_wrong``: its entropy where the letter is written (nats);
+      ``gap_right_minus_wrong`` = entropy_wrong - entropy_gold is Eq. 8's I for a sample with a
+      right demonstration minus I for the same sample with a wrong one (the student's entropy is
+      the same in both and cancels): the premise that a high I marks informative feedback needs
+      it above 0;
+    - ``p_shown_gold``, ``p_shown_wrong``: its probability of the letter it is shown (copying);
+    - ``p_gold_given_wrong``: of the gold letter when shown a wrong one (what it knows anyway);
+    - ``p_student``: the student's probability of the gold letter, for scale.
+    Every mean comes with its standard error over questions (paired where it is a difference)."""
+    from pgpo.train.data import load_split, split_specs
+    from pgpo.train.model import load_model, load_tokenizer
+
+    d = cfg.data
+    train_spec, _ = split_specs(d.train, d.test, d.sciknoweval, d.domain)
+    data = load_split(train_spec, "train", cfg.seed, d.skip_bad_rows, d.max_train)
+    questions = data.questions[:count]
+    tokenizer = load_tokenizer(cfg.model.tokenizer)
+    policy = Policy(load_model(cfg.model, cfg.seed)).eval()
+    pad, limit = tokenizer.pad_token_id, cfg.teacher.max_reprompt_tokens
+    wrong = [wrong_letter(q, cfg.seed) for q in questions]
+
+    def taught(demos: list[str], letters: list[str]):
+        prompts, answers = [], []
+        for q, demo, letter in zip(questions, demos, letters):
+            first, ids = answer_ids(tokenizer, prefix, letter)
+            prompts.append(teacher_prompt(tokenizer, q, f"<answer>{demo}</answer>", limit) + first)
+            answers.append(ids)
+        return answer_scores(policy, prompts, answers, pad)
+
+    gold = [q.answer for q in questions]
+    p_gold, h_gold = taught(gold, gold)  # shown gold, scored at gold
+    p_gold_w, h_wrong = taught(wrong, gold)  # shown wrong, scored at gold
+    p_shown_w, _ = taught(wrong, wrong)  # shown wrong, scored at the shown letter
+    p_student = p_correct(policy, tokenizer, questions, prefix, cfg.rollout.max_prompt_tokens)
+    zero = torch.zeros_like(p_gold)
+    out = {"questions": len(questions), "prefix": prefix, "source": data.source}
+    for name, a, b in (
+        ("gap_right_minus_wrong", h_wrong, h_gold), ("entropy_gold", h_gold, zero),
+        ("entropy_wrong", h_wrong, zero), ("p_shown_gold", p_gold, zero),
+        ("p_shown_wrong", p_shown_w, zero), ("p_gold_given_wrong", p_gold_w, zero),
+        ("p_student", p_student, zero),
+    ):  # fmt: skip
+        out[name], out[f"{name}_se"] = _paired(a, b)
+    return out
+
+
+def wrong_demo_lines(report: dict) -> list[str]:
+    """What ``pgpo teacher-check --wrong-demo`` prints."""
+    r = report
+    gap, se = r["gap_right_minus_wrong"], r["gap_right_minus_wrong_se"]
+    if gap > 2 * se:
+        verdict = "less sure when shown a wrong answer: a higher I_k marks a right demonstration"
+    elif gap < -2 * se:
+        verdict = "MORE sure when shown a wrong answer: a higher I_k marks a wrong demonstration"
+    else:
+        verdict = "as sure either way: I_k does not tell a right demonstration from a wrong one"
+    line = lambda label, key: f"  {label:36s}{r[key]:.3f} +- {r[key + '_se']:.3f}"  # noqa: E731
+    return [
+        f"teacher-check --wrong-demo: {r['questions']} training questions of {r['source']}, "
+        f"at the answer letter after {r['prefix']!r}",
+        line("teacher entropy, shown the gold", "entropy_gold") + " nats",
+        line("teacher entropy, shown a wrong one", "entropy_wrong") + " nats",
+        f"  I(right demo) - I(wrong demo)       {gap:+.3f} +- {se:.3f} nats (paired)",
+        line("P(shown letter), shown the gold", "p_shown_gold"),
+        line("P(shown letter), shown a wrong one", "p_shown_wrong"),
+        line("P(gold letter), shown a wrong one", "p_gold_given_wrong"),
+        line("student P(gold letter)", "p_student"),
+        f"verdict: the teacher is {verdict}",
     ]
