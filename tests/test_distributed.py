@@ -76,7 +76,13 @@ def close(a: float, b: float, rel: float) -> bool:
 
 @pytest.mark.slow
 def test_two_ranks_match_one_process_in_rho_gradient_and_weights(runs):
-    one, two = metrics(runs["single"]), metrics(runs["fsdp"])
+    assert_matches_one_process(runs["single"], runs["fsdp"])
+
+
+def assert_matches_one_process(single: Path, sharded: Path) -> None:
+    """A 2-rank run equals the single process on the same global batch after 2 steps, to the
+    float32 tolerances of a different summation order."""
+    one, two = metrics(single), metrics(sharded)
     assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2]
     for a, b in zip(one, two):
         assert a["info"] > 1e-3  # a real signal, not float noise
@@ -87,7 +93,7 @@ def test_two_ranks_match_one_process_in_rho_gradient_and_weights(runs):
         # The global gradient norm catches a wrong loss scale across ranks (Adam would not).
         assert close(a["grad_norm"], b["grad_norm"], 1e-4)
         assert a["reward"] == b["reward"] and a["masked_share"] == b["masked_share"]
-    s1, s2 = final_state(runs["single"]), final_state(runs["fsdp"])
+    s1, s2 = final_state(single), final_state(sharded)
     assert sorted(s1["policy"]) == sorted(s2["policy"])  # transformers' names, gathered whole
     moved = max((s1["policy"][k] - s2["policy"][k]).abs().max().item() for k in s1["policy"])
     # Two Adam steps of lr 1e-3 move weights by ~2e-3; the runs agree to float32 rounding of
@@ -97,6 +103,58 @@ def test_two_ranks_match_one_process_in_rho_gradient_and_weights(runs):
     assert teacher < 1e-6
     for k, v in s1["optimizer"]["state"].items():
         assert torch.allclose(v["exp_avg"], s2["optimizer"]["state"][k]["exp_avg"], atol=1e-9)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_nodes_match_one_process(runs, sharp_model, tmp_path):
+    """``torchrun --nnodes 2 --nproc-per-node 1``: two agents, as two nodes would start them,
+    meeting at a c10d rendezvous on localhost (gloo), equal the single process after 2 steps, to
+    the 2-rank test's tolerances. Then the run resumes on one node with 2 processes from the
+    checkpoint the two nodes wrote once (rank 0 writes, the folder is shared here as it is on a
+    cluster's shared filesystem)."""
+    out = tmp_path / "nodes"
+    args = ["--config", "tiny-cpu", f"model.path={sharp_model}", f"output.dir={out}", "steps=2"]
+    args += COMMON
+    port = free_port()
+    agents = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                "--nproc-per-node=1",
+                "--rdzv-backend=c10d",
+                f"--rdzv-endpoint=127.0.0.1:{port}",
+                "--rdzv-id=pgpo-test",
+                "-m",
+                "pgpo.train",
+                *args,
+            ],
+            env={**os.environ, "OMP_NUM_THREADS": "1", "PGPO_DEBUG": "1"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for _ in range(2)
+    ]
+    for agent in agents:
+        _, err = agent.communicate(timeout=600)
+        assert agent.returncode == 0, err[-3000:]
+    assert_matches_one_process(runs["single"], out)
+    # Checkpoints were written once (one state.pt per step), and resume on another shape.
+    assert [p.name for p in sorted((out / "checkpoints").iterdir())] == [
+        "step_000001", "step_000002"]  # fmt: skip
+    resumed = launch(out, sharp_model, 2, 3, "--resume")
+    assert [r["step"] for r in metrics(resumed)] == [1, 2, 3]
 
 
 LORA = ["model.lora.rank=4", "model.lora.alpha=8", "optim.lr=1e-2", "teacher.ema_rate=0.25"]
