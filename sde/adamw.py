@@ -84,7 +84,7 @@ from sde.models import (
     sqrtm_psd,
 )
 from sde.problems import Problem
-from sde.weak_error import RESOLVED_SE, TEST_FUNCTIONS, Estimate, richardson
+from sde.weak_error import RESOLVED_SE, TEST_FUNCTIONS, Estimate, map_etas, richardson
 
 REGIMES = ("malladi", "ballistic", "fixed")
 STARTS = ("cold", "warm")
@@ -353,25 +353,7 @@ def adamw_weak_errors(
          horizon, seed, reference, shared)
         for j, eta in enumerate(etas)
     ]  # fmt: skip
-    if workers <= 1:
-        results = []
-        for cell in cells:
-            results.append(_adamw_eta_cell(cell))
-            if progress is not None:
-                progress(f"eta={cell[2]:g}")
-        return [e for r in results for e in r]
-    import concurrent.futures as futures
-    import multiprocessing
-
-    order = sorted(range(len(cells)), key=lambda i: cells[i][2])  # most steps first
-    with futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context()) as pool:
-        jobs = {i: pool.submit(_adamw_eta_cell, cells[i]) for i in order}
-        done = {}
-        for i in order:
-            done[i] = jobs[i].result()
-            if progress is not None:
-                progress(f"eta={cells[i][2]:g}")
-    return [e for i in range(len(cells)) for e in done[i]]
+    return map_etas(_adamw_eta_cell, cells, [c[2] for c in cells], workers, progress)
 
 
 def _adamw_eta_cell(cell) -> list[Estimate]:

@@ -126,28 +126,36 @@ def weak_errors(
          paths, horizon, seed, tuple(test_fns), chain, sde_step)
         for j, eta in enumerate(etas)
     ]  # fmt: skip
+    return map_etas(_eta_cell, cells, [c[3] for c in cells], workers, progress)
+
+
+def map_etas(
+    fn: Callable, cells: list, etas: Sequence[float], workers: int = 1, progress=None
+) -> list[Estimate]:
+    """``fn(cell)`` for each eta's cell, concatenated in the cells' order: in this process, or
+    in ``workers`` processes. Every cell has its own seeds (from the seed and the eta's index),
+    so the estimates do not depend on which process computes them: the results are
+    bit-identical for every N. ``progress(label)`` is called once per eta."""
     if workers <= 1:
-        results = []
-        for cell in cells:
-            results.append(_eta_cell(cell))
+        results = {}
+        for i, cell in enumerate(cells):
+            results[i] = fn(cell)
             if progress is not None:
-                progress(f"eta={cell[3]:g}")
-        return [e for r in results for e in r]
+                progress(f"eta={etas[i]:g}")
+        return [e for i in range(len(cells)) for e in results[i]]
     import concurrent.futures as futures
     import multiprocessing
 
-    # Every cell has its own seeds (from seed and the eta's index), so the estimates do not
-    # depend on which process computes them: the results are bit-identical for every N. The
-    # smallest eta (the most steps) is submitted first, so that it does not finish last.
-    order = sorted(range(len(cells)), key=lambda i: cells[i][3])
+    # The smallest eta (the most steps) is submitted first, so that it does not finish last.
+    order = sorted(range(len(cells)), key=lambda i: etas[i])
     # The platform's default start method: fork on Linux, where the workers import nothing.
     with futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context()) as pool:
-        jobs = {i: pool.submit(_eta_cell, cells[i]) for i in order}
+        jobs = {i: pool.submit(fn, cells[i]) for i in order}
         results = {}
         for i in order:
             results[i] = jobs[i].result()
             if progress is not None:
-                progress(f"eta={cells[i][3]:g}")
+                progress(f"eta={etas[i]:g}")
     return [e for i in range(len(cells)) for e in results[i]]
 
 

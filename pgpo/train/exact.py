@@ -175,21 +175,27 @@ def edge_report(sums: list[float]) -> dict:
     }
 
 
-def teacher_check(cfg, count: int, prefix: str) -> dict:
-    """The edge of a config's starting model (student and teacher are then the same weights)
-    on its first ``count`` training questions, before any training (``pgpo teacher-check``)."""
+def _starting_model(cfg, count: int):
+    """A config's first ``count`` training questions, their source, the tokenizer and the
+    starting model (student and teacher are then the same weights)."""
     from pgpo.train.data import load_split, split_specs
     from pgpo.train.model import load_model, load_tokenizer
 
     d = cfg.data
     train_spec, _ = split_specs(d.train, d.test, d.sciknoweval, d.domain)
     data = load_split(train_spec, "train", cfg.seed, d.skip_bad_rows, d.max_train)
-    questions = data.questions[:count]
     tokenizer = load_tokenizer(cfg.model.tokenizer)
     policy = Policy(load_model(cfg.model, cfg.seed)).eval()
+    return data.questions[:count], data.source, tokenizer, policy
+
+
+def teacher_check(cfg, count: int, prefix: str) -> dict:
+    """The edge of a config's starting model (student and teacher are then the same weights)
+    on its first ``count`` training questions, before any training (``pgpo teacher-check``)."""
+    questions, source, tokenizer, policy = _starting_model(cfg, count)
     p_s = p_correct(policy, tokenizer, questions, prefix, cfg.rollout.max_prompt_tokens)
     p_t = p_correct_taught(policy, tokenizer, questions, prefix, cfg.teacher.max_reprompt_tokens)
-    return {**edge_report(edge_sums(p_s, p_t)), "prefix": prefix, "source": data.source}
+    return {**edge_report(edge_sums(p_s, p_t)), "prefix": prefix, "source": source}
 
 
 def edge_lines(report: dict) -> list[str]:
@@ -250,15 +256,7 @@ def wrong_demo_check(cfg, count: int, prefix: str) -> dict:
     - ``p_gold_given_wrong``: of the gold letter when shown a wrong one (what it knows anyway);
     - ``p_student``: the student's probability of the gold letter, for scale.
     Every mean comes with its standard error over questions (paired where it is a difference)."""
-    from pgpo.train.data import load_split, split_specs
-    from pgpo.train.model import load_model, load_tokenizer
-
-    d = cfg.data
-    train_spec, _ = split_specs(d.train, d.test, d.sciknoweval, d.domain)
-    data = load_split(train_spec, "train", cfg.seed, d.skip_bad_rows, d.max_train)
-    questions = data.questions[:count]
-    tokenizer = load_tokenizer(cfg.model.tokenizer)
-    policy = Policy(load_model(cfg.model, cfg.seed)).eval()
+    questions, source, tokenizer, policy = _starting_model(cfg, count)
     pad, limit = tokenizer.pad_token_id, cfg.teacher.max_reprompt_tokens
     wrong = [wrong_letter(q, cfg.seed) for q in questions]
 
@@ -276,7 +274,7 @@ def wrong_demo_check(cfg, count: int, prefix: str) -> dict:
     p_shown_w, _ = taught(wrong, wrong)  # shown wrong, scored at the shown letter
     p_student = p_correct(policy, tokenizer, questions, prefix, cfg.rollout.max_prompt_tokens)
     zero = torch.zeros_like(p_gold)
-    out = {"questions": len(questions), "prefix": prefix, "source": data.source}
+    out = {"questions": len(questions), "prefix": prefix, "source": source}
     for name, a, b in (
         ("gap_right_minus_wrong", h_wrong, h_gold), ("entropy_gold", h_gold, zero),
         ("entropy_wrong", h_wrong, zero), ("p_shown_gold", p_gold, zero),
