@@ -11,6 +11,7 @@ from pgpo.train.data import (
     load_mmlu_science,
     load_parquet,
     load_split,
+    option_letters,
     synthetic,
 )
 from pgpo.train.model import ModelLoadError, load_model, load_tokenizer
@@ -265,5 +266,44 @@ def test_false_positives_are_logged_by_the_trainer(tmp_path):
     flipped = run(tmp_path / "q", "reward.false_positive_rate=1.0")
     assert flipped["reward"] == 1.0  # q = 1: every rollout counts as a success
     assert flipped["false_positive_share"] == pytest.approx(1.0 - flipped["reward_true"])
+    # The demonstrations are now failing rollouts too: the per-sample ground truth sees it.
+    assert flipped["demo_wrong_share"] > 0
     plain = run(tmp_path / "plain")
     assert "false_positive_share" not in plain and plain["reward"] == flipped["reward_true"]
+
+
+def test_wrong_demo_changes_only_the_demonstrations_answers():
+    """teacher.wrong_demo_share = 1: every demonstration states a wrong option's letter instead
+    of the right one; the teacher prompts differ from the honest ones in that letter alone, and
+    the student prompts and responses not at all. Each sample records whether its
+    demonstration is right."""
+    import random
+
+    from pgpo.train.config import load_config
+    from pgpo.train.rollout import Completion
+    from pgpo.train.step import Rollouts, with_demonstrations
+
+    tokenizer = load_tokenizer("qwen3")
+    questions = synthetic(6, seed=3).questions
+    texts = [[f"Thinking... <answer>{q.answer}</answer>", "<answer>no</answer>"] for q in questions]
+    rewards = [[1.0, 0.0] for _ in questions]
+    prompts = [student_prompt(tokenizer, q, 2048) for q in questions]
+    completions = [[Completion(tokenizer(t)["input_ids"]) for t in group] for group in texts]
+    rollouts = Rollouts(prompts, completions, texts, 0.0)
+
+    def build(share):
+        cfg = load_config("tiny-cpu", [f"teacher.wrong_demo_share={share}"])
+        random.seed(0)
+        return with_demonstrations(questions, rollouts, rewards, tokenizer, cfg)
+
+    honest, misled = build(0.0), build(1.0)
+    assert all(s.demo_right is True for s in honest)
+    assert all(s.demo_right is False for s in misled)
+    for i, (a, b) in enumerate(zip(honest, misled)):
+        q = questions[i // 2]
+        assert a.student_prompt == b.student_prompt and a.response == b.response
+        ta, tb = tokenizer.decode(a.teacher_prompt), tokenizer.decode(b.teacher_prompt)
+        assert len(ta) == len(tb)
+        diff = [(x, y) for x, y in zip(ta, tb) if x != y]
+        assert len(diff) == 1 and diff[0][0] == q.answer, diff  # one letter, the answer's
+        assert diff[0][1] != q.answer and diff[0][1] in option_letters(q.prompt)

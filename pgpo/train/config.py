@@ -164,6 +164,9 @@ class TeacherConfig:
     # When no sibling succeeded: "none" masks the sample out (the reference); "gold" shows the
     # reference answer as the demonstration (useful for tiny or untrained models).
     fallback_demonstration: Literal["none", "gold"] = "none"
+    # Misleading feedback for the premise study: this share of demonstrations (Python's seeded
+    # generator) has its answer replaced by a wrong option's letter, the rest of it unchanged.
+    wrong_demo_share: Annotated[float, UNIT] = 0.0
     # The EMA / frozen copy's dtype; null: the policy's. bfloat16 halves its memory, but only
     # suits a frozen teacher: an EMA step (rate 0.05 x a step of lr 1e-5) is far below bf16's
     # resolution (2^-8 of a weight) and would round away, freezing the teacher unannounced.

@@ -78,6 +78,21 @@ def with_false_positives(
     return [[1.0 if r < 1 and rng.random() < rate else r for r in group] for group in rewards]
 
 
+def with_answer(text: str, letter: str) -> str | None:
+    """``text`` with the answer :func:`extract_answer` reads (the last ``<answer>`` tag, else the
+    last ``\\boxed{}``) replaced by ``letter``, and nothing else changed; None when it has
+    neither."""
+    tags = list(_ANSWER.finditer(text))
+    if tags:
+        last = tags[-1]
+        return text[: last.start(1)] + letter + text[last.end(1) :]
+    start = text.rfind("\\boxed{")
+    if start >= 0 and last_boxed(text) is not None:
+        begin = start + len("\\boxed{")
+        return text[:begin] + letter + text[begin + len(last_boxed(text)) :]
+    return None
+
+
 def strip_thinking(text: str) -> str:
     """Remove ``<think>...</think>`` blocks (demonstrations show the answer, not the thinking)."""
     return _THINK.sub("", text).strip()

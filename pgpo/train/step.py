@@ -41,11 +41,17 @@ from pgpo.multiplier import MultiplierConfig
 from pgpo.optim import ModulatedOptimizer
 from pgpo.reduction import reduction_denominator, reduction_weights
 from pgpo.train.config import TrainConfig
-from pgpo.train.data import Question
+from pgpo.train.data import Question, option_letters
 from pgpo.train.distributed import World, full
 from pgpo.train.forward import Policy
 from pgpo.train.prompts import student_prompt, teacher_prompt
-from pgpo.train.rewards import extract_answer, reward, strip_thinking, with_false_positives
+from pgpo.train.rewards import (
+    extract_answer,
+    reward,
+    strip_thinking,
+    with_answer,
+    with_false_positives,
+)
 from pgpo.train.rollout import Completion, RolloutEngine
 from pgpo.train.teacher import Teacher, choose_demonstrations
 
@@ -88,11 +94,8 @@ def train_step(
     sums = sum_updates(updates)
     metrics = step_metrics(questions, rollouts, rewards, samples, sums, world, cfg)
     metrics.update(mean_over_updates(updates, sums))
-    if cfg.reward.false_positive_rate:  # what the verifier let through, over all ranks
-        flat = [(v, r) for vs, rs in zip(verified, rewards) for v, r in zip(vs, rs)]
-        true_sum, flipped, count = world.sum([sum(v for v, _ in flat),
-                                              sum(r != v for v, r in flat), len(flat)])  # fmt: skip
-        metrics.update(reward_true=true_sum / count, false_positive_share=flipped / count)
+    if cfg.reward.false_positive_rate or cfg.teacher.wrong_demo_share:  # misleading feedback
+        metrics.update(misleading_metrics(verified, rewards, samples, world))
     metrics.update(
         lr=optimizer.param_groups[0]["lr"],
         rollout_seconds=rollouts.seconds,
@@ -210,6 +213,7 @@ class Sample:
     response: list[int]
     trained: bool  # False: no demonstration, masked out of loss and I_k
     engine_logprobs: list[float] | None = None  # the rollout engine's, per response token
+    demo_right: bool | None = None  # its demonstration states the gold answer; None: no demo
 
 
 class StepSums(NamedTuple):
@@ -274,6 +278,8 @@ def with_demonstrations(
                 demo = f"<answer>{q.answer}</answer>"
             if demo is not None and t.strip_thinking:
                 demo = strip_thinking(demo)
+            if demo is not None and t.wrong_demo_share and random.random() < t.wrong_demo_share:
+                demo = misleading(demo, q)
             tprompt = (
                 prompt
                 if demo is None
@@ -289,9 +295,33 @@ def with_demonstrations(
                     completion.tokens or [tokenizer.pad_token_id],
                     demo is not None and len(completion.tokens) > 0,
                     completion.logprobs if completion.tokens else [0.0],
+                    None if demo is None else extract_answer(demo).answer.upper() == q.answer,
                 )
             )
     return samples
+
+
+def misleading_metrics(verified, rewards, samples: list[Sample], world: World) -> dict:
+    """Over all ranks: the verifier-free reward, the share of rollouts the verifier let through
+    wrongly, and the share of trained samples whose demonstration states a wrong answer."""
+    flat = [(v, r) for vs, rs in zip(verified, rewards) for v, r in zip(vs, rs)]
+    demos = [s.demo_right for s in samples if s.trained]
+    true_sum, flipped, count, wrong, trained = world.sum(
+        [sum(v for v, _ in flat), sum(r != v for v, r in flat), len(flat),
+         sum(not right for right in demos), len(demos)]
+    )  # fmt: skip
+    return {
+        "reward_true": true_sum / count,
+        "false_positive_share": flipped / count,
+        "demo_wrong_share": wrong / trained if trained else 0.0,
+    }
+
+
+def misleading(demo: str, question: Question) -> str:
+    """``demo`` with its answer replaced by a wrong option's letter (Python's seeded
+    generator); unchanged when it states no answer in a tag or a box."""
+    wrong = [x for x in option_letters(question.prompt) if x != question.answer]
+    return with_answer(demo, random.choice(wrong)) or demo
 
 
 def response_mask(samples: list[Sample]) -> torch.Tensor:
