@@ -145,9 +145,9 @@ def keep_freed_memory() -> None:
 
     The SDE toolkit's temporaries are a few MB each (``[paths, batches]`` float64). glibc serves
     such a block with a fresh ``mmap`` and unmaps it when it is freed, so every temporary pays
-    page faults for all of its pages: on the 2-core machine C8's ballistic cells took 38 s
-    instead of 23 s. Raising the mmap threshold (to glibc's 32 MiB maximum) and the trim
-    threshold keeps them on the heap. Results are unchanged; elsewhere than glibc, a no-op.
+    page faults for all of its pages. Raising the mmap threshold (to glibc's 32 MiB maximum) and
+    the trim threshold keeps them on the heap: C8's ballistic cells take 0.45 of the time
+    (``benchmarks/bench_report.py``). Results are unchanged; elsewhere than glibc, a no-op.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
