@@ -11,6 +11,15 @@ memory" is the peak RSS during the call minus the RSS before it (the inputs are 
 
     python benchmarks/bench_core.py                       # vocab 151,936, 4,096 tokens
     python benchmarks/bench_core.py --tokens 512 --vocab 32000
+    python benchmarks/bench_core.py --head 128 --tokens 1024     # the LM head against its floor
+
+With ``--head H`` it measures the training step's fused head instead
+(:func:`pgpo.distill.head_divergence` from float32 hidden states ``[tokens, H]`` and a head
+``[V, H]``, the loss's gradient and both entropies) against its floor: the four bare matmuls of
+the same shapes over all tokens at once (teacher logits ``h_t W^T``, student logits ``h_s W^T``,
+and the two backward products ``G W`` and ``G^T h_s``) into preallocated buffers, nothing else
+(it needs ``[tokens, V]`` buffers the chunked loss never holds). It prints chunked / floor
+(target <= 1.5) for full-vocabulary reverse KL and for the default top-100 JSD.
 
 If the naive version cannot fit in this machine's memory at the requested size, both versions
 are compared at the largest token count where it fits (memory and time of both are linear in
@@ -89,6 +98,72 @@ def chunked(student, teacher, mask, chunk_size):
     return loss.detach(), gap.info
 
 
+HEAD_LOSSES = {"reverse-kl": (1.0, None), "jsd-top100": (BETA, TOPK)}
+
+
+def head_worker(variant: str, tokens: int, vocab: int, hidden: int, chunk_size: int) -> dict:
+    """Seconds of the fused head loss (``variant`` a key of HEAD_LOSSES) or of its floor, the
+    same matmuls alone (``variant="floor"``), on seeded float32 inputs, after one warm-up."""
+    import torch
+
+    from pgpo.cli_util import keep_freed_memory
+    from pgpo.distill import head_divergence
+
+    keep_freed_memory()  # as `pgpo train` does at start-up
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    weight = (torch.randn(vocab, hidden, generator=g) / hidden**0.5).requires_grad_(True)
+    h_s = torch.randn(tokens, hidden, generator=g).requires_grad_(True)
+    h_t = torch.randn(tokens, hidden, generator=g)
+    token_w = torch.full((tokens,), 1.0 / tokens)
+
+    def loss_pass():
+        beta, topk = HEAD_LOSSES[variant]
+        loss, ent_s, ent_t = head_divergence(h_s, weight, h_t, weight.detach(), token_w, beta,
+                                             topk, chunk_size=chunk_size)  # fmt: skip
+        loss.backward()
+        return float(loss), float((ent_s - ent_t).mean())
+
+    def floor_pass():
+        # The same four products over all tokens at once, into preallocated [tokens, V] buffers.
+        w, hs = weight.detach(), h_s.detach()
+        torch.mm(h_t, w.T, out=logits)  # teacher logits
+        torch.mm(hs, w.T, out=logits)  # student logits
+        torch.mm(grad_logits, w, out=grad_h)  # d loss / d h_s
+        torch.mm(grad_logits.T, hs, out=grad_w)  # d loss / d W
+        return None, None
+
+    if variant == "floor":
+        logits = torch.empty(tokens, vocab)
+        grad_logits = torch.randn(tokens, vocab, generator=g)
+        grad_h, grad_w = torch.empty(tokens, hidden), torch.empty(vocab, hidden)
+    run = floor_pass if variant == "floor" else loss_pass
+    run()  # warm-up: kernels, allocator
+    weight.grad = h_s.grad = None
+    start = time.perf_counter()
+    loss, info = run()
+    seconds = time.perf_counter() - start
+    return dict(variant=variant, tokens=tokens, seconds=seconds, loss=loss, info=info)
+
+
+def head_main(args) -> int:
+    """The fused head against its floor (``--head H``)."""
+    print(f"LM head: {args.tokens:,} tokens, hidden {args.head}, vocab {args.vocab:,}, float32, "
+          f"chunks of {args.chunk_size} tokens; loss forward+backward with both entropies")  # fmt: skip
+    rows = {v: measure(v, args.tokens, args.vocab, args.chunk_size, args.head)
+            for v in ("floor", *HEAD_LOSSES)}  # fmt: skip
+    floor = rows["floor"]["seconds"]
+    print(f"{'version':12s} {'seconds':>8s} {'/ floor':>8s} {'loss':>10s} {'I':>10s}")
+    for name, r in rows.items():
+        values = "" if r["loss"] is None else f"{r['loss']:10.6f} {r['info']:10.6f}"
+        print(f"{name:12s} {r['seconds']:8.2f} {r['seconds'] / floor:8.2f} {values}")
+    for name in HEAD_LOSSES:
+        ratio = rows[name]["seconds"] / floor
+        print(f"{name} chunked / floor: {ratio:.2f} (target <= 1.5) "
+              f"{'OK' if ratio <= 1.5 else 'MISSED'}")  # fmt: skip
+    return 0
+
+
 def worker(variant: str, tokens: int, vocab: int, chunk_size: int) -> dict:
     import torch
 
@@ -121,7 +196,7 @@ def worker(variant: str, tokens: int, vocab: int, chunk_size: int) -> dict:
     )
 
 
-def measure(variant: str, tokens: int, vocab: int, chunk_size: int) -> dict:
+def measure(variant: str, tokens: int, vocab: int, chunk_size: int, head: int = 0) -> dict:
     cmd = [
         sys.executable,
         __file__,
@@ -133,6 +208,8 @@ def measure(variant: str, tokens: int, vocab: int, chunk_size: int) -> dict:
         str(vocab),
         "--chunk-size",
         str(chunk_size),
+        "--head",
+        str(head),
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -151,15 +228,23 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--vocab", type=int, default=151_936)
     p.add_argument("--chunk-size", type=int, default=None, help="default: pgpo's default")
-    p.add_argument("--worker", choices=["naive", "chunked"], help=argparse.SUPPRESS)
+    p.add_argument("--head", type=int, default=0, help="hidden size: time the fused LM head")
+    p.add_argument("--worker", choices=["naive", "chunked", "floor", *HEAD_LOSSES],
+                   help=argparse.SUPPRESS)  # fmt: skip
     args = p.parse_args(argv)
     if args.chunk_size is None:
         from pgpo.reduction import DEFAULT_CHUNK_SIZE
 
         args.chunk_size = DEFAULT_CHUNK_SIZE
+    if args.worker and args.head:
+        print(json_text(head_worker(args.worker, args.tokens, args.vocab, args.head,
+                                    args.chunk_size)))  # fmt: skip
+        return 0
     if args.worker:
         print(json_text(worker(args.worker, args.tokens, args.vocab, args.chunk_size)))
         return 0
+    if args.head:
+        return head_main(args)
 
     gib = 2**30
     # Size the naive run: measure it small, scale linearly, keep 15 % of free memory spare.

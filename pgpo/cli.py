@@ -27,6 +27,7 @@ from pgpo.cli_util import (
     alpha_arg,
     check_output,
     json_text,
+    keep_freed_memory,
     output_files,
     positive_float,
     positive_int,
@@ -407,6 +408,7 @@ def _main(argv: list[str] | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    keep_freed_memory()  # the LM head's [chunk, V] temporaries: see keep_freed_memory
     return run(_main, "pgpo", argv)
 
 

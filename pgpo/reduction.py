@@ -14,10 +14,12 @@ import torch
 # What a per-token quantity is reduced to: the mean over masked tokens, the mean over sequences
 # of each sequence's token mean, or the plain masked sum.
 Reduction = Literal["token_mean", "seq_mean", "sum"]
-# Tokens per chunk. 16 x 151,936 float32 is 9.7 MB per buffer: small enough that the allocator
-# reuses it (no page faults per chunk) and fast on CPU. On a GPU, larger chunks (128-512) amortise
-# kernel launches; peak extra memory is about 10 buffers of chunk_size x V float32.
-DEFAULT_CHUNK_SIZE = 16
+# Tokens per chunk. 32 x 151,936 float32 is 19 MB per buffer: under glibc's 32 MiB mmap
+# ceiling, so the allocator reuses it (no page faults per chunk; see keep_freed_memory), while
+# CPU matmuls of 32 rows run at about 1.5x the cost per token of whole-matrix ones (16 rows: 2x;
+# benchmarks/bench_core.py --head). On a GPU, larger chunks (128-512) amortise kernel launches;
+# peak extra memory is about 10 buffers of chunk_size x V float32.
+DEFAULT_CHUNK_SIZE = 32
 
 
 def flatten(

@@ -183,7 +183,7 @@ class LossConfig:
     add_tail: bool = True  # with topk: one bucket for the rest
     temperature: Positive = 1.0  # on both sides' logits
     reduction: Literal["seq_mean", "token_mean"] = "seq_mean"  # seq_mean: the reference's
-    chunk_size: Count = 16  # tokens per LM-head chunk (memory)
+    chunk_size: Count = 32  # tokens per LM-head chunk (memory, and speed: see docs/trainer.md)
     micro_batch: Count = 1  # sequences per forward pass
     # With optim.updates_per_batch > 1: each token's loss times min(p_now / p_old, is_cap),
     # detached, p_old the policy's probability of the token before the batch's first update
