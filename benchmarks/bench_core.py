@@ -148,8 +148,9 @@ def head_worker(variant: str, tokens: int, vocab: int, hidden: int, chunk_size: 
 
 def head_main(args) -> int:
     """The fused head against its floor (``--head H``)."""
-    print(f"LM head: {args.tokens:,} tokens, hidden {args.head}, vocab {args.vocab:,}, float32, "
-          f"chunks of {args.chunk_size} tokens; loss forward+backward with both entropies")  # fmt: skip
+    print(f"LM head: {args.tokens:,} tokens, hidden {args.head}, vocab {args.vocab:,}, "
+          f"float32, chunks of {args.chunk_size} tokens; loss forward+backward with both "
+          "entropies")  # fmt: skip
     rows = {v: measure(v, args.tokens, args.vocab, args.chunk_size, args.head)
             for v in ("floor", *HEAD_LOSSES)}  # fmt: skip
     floor = rows["floor"]["seconds"]
