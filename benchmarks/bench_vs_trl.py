@@ -45,8 +45,8 @@ EQUAL = [
     "model: the same saved Qwen3ForCausalLM (vocab 151,936, hidden 128, 2 layers, tied), float32",
     "questions: the same synthetic ones, the same system and user messages, Qwen3's chat template "
     "without thinking; 2 rollouts per question",
-    "generation: one HF generate per step, temperature 1, top-p 1, exactly the response length "
-    "(EOS never sampled: a random model)",
+    "generation: one HF generate per step, temperature 1, top-p 1, up to the response length "
+    "(a random model seldom samples an end token: pgpo's mean length is printed each step)",
     "teacher: EMA at rate 0.05 of the student, updated after every step; its prompt is the "
     "question plus a sibling's response (every rollout rewarded 1, own success not reused)",
     "loss: full-vocabulary reverse KL(student || teacher) per token (pgpo loss.beta=1 "
