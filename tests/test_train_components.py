@@ -268,6 +268,8 @@ def test_false_positives_are_logged_by_the_trainer(tmp_path):
     assert flipped["false_positive_share"] == pytest.approx(1.0 - flipped["reward_true"])
     # The demonstrations are now failing rollouts too: the per-sample ground truth sees it.
     assert flipped["demo_wrong_share"] > 0
+    # ... and I_k over the samples with a wrong demonstration is logged beside the share
+    assert isinstance(flipped["info_demo_wrong"], float) and "info_demo_right" in flipped
     plain = run(tmp_path / "plain")
     assert "false_positive_share" not in plain and plain["reward"] == flipped["reward_true"]
 
@@ -307,3 +309,57 @@ def test_wrong_demo_changes_only_the_demonstrations_answers():
         diff = [(x, y) for x, y in zip(ta, tb) if x != y]
         assert len(diff) == 1 and diff[0][0] == q.answer, diff  # one letter, the answer's
         assert diff[0][1] != q.answer and diff[0][1] in option_letters(q.prompt)
+
+
+def test_i_k_split_by_the_demonstrations_truth_is_eq8_over_each_group(tmp_path, sharp_model):
+    """On the sharp model (student and teacher differ by ~1e-3 nats a token), with half the
+    demonstrations misleading, the step's sums of I_k over the samples with a
+    right demonstration and over those with a wrong one equal a direct computation: full logits
+    of each sample's student and teacher sequences, entropies in float64, the token mean of the
+    gap over each group's response tokens (info_reduction token_mean)."""
+    import random
+
+    import torch
+
+    from pgpo.train.config import load_config
+    from pgpo.train.loop import Run
+    from pgpo.train.step import loss_and_entropies, sample_rollouts, score, with_demonstrations
+
+    cfg = load_config("tiny-cpu", [f"output.dir={tmp_path}", f"model.path={sharp_model}",
+                                   "teacher.wrong_demo_share=0.5", "batch_size=8",
+                                   "loss.micro_batch=3"])  # fmt: skip
+    run = Run(cfg)
+    questions, _ = run.next_questions()
+    random.seed(1)
+    rollouts = sample_rollouts(questions, run.tokenizer, run.engine, cfg, None)
+    samples = with_demonstrations(questions, rollouts, score(questions, rollouts, cfg),
+                                  run.tokenizer, cfg)  # fmt: skip
+    truths = [s.demo_right for s in samples if s.trained]
+    assert True in truths and False in truths  # both groups present
+    pad = run.tokenizer.pad_token_id
+    sums = loss_and_entropies(samples, run.policy, run.teacher, pad, cfg, run.world,
+                              with_entropies=True)  # fmt: skip
+
+    def entropies(prompt, response):  # at step 0 the EMA teacher is the student's weights
+        with torch.no_grad():
+            logits = run.policy.lm(torch.tensor([prompt + response])).logits[0].double()
+        rows = logits[len(prompt) - 1 : len(prompt) - 1 + len(response)]
+        return -(rows.softmax(-1) * rows.log_softmax(-1)).sum(-1)
+
+    gaps = {True: [], False: []}
+    for s in samples:
+        if s.trained:
+            gap = entropies(s.student_prompt, s.response) - entropies(s.teacher_prompt, s.response)
+            gaps[s.demo_right] += gap.tolist()
+    tokens = sum(len(g) for g in gaps.values())
+    assert sums.trained_tokens == tokens
+    for truth, (info, weight) in {True: (sums.info_right, sums.weight_right),
+                                  False: (sums.info_wrong, sums.weight_wrong)}.items():  # fmt: skip
+        assert weight == pytest.approx(len(gaps[truth]) / tokens, rel=1e-6)
+        # float32 entropies of a few nats: ~1e-6 each, against a group mean gap of ~1e-3
+        expected = sum(gaps[truth]) / len(gaps[truth])
+        assert abs(expected) > 1e-4 and info / weight == pytest.approx(expected, abs=2e-5)
+    assert sums.info == pytest.approx(sums.info_right + sums.info_wrong, abs=1e-9)
+    assert sums.info_right / sums.weight_right != pytest.approx(
+        sums.info_wrong / sums.weight_wrong, abs=2e-5
+    )  # two different groups, told apart

@@ -95,7 +95,7 @@ def train_step(
     metrics = step_metrics(questions, rollouts, rewards, samples, sums, world, cfg)
     metrics.update(mean_over_updates(updates, sums))
     if cfg.reward.false_positive_rate or cfg.teacher.wrong_demo_share:  # misleading feedback
-        metrics.update(misleading_metrics(verified, rewards, samples, world))
+        metrics.update(misleading_metrics(verified, rewards, samples, world, sums))
     metrics.update(
         lr=optimizer.param_groups[0]["lr"],
         rollout_seconds=rollouts.seconds,
@@ -230,6 +230,12 @@ class StepSums(NamedTuple):
     modulated_sum: float  # ... and of w_t rho(I_t), whose ratio renormalised the gradient
     is_ratio_sum: float  # several updates per batch: the clipped IS weights' ratio sum ...
     is_clipped: float  # ... and how many were clipped
+    # Eq. 8's weighted gap sum and weight sum over samples whose demonstration states the gold
+    # answer, and over those whose demonstration states a wrong one (the premise's diagnostic)
+    info_right: float
+    weight_right: float
+    info_wrong: float
+    weight_wrong: float
     trained_tokens: float
 
     MEANS = ("loss", "info", "entropy_student", "entropy_teacher")  # the rest are counts
@@ -301,9 +307,13 @@ def with_demonstrations(
     return samples
 
 
-def misleading_metrics(verified, rewards, samples: list[Sample], world: World) -> dict:
+def misleading_metrics(
+    verified, rewards, samples: list[Sample], world: World, sums: StepSums
+) -> dict:
     """Over all ranks: the verifier-free reward, the share of rollouts the verifier let through
-    wrongly, and the share of trained samples whose demonstration states a wrong answer."""
+    wrongly, the share of trained samples whose demonstration states a wrong answer, and I_k
+    over the samples with a right demonstration and over those with a wrong one (None where a
+    group is empty or I_k was not computed)."""
     flat = [(v, r) for vs, rs in zip(verified, rewards) for v, r in zip(vs, rs)]
     demos = [s.demo_right for s in samples if s.trained]
     true_sum, flipped, count, wrong, trained = world.sum(
@@ -314,6 +324,8 @@ def misleading_metrics(verified, rewards, samples: list[Sample], world: World) -
         "reward_true": true_sum / count,
         "false_positive_share": flipped / count,
         "demo_wrong_share": wrong / trained if trained else 0.0,
+        "info_demo_right": sums.info_right / sums.weight_right if sums.weight_right else None,
+        "info_demo_wrong": sums.info_wrong / sums.weight_wrong if sums.weight_wrong else None,
     }
 
 
@@ -382,8 +394,8 @@ def loss_and_entropies(
     # The engine's log-probs, for the truncated importance-sampling correction (vLLM).
     behaviour = engine_logprobs(samples) if cfg.rollout.tis_cap is not None else None
     # loss, I_k, H_S, H_T (Eq. 8's sums), TIS ratio sum, TIS clipped, sum w, sum w rho,
-    # clipped-IS ratio sum, clipped-IS clipped
-    totals = [0.0] * 10
+    # clipped-IS ratio sum, clipped-IS clipped, and I_k's sums split by the demonstration's truth
+    totals = [0.0] * 14
     for start in range(0, len(samples), cfg.loss.micro_batch):
         mb = samples[start : start + cfg.loss.micro_batch]
         rows = slice(start, start + len(mb))
@@ -407,13 +419,12 @@ def loss_and_entropies(
         out = policy([s.student_prompt for s in mb], responses, pad, student_loss)
         # FSDP2 averages gradients over ranks; this rank's loss is its share of the batch's.
         (out.loss * world.size).backward()
-        gap = (
-            weighted_entropy_gap(out.h_student, out.h_teacher, info_w[rows, :t_mb])
-            if with_entropies
-            else (0.0, 0.0, 0.0)
-        )
+        gap, by_demo = (0.0, 0.0, 0.0), (0.0,) * 4
+        if with_entropies:
+            gap = weighted_entropy_gap(out.h_student, out.h_teacher, info_w[rows, :t_mb])
+            by_demo = gap_by_demonstration(out.h_student, out.h_teacher, info_w[rows, :t_mb], mb)
         parts = (out.loss.item(), *gap, out.tis_ratio_sum, out.tis_clipped, *out.weight_sums,
-                 out.is_ratio_sum, out.is_clipped)  # fmt: skip
+                 out.is_ratio_sum, out.is_clipped, *by_demo)  # fmt: skip
         totals = [total + float(part) for total, part in zip(totals, parts)]
         del teacher_hidden, teacher_head
     totals = world.sum(totals)
@@ -424,6 +435,20 @@ def loss_and_entropies(
                 p.grad.mul_(scale)
         totals[0] *= scale
     return StepSums(*totals, trained_tokens)
+
+
+def gap_by_demonstration(
+    h_student: torch.Tensor, h_teacher: torch.Tensor, weights: torch.Tensor, samples: list[Sample]
+) -> tuple[float, float, float, float]:
+    """Eq. 8's sums restricted to the samples whose demonstration states the gold answer and to
+    those whose demonstration states a wrong one: ``(sum w gap, sum w)`` for each, from per-token
+    entropies and weights ``[B, T]``. Their ratios are I_k over each group."""
+    out = []
+    for truth in (True, False):
+        pick = torch.tensor([s.demo_right is truth for s in samples], dtype=weights.dtype)
+        w = weights * pick.to(weights.device).unsqueeze(-1)
+        out += [float(weighted_entropy_gap(h_student, h_teacher, w)[0]), float(w.sum())]
+    return tuple(out)
 
 
 class DistillOutput(NamedTuple):
