@@ -1,7 +1,7 @@
 """LoRA through the real peft (``model.lora``) on ``tiny-cpu``: only the adapters train, the EMA
 teacher is an EMA of the adapters over the shared base (and a frozen one is the base), a resumed
 run is bit-identical to a straight one, and the exported model is the merged one.
-(FSDP2 with LoRA: tests/test_distributed.py; vLLM after a push: tests/test_vllm.py.)"""
+(FSDP2 with LoRA: tests/test_launch.py; vLLM after a push: tests/test_vllm.py.)"""
 
 from __future__ import annotations
 

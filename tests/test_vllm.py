@@ -303,7 +303,7 @@ def test_importance_ratio_is_one_at_temperature_and_top_p(tmp_path):
 
 
 def test_two_ranks_given_the_same_prompt_draw_different_samples_with_vllm(tmp_path):
-    from tests.test_distributed import rank_samples
+    from tests.test_launch import rank_samples
 
     first, second = rank_samples(tmp_path, *VLLM_TINY, "fsdp.compute_dtype=float32")
     assert len(first) == len(second) == 4 and first != second
