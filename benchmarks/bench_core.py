@@ -101,7 +101,9 @@ def chunked(student, teacher, mask, chunk_size):
 HEAD_LOSSES = {"reverse-kl": (1.0, None), "jsd-top100": (BETA, TOPK)}
 
 
-def head_worker(variant: str, tokens: int, vocab: int, hidden: int, chunk_size: int) -> dict:
+def head_worker(
+    variant: str, tokens: int, vocab: int, hidden: int, chunk_size: int, glibc_defaults: bool
+) -> dict:
     """Seconds of the fused head loss (``variant`` a key of HEAD_LOSSES) or of its floor, the
     same matmuls alone (``variant="floor"``), on seeded float32 inputs, after one warm-up."""
     import torch
@@ -109,7 +111,8 @@ def head_worker(variant: str, tokens: int, vocab: int, hidden: int, chunk_size: 
     from pgpo.cli_util import keep_freed_memory
     from pgpo.distill import head_divergence
 
-    keep_freed_memory()  # as `pgpo train` does at start-up
+    if not glibc_defaults:
+        keep_freed_memory()  # as `pgpo train` does at start-up
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
     weight = (torch.randn(vocab, hidden, generator=g) / hidden**0.5).requires_grad_(True)
@@ -124,8 +127,13 @@ def head_worker(variant: str, tokens: int, vocab: int, hidden: int, chunk_size: 
         loss.backward()
         return float(loss), float((ent_s - ent_t).mean())
 
+    if variant == "floor":  # preallocated [tokens, V] buffers, outside the timed pass
+        logits = torch.empty(tokens, vocab)
+        grad_logits = torch.randn(tokens, vocab, generator=g)
+        grad_h, grad_w = torch.empty(tokens, hidden), torch.empty(vocab, hidden)
+
     def floor_pass():
-        # The same four products over all tokens at once, into preallocated [tokens, V] buffers.
+        # The same four products over all tokens at once, nothing else.
         w, hs = weight.detach(), h_s.detach()
         torch.mm(h_t, w.T, out=logits)  # teacher logits
         torch.mm(hs, w.T, out=logits)  # student logits
@@ -133,10 +141,6 @@ def head_worker(variant: str, tokens: int, vocab: int, hidden: int, chunk_size: 
         torch.mm(grad_logits.T, hs, out=grad_w)  # d loss / d W
         return None, None
 
-    if variant == "floor":
-        logits = torch.empty(tokens, vocab)
-        grad_logits = torch.randn(tokens, vocab, generator=g)
-        grad_h, grad_w = torch.empty(tokens, hidden), torch.empty(vocab, hidden)
     run = floor_pass if variant == "floor" else loss_pass
     run()  # warm-up: kernels, allocator
     weight.grad = h_s.grad = None
@@ -151,8 +155,8 @@ def head_main(args) -> int:
     print(f"LM head: {args.tokens:,} tokens, hidden {args.head}, vocab {args.vocab:,}, "
           f"float32, chunks of {args.chunk_size} tokens; loss forward+backward with both "
           "entropies")  # fmt: skip
-    rows = {v: measure(v, args.tokens, args.vocab, args.chunk_size, args.head)
-            for v in ("floor", *HEAD_LOSSES)}  # fmt: skip
+    rows = {v: measure(v, args.tokens, args.vocab, args.chunk_size, args.head,
+                       args.glibc_defaults) for v in ("floor", *HEAD_LOSSES)}  # fmt: skip
     floor = rows["floor"]["seconds"]
     print(f"{'version':12s} {'seconds':>8s} {'/ floor':>8s} {'loss':>10s} {'I':>10s}")
     for name, r in rows.items():
@@ -197,7 +201,9 @@ def worker(variant: str, tokens: int, vocab: int, chunk_size: int) -> dict:
     )
 
 
-def measure(variant: str, tokens: int, vocab: int, chunk_size: int, head: int = 0) -> dict:
+def measure(
+    variant: str, tokens: int, vocab: int, chunk_size: int, head: int = 0, glibc: bool = False
+) -> dict:
     cmd = [
         sys.executable,
         __file__,
@@ -211,6 +217,7 @@ def measure(variant: str, tokens: int, vocab: int, chunk_size: int, head: int = 
         str(chunk_size),
         "--head",
         str(head),
+        *(["--glibc-defaults"] if glibc else []),
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -230,6 +237,8 @@ def main(argv=None) -> int:
     p.add_argument("--vocab", type=int, default=151_936)
     p.add_argument("--chunk-size", type=int, default=None, help="default: pgpo's default")
     p.add_argument("--head", type=int, default=0, help="hidden size: time the fused LM head")
+    p.add_argument("--glibc-defaults", action="store_true",
+                   help="with --head: leave malloc as it is (no keep_freed_memory)")  # fmt: skip
     p.add_argument("--worker", choices=["naive", "chunked", "floor", *HEAD_LOSSES],
                    help=argparse.SUPPRESS)  # fmt: skip
     args = p.parse_args(argv)
@@ -239,7 +248,7 @@ def main(argv=None) -> int:
         args.chunk_size = DEFAULT_CHUNK_SIZE
     if args.worker and args.head:
         print(json_text(head_worker(args.worker, args.tokens, args.vocab, args.head,
-                                    args.chunk_size)))  # fmt: skip
+                                    args.chunk_size, args.glibc_defaults)))  # fmt: skip
         return 0
     if args.worker:
         print(json_text(worker(args.worker, args.tokens, args.vocab, args.chunk_size)))

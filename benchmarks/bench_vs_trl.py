@@ -109,7 +109,7 @@ def pgpo_worker(model: Path, tokens: int, responses: int, defaults: bool) -> Non
         "optim.warmup_steps=0",
         "optim.weight_decay=0.0",
         "optim.grad_clip=1.0",
-        f"output.dir={tempfile.mkdtemp(prefix='pgpo-vs-trl-')}",
+        f"output.dir={model.parent / f'pgpo-{os.getpid()}'}",  # in the parent's scratch folder
     ]
     if not defaults:
         overrides += ["loss.beta=1.0", "loss.topk=null", "pgpo.enabled=false",
@@ -184,7 +184,7 @@ def trl_worker(model: Path, tokens: int, responses: int, steps: int) -> None:
     questions = sampler.next(responses // ROLLOUTS * steps)
     data = Dataset.from_dict({"prompt": [messages(q) for q in questions]})
     args = SDPOConfig(
-        output_dir=tempfile.mkdtemp(prefix="trl-vs-pgpo-"),
+        output_dir=str(model.parent / f"trl-{os.getpid()}"),  # in the parent's scratch folder
         per_device_train_batch_size=responses,
         gradient_accumulation_steps=1,
         num_generations=ROLLOUTS,
@@ -323,7 +323,7 @@ def main(argv=None) -> int:
         print(f"- {line}")
     results = {}
     with tempfile.TemporaryDirectory() as folder:
-        model = save_model(Path(folder))
+        model = save_model(Path(folder) / "model")
         for tokens in args.tokens:
             results[tokens] = compare(model, tokens, RESPONSES[tokens], args.steps)
     print(f"\n{'tokens':>6s} {'system':14s} {'s/step':>7s} {'generate':>9s} {'rest':>6s} "

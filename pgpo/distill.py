@@ -218,11 +218,12 @@ def _divergence_chunks(
             x_t = x_t @ teacher_head.T
         x_t = _scaled(x_t, spec.temperature)
         student_rows = student.index_select(0, rows)
+        # Outside grad mode: the gradient is taken w.r.t. these logits, not through the head.
+        x_s = (student_rows if student_head is None else student_rows @ student_head.T).detach()
         w = None if weights is None else weights.index_select(0, rows).float()
         y = None if targets is None else targets.index_select(0, rows)
         if _has_closed_form(spec):
-            x_s = student_rows if student_head is None else student_rows @ student_head.T
-            x_s = _scaled(x_s.detach(), spec.temperature)
+            x_s = _scaled(x_s, spec.temperature)
             d, entropies, grad = _closed_form_kl(x_s, x_t, spec.beta, with_entropy, w, need_grad)
             if grad is not None and spec.temperature != 1.0:
                 grad.div_(spec.temperature)  # d/dx of f(x / T)
@@ -230,7 +231,6 @@ def _divergence_chunks(
             yield _Chunk(rows, student_rows, d, total, grad, entropies)
             continue
         with torch.enable_grad():
-            x_s = student_rows if student_head is None else student_rows @ student_head.T
             x_s = x_s.float().requires_grad_(need_grad)
             d, entropies = _chunk_divergence(x_s / spec.temperature, x_t, spec, with_entropy, y)
             total = d.sum() if w is None else (w * d).sum()

@@ -94,7 +94,7 @@ def train_step(
     sums = sum_updates(updates)
     metrics = step_metrics(questions, rollouts, rewards, samples, sums, world, cfg)
     metrics.update(mean_over_updates(updates, sums))
-    if cfg.reward.false_positive_rate or cfg.teacher.wrong_demo_share:  # misleading feedback
+    if misleading_feedback(cfg):
         metrics.update(misleading_metrics(verified, rewards, samples, world, sums))
     metrics.update(
         lr=optimizer.param_groups[0]["lr"],
@@ -307,6 +307,12 @@ def with_demonstrations(
     return samples
 
 
+def misleading_feedback(cfg: TrainConfig) -> bool:
+    """Some demonstrations may be wrong on purpose: a verifier with false positives or
+    demonstrations with a swapped answer (the premise study's settings)."""
+    return bool(cfg.reward.false_positive_rate or cfg.teacher.wrong_demo_share)
+
+
 def misleading_metrics(
     verified, rewards, samples: list[Sample], world: World, sums: StepSums
 ) -> dict:
@@ -422,6 +428,7 @@ def loss_and_entropies(
         gap, by_demo = (0.0, 0.0, 0.0), (0.0,) * 4
         if with_entropies:
             gap = weighted_entropy_gap(out.h_student, out.h_teacher, info_w[rows, :t_mb])
+        if with_entropies and misleading_feedback(cfg):  # only such runs log the split
             by_demo = gap_by_demonstration(out.h_student, out.h_teacher, info_w[rows, :t_mb], mb)
         parts = (out.loss.item(), *gap, out.tis_ratio_sum, out.tis_clipped, *out.weight_sums,
                  out.is_ratio_sum, out.is_clipped, *by_demo)  # fmt: skip
