@@ -221,14 +221,14 @@ def _cmd_export(args) -> int:
 def _cmd_study(args) -> int:
     from pathlib import Path
 
-    from pgpo.demo.study import METHODS, SETTINGS, StudyPlan, run_study
+    from pgpo.demo.study import DEFAULT_SETTINGS, METHODS, StudyPlan, run_study
     from pgpo.demo.warmstart import WarmStartConfig
     from pgpo.train.config import load_config
 
     plan = StudyPlan(
         Path(args.out),
         methods=args.methods or list(METHODS),
-        settings=args.settings or list(SETTINGS),
+        settings=args.settings or list(DEFAULT_SETTINGS),
         seeds=list(range(args.seeds or (1 if args.quick else 3))),
         overrides=list(args.overrides),
         workers=args.workers,
@@ -385,7 +385,12 @@ def build_parser() -> ArgumentParser:
     st = sub.add_parser("study", help="methods x settings x paired seeds: when modulation helps")
     st.add_argument("--out", default="runs/study", help="output folder (runs, figures, summary)")
     st.add_argument("--methods", type=_names, default=None, help="comma-separated (all)")
-    st.add_argument("--settings", type=_names, default=None, help="learn,collapse (both)")
+    st.add_argument(
+        "--settings",
+        type=_names,
+        default=None,
+        help="learn,collapse (the default), noisy,wrong-demo (the premise's)",
+    )
     st.add_argument("--seeds", type=positive_int, default=None, help="seeds (3; --quick: 1)")
     st.add_argument("--workers", type=positive_int, default=2, help="runs in parallel")
     st.add_argument("--cache", default=None, help="warm-start cache (default ~/.cache/pgpo)")

@@ -315,6 +315,46 @@ def claim_c7_stability(study_file: Path | None) -> Check:
     return Check("C7.stability", title, verdict, text, numbers)
 
 
+PREMISE_SETTINGS = ("noisy", "wrong-demo")
+
+
+def claim_c9_premise(premise_file: Path | None) -> Check:
+    """C9 read from the summary.json of ``pgpo study --settings noisy,wrong-demo``: in each
+    setting, whether samples with a right demonstration have a larger entropy gap than those
+    with a wrong one (by more than 2 standard errors clustered by question) and whether the
+    batch's ``I_k`` rises with its share of right demonstrations (the 95 % interval of the
+    within-run correlation above 0). Holds where both do in every setting; fails where neither
+    does in any; conditional otherwise."""
+    cid, title = "C9.premise", "C9: I_k marks informative feedback"
+    if premise_file is None or not Path(premise_file).exists():
+        missing = ("no premise study found (pgpo study --settings noisy,wrong-demo --out "
+                   "runs/premise writes runs/premise/summary.json)")  # fmt: skip
+        return Check(cid, title, NOT_MEASURED, missing)
+    data = json.loads(Path(premise_file).read_text())
+    found = {s: data["settings"][s].get("premise", {}) for s in PREMISE_SETTINGS
+             if s in data.get("settings", {})}  # fmt: skip
+    found = {s: p for s, p in found.items() if "gap_difference" in p}
+    if data.get("quick") or not found:
+        why = "a --quick study" if data.get("quick") else "no noisy or wrong-demo setting"
+        return Check(cid, title, NOT_MEASURED, f"{premise_file}: {why}")
+    parts, marks, numbers = [], [], {}
+    for setting, p in found.items():
+        diff, se, r = p["gap_difference"], p["gap_difference_se"], p["r_share_right"]
+        by_gap, by_batch = diff > 2 * se, r["ci_low"] > 0
+        marks += [by_gap, by_batch]
+        numbers[setting] = {"gap_difference": diff, "gap_difference_se": se, "r": r["r"],
+                            "r_ci": [r["ci_low"], r["ci_high"]], "samples": p["samples"],
+                            "runs": p["runs"]}  # fmt: skip
+        parts.append(
+            f"{setting}: gap(right) - gap(wrong) = {diff:+.4f} +- {se:.4f} nats (clustered by "
+            f"question, {p['samples']:,} samples), r(I_k, share right) = {r['r']:+.2f} "
+            f"[{r['ci_low']:+.2f}, {r['ci_high']:+.2f}] over {r['runs']} runs"
+        )
+    verdict = HOLDS if all(marks) else (CONDITIONAL if any(marks) else FAILS)
+    text = "; ".join(parts) + f" (from {premise_file})"
+    return Check(cid, title, verdict, text, numbers)
+
+
 ADAMW_SCALINGS = {
     "malladi": "1 - beta_i = c_i eta^2, time k eta^2, noise and eps scaled by 1/eta "
     "(Malladi et al. 2022)",
@@ -406,6 +446,7 @@ def all_claims(
     progress=None,
     study_file=None,
     workers: int = 1,
+    premise_file=None,
 ) -> list[Check]:
     effort = Effort.of(quick, workers)
     steps = [
@@ -417,6 +458,7 @@ def all_claims(
         lambda: claim_c5_rho_ge_1(mult, effort, out, log_infos, log_source),
         lambda: claim_c6_overhead(bench_file),
         lambda: claim_c7_stability(study_file),
+        lambda: claim_c9_premise(premise_file),
         *(lambda r=regime: claim_c8_adamw(mult, effort, out, r) for regime, _ in effort.adamw_etas),
     ]
     results = []

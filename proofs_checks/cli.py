@@ -32,6 +32,7 @@ from sde.problems import make_problem
 
 DEFAULT_BENCH = Path("benchmarks/results/train_step.json")
 DEFAULT_STUDY = Path("runs/study/summary.json")
+DEFAULT_PREMISE = Path("runs/premise/summary.json")
 
 
 def multiplier_checks(mult: MultiplierConfig) -> list[Check]:
@@ -80,7 +81,7 @@ def _cmd_report(args) -> int:
                 make_problem(name), mult, samples=500 if args.quick else 2000
             )
         logs = log_checks(metrics, mult, log_source) if args.log else []
-        total = 8 + len(effort.adamw_etas)
+        total = 9 + len(effort.adamw_etas)
         with tqdm(total=total, desc="claims", file=sys.stderr, disable=None) as bar:
             bench = Path(args.bench) if args.bench else DEFAULT_BENCH
             claims = all_claims(
@@ -92,6 +93,7 @@ def _cmd_report(args) -> int:
                 log_source,
                 progress=lambda label: (bar.set_postfix_str(label), bar.update()),
                 study_file=Path(args.study) if args.study else DEFAULT_STUDY,
+                premise_file=Path(args.premise) if args.premise else DEFAULT_PREMISE,
                 workers=args.workers,
             )
         seconds = time.perf_counter() - start
@@ -170,6 +172,11 @@ def build_parser() -> ArgumentParser:
             p.add_argument("--log", default=None, help="trainer metrics file (JSON lines)")
             p.add_argument("--bench", default=None, help="trainer benchmark JSON (for C6)")
             p.add_argument("--study", default=None, help="pgpo study's summary.json (for C7)")
+            p.add_argument(
+                "--premise",
+                default=None,
+                help="summary.json of pgpo study --settings noisy,wrong-demo (for C9)",
+            )
             p.add_argument("--workers", type=positive_int, default=1, help="processes")
             p.add_argument("--out", default="runs/report")
     return parser

@@ -179,7 +179,8 @@ def test_quick_report_verdicts_and_evidence(tmp_path):
     bench = tmp_path / "train_step.json"  # what benchmarks/bench_train_step.py writes
     bench.write_text(json.dumps({"time_ratio": 1.004}))
     study = tmp_path / "no-study.json"
-    args = ["report", "--quick", "--out", str(out), "--bench", str(bench), "--study", str(study)]
+    args = ["report", "--quick", "--out", str(out), "--bench", str(bench), "--study", str(study),
+            "--premise", str(study)]  # fmt: skip
     assert check_main(args) == 0
     data = json.loads((out / "report.json").read_text())
     claims = {c["id"]: c for c in data["checks"]["Claims"]}
@@ -204,7 +205,34 @@ def test_quick_report_verdicts_and_evidence(tmp_path):
     assert "quick" in report
     for c in claims.values():
         assert c["title"] in report
-        if c["id"] not in ("C6.overhead", "C7.stability"):  # intervals or sample sizes
+        if c["id"] not in ("C6.overhead", "C7.stability", "C9.premise"):  # intervals, sizes
             assert "[" in c["summary"] or "+-" in c["summary"], c["summary"]
         if c["figure"]:
             assert (out / c["figure"]).stat().st_size > 5_000
+
+
+def test_c9_reads_the_premise_study_and_needs_both_signs_in_every_setting(tmp_path):
+    """C9's verdict from a premise study's summary.json: holds when, in every setting, the gap
+    difference is over 2 SEs and r's interval is above 0; fails when neither holds anywhere;
+    conditional in between; not measured without a file or for a --quick study."""
+    from proofs_checks.claims import claim_c9_premise
+
+    def summary(diff, se, low, quick=False):
+        p = {
+            "gap_difference": diff,
+            "gap_difference_se": se,
+            "samples": 100,
+            "runs": 3,
+            "r_share_right": {"r": low + 0.1, "ci_low": low, "ci_high": low + 0.2, "runs": 3},
+        }
+        path = tmp_path / f"s{diff}{se}{low}{quick}.json"
+        settings = {s: {"premise": p} for s in ("noisy", "wrong-demo")}
+        path.write_text(json.dumps({"quick": quick, "settings": settings}))
+        return path  # fmt: skip
+
+    assert claim_c9_premise(summary(0.01, 0.001, 0.05)).verdict == HOLDS
+    assert claim_c9_premise(summary(0.001, 0.001, -0.3)).verdict == FAILS
+    c = claim_c9_premise(summary(0.01, 0.001, -0.3))
+    assert c.verdict == CONDITIONAL and "+0.0100 +- 0.0010" in c.summary
+    assert claim_c9_premise(summary(0.01, 0.001, 0.05, quick=True)).verdict == NOT_MEASURED
+    assert claim_c9_premise(tmp_path / "none.json").verdict == NOT_MEASURED

@@ -1,5 +1,6 @@
 """`pgpo study`: the quick study end to end through the real trainer, the matched-step control's
-learning rate, resuming, and the paired bootstrap against its formula."""
+learning rate, resuming, the premise's settings and report, and the statistics (paired
+bootstrap, clustered difference, within-run correlation) against their formulas."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from pgpo.cli import main as pgpo_main
-from pgpo.demo.study import METHODS, SETTINGS
+from pgpo.demo.study import DEFAULT_SETTINGS, METHODS
 from pgpo.demo.study_report import paired_gain
 
 
@@ -33,8 +34,8 @@ def rows(folder: Path) -> list[dict]:
 @pytest.mark.slow
 def test_the_quick_study_reports_every_method_in_every_setting(quick):
     summary = json.loads((quick / "summary.json").read_text())
-    assert set(summary["settings"]) == set(SETTINGS)
-    for setting in SETTINGS:
+    assert set(summary["settings"]) == set(DEFAULT_SETTINGS)
+    for setting in DEFAULT_SETTINGS:
         methods = summary["settings"][setting]["methods"]
         assert set(methods) == set(METHODS)
         for name, m in methods.items():
@@ -49,7 +50,7 @@ def test_the_quick_study_reports_every_method_in_every_setting(quick):
 
 @pytest.mark.slow
 def test_the_matched_control_uses_exactly_the_paired_runs_mean_rho(quick):
-    for setting in SETTINGS:
+    for setting in DEFAULT_SETTINGS:
         for seed in (0, 1):
             paired = [r["rho"] for r in rows(quick / setting / f"pgpo-a1-seed{seed}") if "rho" in r]
             base = json.loads(json.dumps(_config(quick / setting / f"sdpo-seed{seed}")))
@@ -87,3 +88,81 @@ def test_paired_gain_is_the_mean_difference_with_a_bootstrap_interval():
     # Resampled means lie between the smallest and largest difference, around the mean.
     assert diffs.min() <= g["ci_low"] <= g["mean"] <= g["ci_high"] <= diffs.max()
     assert paired_gain(method, {5: {"final": 0}}, "final") is None
+
+
+@pytest.mark.slow
+def test_the_premise_settings_report_i_k_by_the_demonstrations_truth(quick):
+    """``--settings noisy,wrong-demo``: every run writes one feedback.jsonl record per trained
+    sample, and the report's premise numbers are those records' own group means (and the
+    metrics' shares); learn and collapse have no premise section."""
+    out = quick.parent / "premise"
+    cache = str(quick.parent / "cache")
+    argv = ["study", "--quick", "--seeds", "2", "--methods", "sdpo,pgpo-a1", "--settings",
+            "noisy,wrong-demo", "--out", str(out), "--cache", cache]  # fmt: skip
+    assert pgpo_main(argv) == 0
+    from pgpo.demo.premise import read_feedback
+
+    summary = json.loads((out / "summary.json").read_text())
+    for setting in ("noisy", "wrong-demo"):
+        p = summary["settings"][setting]["premise"]
+        records = []
+        for folder in sorted((out / setting).iterdir()):
+            steps = rows(folder)
+            feedback = read_feedback(folder)
+            records += feedback
+            for row in (r for r in steps if "info" in r):
+                mine = [f for f in feedback if f["step"] == row["step"]]
+                wrong = sum(not f["demo_right"] for f in mine)
+                assert row["demo_wrong_share"] == pytest.approx(wrong / len(mine))
+        right = [r["gap"] for r in records if r["demo_right"]]
+        wrong = [r["gap"] for r in records if not r["demo_right"]]
+        assert p["samples"] == len(records) and p["runs"] == 4
+        assert p["gap_right"] == pytest.approx(np.mean(right))
+        assert p["gap_wrong"] == pytest.approx(np.mean(wrong))
+        assert p["gap_difference_se"] > 0 and -1 <= p["r_share_right"]["r"] <= 1
+    assert all("premise" not in s for k, s in json.loads(
+        (quick / "summary.json").read_text())["settings"].items())  # fmt: skip
+    assert (out / "premise.png").stat().st_size > 0 and "I_k mark" in (
+        out / "summary.md"
+    ).read_text()
+
+
+def test_the_clustered_difference_is_the_sandwich_formula():
+    """With one observation per cluster it is the unpooled two-sample SE times sqrt(n/(n-1));
+    with each observation duplicated inside its cluster the SE stays that of the originals
+    (duplicates add no information), where an unclustered SE would shrink by sqrt(2)."""
+    from pgpo.demo.premise import clustered_difference
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=40)
+    right = np.arange(40) % 3 != 0
+    diff, se = clustered_difference(x, right, np.arange(40))
+    a, b = x[right], x[~right]
+    assert diff == pytest.approx(a.mean() - b.mean())
+    direct = ((a - a.mean()) ** 2).sum() / len(a) ** 2 + ((b - b.mean()) ** 2).sum() / len(b) ** 2
+    assert se == pytest.approx(np.sqrt(direct * 40 / 39))
+    diff2, se2 = clustered_difference(
+        np.repeat(x, 2), np.repeat(right, 2), np.repeat(np.arange(40), 2)
+    )
+    assert diff2 == pytest.approx(diff) and se2 == pytest.approx(se)
+    with pytest.raises(ValueError, match="both groups"):
+        clustered_difference(x, np.ones(40, bool), np.arange(40))
+
+
+def test_the_within_run_correlation_centres_each_run_and_resamples_runs():
+    """Two runs whose levels differ but whose within-run relation is exact: r = 1 pooled
+    (uncentred, the levels would pull r down); against numpy's corrcoef on centred values for
+    noisy runs, with an interval that holds r."""
+    from pgpo.demo.premise import within_run_correlation
+
+    x = [np.arange(5.0), np.arange(5.0)]
+    y = [2 * np.arange(5.0) + 100, 2 * np.arange(5.0) - 100]
+    assert within_run_correlation(x, y)["r"] == pytest.approx(1.0)
+    rng = np.random.default_rng(1)
+    xs = [rng.normal(size=30) for _ in range(6)]
+    ys = [0.5 * a + rng.normal(size=30) + k for k, a in enumerate(xs)]
+    c = within_run_correlation(xs, ys)
+    centred = lambda vs: np.concatenate([v - v.mean() for v in vs])  # noqa: E731
+    assert c["r"] == pytest.approx(np.corrcoef(centred(xs), centred(ys))[0, 1])
+    assert c["ci_low"] <= c["r"] <= c["ci_high"] and c["runs"] == 6 and c["steps"] == 180
+    assert within_run_correlation(xs, ys) == c  # seeded

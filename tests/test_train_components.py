@@ -270,8 +270,16 @@ def test_false_positives_are_logged_by_the_trainer(tmp_path):
     assert flipped["demo_wrong_share"] > 0
     # ... and I_k over the samples with a wrong demonstration is logged beside the share
     assert isinstance(flipped["info_demo_wrong"], float) and "info_demo_right" in flipped
+    # ... and feedback.jsonl holds one record per trained sample, none of them right here
+    (row,) = [json.loads(x) for x in (tmp_path / "q" / "feedback.jsonl").read_text().splitlines()]
+    trained = round((1 - flipped["masked_share"]) * 4)  # tiny-cpu: 4 rollouts a step
+    assert row["step"] == 1 and len(row["samples"]) == trained > 0
+    wrong = [not r["demo_right"] for r in row["samples"]]
+    assert sum(wrong) / trained == pytest.approx(flipped["demo_wrong_share"])
+    assert all(isinstance(r["gap"], float) and 0 <= r["p_gold"] <= 1 for r in row["samples"])
     plain = run(tmp_path / "plain")
     assert "false_positive_share" not in plain and plain["reward"] == flipped["reward_true"]
+    assert not (tmp_path / "plain" / "feedback.jsonl").exists()
 
 
 def test_wrong_demo_changes_only_the_demonstrations_answers():
@@ -316,7 +324,9 @@ def test_i_k_split_by_the_demonstrations_truth_is_eq8_over_each_group(tmp_path, 
     demonstrations misleading, the step's sums of I_k over the samples with a
     right demonstration and over those with a wrong one equal a direct computation: full logits
     of each sample's student and teacher sequences, entropies in float64, the token mean of the
-    gap over each group's response tokens (info_reduction token_mean)."""
+    gap over each group's response tokens (info_reduction token_mean). So do the per-sample
+    records of feedback.jsonl: each sample's gap, and the teacher's probability of the letter
+    its demonstration shows and of the gold letter after ``<answer>``."""
     import random
 
     import torch
@@ -337,7 +347,7 @@ def test_i_k_split_by_the_demonstrations_truth_is_eq8_over_each_group(tmp_path, 
     truths = [s.demo_right for s in samples if s.trained]
     assert True in truths and False in truths  # both groups present
     pad = run.tokenizer.pad_token_id
-    sums = loss_and_entropies(samples, run.policy, run.teacher, pad, cfg, run.world,
+    sums, per_sample = loss_and_entropies(samples, run.policy, run.teacher, pad, cfg, run.world,
                               with_entropies=True)  # fmt: skip
 
     def entropies(prompt, response):  # at step 0 the EMA teacher is the student's weights
@@ -363,3 +373,41 @@ def test_i_k_split_by_the_demonstrations_truth_is_eq8_over_each_group(tmp_path, 
     assert sums.info_right / sums.weight_right != pytest.approx(
         sums.info_wrong / sums.weight_wrong, abs=2e-5
     )  # two different groups, told apart
+
+    # Per sample: its gap is the token mean of its own direct gaps.
+    import math
+
+    from pgpo.train.exact import answer_ids
+    from pgpo.train.feedback import shown_and_gold_probabilities
+
+    for s, gap in zip(samples, per_sample):
+        if not s.trained:
+            assert gap is None
+            continue
+        direct = entropies(s.student_prompt, s.response) - entropies(s.teacher_prompt, s.response)
+        assert gap == pytest.approx(float(direct.mean()), abs=2e-5)
+    gold = [q.answer for q in questions for _ in range(cfg.rollout.n)]
+    p_shown, p_gold = shown_and_gold_probabilities(samples, gold, run.teacher, run.policy,
+                                                   run.tokenizer, 5)  # fmt: skip
+
+    def taught(prompt, letter):  # the product of the letter's token probabilities, float64
+        first, ids = answer_ids(run.tokenizer, "<answer>", letter)
+        seq = prompt + first + ids
+        with torch.no_grad():
+            logp = run.policy.lm(torch.tensor([seq])).logits[0].double().log_softmax(-1)
+        start = len(prompt) + len(first) - 1
+        return math.exp(sum(float(logp[start + j, t]) for j, t in enumerate(ids)))
+
+    checked = 0
+    for s, g, shown, p_g in zip(samples, gold, p_shown, p_gold):
+        if s.shown is None:  # no demonstration: nothing shown
+            assert shown is None and p_g is None
+            continue
+        assert (s.shown == g) is s.demo_right
+        # float32 log-probs summed over a token or two: ~1e-6 relative
+        assert p_g == pytest.approx(taught(s.teacher_prompt, g), rel=1e-4, abs=1e-7)
+        assert shown == pytest.approx(taught(s.teacher_prompt, s.shown), rel=1e-4, abs=1e-7)
+        if s.demo_right:
+            assert shown == p_g
+        checked += 1
+    assert checked >= len(truths)

@@ -13,7 +13,11 @@ each run folder is what ``pgpo train`` writes. Methods:
   not this control, the gain is the larger mean step, not the information.
 
 Settings: ``learn`` (the demo's: frozen teacher, lr 3e-4, 120 steps) and ``collapse`` (the
-pipeline's EMA teacher at 0.05, lr 2e-3, 150 steps: see ``pgpo demo --collapse``).
+pipeline's EMA teacher at 0.05, lr 2e-3, 150 steps: see ``pgpo demo --collapse``) by default;
+on request the premise's settings, ``learn`` with misleading feedback (:mod:`pgpo.train.feedback`):
+``noisy`` (a verifier with false positives, q = 0.4) and ``wrong-demo`` (a share p = 0.4 of the
+demonstrations states a wrong option). Their report adds whether ``I_k`` marks the right
+demonstrations (:mod:`pgpo.demo.premise`).
 
 Runs go to worker processes; a run that already finished with the same settings is kept, so an
 interrupted study continues where it stopped. The report is :mod:`pgpo.demo.study_report`.
@@ -49,7 +53,17 @@ METHODS: dict[str, tuple[str, ...]] = {
     ),
     MATCHED: ("pgpo.enabled=false",),  # its lr is set from the paired run
 }
-SETTINGS: dict[str, tuple[str, ...]] = {"learn": (), "collapse": COLLAPSE_SETTING}
+# q = p = 0.4: a probe at q = 0.4 found 37 % of the demonstrations wrong, so both settings mislead
+# about as often; the right letter is still the one most often shown (0.6 against 0.13 for each
+# wrong one under wrong-demo), so SDPO can still learn.
+MISLEADING = 0.4
+SETTINGS: dict[str, tuple[str, ...]] = {
+    "learn": (),
+    "collapse": COLLAPSE_SETTING,
+    "noisy": (f"reward.false_positive_rate={MISLEADING}",),
+    "wrong-demo": (f"teacher.wrong_demo_share={MISLEADING}",),
+}
+DEFAULT_SETTINGS = ("learn", "collapse")  # the premise's: --settings noisy,wrong-demo
 # --quick: a few steps of a small batch from a short warm start, for the test suite.
 QUICK = (
     "steps=3",
@@ -65,7 +79,7 @@ QUICK = (
 class StudyPlan:
     out: Path
     methods: list[str] = field(default_factory=lambda: list(METHODS))
-    settings: list[str] = field(default_factory=lambda: list(SETTINGS))
+    settings: list[str] = field(default_factory=lambda: list(DEFAULT_SETTINGS))
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     overrides: list[str] = field(default_factory=list)  # every run, after the setting's
     workers: int = 2

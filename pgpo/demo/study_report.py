@@ -1,6 +1,8 @@
 """The study's report: per setting and method, final and best held-out avg@k (median [min, max]
 over seeds), the paired gain over SDPO with a bootstrap interval, collapses, and the
-distributions of ``I_k`` and ``rho_k``; as ``summary.md``, ``summary.json`` and figures."""
+distributions of ``I_k`` and ``rho_k``; for settings with misleading feedback, whether ``I_k``
+marks the right demonstrations (:mod:`pgpo.demo.premise`); as ``summary.md``, ``summary.json``
+and figures."""
 
 from __future__ import annotations
 
@@ -10,8 +12,10 @@ from pathlib import Path
 import numpy as np
 
 from pgpo.cli_util import json_text
+from pgpo.demo.premise import plot_premise, premise_summary
 from pgpo.demo.report import plot, read_run, summarize
 from pgpo.train.config import TrainConfig
+from pgpo.train.feedback import misleading_feedback
 
 BOOTSTRAP = 10_000  # resamples of the seeds, for the paired interval (seeded: reproducible)
 BASELINE = "sdpo"
@@ -109,8 +113,42 @@ def markdown(summary: dict, seconds: float) -> str:
                 f"{info['p95']:.3f}] |"
             )
         lines += ["", f"![curves](curves_{setting}.png)"]
+        if "premise" in s:
+            lines += ["", *premise_lines(s["premise"])]
     lines += ["", "![I_k and rho_k per method](distributions.png)", ""]
+    if any("gap_difference" in s.get("premise", {}) for s in summary["settings"].values()):
+        lines += ["![does I_k mark the right demonstrations?](premise.png)", ""]
     return "\n".join(lines)
+
+
+def premise_lines(p: dict) -> list[str]:
+    """The premise's numbers for one setting, as markdown."""
+    if "not_measured" in p:
+        return [f"Does I_k mark the right demonstrations? Not measured: {p['not_measured']}."]
+
+    def corr(c: dict) -> str:
+        return f"{c['r']:+.2f} [{c['ci_low']:+.2f}, {c['ci_high']:+.2f}]"
+
+    def prob(key: str) -> str:
+        return "-" if p[key] is None else f"{p[key]:.3f}"
+
+    return [
+        f"Does I_k mark the right demonstrations? Over {p['runs']} runs, {p['samples']:,} "
+        f"trained samples ({p['wrong_share']:.1%} with a wrong demonstration, "
+        f"{p['questions']} questions):",
+        "",
+        "| | right demonstration | wrong demonstration | right - wrong |",
+        "|---|---|---|---|",
+        f"| per-sample entropy gap (nats) | {p['gap_right']:.4f} | {p['gap_wrong']:.4f} | "
+        f"{p['gap_difference']:+.4f} +- {p['gap_difference_se']:.4f} (SE clustered by "
+        "question) |",
+        f"| teacher P(shown letter) | {prob('p_shown_right')} | {prob('p_shown_wrong')} | |",
+        f"| teacher P(gold letter) | {prob('p_gold_right')} | {prob('p_gold_wrong')} | |",
+        "",
+        f"Per step, centred within each run ({p['r_share_right']['steps']} steps): "
+        f"r(I_k, share of right demonstrations) = {corr(p['r_share_right'])}, r(I_k, batch "
+        f"accuracy) = {corr(p['r_accuracy'])} (95 % bootstrap intervals over runs).",
+    ]
 
 
 def plot_distributions(summary: dict, runs: dict[str, dict[str, dict]], path: Path) -> None:
@@ -148,8 +186,19 @@ def write_study_report(plan, configs: dict[str, TrainConfig], seconds: float) ->
         setting, run = name.split("/", 1)
         runs.setdefault(setting, {})[run] = read_run(Path(cfg.output.dir))
         per_setting.setdefault(setting, {})[run] = cfg
+    settings = {s: summarize_setting(runs[s], per_setting[s]) for s in runs}
+    misled = {
+        s: [Path(c.output.dir) for c in per_setting[s].values()]
+        for s in runs
+        if misleading_feedback(next(iter(per_setting[s].values())))
+    }
+    for setting, folders in misled.items():
+        try:
+            settings[setting]["premise"] = premise_summary(folders)
+        except ValueError as err:  # e.g. no wrong demonstration in a short run
+            settings[setting]["premise"] = {"not_measured": str(err)}
     summary = {
-        "settings": {s: summarize_setting(runs[s], per_setting[s]) for s in runs},
+        "settings": settings,
         "seeds": plan.seeds,
         "quick": plan.quick,
         "seconds": seconds,
@@ -157,6 +206,10 @@ def write_study_report(plan, configs: dict[str, TrainConfig], seconds: float) ->
     for setting in runs:
         plot(runs[setting], plan.out / f"curves_{setting}.png", f"pgpo study: {setting}")
     plot_distributions(summary, runs, plan.out / "distributions.png")
+    premise = {s: settings[s]["premise"] for s in misled}
+    measured = {s: p for s, p in premise.items() if "not_measured" not in p}
+    if measured:
+        plot_premise(measured, {s: misled[s] for s in measured}, plan.out / "premise.png")
     text = markdown(summary, seconds)
     (plan.out / "summary.md").write_text(text)
     (plan.out / "summary.json").write_text(json_text(summary, indent=1))

@@ -63,6 +63,15 @@ class World:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return float(t)
 
+    def gather(self, items: list) -> list:
+        """Every rank's ``items`` (picklable), concatenated in rank order; on the main process
+        only (the other ranks get ``[]``). ``items`` itself on a single process."""
+        if not self.distributed:
+            return list(items)
+        parts = [None] * self.size if self.main else None
+        dist.gather_object(list(items), parts, dst=0)
+        return [x for part in parts for x in part] if self.main else []
+
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()

@@ -70,13 +70,43 @@ def answer_scores(
         p, a = prompts[start : start + BATCH], answers[start : start + BATCH]
         hidden = policy(p, a, pad)
         head = full(head_weight(policy.lm)).to(hidden.dtype)
-        width = max(len(x) for x in a)
-        targets = torch.tensor([x + [pad] * (width - len(x)) for x in a])
-        mask = torch.tensor([[1.0] * len(x) + [0.0] * (width - len(x)) for x in a])
-        logp = head_token_logprobs(hidden, head, targets).cpu().double()
-        probs.append((logp * mask.double()).sum(-1).exp())
+        probs.append(_answer_probability(hidden, head, a, pad))
         entropies.append(token_entropy(hidden[:, 0] @ head.T).cpu().double())
     return torch.cat(probs), torch.cat(entropies)
+
+
+def _answer_probability(
+    hidden: torch.Tensor, head: torch.Tensor, answers: list[list[int]], pad: int
+) -> torch.Tensor:
+    """``[B]`` float64: the product of each answer's token probabilities, from the hidden
+    states ``[B, T, H]`` that predict them and the head ``[V, H]``."""
+    width = max(len(x) for x in answers)
+    targets = torch.tensor([x + [pad] * (width - len(x)) for x in answers])
+    mask = torch.tensor([[1.0] * len(x) + [0.0] * (width - len(x)) for x in answers])
+    logp = head_token_logprobs(hidden, head, targets).cpu().double()
+    return (logp * mask.double()).sum(-1).exp()
+
+
+@torch.no_grad()
+def taught_letter_probabilities(
+    teacher, student: Policy, tokenizer, prompts: list[list[int]], letters: list[str],
+    prefix: str, batch: int,
+) -> torch.Tensor:  # fmt: skip
+    """The training teacher's ``P(letter_i | prompt_i + prefix)`` ``[B]`` (float64), with
+    ``teacher`` a :class:`pgpo.train.teacher.Teacher` (any mode) and ``prompts`` its prompts.
+    Forwards of ``batch`` sequences; their number depends on ``B`` only, so that ranks sharded
+    by FSDP2 run the same collectives."""
+    pad, seqs, answers = tokenizer.pad_token_id, [], []
+    for prompt, letter in zip(prompts, letters):
+        first, ids = answer_ids(tokenizer, prefix, letter)
+        seqs.append(prompt + first)
+        answers.append(ids)
+    out = []
+    for start in range(0, len(seqs), batch):
+        a = answers[start : start + batch]
+        hidden, head = teacher.hidden_and_head(student, seqs[start : start + batch], a, pad)
+        out.append(_answer_probability(hidden, head, a, pad))
+    return torch.cat(out)
 
 
 def p_correct(

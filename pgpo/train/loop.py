@@ -26,11 +26,12 @@ from pgpo.train.data import QuestionSampler, load_split, split_specs
 from pgpo.train.distributed import World
 from pgpo.train.evaluate import evaluate
 from pgpo.train.exact import edge_report, edge_sums, exact_scores, p_correct, p_correct_taught
+from pgpo.train.feedback import misleading_feedback
 from pgpo.train.forward import Policy
 from pgpo.train.guard import CollapseGuard
 from pgpo.train.model import load_model, load_tokenizer, torch_dtype
 from pgpo.train.rollout import RolloutEngine
-from pgpo.train.run_dir import METRICS, SAMPLES, RunDir
+from pgpo.train.run_dir import FEEDBACK, METRICS, SAMPLES, RunDir
 from pgpo.train.step import train_step
 from pgpo.train.stop import StopRequest
 from pgpo.train.teacher import Teacher
@@ -413,6 +414,9 @@ class _Logs:
         main = folder.main
         self.metrics = open(folder.path / METRICS, "a") if main else None
         self.samples = open(folder.path / SAMPLES, "a") if main else None
+        # misleading feedback: a row of per-sample records each step (pgpo.train.feedback)
+        misled = main and misleading_feedback(cfg)
+        self.feedback = open(folder.path / FEEDBACK, "a") if misled else None
         out = cfg.output
         name = out.run_name or folder.path.absolute().name
         self.trackers = Trackers(
@@ -425,15 +429,17 @@ class _Logs:
             file.write(json_text(row) + "\n")
             file.flush()
 
-    def step(self, row: dict, samples: list | None) -> None:
+    def step(self, row: dict, samples: list | None, feedback: list | None = None) -> None:
         row, self.first = {**row, **self.first}, {}
         self._write(self.metrics, row)
         if samples is not None:
             self._write(self.samples, {"step": row["step"], "samples": samples})
+        if feedback is not None:
+            self._write(self.feedback, {"step": row["step"], "samples": feedback})
         self.trackers.log(row)
 
     def close(self) -> None:
-        for file in (self.metrics, self.samples):
+        for file in (self.metrics, self.samples, self.feedback):
             if file is not None:
                 file.close()
         self.trackers.close()
@@ -524,6 +530,7 @@ def _steps(run: Run, folder: RunDir, logs: _Logs, stop: StopRequest, progress, d
         skipped_in_a_row = skipped_in_a_row + 1 if metrics["skipped"] else 0
         run.engine.sync_weights(run.lm)
         samples = metrics.pop("samples")
+        feedback = metrics.pop("feedback", None)  # misleading feedback's per-sample records
         run.step_seconds_total += metrics["step_seconds"]
         row = {"step": run.step, **metrics, "skipped_total": run.skipped,
                "step_seconds_total": run.step_seconds_total}  # fmt: skip
@@ -538,7 +545,7 @@ def _steps(run: Run, folder: RunDir, logs: _Logs, stop: StopRequest, progress, d
             row.update({f"eval_{k}": v for k, v in run.evaluate().items()})
             score = row.get("eval_avg_at_k", row.get("eval_p_correct"))  # by eval.mode
             best = cfg.collapse.keep_best and run.guard.improved(run.step, score)
-        logs.step(row, samples if run.step % cfg.output.sample_every == 0 else None)
+        logs.step(row, samples if run.step % cfg.output.sample_every == 0 else None, feedback)
         bar.set_postfix(
             reward=f"{row['reward']:.2f}", rho=f"{row['rho']:.3f}", loss=f"{row['loss']:.4f}"
         )

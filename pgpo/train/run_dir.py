@@ -20,9 +20,10 @@ from pgpo.train.checkpoint import remove_temporaries
 from pgpo.train.trackers import TRACKER_DIRS
 
 METRICS, SAMPLES, CONFIG = "metrics.jsonl", "samples.jsonl", "config.yaml"
+FEEDBACK = "feedback.jsonl"  # misleading feedback only: per-sample records (pgpo.train.feedback)
 # A run's own entries: those that mark a folder as holding a run, and the trackers' folders
 # (removed with the run's by output.overwrite, but a wandb/ folder alone is no earlier run).
-MARKS = (CONFIG, METRICS, SAMPLES, "checkpoints", ".vllm-initial-weights")
+MARKS = (CONFIG, METRICS, SAMPLES, FEEDBACK, "checkpoints", ".vllm-initial-weights")
 OWN = MARKS + TRACKER_DIRS
 
 
@@ -96,12 +97,12 @@ class RunDir:
             target = self.path / name
             shutil.rmtree(target) if target.is_dir() else target.unlink()
         self.path.mkdir(parents=True, exist_ok=True)
-        for name in (CONFIG, METRICS, SAMPLES, "checkpoints", *TRACKER_DIRS):
+        for name in (CONFIG, METRICS, SAMPLES, FEEDBACK, "checkpoints", *TRACKER_DIRS):
             if not (self.path / name).exists():
                 self._written.append(self.path / name)
         write_atomic(self.path / CONFIG, config_yaml)
         if resumed_step is not None:
-            for name in (METRICS, SAMPLES):
+            for name in (METRICS, SAMPLES, FEEDBACK):
                 self._cut_log(self.path / name, resumed_step)
         remove_temporaries(self.checkpoints)
 

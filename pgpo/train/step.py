@@ -41,17 +41,20 @@ from pgpo.multiplier import MultiplierConfig
 from pgpo.optim import ModulatedOptimizer
 from pgpo.reduction import reduction_denominator, reduction_weights
 from pgpo.train.config import TrainConfig
-from pgpo.train.data import Question, option_letters
+from pgpo.train.data import Question
 from pgpo.train.distributed import World, full
+from pgpo.train.feedback import (
+    feedback_records,
+    gap_by_demonstration,
+    misleading,
+    misleading_feedback,
+    misleading_metrics,
+    sample_gaps,
+    shown_and_gold_probabilities,
+)
 from pgpo.train.forward import Policy
 from pgpo.train.prompts import student_prompt, teacher_prompt
-from pgpo.train.rewards import (
-    extract_answer,
-    reward,
-    strip_thinking,
-    with_answer,
-    with_false_positives,
-)
+from pgpo.train.rewards import extract_answer, reward, strip_thinking, with_false_positives
 from pgpo.train.rollout import Completion, RolloutEngine
 from pgpo.train.teacher import Teacher, choose_demonstrations
 
@@ -80,6 +83,12 @@ def train_step(
     rewards = with_false_positives(verified, cfg.reward.false_positive_rate, random)
     samples = with_demonstrations(questions, rollouts, rewards, tokenizer, cfg)  # 3.
     pad = tokenizer.pad_token_id
+    misled = misleading_feedback(cfg)
+    if misled:  # 3b. the premise's diagnostic: the teacher's letter probabilities, pre-update
+        gold = [q.answer for q in questions for _ in range(cfg.rollout.n)]
+        p_shown, p_gold = shown_and_gold_probabilities(
+            samples, gold, teacher, policy, tokenizer, cfg.loss.micro_batch
+        )
     parts = cfg.optim.updates_per_batch  # 4.-6. once per mini-batch (the reference: once)
     # Several updates: the policy's log-probs before the first, for the clipped IS weight.
     old = old_logprobs(samples, policy, pad, cfg) if parts > 1 else None
@@ -94,8 +103,13 @@ def train_step(
     sums = sum_updates(updates)
     metrics = step_metrics(questions, rollouts, rewards, samples, sums, world, cfg)
     metrics.update(mean_over_updates(updates, sums))
-    if misleading_feedback(cfg):
+    if misled:
         metrics.update(misleading_metrics(verified, rewards, samples, world, sums))
+        gaps = [g for u in updates for g in u.gaps]
+        correct = [[v >= cfg.teacher.success_threshold for v in group] for group in verified]
+        metrics["feedback"] = world.gather(
+            feedback_records(questions, samples, correct, gaps, p_shown, p_gold)
+        )
     metrics.update(
         lr=optimizer.param_groups[0]["lr"],
         rollout_seconds=rollouts.seconds,
@@ -117,6 +131,7 @@ class Update(NamedTuple):
     grad_norm: float
     stepped: bool
     has_signal: bool
+    gaps: list  # each sample's entropy gap (misleading feedback only; else None each)
 
 
 def update(
@@ -137,7 +152,7 @@ def update(
     reweight = None  # token / sequence: (granularity, rho of this step's alpha) for the weights
     if modulation is not None and modulation.granularity != "step":
         reweight = modulation.granularity, modulation.multiplier(modulation.schedule.current())
-    sums = loss_and_entropies(  # 4.: gradients accumulate in .grad
+    sums, gaps = loss_and_entropies(  # 4.: gradients accumulate in .grad
         samples, policy, teacher, pad, cfg, world, with_entropies=need_info, reweight=reweight,
         old=old,
     )  # fmt: skip
@@ -152,7 +167,7 @@ def update(
     )
     if modulation is not None and stepped:
         modulation.schedule.update(info, rho_k)  # adaptive alpha: state for the next step
-    return Update(sums, info, alpha, rho_k, rho, grad_norm, stepped, has_signal)
+    return Update(sums, info, alpha, rho_k, rho, grad_norm, stepped, has_signal, gaps)
 
 
 def sum_updates(updates: list[Update]) -> StepSums:
@@ -214,6 +229,7 @@ class Sample:
     trained: bool  # False: no demonstration, masked out of loss and I_k
     engine_logprobs: list[float] | None = None  # the rollout engine's, per response token
     demo_right: bool | None = None  # its demonstration states the gold answer; None: no demo
+    shown: str | None = None  # the answer its demonstration states ("": none); None: no demo
 
 
 class StepSums(NamedTuple):
@@ -293,6 +309,7 @@ def with_demonstrations(
                     tokenizer, q, demo, t.max_reprompt_tokens, cfg.rollout.response_prefix
                 )  # fmt: skip
             )
+            shown = None if demo is None else extract_answer(demo).answer.upper()
             # An empty response (stopped at once) has nothing to train on.
             samples.append(
                 Sample(
@@ -301,45 +318,11 @@ def with_demonstrations(
                     completion.tokens or [tokenizer.pad_token_id],
                     demo is not None and len(completion.tokens) > 0,
                     completion.logprobs if completion.tokens else [0.0],
-                    None if demo is None else extract_answer(demo).answer.upper() == q.answer,
+                    None if demo is None else shown == q.answer,
+                    shown,
                 )
             )
     return samples
-
-
-def misleading_feedback(cfg: TrainConfig) -> bool:
-    """Some demonstrations may be wrong on purpose: a verifier with false positives or
-    demonstrations with a swapped answer (the premise study's settings)."""
-    return bool(cfg.reward.false_positive_rate or cfg.teacher.wrong_demo_share)
-
-
-def misleading_metrics(
-    verified, rewards, samples: list[Sample], world: World, sums: StepSums
-) -> dict:
-    """Over all ranks: the verifier-free reward, the share of rollouts the verifier let through
-    wrongly, the share of trained samples whose demonstration states a wrong answer, and I_k
-    over the samples with a right demonstration and over those with a wrong one (None where a
-    group is empty or I_k was not computed)."""
-    flat = [(v, r) for vs, rs in zip(verified, rewards) for v, r in zip(vs, rs)]
-    demos = [s.demo_right for s in samples if s.trained]
-    true_sum, flipped, count, wrong, trained = world.sum(
-        [sum(v for v, _ in flat), sum(r != v for v, r in flat), len(flat),
-         sum(not right for right in demos), len(demos)]
-    )  # fmt: skip
-    return {
-        "reward_true": true_sum / count,
-        "false_positive_share": flipped / count,
-        "demo_wrong_share": wrong / trained if trained else 0.0,
-        "info_demo_right": sums.info_right / sums.weight_right if sums.weight_right else None,
-        "info_demo_wrong": sums.info_wrong / sums.weight_wrong if sums.weight_wrong else None,
-    }
-
-
-def misleading(demo: str, question: Question) -> str:
-    """``demo`` with its answer replaced by a wrong option's letter (Python's seeded
-    generator); unchanged when it states no answer in a tag or a box."""
-    wrong = [x for x in option_letters(question.prompt) if x != question.answer]
-    return with_answer(demo, random.choice(wrong)) or demo
 
 
 def response_mask(samples: list[Sample]) -> torch.Tensor:
@@ -375,8 +358,10 @@ def loss_and_entropies(
     with_entropies: bool,
     reweight: tuple[str, MultiplierConfig] | None = None,
     old: torch.Tensor | None = None,
-) -> StepSums:
+) -> tuple[StepSums, list]:
     """Step 4: forward and backward in micro-batches, gradients accumulated in ``.grad``.
+    Returns the step's sums and, with misleading feedback (:mod:`pgpo.train.feedback`), each
+    sample's entropy gap (None elsewhere and for untrained samples).
 
     The loss weights and Eq. 8's weights are those of the whole step (denominators summed over
     ranks), so neither micro-batching nor the number of ranks changes the sums. With
@@ -402,6 +387,7 @@ def loss_and_entropies(
     # loss, I_k, H_S, H_T (Eq. 8's sums), TIS ratio sum, TIS clipped, sum w, sum w rho,
     # clipped-IS ratio sum, clipped-IS clipped, and I_k's sums split by the demonstration's truth
     totals = [0.0] * 14
+    gaps: list = [None] * len(samples)
     for start in range(0, len(samples), cfg.loss.micro_batch):
         mb = samples[start : start + cfg.loss.micro_batch]
         rows = slice(start, start + len(mb))
@@ -429,7 +415,9 @@ def loss_and_entropies(
         if with_entropies:
             gap = weighted_entropy_gap(out.h_student, out.h_teacher, info_w[rows, :t_mb])
         if with_entropies and misleading_feedback(cfg):  # only such runs log the split
-            by_demo = gap_by_demonstration(out.h_student, out.h_teacher, info_w[rows, :t_mb], mb)
+            by_demo = gap_by_demonstration(out.h_student, out.h_teacher, info_w[rows, :t_mb],
+                                           [s.demo_right for s in mb])  # fmt: skip
+            gaps[rows] = sample_gaps(out.h_student, out.h_teacher, mask[rows, :t_mb])
         parts = (out.loss.item(), *gap, out.tis_ratio_sum, out.tis_clipped, *out.weight_sums,
                  out.is_ratio_sum, out.is_clipped, *by_demo)  # fmt: skip
         totals = [total + float(part) for total, part in zip(totals, parts)]
@@ -441,21 +429,7 @@ def loss_and_entropies(
             if p.grad is not None:
                 p.grad.mul_(scale)
         totals[0] *= scale
-    return StepSums(*totals, trained_tokens)
-
-
-def gap_by_demonstration(
-    h_student: torch.Tensor, h_teacher: torch.Tensor, weights: torch.Tensor, samples: list[Sample]
-) -> tuple[float, float, float, float]:
-    """Eq. 8's sums restricted to the samples whose demonstration states the gold answer and to
-    those whose demonstration states a wrong one: ``(sum w gap, sum w)`` for each, from per-token
-    entropies and weights ``[B, T]``. Their ratios are I_k over each group."""
-    out = []
-    for truth in (True, False):
-        pick = torch.tensor([s.demo_right is truth for s in samples], dtype=weights.dtype)
-        w = weights * pick.to(weights.device).unsqueeze(-1)
-        out += [float(weighted_entropy_gap(h_student, h_teacher, w)[0]), float(w.sum())]
-    return tuple(out)
+    return StepSums(*totals, trained_tokens), gaps
 
 
 class DistillOutput(NamedTuple):

@@ -1,0 +1,170 @@
+"""Does ``I_k`` mark informative feedback? The study's answer for its misleading-feedback settings.
+
+From each run's ``feedback.jsonl`` (one record per trained sample, :mod:`pgpo.train.feedback`)
+and ``metrics.jsonl`` (one row per step):
+
+- ``gap(right) - gap(wrong)``: the mean per-sample entropy gap of samples whose demonstration
+  states the gold answer minus that of samples whose demonstration states a wrong one, with a
+  standard error clustered by question (:func:`clustered_difference`). The premise needs it
+  above 0: a teacher shown a wrong answer should know less, so gain less entropy over the student;
+- ``r(I_k, share right)``: over training steps, the correlation of the batch's ``I_k`` with the
+  share of its trained samples whose demonstration is right, each centred on its run's mean
+  (:func:`within_run_correlation`), with a 95 % bootstrap interval over runs. The premise needs
+  it above 0: PGPO's larger steps should fall on batches with better feedback. Beside it, the
+  same with the batch's accuracy (the verifier-free reward), which the probe of issue 24 found
+  to explain ``I_k`` better.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+RESAMPLES = 2000  # bootstrap resamples of the runs (seeded: reproducible)
+
+
+def clustered_difference(
+    values: np.ndarray, right: np.ndarray, clusters: np.ndarray
+) -> tuple[float, float]:
+    """``mean(values[right]) - mean(values[~right])`` and its standard error clustered by
+    ``clusters`` (all ``[n]``): the sandwich variance of the difference of two means,
+    ``G / (G - 1) sum_g U_g^2`` with ``U_g`` the sum over cluster g of each observation's
+    influence ``(x_i - m_R) / n_R`` (right) or ``-(x_i - m_W) / n_W`` (wrong), G clusters."""
+    x = np.asarray(values, dtype=np.float64)
+    r = np.asarray(right, dtype=bool)
+    if r.all() or not r.any():
+        raise ValueError("both groups need at least one value")
+    m_r, m_w = x[r].mean(), x[~r].mean()
+    influence = np.where(r, (x - m_r) / r.sum(), -(x - m_w) / (~r).sum())
+    _, index = np.unique(np.asarray(clusters), return_inverse=True)
+    per_cluster = np.bincount(index, weights=influence)
+    g = len(per_cluster)
+    var = g / (g - 1) * float((per_cluster**2).sum()) if g > 1 else float("nan")
+    return float(m_r - m_w), float(np.sqrt(var))
+
+
+def within_run_correlation(xs: list[np.ndarray], ys: list[np.ndarray], seed: int = 0) -> dict:
+    """Pearson's r of ``x`` and ``y`` pooled over runs after centring each on its run's mean
+    (``xs[i]``, ``ys[i]``: one run's ``[steps]``; non-finite pairs dropped), with a 95 %
+    percentile bootstrap interval that resamples whole runs (steps of one run are not
+    independent)."""
+    runs = []
+    for x, y in zip(xs, ys):
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        keep = np.isfinite(x) & np.isfinite(y)
+        if keep.sum() >= 2:
+            runs.append((x[keep] - x[keep].mean(), y[keep] - y[keep].mean()))
+    if not runs:
+        raise ValueError("no run with two finite steps")
+
+    def r_of(chosen) -> float:
+        x = np.concatenate([runs[i][0] for i in chosen])
+        y = np.concatenate([runs[i][1] for i in chosen])
+        den = np.sqrt((x * x).sum() * (y * y).sum())
+        return float((x * y).sum() / den) if den > 0 else float("nan")
+
+    rng = np.random.default_rng(seed)
+    boot = np.array([r_of(rng.integers(0, len(runs), len(runs))) for _ in range(RESAMPLES)])
+    boot = boot[np.isfinite(boot)]
+    low, high = np.percentile(boot, [2.5, 97.5]) if len(boot) else (np.nan, np.nan)
+    return {
+        "r": r_of(range(len(runs))),  # nan where either side never varies within a run
+        "ci_low": float(low),
+        "ci_high": float(high),
+        "runs": len(runs),
+        "steps": int(sum(len(x) for x, _ in runs)),
+    }
+
+
+def read_feedback(folder: Path) -> list[dict]:
+    """A run's per-sample records (``feedback.jsonl``), each with its ``step``."""
+    rows = []
+    for line in (Path(folder) / "feedback.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        rows += [{"step": row["step"], **s} for s in row["samples"]]
+    return rows
+
+
+def _metric(rows: list[dict], key: str) -> np.ndarray:
+    return np.array([np.nan if r.get(key) is None else r[key] for r in rows], dtype=np.float64)
+
+
+def premise_summary(folders: list[Path]) -> dict:
+    """The premise's numbers over one setting's runs (``folders``): the per-sample gap and the
+    teacher's letter probabilities by the demonstration's truth, ``gap(right) - gap(wrong)``
+    clustered by question, and ``r(I_k, share right)`` and ``r(I_k, accuracy)`` within runs."""
+    samples = [s for f in folders for s in read_feedback(f)]
+    usable = [s for s in samples if s["gap"] is not None and s["demo_right"] is not None]
+    gap = np.array([s["gap"] for s in usable])
+    right = np.array([s["demo_right"] for s in usable], dtype=bool)
+    question = np.array([s["question"] for s in usable])
+    out: dict = {
+        "samples": len(usable),
+        "runs": len(folders),
+        "wrong_share": float(1 - right.mean()),
+    }
+    if not right.any() or right.all():
+        raise ValueError("the premise needs samples with right and with wrong demonstrations")
+    diff, se = clustered_difference(gap, right, question)
+    out["gap_right"], out["gap_wrong"] = float(gap[right].mean()), float(gap[~right].mean())
+    out["gap_difference"], out["gap_difference_se"] = diff, se
+    out["questions"] = int(len(np.unique(question)))
+    for key in ("p_shown", "p_gold"):
+        for name, pick in (("right", right), ("wrong", ~right)):
+            v = np.array([np.nan if s[key] is None else s[key] for s in usable])[pick]
+            out[f"{key}_{name}"] = float(np.nanmean(v)) if np.isfinite(v).any() else None
+    metrics = [
+        [r for r in map(json.loads, (Path(f) / "metrics.jsonl").read_text().splitlines())
+         if "info" in r]
+        for f in folders
+    ]  # fmt: skip
+    infos = [_metric(rows, "info") for rows in metrics]
+    share_right = [1.0 - _metric(rows, "demo_wrong_share") for rows in metrics]
+    accuracy = [_metric(rows, "reward_true") for rows in metrics]
+    out["r_share_right"] = within_run_correlation(infos, share_right)
+    out["r_accuracy"] = within_run_correlation(infos, accuracy)
+    return out
+
+
+def plot_premise(summaries: dict[str, dict], folders: dict[str, list[Path]], path: Path) -> None:
+    """Per setting: the per-sample gap's distribution for right and for wrong demonstrations,
+    and each step's ``I_k`` against its share of right demonstrations (both centred on the
+    run's mean)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = list(summaries)
+    fig, axes = plt.subplots(len(settings), 2, figsize=(12, 3.8 * len(settings)), squeeze=False)
+    for (left, right_ax), setting in zip(axes, settings):
+        s, runs = summaries[setting], folders[setting]
+        records = [r for f in runs for r in read_feedback(f) if r["gap"] is not None]
+        for truth, colour in ((True, "tab:green"), (False, "tab:red")):
+            gaps = [r["gap"] for r in records if r["demo_right"] is truth]
+            label = f"{'right' if truth else 'wrong'} demonstration (n={len(gaps)})"
+            left.hist(gaps, bins=60, density=True, alpha=0.5, color=colour, label=label)
+        diff, se = s["gap_difference"], s["gap_difference_se"]
+        left.set_title(f"{setting}: per-sample entropy gap; right - wrong = {diff:+.4f} +- "
+                       f"{se:.4f} nats", fontsize=10)  # fmt: skip
+        left.set_xlabel("H_S - H_T, token mean over the response (nats)")
+        left.legend(fontsize=8)
+        for f in runs:
+            rows = [r for r in map(json.loads, (Path(f) / "metrics.jsonl").read_text()
+                                   .splitlines()) if "info" in r]  # fmt: skip
+            x = 1.0 - _metric(rows, "demo_wrong_share")
+            y = _metric(rows, "info")
+            right_ax.scatter(x - np.nanmean(x), y - np.nanmean(y), s=4, alpha=0.4)
+        c = s["r_share_right"]
+        right_ax.set_title(f"{setting}: I_k against the share of right demonstrations, per "
+                           f"step\nr = {c['r']:+.2f} [{c['ci_low']:+.2f}, {c['ci_high']:+.2f}] "
+                           f"(centred within each run; {c['runs']} runs)", fontsize=10)  # fmt: skip
+        right_ax.set_xlabel("share of right demonstrations - run mean")
+        right_ax.set_ylabel("I_k - run mean (nats)")
+        right_ax.axhline(0, color="gray", lw=0.5)
+        right_ax.axvline(0, color="gray", lw=0.5)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
