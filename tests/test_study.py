@@ -120,6 +120,9 @@ def test_the_premise_settings_report_i_k_by_the_demonstrations_truth(quick):
         assert p["gap_right"] == pytest.approx(np.mean(right))
         assert p["gap_wrong"] == pytest.approx(np.mean(wrong))
         assert p["gap_difference_se"] > 0 and -1 <= p["r_share_right"]["r"] <= 1
+        gap = p["signals"]["gap"]  # the entropy gap is the first signal of the table
+        assert gap["difference"] == pytest.approx(p["gap_difference"])
+        assert set(p["signals"]) <= {"gap", "p_shown", "p_student_shown", "success_agreement"}
     assert all("premise" not in s for k, s in json.loads(
         (quick / "summary.json").read_text())["settings"].items())  # fmt: skip
     assert (out / "premise.png").stat().st_size > 0 and "I_k mark" in (

@@ -277,6 +277,9 @@ def test_false_positives_are_logged_by_the_trainer(tmp_path):
     wrong = [not r["demo_right"] for r in row["samples"]]
     assert sum(wrong) / trained == pytest.approx(flipped["demo_wrong_share"])
     assert all(isinstance(r["gap"], float) and 0 <= r["p_gold"] <= 1 for r in row["samples"])
+    assert all(0 <= r["p_student_shown"] <= 1 for r in row["samples"] if r["p_shown"] is not None)
+    assert all(r["success_agreement"] is None or 0 <= r["success_agreement"] <= 1
+               for r in row["samples"])  # fmt: skip
     plain = run(tmp_path / "plain")
     assert "false_positive_share" not in plain and plain["reward"] == flipped["reward_true"]
     assert not (tmp_path / "plain" / "feedback.jsonl").exists()
@@ -325,8 +328,9 @@ def test_i_k_split_by_the_demonstrations_truth_is_eq8_over_each_group(tmp_path, 
     right demonstration and over those with a wrong one equal a direct computation: full logits
     of each sample's student and teacher sequences, entropies in float64, the token mean of the
     gap over each group's response tokens (info_reduction token_mean). So do the per-sample
-    records of feedback.jsonl: each sample's gap, and the teacher's probability of the letter
-    its demonstration shows and of the gold letter after ``<answer>``."""
+    records of feedback.jsonl: each sample's gap, the teacher's probability of the letter its
+    demonstration shows and of the gold letter after ``<answer>``, and the student's prior
+    probability of the shown letter on its own prompt."""
     import random
 
     import torch
@@ -378,7 +382,7 @@ def test_i_k_split_by_the_demonstrations_truth_is_eq8_over_each_group(tmp_path, 
     import math
 
     from pgpo.train.exact import answer_ids
-    from pgpo.train.feedback import shown_and_gold_probabilities
+    from pgpo.train.feedback import letter_signals
 
     for s, gap in zip(samples, per_sample):
         if not s.trained:
@@ -387,8 +391,8 @@ def test_i_k_split_by_the_demonstrations_truth_is_eq8_over_each_group(tmp_path, 
         direct = entropies(s.student_prompt, s.response) - entropies(s.teacher_prompt, s.response)
         assert gap == pytest.approx(float(direct.mean()), abs=2e-5)
     gold = [q.answer for q in questions for _ in range(cfg.rollout.n)]
-    p_shown, p_gold = shown_and_gold_probabilities(samples, gold, run.teacher, run.policy,
-                                                   run.tokenizer, 5)  # fmt: skip
+    signals = letter_signals(questions, samples, run.teacher, run.policy, run.tokenizer, 5)
+    p_shown, p_gold, prior = signals["p_shown"], signals["p_gold"], signals["p_student_shown"]
 
     def taught(prompt, letter):  # the product of the letter's token probabilities, float64
         first, ids = answer_ids(run.tokenizer, "<answer>", letter)
@@ -399,15 +403,26 @@ def test_i_k_split_by_the_demonstrations_truth_is_eq8_over_each_group(tmp_path, 
         return math.exp(sum(float(logp[start + j, t]) for j, t in enumerate(ids)))
 
     checked = 0
-    for s, g, shown, p_g in zip(samples, gold, p_shown, p_gold):
+    for s, g, shown, p_g, p_s in zip(samples, gold, p_shown, p_gold, prior):
         if s.shown is None:  # no demonstration: nothing shown
-            assert shown is None and p_g is None
+            assert shown is None and p_g is None and p_s is None
             continue
         assert (s.shown == g) is s.demo_right
         # float32 log-probs summed over a token or two: ~1e-6 relative
         assert p_g == pytest.approx(taught(s.teacher_prompt, g), rel=1e-4, abs=1e-7)
         assert shown == pytest.approx(taught(s.teacher_prompt, s.shown), rel=1e-4, abs=1e-7)
+        assert p_s == pytest.approx(taught(s.student_prompt, s.shown), rel=1e-4, abs=1e-7)
         if s.demo_right:
             assert shown == p_g
         checked += 1
     assert checked >= len(truths)
+
+
+def test_success_agreement_is_the_share_of_successes_stating_the_shown_letter():
+    from pgpo.train.feedback import success_agreement
+
+    texts = ["<answer>A</answer>", "<answer>B</answer>", "<answer>A</answer>", "no answer"]
+    assert success_agreement(texts, [1.0, 1.0, 1.0, 0.0], 1.0, "A") == pytest.approx(2 / 3)
+    assert success_agreement(texts, [0.0, 1.0, 0.0, 1.0], 1.0, "B") == pytest.approx(1 / 2)
+    assert success_agreement(texts, [0.0] * 4, 1.0, "A") is None  # no success
+    assert success_agreement(texts, [1.0] * 4, 1.0, "") is None  # nothing shown

@@ -12,7 +12,11 @@ and ``metrics.jsonl`` (one row per step):
   (:func:`within_run_correlation`), with a 95 % bootstrap interval over runs. The premise needs
   it above 0: PGPO's larger steps should fall on batches with better feedback. Beside it, the
   same with the batch's accuracy (the verifier-free reward), which the probe of issue 24 found
-  to explain ``I_k`` better.
+  to explain ``I_k`` better;
+- the separation of signals that need no gold answer (:data:`SIGNALS`): each one's mean over
+  samples with a right demonstration minus that over samples with a wrong one, in standard
+  errors clustered by question. One that separates by more than 3 could tell informative
+  feedback from misleading feedback where ``I_k`` cannot.
 """
 
 from __future__ import annotations
@@ -23,6 +27,13 @@ from pathlib import Path
 import numpy as np
 
 RESAMPLES = 2000  # bootstrap resamples of the runs (seeded: reproducible)
+# Per-sample signals that need no gold answer (feedback.jsonl), the entropy gap first.
+SIGNALS = {
+    "gap": "entropy gap H_S - H_T (Eq. 8 per sample; PGPO's signal)",
+    "p_shown": "teacher P(shown letter)",
+    "p_student_shown": "student's prior P(shown letter)",
+    "success_agreement": "share of the group's successes stating the shown letter",
+}
 
 
 def clustered_difference(
@@ -115,6 +126,16 @@ def premise_summary(folders: list[Path]) -> dict:
         for name, pick in (("right", right), ("wrong", ~right)):
             v = np.array([np.nan if s[key] is None else s[key] for s in usable])[pick]
             out[f"{key}_{name}"] = float(np.nanmean(v)) if np.isfinite(v).any() else None
+    out["signals"] = {}
+    for key in SIGNALS:
+        v = np.array([np.nan if s.get(key) is None else s[key] for s in usable], np.float64)
+        ok = np.isfinite(v)
+        if ok[right].any() and ok[~right].any():
+            d, d_se = clustered_difference(v[ok], right[ok], question[ok])
+            out["signals"][key] = {"right": float(v[ok & right].mean()),
+                                   "wrong": float(v[ok & ~right].mean()), "difference": d,
+                                   "se": d_se, "z": d / d_se if d_se > 0 else float("nan"),
+                                   "samples": int(ok.sum())}  # fmt: skip
     metrics = [
         [r for r in map(json.loads, (Path(f) / "metrics.jsonl").read_text().splitlines())
          if "info" in r]

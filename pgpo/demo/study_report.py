@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from pgpo.cli_util import json_text
-from pgpo.demo.premise import plot_premise, premise_summary
+from pgpo.demo.premise import SIGNALS, plot_premise, premise_summary
 from pgpo.demo.report import plot, read_run, summarize
 from pgpo.train.config import TrainConfig
 from pgpo.train.feedback import misleading_feedback
@@ -148,6 +148,17 @@ def premise_lines(p: dict) -> list[str]:
         f"Per step, centred within each run ({p['r_share_right']['steps']} steps): "
         f"r(I_k, share of right demonstrations) = {corr(p['r_share_right'])}, r(I_k, batch "
         f"accuracy) = {corr(p['r_accuracy'])} (95 % bootstrap intervals over runs).",
+        "",
+        "Signals that need no gold answer: right minus wrong demonstrations, in standard errors "
+        "clustered by question (more than 3: the signal tells them apart):",
+        "",
+        "| signal | right | wrong | right - wrong | z |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {SIGNALS[k]} | {v['right']:.4f} | {v['wrong']:.4f} | {v['difference']:+.4f} +- "
+            f"{v['se']:.4f} | {v['z']:+.1f} |"
+            for k, v in p.get("signals", {}).items()
+        ),
     ]
 
 

@@ -88,14 +88,14 @@ def _answer_probability(
 
 
 @torch.no_grad()
-def taught_letter_probabilities(
-    teacher, student: Policy, tokenizer, prompts: list[list[int]], letters: list[str],
-    prefix: str, batch: int,
-) -> torch.Tensor:  # fmt: skip
-    """The training teacher's ``P(letter_i | prompt_i + prefix)`` ``[B]`` (float64), with
-    ``teacher`` a :class:`pgpo.train.teacher.Teacher` (any mode) and ``prompts`` its prompts.
-    Forwards of ``batch`` sequences; their number depends on ``B`` only, so that ranks sharded
-    by FSDP2 run the same collectives."""
+def letter_probabilities(
+    network, tokenizer, prompts: list[list[int]], letters: list[str], prefix: str, batch: int
+) -> torch.Tensor:
+    """``P(letter_i | prompt_i + prefix)`` ``[B]`` (float64) under ``network``, a function
+    ``(prompts, answers, pad) -> (hidden [B, T, H], head [V, H])`` whose logits are
+    ``hidden @ head.T`` (a :class:`pgpo.train.teacher.Teacher`'s ``hidden_and_head`` with the
+    student bound, or :func:`policy_network`). Forwards of ``batch`` sequences; their number
+    depends on ``B`` only, so that ranks sharded by FSDP2 run the same collectives."""
     pad, seqs, answers = tokenizer.pad_token_id, [], []
     for prompt, letter in zip(prompts, letters):
         first, ids = answer_ids(tokenizer, prefix, letter)
@@ -104,9 +104,19 @@ def taught_letter_probabilities(
     out = []
     for start in range(0, len(seqs), batch):
         a = answers[start : start + batch]
-        hidden, head = teacher.hidden_and_head(student, seqs[start : start + batch], a, pad)
+        hidden, head = network(seqs[start : start + batch], a, pad)
         out.append(_answer_probability(hidden, head, a, pad))
     return torch.cat(out)
+
+
+def policy_network(policy: Policy):
+    """``policy`` as :func:`letter_probabilities`' ``network``."""
+
+    def network(prompts: list[list[int]], answers: list[list[int]], pad: int):
+        hidden = policy(prompts, answers, pad)
+        return hidden, full(head_weight(policy.lm)).to(hidden.dtype)
+
+    return network
 
 
 def p_correct(

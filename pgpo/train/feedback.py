@@ -13,12 +13,16 @@ where the truth is known:
 In such runs the step logs, besides ``I_k`` (Eq. 8) over the whole batch, ``I_k`` over the samples
 whose demonstration states the gold answer and over those whose demonstration states a wrong one
 (:func:`gap_by_demonstration`), and writes one record per trained sample to ``feedback.jsonl``
-(:func:`feedback_records`): the demonstration's truth, the sample's entropy gap, and the teacher's
-probability of the letter it is shown and of the gold letter.
+(:func:`feedback_records`): the demonstration's truth, the sample's entropy gap, the teacher's
+probability of the letter it is shown and of the gold letter, and two signals that need no gold
+answer and might tell a right demonstration from a wrong one: the student's own prior
+probability of the shown letter, and the share of the group's successes (as the verifier counted
+them) that state it.
 """
 
 from __future__ import annotations
 
+import functools
 import random
 
 import torch
@@ -28,8 +32,8 @@ from pgpo.modulation import gap_per_token
 from pgpo.train.config import TrainConfig
 from pgpo.train.data import Question, option_letters
 from pgpo.train.distributed import World
-from pgpo.train.exact import taught_letter_probabilities
-from pgpo.train.rewards import with_answer
+from pgpo.train.exact import letter_probabilities, policy_network
+from pgpo.train.rewards import extract_answer, with_answer
 
 # Where the teacher's letter probabilities are read: after the demonstrations' own answer tag.
 ANSWER_PREFIX = "<answer>"
@@ -71,45 +75,68 @@ def sample_gaps(h_student: torch.Tensor, h_teacher: torch.Tensor, keep: torch.Te
     return [g if bool(k.any()) else None for g, k in zip(gaps, keep != 0)]
 
 
-def shown_and_gold_probabilities(
-    samples: list, gold: list[str], teacher, student, tokenizer, batch: int
-) -> tuple[list, list]:
-    """The teacher's probability, on each sample's teacher prompt, of the letter its
-    demonstration states (``shown``) and of the gold letter, read after ``<answer>``
-    (:func:`pgpo.train.exact.taught_letter_probabilities`). Samples without a demonstration, or
-    whose demonstration states no option's letter, get None. Before the step's update."""
-    prompts = [s.teacher_prompt for s in samples]
+def letter_signals(
+    questions: list[Question], samples: list, teacher, student, tokenizer, batch: int
+) -> dict[str, list]:
+    """Per sample, read after ``<answer>`` before the step's update
+    (:func:`pgpo.train.exact.letter_probabilities`): the teacher's probability, on the sample's
+    teacher prompt, of the letter its demonstration states (``p_shown``) and of the gold letter
+    (``p_gold``), and the student's probability of the shown letter on its own prompt
+    (``p_student_shown``: a prior that needs no gold answer). Samples without a demonstration,
+    or whose demonstration states no letter, get None."""
+    per_question = len(samples) // len(questions)
+    gold = [q.answer for q in questions for _ in range(per_question)]
     shown = [s.shown if s.shown else g for s, g in zip(samples, gold)]
-    both = taught_letter_probabilities(
-        teacher, student, tokenizer, prompts + prompts, shown + gold, ANSWER_PREFIX, batch
-    ).tolist()
+    teacher_prompts = [s.teacher_prompt for s in samples]
+    taught = letter_probabilities(
+        functools.partial(teacher.hidden_and_head, student), tokenizer,
+        teacher_prompts + teacher_prompts, shown + gold, ANSWER_PREFIX, batch,
+    ).tolist()  # fmt: skip
+    prior = letter_probabilities(
+        policy_network(student), tokenizer, [s.student_prompt for s in samples], shown,
+        ANSWER_PREFIX, batch,
+    ).tolist()  # fmt: skip
     n = len(samples)
-    usable = [s.shown is not None and bool(s.shown) for s in samples]
-    return ([p if ok else None for p, ok in zip(both[:n], usable)],
-            [p if s.shown is not None else None for p, s in zip(both[n:], samples)])  # fmt: skip
+    has_letter = [bool(s.shown) for s in samples]  # None (no demo) and "" (no letter) are out
+    return {
+        "p_shown": [p if ok else None for p, ok in zip(taught[:n], has_letter)],
+        "p_gold": [p if s.shown is not None else None for p, s in zip(taught[n:], samples)],
+        "p_student_shown": [p if ok else None for p, ok in zip(prior, has_letter)],
+    }
+
+
+def success_agreement(
+    texts: list[str], rewards: list[float], threshold: float, shown: str | None
+) -> float | None:
+    """The share of a group's successes (``rewards`` as the verifier gave them, at or above
+    ``threshold``) whose answer is ``shown``; None without a success or a shown letter."""
+    answers = [extract_answer(t).answer.upper() for t, r in zip(texts, rewards) if r >= threshold]
+    return sum(a == shown for a in answers) / len(answers) if answers and shown else None
 
 
 def feedback_records(
-    questions: list[Question], samples: list, correct: list[list[bool]], gaps: list,
-    p_shown: list, p_gold: list,
+    questions: list[Question], texts: list[list[str]], verified, rewards, samples: list,
+    gaps: list, signals: dict[str, list], threshold: float,
 ) -> list[dict]:  # fmt: skip
     """One row per trained sample (``samples`` in question order, ``len(samples) //
-    len(questions)`` per question): the question's id, whether the rollout itself is correct,
-    whether its demonstration states the gold answer, its entropy gap (nats) and the teacher's
-    probability of the shown and of the gold letter."""
+    len(questions)`` per question; ``texts``, ``verified`` and ``rewards``: the rollouts'
+    texts, true and noisy rewards ``[questions][rollouts]``): the question's id, whether the
+    rollout itself is correct, whether its demonstration states the gold answer, its entropy
+    gap (nats), the :func:`letter_signals` and the group's :func:`success_agreement` with its
+    demonstration's letter."""
     per_question = len(samples) // len(questions)
     rows = []
     for i, s in enumerate(samples):
         if not s.trained:
             continue
-        q = questions[i // per_question]
+        k, j = divmod(i, per_question)
         rows.append({
-            "question": q.id,
-            "correct": bool(correct[i // per_question][i % per_question]),
+            "question": questions[k].id,
+            "correct": verified[k][j] >= threshold,
             "demo_right": s.demo_right,
             "gap": gaps[i],
-            "p_shown": p_shown[i],
-            "p_gold": p_gold[i],
+            **{name: values[i] for name, values in signals.items()},
+            "success_agreement": success_agreement(texts[k], rewards[k], threshold, s.shown),
         })  # fmt: skip
     return rows
 

@@ -46,11 +46,11 @@ from pgpo.train.distributed import World, full
 from pgpo.train.feedback import (
     feedback_records,
     gap_by_demonstration,
+    letter_signals,
     misleading,
     misleading_feedback,
     misleading_metrics,
     sample_gaps,
-    shown_and_gold_probabilities,
 )
 from pgpo.train.forward import Policy
 from pgpo.train.prompts import student_prompt, teacher_prompt
@@ -84,11 +84,9 @@ def train_step(
     samples = with_demonstrations(questions, rollouts, rewards, tokenizer, cfg)  # 3.
     pad = tokenizer.pad_token_id
     misled = misleading_feedback(cfg)
-    if misled:  # 3b. the premise's diagnostic: the teacher's letter probabilities, pre-update
-        gold = [q.answer for q in questions for _ in range(cfg.rollout.n)]
-        p_shown, p_gold = shown_and_gold_probabilities(
-            samples, gold, teacher, policy, tokenizer, cfg.loss.micro_batch
-        )
+    if misled:  # 3b. the premise's diagnostic: letter probabilities before the update
+        signals = letter_signals(questions, samples, teacher, policy, tokenizer,
+                                 cfg.loss.micro_batch)  # fmt: skip
     parts = cfg.optim.updates_per_batch  # 4.-6. once per mini-batch (the reference: once)
     # Several updates: the policy's log-probs before the first, for the clipped IS weight.
     old = old_logprobs(samples, policy, pad, cfg) if parts > 1 else None
@@ -106,10 +104,9 @@ def train_step(
     if misled:
         metrics.update(misleading_metrics(verified, rewards, samples, world, sums))
         gaps = [g for u in updates for g in u.gaps]
-        correct = [[v >= cfg.teacher.success_threshold for v in group] for group in verified]
-        metrics["feedback"] = world.gather(
-            feedback_records(questions, samples, correct, gaps, p_shown, p_gold)
-        )
+        records = feedback_records(questions, rollouts.texts, verified, rewards, samples, gaps,
+                                   signals, cfg.teacher.success_threshold)  # fmt: skip
+        metrics["feedback"] = world.gather(records)
     metrics.update(
         lr=optimizer.param_groups[0]["lr"],
         rollout_seconds=rollouts.seconds,
