@@ -89,24 +89,37 @@ def _answer_probability(
 
 @torch.no_grad()
 def letter_probabilities(
-    network, tokenizer, prompts: list[list[int]], letters: list[str], prefix: str, batch: int
-) -> torch.Tensor:
+    network, tokenizer, prompts: list[list[int]], letters: list[str], prefix: str, batch: int,
+    world=None,
+) -> torch.Tensor:  # fmt: skip
     """``P(letter_i | prompt_i + prefix)`` ``[B]`` (float64) under ``network``, a function
     ``(prompts, answers, pad) -> (hidden [B, T, H], head [V, H])`` whose logits are
     ``hidden @ head.T`` (a :class:`pgpo.train.teacher.Teacher`'s ``hidden_and_head`` with the
-    student bound, or :func:`policy_network`). Forwards of ``batch`` sequences; their number
-    depends on ``B`` only, so that ranks sharded by FSDP2 run the same collectives."""
-    pad, seqs, answers = tokenizer.pad_token_id, [], []
-    for prompt, letter in zip(prompts, letters):
+    student bound, or :func:`policy_network`). Each distinct (prompt, letter) pair is scored
+    once, in forwards of ``batch`` sequences; under ``world`` (FSDP2) every rank runs as many
+    forwards as the busiest, so that all run the same collectives."""
+    pad = tokenizer.pad_token_id
+    pairs = list(dict.fromkeys((tuple(p), letter) for p, letter in zip(prompts, letters)))
+    seqs, answers = [], []
+    for prompt, letter in pairs:
         first, ids = answer_ids(tokenizer, prefix, letter)
-        seqs.append(prompt + first)
+        seqs.append(list(prompt) + first)
         answers.append(ids)
+    chunks = -(-len(seqs) // batch)
+    if world is not None:
+        chunks = int(world.max(chunks))
     out = []
-    for start in range(0, len(seqs), batch):
+    for k in range(chunks):
+        start = min(k, max(-(-len(seqs) // batch) - 1, 0)) * batch  # extra forwards: the last
         a = answers[start : start + batch]
         hidden, head = network(seqs[start : start + batch], a, pad)
-        out.append(_answer_probability(hidden, head, a, pad))
-    return torch.cat(out)
+        if k * batch < len(seqs):
+            out.append(_answer_probability(hidden, head, a, pad))
+    probability = dict(zip(pairs, torch.cat(out).tolist())) if out else {}
+    return torch.tensor(
+        [probability[(tuple(p), letter)] for p, letter in zip(prompts, letters)],
+        dtype=torch.float64,
+    )
 
 
 def policy_network(policy: Policy):

@@ -76,8 +76,9 @@ def sample_gaps(h_student: torch.Tensor, h_teacher: torch.Tensor, keep: torch.Te
 
 
 def letter_signals(
-    questions: list[Question], samples: list, teacher, student, tokenizer, batch: int
-) -> dict[str, list]:
+    questions: list[Question], samples: list, teacher, student, tokenizer, batch: int,
+    world: World | None = None,
+) -> dict[str, list]:  # fmt: skip
     """Per sample, read after ``<answer>`` before the step's update
     (:func:`pgpo.train.exact.letter_probabilities`): the teacher's probability, on the sample's
     teacher prompt, of the letter its demonstration states (``p_shown``) and of the gold letter
@@ -90,11 +91,11 @@ def letter_signals(
     teacher_prompts = [s.teacher_prompt for s in samples]
     taught = letter_probabilities(
         functools.partial(teacher.hidden_and_head, student), tokenizer,
-        teacher_prompts + teacher_prompts, shown + gold, ANSWER_PREFIX, batch,
+        teacher_prompts + teacher_prompts, shown + gold, ANSWER_PREFIX, batch, world,
     ).tolist()  # fmt: skip
     prior = letter_probabilities(
         policy_network(student), tokenizer, [s.student_prompt for s in samples], shown,
-        ANSWER_PREFIX, batch,
+        ANSWER_PREFIX, batch, world,
     ).tolist()  # fmt: skip
     n = len(samples)
     has_letter = [bool(s.shown) for s in samples]  # None (no demo) and "" (no letter) are out

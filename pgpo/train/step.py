@@ -86,7 +86,7 @@ def train_step(
     misled = misleading_feedback(cfg)
     if misled:  # 3b. the premise's diagnostic: letter probabilities before the update
         signals = letter_signals(questions, samples, teacher, policy, tokenizer,
-                                 cfg.loss.micro_batch)  # fmt: skip
+                                 cfg.loss.micro_batch, world)  # fmt: skip
     parts = cfg.optim.updates_per_batch  # 4.-6. once per mini-batch (the reference: once)
     # Several updates: the policy's log-probs before the first, for the clipped IS weight.
     old = old_logprobs(samples, policy, pad, cfg) if parts > 1 else None
