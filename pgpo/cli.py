@@ -221,13 +221,13 @@ def _cmd_export(args) -> int:
 def _cmd_study(args) -> int:
     from pathlib import Path
 
-    from pgpo.demo.study import DEFAULT_SETTINGS, METHODS, StudyPlan, run_study
+    from pgpo.demo.study import DEFAULT_METHODS, DEFAULT_SETTINGS, StudyPlan, run_study
     from pgpo.demo.warmstart import WarmStartConfig
     from pgpo.train.config import load_config
 
     plan = StudyPlan(
         Path(args.out),
-        methods=args.methods or list(METHODS),
+        methods=args.methods or list(DEFAULT_METHODS),
         settings=args.settings or list(DEFAULT_SETTINGS),
         seeds=list(range(args.seeds or (1 if args.quick else 3))),
         overrides=list(args.overrides),
@@ -384,7 +384,9 @@ def build_parser() -> ArgumentParser:
     d.set_defaults(func=_cmd_demo)
     st = sub.add_parser("study", help="methods x settings x paired seeds: when modulation helps")
     st.add_argument("--out", default="runs/study", help="output folder (runs, figures, summary)")
-    st.add_argument("--methods", type=_names, default=None, help="comma-separated (all)")
+    st.add_argument(
+        "--methods", type=_names, default=None, help="comma-separated (all but pgpo-agreement)"
+    )
     st.add_argument(
         "--settings",
         type=_names,

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from pgpo.cli import main as pgpo_main
-from pgpo.demo.study import DEFAULT_SETTINGS, METHODS
+from pgpo.demo.study import DEFAULT_METHODS, DEFAULT_SETTINGS
 from pgpo.demo.study_report import paired_gain
 
 
@@ -37,7 +37,7 @@ def test_the_quick_study_reports_every_method_in_every_setting(quick):
     assert set(summary["settings"]) == set(DEFAULT_SETTINGS)
     for setting in DEFAULT_SETTINGS:
         methods = summary["settings"][setting]["methods"]
-        assert set(methods) == set(METHODS)
+        assert set(methods) == set(DEFAULT_METHODS)
         for name, m in methods.items():
             assert len(m["runs"]) == 2 and len(m["final"]) == 2
             assert (name == "sdpo") == ("gain_final" not in m)
@@ -94,11 +94,13 @@ def test_paired_gain_is_the_mean_difference_with_a_bootstrap_interval():
 def test_the_premise_settings_report_i_k_by_the_demonstrations_truth(quick):
     """``--settings noisy,wrong-demo``: every run writes one feedback.jsonl record per trained
     sample, and the report's premise numbers are those records' own group means (and the
-    metrics' shares); learn and collapse have no premise section."""
+    metrics' shares); learn and collapse have no premise section. ``pgpo-agreement``'s I_k is
+    each step's mean agreement of the trained samples' demonstrations with their group's
+    successes minus 1/2, and rho_k is Eq. 9 of it (alpha 1, rho_max 2)."""
     out = quick.parent / "premise"
     cache = str(quick.parent / "cache")
-    argv = ["study", "--quick", "--seeds", "2", "--methods", "sdpo,pgpo-a1", "--settings",
-            "noisy,wrong-demo", "--out", str(out), "--cache", cache]  # fmt: skip
+    argv = ["study", "--quick", "--seeds", "2", "--methods", "sdpo,pgpo-a1,pgpo-agreement",
+            "--settings", "noisy,wrong-demo", "--out", str(out), "--cache", cache]  # fmt: skip
     assert pgpo_main(argv) == 0
     from pgpo.demo.premise import read_feedback
 
@@ -114,9 +116,17 @@ def test_the_premise_settings_report_i_k_by_the_demonstrations_truth(quick):
                 mine = [f for f in feedback if f["step"] == row["step"]]
                 wrong = sum(not f["demo_right"] for f in mine)
                 assert row["demo_wrong_share"] == pytest.approx(wrong / len(mine))
+        for folder in (out / setting).glob("pgpo-agreement-seed*"):
+            feedback = read_feedback(folder)
+            for row in (r for r in rows(folder) if "info" in r):
+                shares = [f["success_agreement"] for f in feedback if f["step"] == row["step"]
+                          and f["success_agreement"] is not None]  # fmt: skip
+                assert row["info"] == pytest.approx(np.mean(shares) - 0.5 if shares else 0.0)
+                assert row["rho"] == pytest.approx(min(np.exp(row["info"]), 2.0))
+                assert "entropy_gap" in row
         right = [r["gap"] for r in records if r["demo_right"]]
         wrong = [r["gap"] for r in records if not r["demo_right"]]
-        assert p["samples"] == len(records) and p["runs"] == 4
+        assert p["samples"] == len(records) and p["runs"] == 6
         assert p["gap_right"] == pytest.approx(np.mean(right))
         assert p["gap_wrong"] == pytest.approx(np.mean(wrong))
         assert p["gap_difference_se"] > 0 and -1 <= p["r_share_right"]["r"] <= 1

@@ -426,3 +426,19 @@ def test_success_agreement_is_the_share_of_successes_stating_the_shown_letter():
     assert success_agreement(texts, [0.0, 1.0, 0.0, 1.0], 1.0, "B") == pytest.approx(1 / 2)
     assert success_agreement(texts, [0.0] * 4, 1.0, "A") is None  # no success
     assert success_agreement(texts, [1.0] * 4, 1.0, "") is None  # nothing shown
+
+
+def test_the_agreement_signal_is_the_mean_share_minus_a_half_and_needs_step_granularity():
+    from pgpo.train.config import ConfigError, load_config
+    from pgpo.train.distributed import World
+    from pgpo.train.feedback import agreement_signal
+    from pgpo.train.step import Sample
+
+    def sample(agreement, trained=True):
+        return Sample([1], [1], [2], trained, agreement=agreement)
+
+    samples = [sample(1.0), sample(0.25), sample(None), sample(0.0, trained=False)]
+    assert agreement_signal(samples, World()) == (pytest.approx((1.0 + 0.25) / 2 - 0.5), True)
+    assert agreement_signal([sample(None)], World()) == (0.0, False)
+    with pytest.raises(ConfigError, match="pgpo.granularity"):
+        load_config("tiny-cpu", ["pgpo.signal=agreement", "pgpo.granularity=token"])

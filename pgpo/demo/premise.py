@@ -102,6 +102,11 @@ def _metric(rows: list[dict], key: str) -> np.ndarray:
     return np.array([np.nan if r.get(key) is None else r[key] for r in rows], dtype=np.float64)
 
 
+def _entropy_gap(rows: list[dict]) -> np.ndarray:
+    """Each step's Eq. 8 ``I_k`` (``entropy_gap`` where the run's signal was another one)."""
+    return _metric(rows, "entropy_gap" if rows and "entropy_gap" in rows[0] else "info")
+
+
 def premise_summary(folders: list[Path]) -> dict:
     """The premise's numbers over one setting's runs (``folders``): the per-sample gap and the
     teacher's letter probabilities by the demonstration's truth, ``gap(right) - gap(wrong)``
@@ -141,7 +146,7 @@ def premise_summary(folders: list[Path]) -> dict:
          if "info" in r]
         for f in folders
     ]  # fmt: skip
-    infos = [_metric(rows, "info") for rows in metrics]
+    infos = [_entropy_gap(rows) for rows in metrics]
     share_right = [1.0 - _metric(rows, "demo_wrong_share") for rows in metrics]
     accuracy = [_metric(rows, "reward_true") for rows in metrics]
     out["r_share_right"] = within_run_correlation(infos, share_right)
@@ -176,7 +181,7 @@ def plot_premise(summaries: dict[str, dict], folders: dict[str, list[Path]], pat
             rows = [r for r in map(json.loads, (Path(f) / "metrics.jsonl").read_text()
                                    .splitlines()) if "info" in r]  # fmt: skip
             x = 1.0 - _metric(rows, "demo_wrong_share")
-            y = _metric(rows, "info")
+            y = _entropy_gap(rows)
             right_ax.scatter(x - np.nanmean(x), y - np.nanmean(y), s=4, alpha=0.4)
         c = s["r_share_right"]
         right_ax.set_title(f"{setting}: I_k against the share of right demonstrations, per "

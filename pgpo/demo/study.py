@@ -8,6 +8,8 @@ each run folder is what ``pgpo train`` writes. Methods:
 - ``pgpo-token``, ``pgpo-sequence``: rho reallocates the loss weight between tokens or responses
   (alpha 1; the step itself is not scaled);
 - ``pgpo-adaptive``: Eq. 9 with the ``target_rho`` controller (``rho_target`` 1.25);
+- ``pgpo-agreement``: Eq. 9 on a signal that needs no gold answer instead of Eq. 8
+  (``pgpo.signal: agreement``, alpha 1); for the premise's settings, not run by default;
 - ``sdpo-matched``: SDPO whose learning rate is multiplied by the mean ``rho_k`` of the paired
   ``pgpo-a1`` run (same setting, same seed, hence the same data order). If PGPO beats SDPO but
   not this control, the gain is the larger mean step, not the information.
@@ -51,8 +53,11 @@ METHODS: dict[str, tuple[str, ...]] = {
         "pgpo.alpha_schedule=target_rho",
         "pgpo.rho_target=1.25",
     ),
+    "pgpo-agreement": ("pgpo.enabled=true", "pgpo.alpha=1.0", "pgpo.signal=agreement"),
     MATCHED: ("pgpo.enabled=false",),  # its lr is set from the paired run
 }
+# pgpo-agreement's signal is constant (1/2) where every success is right: premise settings only.
+DEFAULT_METHODS = tuple(m for m in METHODS if m != "pgpo-agreement")
 # q = p = 0.4: a probe at q = 0.4 found 37 % of the demonstrations wrong, so both settings mislead
 # about as often; the right letter is still the one most often shown (0.6 against 0.13 for each
 # wrong one under wrong-demo), so SDPO can still learn.
@@ -78,7 +83,7 @@ QUICK = (
 @dataclass
 class StudyPlan:
     out: Path
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     settings: list[str] = field(default_factory=lambda: list(DEFAULT_SETTINGS))
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     overrides: list[str] = field(default_factory=list)  # every run, after the setting's

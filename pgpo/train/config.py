@@ -211,6 +211,10 @@ class PGPOConfig:
     kind: Kind = "paper"  # paper: min(.); floored: max(1, .); smooth
     sharpness: Positive = DEFAULT_SHARPNESS  # kind: smooth only (how closely it follows min)
     info_reduction: Literal["token_mean", "seq_mean"] = "token_mean"  # I_k's mean
+    # What I_k is: Eq. 8's entropy gap; or, needing no gold answer (the premise study,
+    # pgpo/train/feedback.py), the trained samples' mean share of their group's successes that
+    # state their demonstration's answer, minus 1/2 (a verifier's false positives disagree).
+    signal: Literal["entropy_gap", "agreement"] = "entropy_gap"
     # Compute I_k (and log it) in SDPO runs too; off: SDPO skips the entropy passes entirely.
     track_info: bool = True
     # Where rho acts (pgpo/modulation.py): the step (Eq. 9), or each response's / token's loss
@@ -503,6 +507,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         check_params(p.alpha, p.rho_max, p.kind, p.sharpness)
     except ValueError as err:
         raise ConfigError(f"pgpo.{err}") from None
+    need(p.signal == "entropy_gap" or p.granularity == "step", "pgpo.granularity",
+         "step with pgpo.signal agreement (a batch-level signal)", p.granularity)  # fmt: skip
     if p.alpha_schedule == "target_rho":
         bounds = f"within [pgpo.alpha_min, pgpo.alpha_max] = [{p.alpha_min:g}, {p.alpha_max:g}]"
         need(p.alpha_min <= p.alpha <= p.alpha_max, "pgpo.alpha", bounds, p.alpha)

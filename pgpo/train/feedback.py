@@ -115,16 +115,24 @@ def success_agreement(
     return sum(a == shown for a in answers) / len(answers) if answers and shown else None
 
 
+def agreement_signal(samples: list, world: World) -> tuple[float, bool]:
+    """``pgpo.signal: agreement``'s I_k, over all ranks: the trained samples' mean
+    :func:`success_agreement` (``Sample.agreement``) minus 1/2, in [-1/2, 1/2]; and whether any
+    sample had one (else 0)."""
+    values = [s.agreement for s in samples if s.trained and s.agreement is not None]
+    total, count = world.sum([sum(values), len(values)])
+    return (total / count - 0.5, True) if count else (0.0, False)
+
+
 def feedback_records(
-    questions: list[Question], texts: list[list[str]], verified, rewards, samples: list,
-    gaps: list, signals: dict[str, list], threshold: float,
+    questions: list[Question], verified, samples: list, gaps: list, signals: dict[str, list],
+    threshold: float,
 ) -> list[dict]:  # fmt: skip
     """One row per trained sample (``samples`` in question order, ``len(samples) //
-    len(questions)`` per question; ``texts``, ``verified`` and ``rewards``: the rollouts'
-    texts, true and noisy rewards ``[questions][rollouts]``): the question's id, whether the
-    rollout itself is correct, whether its demonstration states the gold answer, its entropy
-    gap (nats), the :func:`letter_signals` and the group's :func:`success_agreement` with its
-    demonstration's letter."""
+    len(questions)`` per question; ``verified``: the rollouts' true rewards ``[questions]
+    [rollouts]``): the question's id, whether the rollout itself is correct, whether its
+    demonstration states the gold answer, its entropy gap (nats), the :func:`letter_signals`
+    and the group's :func:`success_agreement` with its demonstration's letter."""
     per_question = len(samples) // len(questions)
     rows = []
     for i, s in enumerate(samples):
@@ -137,7 +145,7 @@ def feedback_records(
             "demo_right": s.demo_right,
             "gap": gaps[i],
             **{name: values[i] for name, values in signals.items()},
-            "success_agreement": success_agreement(texts[k], rewards[k], threshold, s.shown),
+            "success_agreement": s.agreement,
         })  # fmt: skip
     return rows
 

@@ -44,6 +44,7 @@ from pgpo.train.config import TrainConfig
 from pgpo.train.data import Question
 from pgpo.train.distributed import World, full
 from pgpo.train.feedback import (
+    agreement_signal,
     feedback_records,
     gap_by_demonstration,
     letter_signals,
@@ -51,6 +52,7 @@ from pgpo.train.feedback import (
     misleading_feedback,
     misleading_metrics,
     sample_gaps,
+    success_agreement,
 )
 from pgpo.train.forward import Policy
 from pgpo.train.prompts import student_prompt, teacher_prompt
@@ -101,11 +103,13 @@ def train_step(
     sums = sum_updates(updates)
     metrics = step_metrics(questions, rollouts, rewards, samples, sums, world, cfg)
     metrics.update(mean_over_updates(updates, sums))
+    if cfg.pgpo.signal != "entropy_gap":  # info is that signal; Eq. 8 is logged beside it
+        metrics["entropy_gap"] = sums.info
     if misled:
         metrics.update(misleading_metrics(verified, rewards, samples, world, sums))
         gaps = [g for u in updates for g in u.gaps]
-        records = feedback_records(questions, rollouts.texts, verified, rewards, samples, gaps,
-                                   signals, cfg.teacher.success_threshold)  # fmt: skip
+        records = feedback_records(questions, verified, samples, gaps, signals,
+                                   cfg.teacher.success_threshold)  # fmt: skip
         metrics["feedback"] = world.gather(records)
     metrics.update(
         lr=optimizer.param_groups[0]["lr"],
@@ -155,6 +159,8 @@ def update(
     )  # fmt: skip
     has_signal = need_info and sums.trained_tokens > 0
     info = sums.info if has_signal else 0.0  # Eq. 8: I_k (0 without a trained token)
+    if cfg.pgpo.signal == "agreement":  # instead: the demonstrations' agreement (no gold answer)
+        info, has_signal = agreement_signal(samples, world)
     alpha = None if modulation is None else modulation.schedule.current(info)
     rho_k = 1.0 if modulation is None else float(modulation.multiplier(alpha)(info))  # Eq. 9
     rho = rho_k if modulation is not None and modulation.scales_step else 1.0
@@ -227,6 +233,7 @@ class Sample:
     engine_logprobs: list[float] | None = None  # the rollout engine's, per response token
     demo_right: bool | None = None  # its demonstration states the gold answer; None: no demo
     shown: str | None = None  # the answer its demonstration states ("": none); None: no demo
+    agreement: float | None = None  # the share of its group's successes stating ``shown``
 
 
 class StepSums(NamedTuple):
@@ -289,8 +296,8 @@ def with_demonstrations(
         rewards, rollouts.texts, t.success_threshold, own_success_ok=t.reprompt_on_own_success
     )
     samples = []
-    for q, prompt, group, group_demos in zip(
-        questions, rollouts.prompts, rollouts.completions, demos
+    for q, prompt, group, group_demos, texts, group_rewards in zip(
+        questions, rollouts.prompts, rollouts.completions, demos, rollouts.texts, rewards
     ):
         for completion, demo in zip(group, group_demos):
             if demo is None and t.fallback_demonstration == "gold":
@@ -317,6 +324,7 @@ def with_demonstrations(
                     completion.logprobs if completion.tokens else [0.0],
                     None if demo is None else shown == q.answer,
                     shown,
+                    success_agreement(texts, group_rewards, t.success_threshold, shown),
                 )
             )
     return samples
