@@ -442,3 +442,23 @@ def test_the_agreement_signal_is_the_mean_share_minus_a_half_and_needs_step_gran
     assert agreement_signal([sample(None)], World()) == (0.0, False)
     with pytest.raises(ConfigError, match="pgpo.granularity"):
         load_config("tiny-cpu", ["pgpo.signal=agreement", "pgpo.granularity=token"])
+
+
+def test_a_setting_added_since_a_run_counts_as_its_default_when_finding_finished_runs(tmp_path):
+    """``finished``: a saved config.yaml that lacks a newer key (here pgpo.signal) is the same
+    run as the current config when that key is at its default, and not when it is not."""
+    import yaml
+
+    from pgpo.train.config import load_config, to_dict
+    from pgpo.train.run_dir import finished
+
+    cfg = to_dict(load_config("tiny-cpu", ["steps=2"]))
+    saved = json.loads(json.dumps(cfg))
+    del saved["pgpo"]["signal"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n')
+    assert finished(tmp_path, cfg)
+    assert not finished(
+        tmp_path, to_dict(load_config("tiny-cpu", ["steps=2", "pgpo.signal=agreement"]))
+    )
+    assert not finished(tmp_path, to_dict(load_config("tiny-cpu", ["steps=3"])))

@@ -29,9 +29,12 @@ OWN = MARKS + TRACKER_DIRS
 
 def finished(folder: str | Path, config: dict) -> bool:
     """Whether ``folder`` holds a completed run of ``config`` (a ``to_dict`` of a TrainConfig):
-    the same settings (``output.overwrite`` aside) and a logged row for the last step. Tools that
-    run many configs (the demo, studies) skip such runs."""
+    the same settings (``output.overwrite`` aside; a setting added since the run was saved
+    counts as its default) and a logged row for the last step. Tools that run many configs (the
+    demo, studies) skip such runs."""
     import yaml
+
+    from pgpo.train.config import TrainConfig, to_dict
 
     folder = Path(folder)
     try:
@@ -40,6 +43,8 @@ def finished(folder: str | Path, config: dict) -> bool:
         last = json.loads(rows[-1])["step"] if rows else None
     except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError):
         return False
+    if isinstance(saved, dict):
+        saved = _with_defaults(saved, to_dict(TrainConfig()))
 
     def settings(c: dict) -> dict:
         return {**c, "output": {k: v for k, v in c.get("output", {}).items() if k != "overwrite"}}
@@ -47,6 +52,17 @@ def finished(folder: str | Path, config: dict) -> bool:
     return (
         isinstance(saved, dict) and settings(saved) == settings(config) and last == config["steps"]
     )
+
+
+def _with_defaults(saved: dict, defaults: dict) -> dict:
+    """``saved`` with the keys it lacks taken from ``defaults``, section by section."""
+    out = dict(saved)
+    for key, value in defaults.items():
+        if key not in out:
+            out[key] = value
+        elif isinstance(value, dict) and isinstance(out[key], dict):
+            out[key] = _with_defaults(out[key], value)
+    return out
 
 
 class RunDirError(ValueError):
