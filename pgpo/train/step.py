@@ -9,11 +9,14 @@
    loss is the divergence between them (Eq. 2 for beta = 1; the reference's JSD for 0.5), the LM
    head applied chunk by chunk inside it (logits never held for a whole sequence), and the
    per-token entropies come out of the same pass;
-5. I_k (Eq. 8, :func:`pgpo.information.weighted_entropy_gap`) and rho_k (Eq. 9);
+5. I_k (Eq. 8, :func:`pgpo.information.weighted_entropy_gap`; with ``pgpo.signal: agreement``
+   the demonstrations' agreement with their group's successes instead) and rho_k (Eq. 9);
 6. AdamW step scaled by rho_k (theta_{k+1} = theta_k - eta rho_k h_k), then the EMA teacher.
 With ``pgpo.granularity`` token or sequence, step 4 weights each token's loss by rho(I_t) (or
 its response's rho(I_i)) instead, renormalised over the step (:mod:`pgpo.modulation`), and step
 6 scales by rho_k only with ``combine_step``.
+With misleading feedback (:mod:`pgpo.train.feedback`) step 3b reads the teacher's and the
+student's letter probabilities before the update, for a per-sample record of the premise study.
 A NaN/inf loss, gradient or I_k skips the step: weights, optimizer and teacher stay untouched.
 With ``optim.updates_per_batch`` M > 1, steps 4-6 run once on each of M mini-batches of the
 batch, each token's loss weighted by the clipped importance weight min(p_now / p_old, cap).
