@@ -137,9 +137,12 @@ def premise_summary(folders: list[Path]) -> dict:
         ok = np.isfinite(v)
         if ok[right].any() and ok[~right].any():
             d, d_se = clustered_difference(v[ok], right[ok], question[ok])
+            # z: the difference in SEs; infinite where every right and every wrong sample
+            # has its group's own value (SE 0), as agreement has under wrong-demo
+            z = d / d_se if d_se > 0 else float(np.sign(d) * np.inf) if d else float("nan")
             out["signals"][key] = {"right": float(v[ok & right].mean()),
                                    "wrong": float(v[ok & ~right].mean()), "difference": d,
-                                   "se": d_se, "z": d / d_se if d_se > 0 else float("nan"),
+                                   "se": d_se, "z": z, "separates": bool(abs(d) > 3 * d_se),
                                    "samples": int(ok.sum())}  # fmt: skip
     metrics = [
         [r for r in map(json.loads, (Path(f) / "metrics.jsonl").read_text().splitlines())

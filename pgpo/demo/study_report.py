@@ -156,7 +156,7 @@ def premise_lines(p: dict) -> list[str]:
         "|---|---|---|---|---|",
         *(
             f"| {SIGNALS[k]} | {v['right']:.4f} | {v['wrong']:.4f} | {v['difference']:+.4f} +- "
-            f"{v['se']:.4f} | {v['z']:+.1f} |"
+            f"{v['se']:.4f} | {v['z']:+.1f}{' (separates)' if v['separates'] else ''} |"
             for k, v in p.get("signals", {}).items()
         ),
     ]
