@@ -127,6 +127,16 @@ def premise_summary(folders: list[Path]) -> dict:
     out["gap_right"], out["gap_wrong"] = float(gap[right].mean()), float(gap[~right].mean())
     out["gap_difference"], out["gap_difference_se"] = diff, se
     out["questions"] = int(len(np.unique(question)))
+    # The same split within rollouts that are themselves correct, and within those that are
+    # not: a gap that follows whether the response agrees with its demonstration, rather than
+    # whether the demonstration is right, changes sign between the two.
+    own = np.array([s["correct"] for s in usable], dtype=bool)
+    out["gap_difference_by_rollout"] = {}
+    for name, pick in (("correct", own), ("incorrect", ~own)):
+        if right[pick].any() and (~right[pick]).any():
+            d, d_se = clustered_difference(gap[pick], right[pick], question[pick])
+            out["gap_difference_by_rollout"][name] = {"difference": d, "se": d_se,
+                                                      "samples": int(pick.sum())}  # fmt: skip
     for key in ("p_shown", "p_gold"):
         for name, pick in (("right", right), ("wrong", ~right)):
             v = np.array([np.nan if s[key] is None else s[key] for s in usable])[pick]

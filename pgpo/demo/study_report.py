@@ -145,6 +145,13 @@ def premise_lines(p: dict) -> list[str]:
         f"| teacher P(shown letter) | {prob('p_shown_right')} | {prob('p_shown_wrong')} | |",
         f"| teacher P(gold letter) | {prob('p_gold_right')} | {prob('p_gold_wrong')} | |",
         "",
+        "Right - wrong within rollouts that are themselves correct / incorrect: "
+        + " / ".join(
+            f"{v['difference']:+.4f} +- {v['se']:.4f} ({v['samples']:,})"
+            for v in p.get("gap_difference_by_rollout", {}).values()
+        )
+        + " nats.",
+        "",
         f"Per step, centred within each run ({p['r_share_right']['steps']} steps): "
         f"r(I_k, share of right demonstrations) = {corr(p['r_share_right'])}, r(I_k, batch "
         f"accuracy) = {corr(p['r_accuracy'])} (95 % bootstrap intervals over runs).",
