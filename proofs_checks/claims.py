@@ -345,10 +345,14 @@ def claim_c9_premise(premise_file: Path | None) -> Check:
         numbers[setting] = {"gap_difference": diff, "gap_difference_se": se, "r": r["r"],
                             "r_ci": [r["ci_low"], r["ci_high"]], "samples": p["samples"],
                             "runs": p["runs"]}  # fmt: skip
+        split = p.get("gap_difference_by_rollout", {})
+        within = " / ".join(f"{v['difference']:+.4f} +- {v['se']:.4f}" for v in split.values())
         parts.append(
             f"{setting}: gap(right) - gap(wrong) = {diff:+.4f} +- {se:.4f} nats (clustered by "
-            f"question, {p['samples']:,} samples), r(I_k, share right) = {r['r']:+.2f} "
-            f"[{r['ci_low']:+.2f}, {r['ci_high']:+.2f}] over {r['runs']} runs"
+            f"question, {p['samples']:,} samples"
+            + (f"; within correct / incorrect rollouts {within}" if len(split) == 2 else "")
+            + f"), r(I_k, share right) = {r['r']:+.2f} [{r['ci_low']:+.2f}, {r['ci_high']:+.2f}]"
+            f" over {r['runs']} runs"
         )
     verdict = HOLDS if all(marks) else (CONDITIONAL if any(marks) else FAILS)
     text = "; ".join(parts) + f" (from {premise_file})"

@@ -181,10 +181,13 @@ def plot_premise(summaries: dict[str, dict], folders: dict[str, list[Path]], pat
     for (left, right_ax), setting in zip(axes, settings):
         s, runs = summaries[setting], folders[setting]
         records = [r for f in runs for r in read_feedback(f) if r["gap"] is not None]
+        # the central 99.8 % of the gaps: a few outliers would squeeze the rest into one bin
+        span = np.percentile([r["gap"] for r in records], [0.1, 99.9])
         for truth, colour in ((True, "tab:green"), (False, "tab:red")):
             gaps = [r["gap"] for r in records if r["demo_right"] is truth]
-            label = f"{'right' if truth else 'wrong'} demonstration (n={len(gaps)})"
-            left.hist(gaps, bins=60, density=True, alpha=0.5, color=colour, label=label)
+            label = f"{'right' if truth else 'wrong'} demonstration (n={len(gaps):,})"
+            left.hist(gaps, bins=60, range=tuple(span), density=True, alpha=0.5, color=colour,
+                      label=label)  # fmt: skip
         diff, se = s["gap_difference"], s["gap_difference_se"]
         left.set_title(f"{setting}: per-sample entropy gap; right - wrong = {diff:+.4f} +- "
                        f"{se:.4f} nats", fontsize=10)  # fmt: skip
