@@ -17,7 +17,8 @@ whose demonstration states the gold answer and over those whose demonstration st
 probability of the letter it is shown and of the gold letter, and two signals that need no gold
 answer and might tell a right demonstration from a wrong one: the student's own prior
 probability of the shown letter, and the share of the group's successes (as the verifier counted
-them) that state it.
+them) that state it. ``pgpo.signal: agreement`` makes the latter PGPO's signal
+(:func:`agreement_signal`).
 """
 
 from __future__ import annotations
