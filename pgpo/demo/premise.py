@@ -98,6 +98,12 @@ def read_feedback(folder: Path) -> list[dict]:
     return rows
 
 
+def read_steps(folder: Path) -> list[dict]:
+    """A run's training-step rows of ``metrics.jsonl`` (those that log ``info``)."""
+    rows = map(json.loads, (Path(folder) / "metrics.jsonl").read_text().splitlines())
+    return [r for r in rows if "info" in r]
+
+
 def _metric(rows: list[dict], key: str) -> np.ndarray:
     return np.array([np.nan if r.get(key) is None else r[key] for r in rows], dtype=np.float64)
 
@@ -154,11 +160,7 @@ def premise_summary(folders: list[Path]) -> dict:
                                    "wrong": float(v[ok & ~right].mean()), "difference": d,
                                    "se": d_se, "z": z, "separates": bool(abs(d) > 3 * d_se),
                                    "samples": int(ok.sum())}  # fmt: skip
-    metrics = [
-        [r for r in map(json.loads, (Path(f) / "metrics.jsonl").read_text().splitlines())
-         if "info" in r]
-        for f in folders
-    ]  # fmt: skip
+    metrics = [read_steps(f) for f in folders]
     infos = [_entropy_gap(rows) for rows in metrics]
     share_right = [1.0 - _metric(rows, "demo_wrong_share") for rows in metrics]
     accuracy = [_metric(rows, "reward_true") for rows in metrics]
@@ -194,8 +196,7 @@ def plot_premise(summaries: dict[str, dict], folders: dict[str, list[Path]], pat
         left.set_xlabel("H_S - H_T, token mean over the response (nats)")
         left.legend(fontsize=8)
         for f in runs:
-            rows = [r for r in map(json.loads, (Path(f) / "metrics.jsonl").read_text()
-                                   .splitlines()) if "info" in r]  # fmt: skip
+            rows = read_steps(f)
             x = 1.0 - _metric(rows, "demo_wrong_share")
             y = _entropy_gap(rows)
             right_ax.scatter(x - np.nanmean(x), y - np.nanmean(y), s=4, alpha=0.4)

@@ -105,17 +105,16 @@ def letter_probabilities(
         first, ids = answer_ids(tokenizer, prefix, letter)
         seqs.append(list(prompt) + first)
         answers.append(ids)
-    chunks = -(-len(seqs) // batch)
-    if world is not None:
-        chunks = int(world.max(chunks))
+    needed = -(-len(seqs) // batch)
+    chunks = needed if world is None else int(world.max(needed))
     out = []
     for k in range(chunks):
-        start = min(k, max(-(-len(seqs) // batch) - 1, 0)) * batch  # extra forwards: the last
+        start = min(k, needed - 1) * batch  # a rank with fewer chunks repeats its last one
         a = answers[start : start + batch]
         hidden, head = network(seqs[start : start + batch], a, pad)
-        if k * batch < len(seqs):
+        if k < needed:
             out.append(_answer_probability(hidden, head, a, pad))
-    probability = dict(zip(pairs, torch.cat(out).tolist())) if out else {}
+    probability = dict(zip(pairs, torch.cat(out).tolist()))
     return torch.tensor(
         [probability[(tuple(p), letter)] for p, letter in zip(prompts, letters)],
         dtype=torch.float64,
