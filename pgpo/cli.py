@@ -251,15 +251,17 @@ def _cmd_demo(args) -> int:
     from pgpo.demo.warmstart import WarmStartConfig
 
     if args.real:
-        from pgpo.demo.real import run_real
+        from pgpo.demo.real import PRESET, run_real
+        from pgpo.train.config import load_config
 
-        run_real(
-            Path(args.out),
-            args.questions,
-            args.steps,
-            cache=args.cache and Path(args.cache),
-            overrides=tuple(args.overrides),
-        )
+        overrides = tuple(args.overrides)
+        if args.questions is not None:
+            overrides = (f"data.max_test={args.questions}", *overrides)
+        load_config(PRESET, list(overrides))  # refuse bad overrides before any work
+        check_output(Path(args.out))
+        run_real(Path(args.out), args.steps, cache=args.cache and Path(args.cache),
+                 overrides=overrides, workers=args.workers)  # fmt: skip
+        print(f"wrote {args.out}/real.md, real.json and real.png")
         return 0
     if args.collapse:
         from pgpo.demo.collapse import collapse_plan
@@ -378,8 +380,12 @@ def build_parser() -> ArgumentParser:
     d.add_argument("--warm-steps", type=positive_int, default=None, help="warm-start steps (200)")
     study = d.add_mutually_exclusive_group()
     study.add_argument("--collapse", action="store_true", help="the EMA-teacher collapse study")
-    study.add_argument("--real", action="store_true", help="SmolLM2-135M on MMLU science")
-    d.add_argument("--questions", type=positive_int, default=50, help="--real: test questions")
+    study.add_argument(
+        "--real", action="store_true", help="SmolLM2-135M learns a task: SDPO, PGPO and SFT"
+    )
+    d.add_argument(
+        "--questions", type=positive_int, default=None, help="--real: held-out questions (100)"
+    )
     d.add_argument("overrides", nargs="*", help="trainer key=value for every run")
     d.set_defaults(func=_cmd_demo)
     st = sub.add_parser("study", help="methods x settings x paired seeds: when modulation helps")

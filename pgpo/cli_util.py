@@ -46,6 +46,11 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UserError(message)
 
 
+def default_cache() -> Path:
+    """Where built models are kept and reused: ``$PGPO_CACHE``, else ``~/.cache/pgpo``."""
+    return Path(os.environ.get("PGPO_CACHE", Path.home() / ".cache" / "pgpo"))
+
+
 def os_error_text(err: OSError) -> str:
     """An OSError in one line that names the file and, for a full disk, says so."""
     where = f" ({err.filename})" if err.filename else ""

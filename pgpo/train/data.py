@@ -15,6 +15,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from pgpo.cli_util import json_text
+
 LETTERS = "ABCDEFGH"
 # SciKnowEval's domains as the SDPO reference ships them: datasets/sciknoweval/<domain>/
 # {train,test}.json (JSON lines), 450/50, 1890/210, 841/94 and 720/80 questions.
@@ -300,6 +302,55 @@ def synthetic(n: int, seed: int, options: int = 4) -> Dataset:
     return Dataset(questions, 0, f"synthetic(seed={seed})")
 
 
+# The demo's task: "which option is the largest number?", four two-digit options, in Science
+# Q&A's layout (prompt, answer letter, system prompt; <answer>X</answer> output). Generated from a
+# seed; the held-out split shares no option set with the training split.
+LARGEST_NUMBER = "largest-number"
+LARGEST_SYSTEM = "Give the letter of the correct option inside <answer>...</answer>."
+LARGEST_QUESTION = "Which option is the largest number?"
+
+
+def answer_text(letter: str) -> str:
+    """The response the format asks for."""
+    return f"<answer>{letter}</answer>"
+
+
+def make_question(rng: random.Random, index: str) -> tuple[Question, tuple[int, ...]]:
+    """One largest-number question and its four values."""
+    values = tuple(rng.sample(range(10, 100), 4))
+    lines = "\n".join(f"{LETTERS[i]}: {v}" for i, v in enumerate(values))
+    prompt = f"{LARGEST_QUESTION}\n\n{lines}\n\nAnswer with the letter."
+    return Question(index, prompt, LETTERS[values.index(max(values))], LARGEST_SYSTEM), values
+
+
+def make_splits(n_train: int, n_test: int, seed: int) -> tuple[list[Question], list[Question]]:
+    """Disjoint largest-number train and test questions (no option set appears in both)."""
+    rng = random.Random(seed)
+    seen: set[tuple[int, ...]] = set()
+    splits: list[list[Question]] = [[], []]
+    for split, n in ((1, n_test), (0, n_train)):  # test first: its size never changes
+        while len(splits[split]) < n:
+            q, values = make_question(rng, f"{'train' if split == 0 else 'test'}-{seed}-")
+            if values in seen:
+                continue
+            seen.add(values)
+            splits[split].append(
+                Question(f"{q.id}{len(splits[split])}", q.prompt, q.answer, q.system)
+            )
+    return splits[0], splits[1]
+
+
+def write_jsonl(questions: list[Question], path: str | Path) -> Path:
+    """The SDPO reference's JSON-lines layout (idx, prompt, answer, system)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for q in questions:
+            row = {"idx": q.id, "prompt": q.prompt, "answer": q.answer, "system": q.system}
+            f.write(json_text(row) + "\n")
+    return path
+
+
 def split_specs(train: str, test: str, sciknoweval: str, domain: str | None) -> tuple[str, str]:
     """What to load for each split: the two files of a SciKnowEval domain, or ``train`` and
     ``test`` (``train`` when ``test`` is empty)."""
@@ -309,20 +360,23 @@ def split_specs(train: str, test: str, sciknoweval: str, domain: str | None) -> 
 
 
 def load_split(spec: str, split: str, seed: int, skip_bad_rows: bool, limit: int | None) -> Dataset:
-    """A data set by name: a .jsonl/.json or .parquet path, ``hf:...``, ``mmlu-science`` or
-    ``synthetic``.
+    """A data set by name: a .jsonl/.json or .parquet path, ``hf:...``, ``mmlu-science``,
+    ``largest-number`` (the demo's task: 400 training and 100 held-out questions, no option
+    set in both) or ``synthetic``.
 
     ``mmlu-science`` and ``synthetic`` are split 90/10 by a seeded shuffle (seed 42 for MMLU, as
     the reference splits SciKnowEval)."""
     if not spec:
         raise DataError(
-            f"data.{split} is empty: name a .jsonl/.parquet file, hf:..., mmlu-science or "
-            "synthetic, or set data.sciknoweval and data.domain"
+            f"data.{split} is empty: name a .jsonl/.parquet file, hf:..., mmlu-science, "
+            "largest-number or synthetic, or set data.sciknoweval and data.domain"
         )
     if spec.startswith("hf:"):
         data = load_hf(spec, split, skip_bad_rows)
     elif spec == "synthetic":
         data = synthetic(400 if split == "train" else 100, seed=1000 * (split == "test") + 7)
+    elif spec == LARGEST_NUMBER:
+        data = Dataset(make_splits(400, 100, seed=3)[split == "test"], 0, spec)
     elif spec == "mmlu-science":
         data = load_mmlu_science(skip_bad_rows=True)
         order = list(range(len(data.questions)))

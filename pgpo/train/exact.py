@@ -75,6 +75,41 @@ def answer_scores(
     return torch.cat(probs), torch.cat(entropies)
 
 
+@torch.no_grad()
+def option_probabilities(
+    policy: Policy, prompts: list[list[int]], answers: list[list[int]], pad: int
+) -> torch.Tensor:
+    """:func:`answer_probabilities`, with one forward per distinct prompt for one-token answers:
+    the next-token distribution after a prompt scores every one-token answer to it at once
+    (each option's letter after ``<answer>``, where a forward per option would repeat the
+    same prompt). Longer answers are teacher-forced as there. ``[B]`` float64."""
+    out = torch.zeros(len(prompts), dtype=torch.float64)
+    single: dict[tuple[int, ...], list[int]] = {}  # prompt -> rows with a one-token answer
+    longer = []
+    for row, (prompt, answer) in enumerate(zip(prompts, answers)):
+        (single.setdefault(tuple(prompt), []) if len(answer) == 1 else longer).append(row)
+    distinct = list(single)
+    for start in range(0, len(distinct), BATCH):
+        chunk = distinct[start : start + BATCH]
+        # a one-token stand-in answer: the hidden state that predicts it reads the prompt only
+        hidden = policy([list(p) for p in chunk], [[pad]] * len(chunk), pad)
+        head = full(head_weight(policy.lm)).to(hidden.dtype)
+        rows = [single[p] for p in chunk]
+        width = max(len(r) for r in rows)
+        targets = torch.tensor(
+            [[answers[r][0] for r in rs] + [pad] * (width - len(rs)) for rs in rows]
+        )
+        # [K, width]: prompt k's hidden state against each of its answers' tokens
+        logp = head_token_logprobs(hidden[:, :1].expand(-1, width, -1), head, targets)
+        for k, rs in enumerate(rows):
+            out[rs] = logp[k, : len(rs)].cpu().double().exp()
+    if longer:
+        out[longer] = answer_probabilities(
+            policy, [prompts[r] for r in longer], [answers[r] for r in longer], pad
+        )
+    return out
+
+
 def _answer_probability(
     hidden: torch.Tensor, head: torch.Tensor, answers: list[list[int]], pad: int
 ) -> torch.Tensor:
@@ -143,13 +178,13 @@ def p_correct(
     return answer_probabilities(policy, prompts, answers, tokenizer.pad_token_id)
 
 
-def exact_scores(
+def exact_per_question(
     policy: Policy, tokenizer, questions: list[Question], prefix: str, max_prompt_tokens: int
-) -> dict:
-    """``eval.mode: exact`` on ``questions``: the mean P(correct letter) with its standard error,
-    the same conditional on answering with one of the options' letters (P(correct) / sum of
-    the options' P), which format alone cannot raise, and the accuracy of the most likely
-    letter. Every option of every question is scored (one forward each)."""
+) -> dict[str, torch.Tensor]:
+    """Per question ``[n]`` (float64): P(correct letter | student prompt + prefix); the same
+    conditional on answering with one of the options' letters (P(correct) / sum of the options'
+    P), which format alone cannot raise; and whether the most likely letter is the correct one
+    (1 or 0). Every option of every question is scored (:func:`option_probabilities`)."""
     from pgpo.train.data import option_letters
 
     prompts, answers, owners = [], [], []
@@ -160,7 +195,7 @@ def exact_scores(
             prompts.append(base + first)
             answers.append(ids)
             owners.append((i, letter == q.answer))
-    p = answer_probabilities(policy, prompts, answers, tokenizer.pad_token_id)
+    p = option_probabilities(policy, prompts, answers, tokenizer.pad_token_id)
     correct, given_letter, best = [], [], []
     for i in range(len(questions)):
         rows = [j for j, (owner, _) in enumerate(owners) if owner == i]
@@ -169,10 +204,24 @@ def exact_scores(
         correct.append(float(p[right]))
         given_letter.append(float(p[right]) / total if total > 0 else 0.0)
         best.append(float(max(rows, key=lambda j: float(p[j])) == right))
+    return {
+        name: torch.tensor(values, dtype=torch.float64)
+        for name, values in (
+            ("p_correct", correct),
+            ("p_correct_given_letter", given_letter),
+            ("letter_accuracy", best),
+        )  # fmt: skip
+    }
+
+
+def exact_scores(
+    policy: Policy, tokenizer, questions: list[Question], prefix: str, max_prompt_tokens: int
+) -> dict:
+    """``eval.mode: exact`` on ``questions``: the means of :func:`exact_per_question`, each
+    with its standard error."""
     out = {"questions": len(questions)}
-    for name, values in (("p_correct", correct), ("p_correct_given_letter", given_letter),
-                         ("letter_accuracy", best)):  # fmt: skip
-        x = torch.tensor(values, dtype=torch.float64)
+    scores = exact_per_question(policy, tokenizer, questions, prefix, max_prompt_tokens)
+    for name, x in scores.items():
         out[name], out[f"{name}_se"] = mean_and_se((len(x), float(x.sum()), float((x * x).sum())))
     return out
 

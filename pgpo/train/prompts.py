@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pgpo.train.data import SYSTEM_PROMPT, Question
+from pgpo.train.rewards import answer_span
 
 SOLUTION = "\nCorrect solution:\n\n{solution}"
 REPROMPT = "{prompt}{solution}\n\nCorrectly solve the original question."
@@ -72,3 +73,29 @@ def _reprompt(tokenizer, question: Question, demonstration: str, max_tokens: int
     keep = max(0, len(demo_ids) - (len(ids) - max_tokens))
     ids = build(tokenizer.decode(demo_ids[:keep]))
     return ids[-max_tokens:] if len(ids) > max_tokens else ids
+
+
+def answer_tokens(tokenizer, response: list[int], response_prefix: str = "") -> tuple[int, int]:
+    """The response tokens ``[first, last)`` that write the answer: those overlapping the last
+    ``<answer>`` tag's content and its closing tag in ``response_prefix`` + the decoded
+    response. The whole response ``(0, len(response))`` when it has no such tag, so that the
+    format is still learned. A token's characters are found by decoding the response's prefixes (a
+    binary search: O(log T) decodes)."""
+    text = response_prefix + tokenizer.decode(response, skip_special_tokens=True)
+    span = answer_span(text)
+    if span is None:
+        return 0, len(response)
+
+    def chars_before(i: int) -> int:  # characters written before token i
+        return len(response_prefix) + len(tokenizer.decode(response[:i], skip_special_tokens=True))
+
+    def first_index(pred) -> int:  # the least i in [0, T] with pred(i), pred monotone
+        low, high = 0, len(response)
+        while low < high:
+            mid = (low + high) // 2
+            low, high = (low, mid) if pred(mid) else (mid + 1, high)
+        return low
+
+    first = first_index(lambda i: chars_before(i + 1) > span[0])  # ends past the start
+    last = first_index(lambda i: chars_before(i) >= span[1])  # starts at or past the end
+    return (first, last) if first < last else (0, len(response))

@@ -93,6 +93,18 @@ def with_answer(text: str, letter: str) -> str | None:
     return None
 
 
+def answer_span(text: str) -> tuple[int, int] | None:
+    """The characters ``[start, end)`` that give the answer: the last ``<answer>`` tag's content
+    and its closing ``</answer>`` (to the text's end when unclosed); None without an
+    ``<answer>``."""
+    opening = text.rfind("<answer>")
+    if opening < 0:
+        return None
+    start = opening + len("<answer>")
+    end = text.find("</answer>", start)
+    return start, len(text) if end < 0 else end + len("</answer>")
+
+
 def strip_thinking(text: str) -> str:
     """Remove ``<think>...</think>`` blocks (demonstrations show the answer, not the thinking)."""
     return _THINK.sub("", text).strip()

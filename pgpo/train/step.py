@@ -58,7 +58,7 @@ from pgpo.train.feedback import (
     success_agreement,
 )
 from pgpo.train.forward import Policy
-from pgpo.train.prompts import student_prompt, teacher_prompt
+from pgpo.train.prompts import answer_tokens, student_prompt, teacher_prompt
 from pgpo.train.rewards import extract_answer, reward, strip_thinking, with_false_positives
 from pgpo.train.rollout import Completion, RolloutEngine
 from pgpo.train.teacher import Teacher, choose_demonstrations
@@ -237,6 +237,7 @@ class Sample:
     demo_right: bool | None = None  # its demonstration states the gold answer; None: no demo
     shown: str | None = None  # the answer its demonstration states ("": none); None: no demo
     agreement: float | None = None  # the share of its group's successes stating ``shown``
+    positions: tuple[int, int] | None = None  # the response tokens [first, last) trained; None: all
 
 
 class StepSums(NamedTuple):
@@ -317,6 +318,9 @@ def with_demonstrations(
                 )  # fmt: skip
             )
             shown = None if demo is None else extract_answer(demo).answer.upper()
+            positions = None
+            if cfg.loss.positions == "answer" and completion.tokens:
+                positions = answer_tokens(tokenizer, completion.tokens, cfg.rollout.response_prefix)
             # An empty response (stopped at once) has nothing to train on.
             samples.append(
                 Sample(
@@ -328,18 +332,21 @@ def with_demonstrations(
                     None if demo is None else shown == q.answer,
                     shown,
                     success_agreement(texts, group_rewards, t.success_threshold, shown),
+                    positions,
                 )
             )
     return samples
 
 
 def response_mask(samples: list[Sample]) -> torch.Tensor:
-    """``[B, T]``: 1 on the response tokens of trained samples."""
+    """``[B, T]``: 1 on the trained response tokens of trained samples (all, or
+    ``Sample.positions``)."""
     t_max = max(len(s.response) for s in samples)
     mask = torch.zeros((len(samples), t_max))
     for i, s in enumerate(samples):
         if s.trained:
-            mask[i, : len(s.response)] = 1.0
+            first, last = s.positions or (0, len(s.response))
+            mask[i, first:last] = 1.0
     return mask
 
 

@@ -57,8 +57,10 @@ class Teacher:
         ema_rate: float,
         dtype: torch.dtype | None = None,
         trust_region_rate: float = 0.05,
+        temperature: float = 1.0,
     ) -> None:
         self.mode, self.ema_rate, self.trust_region_rate = mode, ema_rate, trust_region_rate
+        self.temperature = temperature
         self.adapter_names: list[str] | None = None
         if mode == "live":
             self.policy = student
@@ -83,15 +85,17 @@ class Teacher:
         """The teacher's response hidden states ``[B, T, H']`` and head ``[V, H']``: its logits
         are ``hidden @ head.T``. For ``trust_region``, ``lerp(z_ref, z_S, r)`` is written as one
         pair of width 2H, ``[(1 - r) h_ref, r h_S] @ [W_ref, W_S].T``, so that the fused loss
-        and Eq. 8's entropies see that teacher like any other."""
+        and Eq. 8's entropies see that teacher like any other. The teacher's temperature tau
+        divides the head: logits ``z / tau``."""
         hidden = self.policy(prompts, responses, pad)
         head = full(head_weight(self.lm)).to(hidden.dtype)
-        if self.mode != "trust_region":
-            return hidden, head
-        r = self.trust_region_rate
-        h_student = student(prompts, responses, pad).to(hidden.dtype)
-        head_student = full(head_weight(student.lm)).to(hidden.dtype)
-        return torch.cat([(1 - r) * hidden, r * h_student], -1), torch.cat([head, head_student], -1)
+        if self.mode == "trust_region":
+            r = self.trust_region_rate
+            h_student = student(prompts, responses, pad).to(hidden.dtype)
+            head_student = full(head_weight(student.lm)).to(hidden.dtype)
+            hidden = torch.cat([(1 - r) * hidden, r * h_student], -1)
+            head = torch.cat([head, head_student], -1)
+        return hidden, head if self.temperature == 1 else head / self.temperature
 
     @torch.no_grad()
     def update(self, student: Policy) -> None:

@@ -1,0 +1,138 @@
+"""The supervised yardstick (``objective: sft``): cross-entropy on the gold answer.
+
+A step takes the same questions as a self-distillation step (``batch_size / rollout.n`` of
+them, in the same order for the same seed) and trains the student to write the gold
+demonstration, ``<answer>X</answer>`` (:func:`pgpo.train.exact.gold_demonstration`), after its
+prompt and ``rollout.response_prefix``: what self-distillation could at best teach if its
+teacher copied the gold answer exactly. With ``loss.positions: answer`` only the answer's tokens
+carry the loss, as in self-distillation. The rollouts are still sampled and scored, so that the
+training reward is logged as in any run; they do not enter the loss.
+
+    loss = - sum_i sum_t w_it log p_S(y_it | x_i, y_i<t)     (w: loss.reduction's weights)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from pgpo.optim import ModulatedOptimizer
+from pgpo.reduction import chunks, reduction_denominator, reduction_weights
+from pgpo.train.config import TrainConfig
+from pgpo.train.data import Question
+from pgpo.train.distributed import World
+from pgpo.train.exact import gold_demonstration
+from pgpo.train.forward import Policy
+from pgpo.train.prompts import answer_tokens, student_prompt
+from pgpo.train.rollout import RolloutEngine
+from pgpo.train.step import modulated_step, sample_rollouts, score
+from pgpo.train.teacher import Teacher
+
+
+def gold_response(tokenizer, question: Question, response_prefix: str) -> list[int]:
+    """The gold demonstration's tokens as the student would write them after
+    ``response_prefix`` (the prefix's own characters are already in the prompt)."""
+    text = gold_demonstration(question)
+    if response_prefix and text.startswith(response_prefix):
+        text = text[len(response_prefix) :]
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def cross_entropy(
+    hidden: torch.Tensor,
+    head: torch.Tensor,
+    *,
+    targets: torch.Tensor,
+    weights: torch.Tensor,
+    chunk_size: int,
+) -> torch.Tensor:
+    """``- sum_t w_t log softmax(hidden_t @ head.T)[y_t]``, differentiable, the LM head applied
+    ``chunk_size`` positions at a time. Hidden ``[B, T, H]``, head ``[V, H]``, targets and
+    weights ``[B, T]``; a scalar (the :class:`Policy` ``loss_fn``)."""
+    h = hidden.reshape(-1, hidden.shape[-1])
+    y = targets.reshape(-1).to(h.device)
+    w = weights.reshape(-1).to(h.device)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start, stop in chunks(h.shape[0], chunk_size):
+        if not bool(w[start:stop].any()):
+            continue
+        logp = torch.log_softmax((h[start:stop] @ head.T).float(), -1)
+        picked = logp.gather(-1, y[start:stop].unsqueeze(-1)).squeeze(-1)
+        total = total - (w[start:stop] * picked).sum()
+    return total
+
+
+def sft_step(
+    questions: list[Question],
+    policy: Policy,
+    teacher: Teacher,
+    tokenizer,
+    engine: RolloutEngine,
+    optimizer: ModulatedOptimizer,
+    scheduler,
+    cfg: TrainConfig,
+    world: World | None = None,
+    seeds: list[int] | None = None,
+) -> dict:
+    """One supervised step on this rank's ``questions``; the metrics a self-distillation step
+    logs that apply (rho is 1; no I_k)."""
+    t0 = time.perf_counter()
+    world = world or World()
+    prefix, pad = cfg.rollout.response_prefix, tokenizer.pad_token_id
+    rollouts = sample_rollouts(questions, tokenizer, engine, cfg, seeds)  # the training reward
+    rewards = score(questions, rollouts, cfg)
+    prompts = [student_prompt(tokenizer, q, cfg.rollout.max_prompt_tokens, prefix)
+               for q in questions]  # fmt: skip
+    responses = [gold_response(tokenizer, q, prefix) for q in questions]
+    mask = torch.zeros((len(questions), max(len(r) for r in responses)))
+    for i, r in enumerate(responses):
+        first, last = (0, len(r)) if cfg.loss.positions == "response" else answer_tokens(
+            tokenizer, r, prefix)  # fmt: skip
+        mask[i, first:last] = 1.0
+    (denominator,) = world.sum([reduction_denominator(mask, cfg.loss.reduction,
+                                                      empty_sequences_count=True)])  # fmt: skip
+    weights = reduction_weights(mask, cfg.loss.reduction, empty_sequences_count=True,
+                                denominator=denominator).float()  # fmt: skip
+    loss_sum = 0.0
+    for start in range(0, len(questions), cfg.loss.micro_batch):
+        rows = slice(start, start + cfg.loss.micro_batch)
+        mb = responses[rows]
+        width = max(len(r) for r in mb)
+
+        def loss_fn(hidden, head, rows=rows, mb=mb, width=width):
+            targets = torch.tensor([r + [pad] * (width - len(r)) for r in mb])
+            return cross_entropy(hidden, head, targets=targets, weights=weights[rows, :width],
+                                 chunk_size=cfg.loss.chunk_size)  # fmt: skip
+
+        loss = policy(prompts[rows], mb, pad, loss_fn)
+        (loss * world.size).backward()  # FSDP2 averages over ranks; the loss is this rank's share
+        loss_sum += float(loss.detach())
+    (loss_sum,) = world.sum([loss_sum])
+    grad_norm, stepped = modulated_step(policy, teacher, optimizer, scheduler, cfg, rho=1.0,
+                                        finite_so_far=math.isfinite(loss_sum))  # fmt: skip
+    flat = [r for group in rewards for r in group]
+    count, reward_sum = world.sum([len(flat), sum(flat)])
+    seconds = time.perf_counter() - t0
+    return {
+        "reward": reward_sum / count,
+        "accuracy": reward_sum / count,
+        "loss": loss_sum,
+        "rho": 1.0,
+        "grad_norm": grad_norm,
+        "skipped": not stepped,
+        "lr": optimizer.param_groups[0]["lr"],
+        "rollout_seconds": rollouts.seconds,
+        "train_seconds": seconds - rollouts.seconds,
+        "step_seconds": seconds,
+        "samples": [
+            {
+                "question": q.prompt[:200],
+                "answer": q.answer,
+                "response": rollouts.texts[i][0],
+                "reward": rewards[i][0],
+            }
+            for i, q in enumerate(questions[:2])
+        ],  # fmt: skip
+    }
