@@ -250,6 +250,7 @@ def _cmd_demo(args) -> int:
     from pgpo.demo.run import SDPO, DemoPlan, pgpo_method, run_demo
     from pgpo.demo.warmstart import WarmStartConfig
 
+    args.out = args.out or ("runs/demo-real" if args.real else "runs/demo")
     if args.real:
         from pgpo.demo.real import PRESET, run_real
         from pgpo.train.config import load_config
@@ -260,20 +261,20 @@ def _cmd_demo(args) -> int:
         load_config(PRESET, list(overrides))  # refuse bad overrides before any work
         check_output(Path(args.out))
         run_real(Path(args.out), args.steps, cache=args.cache and Path(args.cache),
-                 overrides=overrides, workers=args.workers)  # fmt: skip
+                 overrides=overrides, workers=args.workers or 3)  # fmt: skip
         print(f"wrote {args.out}/real.md, real.json and real.png")
         return 0
     if args.collapse:
         from pgpo.demo.collapse import collapse_plan
 
-        plan = collapse_plan(Path(args.out), args.seeds or 3, args.workers, args.overrides)
+        plan = collapse_plan(Path(args.out), args.seeds or 3, args.workers or 2, args.overrides)
     else:
         plan = DemoPlan(
             Path(args.out),
             [SDPO, pgpo_method(1.0)],
             list(range(args.seeds or 1)),
             overrides=list(args.overrides),
-            workers=args.workers,
+            workers=args.workers or 2,
         )
     if args.steps is not None:
         plan.overrides.append(f"steps={args.steps}")
@@ -372,10 +373,12 @@ def build_parser() -> ArgumentParser:
     )
     x.set_defaults(func=_cmd_export)
     d = sub.add_parser("demo", help="SDPO against PGPO on a small local model, in minutes on a CPU")
-    d.add_argument("--out", default="runs/demo", help="output folder (runs, plots, summary)")
+    d.add_argument("--out", default=None, help="output folder (runs/demo; --real: runs/demo-real)")
     d.add_argument("--seeds", type=positive_int, default=None, help="seeds per method")
     d.add_argument("--steps", type=positive_int, default=None, help="training steps per run")
-    d.add_argument("--workers", type=positive_int, default=2, help="runs in parallel")
+    d.add_argument(
+        "--workers", type=positive_int, default=None, help="runs in parallel (2; --real: 3)"
+    )
     d.add_argument("--cache", default=None, help="warm-start cache (default ~/.cache/pgpo)")
     d.add_argument("--warm-steps", type=positive_int, default=None, help="warm-start steps (200)")
     study = d.add_mutually_exclusive_group()

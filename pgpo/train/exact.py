@@ -51,16 +51,25 @@ def answer_ids(tokenizer, prefix: str, answer: str) -> tuple[list[int], list[int
 
 
 def answer_probabilities(
-    policy: Policy, prompts: list[list[int]], answers: list[list[int]], pad: int
+    policy: Policy,
+    prompts: list[list[int]],
+    answers: list[list[int]],
+    pad: int,
+    temperature: float = 1.0,
 ) -> torch.Tensor:
     """``P(answer_i | prompt_i)`` ``[B]`` in float64: exp of the summed log-probs of each answer's
-    tokens, teacher-forced (prompts and answers are token ids)."""
-    return answer_scores(policy, prompts, answers, pad)[0]
+    tokens, teacher-forced (prompts and answers are token ids), under ``softmax(z /
+    temperature)`` (a teacher's ``teacher.temperature``)."""
+    return answer_scores(policy, prompts, answers, pad, temperature)[0]
 
 
 @torch.no_grad()
 def answer_scores(
-    policy: Policy, prompts: list[list[int]], answers: list[list[int]], pad: int
+    policy: Policy,
+    prompts: list[list[int]],
+    answers: list[list[int]],
+    pad: int,
+    temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``P(answer_i | prompt_i)`` ``[B]`` (float64, as :func:`answer_probabilities`) and the
     entropy in nats ``[B]`` of the next-token distribution where the answer's first token is
@@ -69,7 +78,7 @@ def answer_scores(
     for start in range(0, len(prompts), BATCH):
         p, a = prompts[start : start + BATCH], answers[start : start + BATCH]
         hidden = policy(p, a, pad)
-        head = full(head_weight(policy.lm)).to(hidden.dtype)
+        head = full(head_weight(policy.lm)).to(hidden.dtype) / temperature
         probs.append(_answer_probability(hidden, head, a, pad))
         entropies.append(token_entropy(hidden[:, 0] @ head.T).cpu().double())
     return torch.cat(probs), torch.cat(entropies)
@@ -233,16 +242,18 @@ def p_correct_taught(
     prefix: str,
     max_reprompt_tokens: int,
     demonstrations: list[str] | None = None,
+    temperature: float = 1.0,
 ) -> torch.Tensor:
-    """P(correct letter | teacher prompt with a demonstration + prefix) per question ``[n]``;
-    the gold demonstration unless ``demonstrations`` are given."""
+    """P(correct letter | teacher prompt with a demonstration + prefix) per question ``[n]``,
+    at the teacher's ``temperature``; the gold demonstration unless ``demonstrations`` are
+    given."""
     prompts, answers = [], []
     for i, q in enumerate(questions):
         demo = gold_demonstration(q) if demonstrations is None else demonstrations[i]
         first, letter = answer_ids(tokenizer, prefix, q.answer)
         prompts.append(teacher_prompt(tokenizer, q, demo, max_reprompt_tokens) + first)
         answers.append(letter)
-    return answer_probabilities(teacher, prompts, answers, tokenizer.pad_token_id)
+    return answer_probabilities(teacher, prompts, answers, tokenizer.pad_token_id, temperature)
 
 
 def mean_and_se(sums: tuple[float, float, float]) -> tuple[float, float]:
@@ -292,11 +303,15 @@ def _starting_model(cfg, count: int):
 
 def teacher_check(cfg, count: int, prefix: str) -> dict:
     """The edge of a config's starting model (student and teacher are then the same weights)
-    on its first ``count`` training questions, before any training (``pgpo teacher-check``)."""
+    on its first ``count`` training questions, before any training (``pgpo teacher-check``);
+    the teacher at ``teacher.temperature``, as the loss sees it."""
     questions, source, tokenizer, policy = _starting_model(cfg, count)
+    t = cfg.teacher
     p_s = p_correct(policy, tokenizer, questions, prefix, cfg.rollout.max_prompt_tokens)
-    p_t = p_correct_taught(policy, tokenizer, questions, prefix, cfg.teacher.max_reprompt_tokens)
-    return {**edge_report(edge_sums(p_s, p_t)), "prefix": prefix, "source": source}
+    p_t = p_correct_taught(policy, tokenizer, questions, prefix, t.max_reprompt_tokens,
+                           temperature=t.temperature)  # fmt: skip
+    return {**edge_report(edge_sums(p_s, p_t)), "prefix": prefix, "source": source,
+            "teacher_temperature": t.temperature}  # fmt: skip
 
 
 def edge_lines(report: dict) -> list[str]:
@@ -318,11 +333,14 @@ def edge_lines(report: dict) -> list[str]:
             f"no edge: {why}; self-distillation has little or nothing to pass on (try a format "
             "the teacher copies from its demonstration, or a warm start)"
         )
+    shown = "its prompt shows the gold answer"
+    if report.get("teacher_temperature", 1) != 1:  # the teacher as the loss sees it
+        shown += f"; at temperature {report['teacher_temperature']:g}"
     return [
         f"teacher-check: {n} training questions of {report['source']}, scored at the answer "
         f"letter after {prefix!r}",
         f"  student P(correct)  {report['p_student']:.3f}",
-        f"  teacher P(correct)  {report['p_teacher']:.3f}  (its prompt shows the gold answer)",
+        f"  teacher P(correct)  {report['p_teacher']:.3f}  ({shown})",
         f"  edge                {report['teacher_edge']:+.3f} +- {report['teacher_edge_se']:.3f}"
         "  (paired difference, 1 standard error)",
         f"verdict: {verdict}",
