@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import concurrent.futures as futures
 import json
-import math
 import multiprocessing
 import sys
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 from pgpo.cli_util import json_text
 from pgpo.demo.run import DemoPlan, quiet_transformers, run_all
 from pgpo.train.config import TrainConfig, load_config
+from pgpo.train.exact import mean_and_se
 
 PRESET = "real-cpu"
 MODEL = "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)"
@@ -79,13 +79,14 @@ def _scores_job(cfg: TrainConfig, trained: bool) -> dict[str, list[float]]:
     return {name: x.tolist() for name, x in scores.items()}
 
 
+def mean_se(x: list[float]) -> tuple[float, float]:
+    """Mean and standard error over questions (:func:`pgpo.train.exact.mean_and_se`)."""
+    return mean_and_se((len(x), sum(x), sum(v * v for v in x)))
+
+
 def paired(a: list[float], b: list[float]) -> tuple[float, float]:
     """Mean and standard error of ``a_i - b_i`` over paired questions."""
-    d = [x - y for x, y in zip(a, b)]
-    n = len(d)
-    mean = sum(d) / n
-    var = sum((x - mean) ** 2 for x in d) / (n - 1) if n > 1 else 0.0
-    return mean, math.sqrt(var / n)
+    return mean_se([x - y for x, y in zip(a, b)])
 
 
 def summarize(per_question: dict[str, dict[str, list[float]]], curves: dict) -> dict:
@@ -96,10 +97,7 @@ def summarize(per_question: dict[str, dict[str, list[float]]], curves: dict) -> 
         scores = per_question[name]
         row = {}
         for s in SCORES:
-            n = len(scores[s])
-            mean = sum(scores[s]) / n
-            se = math.sqrt(sum((x - mean) ** 2 for x in scores[s]) / (n - 1) / n)
-            row[s] = [mean, se]
+            row[s] = list(mean_se(scores[s]))
             row[f"{s}_gain"] = list(paired(scores[s], start[s]))
             if name != "sdpo":
                 row[f"{s}_vs_sdpo"] = list(paired(scores[s], per_question["sdpo"][s]))
