@@ -18,7 +18,14 @@ from sde.adamw import adamw_study
 from sde.chains import minibatch_chain
 from sde.plots import plot_weak_error
 from sde.problems import make_problem
-from sde.weak_error import ORDER_TOLERANCE, Summary, order_one, summarize, weak_errors
+from sde.weak_error import (
+    ORDER_TOLERANCE,
+    Estimate,
+    Summary,
+    order_one,
+    summarize,
+    weak_errors,
+)
 
 
 @dataclass(frozen=True)
@@ -51,18 +58,39 @@ class Effort:
         return cls("full", 4000, etas, workers, 16_000, adamw)
 
 
-def _study(problem, mult, models, info_source, effort, out: Path, figure: str, title: str):
-    est = weak_errors(
-        make_problem(problem),
-        mult,
-        effort.etas,
-        models,
-        info_source=info_source,
-        paths=effort.paths,
-        chain="gaussian",
-        test_fns=("theta1", "sqnorm"),
-        workers=effort.workers,
-    )
+class Studies:
+    """The claims' weak-error estimates, each (problem, multiplier, information, SDE model)
+    computed once per report: C1 to C4 all compare the paper SDE on the quadratic with full-data
+    information. A model's estimates depend only on its own seeds, never on which other models
+    share the call, so a shared one is the number a separate call would give."""
+
+    def __init__(self, effort: Effort) -> None:
+        self.effort = effort
+        self._done: dict[tuple, list[Estimate]] = {}
+
+    def estimates(self, problem: str, mult, models, info_source: str) -> list[Estimate]:
+        """Estimates ``[eta, model, test function]`` in that order, as ``weak_errors`` gives."""
+        missing = [m for m in models if (problem, mult, info_source, m) not in self._done]
+        if missing:
+            est = weak_errors(
+                make_problem(problem),
+                mult,
+                self.effort.etas,
+                missing,
+                info_source=info_source,
+                paths=self.effort.paths,
+                chain="gaussian",
+                test_fns=("theta1", "sqnorm"),
+                workers=self.effort.workers,
+            )
+            for m in missing:
+                self._done[(problem, mult, info_source, m)] = [e for e in est if e.model == m]
+        chosen = [e for m in models for e in self._done[(problem, mult, info_source, m)]]
+        return sorted(chosen, key=lambda e: -e.eta)  # stable: models keep their order
+
+
+def _study(problem, mult, models, info_source, studies, out: Path, figure: str, title: str):
+    est = studies.estimates(problem, mult, models, info_source)
     summaries = summarize(est)
     plot_weak_error(est, summaries, out / figure, title)
     return {(s.model, s.test_fn): s for s in summaries}
@@ -83,7 +111,8 @@ def _order_one(s: Summary) -> bool:
     return s.slope is not None and not s.plateau and abs(s.slope.slope - 1) <= ORDER_TOLERANCE
 
 
-def claim_c1_full(mult, effort, out) -> Check:
+def claim_c1_full(mult, effort, out, studies: Studies | None = None) -> Check:
+    studies = studies or Studies(effort)
     rows, ok = {}, True
     for problem in ("quadratic", "logistic", "distill"):
         v = _study(
@@ -91,7 +120,7 @@ def claim_c1_full(mult, effort, out) -> Check:
             mult,
             ["paper"],
             "full",
-            effort,
+            studies,
             out,
             f"c1_full_{problem}.png",
             f"C1, {problem}, full-data I: paper SDE vs PGPO",
@@ -110,13 +139,14 @@ def claim_c1_full(mult, effort, out) -> Check:
     )
 
 
-def claim_c1_same_batch(mult, effort, out) -> Check:
+def claim_c1_same_batch(mult, effort, out, studies: Studies | None = None) -> Check:
+    studies = studies or Studies(effort)
     v = _study(
         "quadratic",
         mult,
         ["paper", "matched"],
         "same-batch",
-        effort,
+        studies,
         out,
         "c1_same_batch.png",
         "C1, quadratic, same-batch I (Algorithm 1)",
@@ -144,13 +174,14 @@ def claim_c1_same_batch(mult, effort, out) -> Check:
     )
 
 
-def claim_c2_printed(mult, effort, out) -> Check:
+def claim_c2_printed(mult, effort, out, studies: Studies | None = None) -> Check:
+    studies = studies or Studies(effort)
     v = _study(
         "quadratic",
         mult,
         ["printed", "paper"],
         "full",
-        effort,
+        studies,
         out,
         "c2_printed.png",
         "C2: diffusion without sqrt(eta) (as printed) vs with it",
@@ -171,13 +202,14 @@ def claim_c2_printed(mult, effort, out) -> Check:
     )
 
 
-def claim_c3_sigma(mult, effort, out) -> Check:
+def claim_c3_sigma(mult, effort, out, studies: Studies | None = None) -> Check:
+    studies = studies or Studies(effort)
     v = _study(
         "quadratic",
         mult,
         ["unbatched", "paper"],
         "full",
-        effort,
+        studies,
         out,
         "c3_sigma.png",
         "C3: noise covariance Sigma (as printed) vs Sigma / b",
@@ -201,7 +233,8 @@ def claim_c3_sigma(mult, effort, out) -> Check:
     )
 
 
-def claim_c4_kink(mult, effort, out) -> Check:
+def claim_c4_kink(mult, effort, out, studies: Studies | None = None) -> Check:
+    studies = studies or Studies(effort)
     smooth = MultiplierConfig(mult.alpha, mult.rho_max, "smooth")
     paper_kind = MultiplierConfig(mult.alpha, mult.rho_max, "paper")
     v_paper = _study(
@@ -209,13 +242,13 @@ def claim_c4_kink(mult, effort, out) -> Check:
         paper_kind,
         ["paper"],
         "full",
-        effort,
+        studies,
         out,
         "c4_kink.png",
         "C4: min(.) kind (kink)",
     )
     v_smooth = _study(
-        "quadratic", smooth, ["paper"], "full", effort, out, "c4_smooth.png", "C4: smooth cap"
+        "quadratic", smooth, ["paper"], "full", studies, out, "c4_smooth.png", "C4: smooth cap"
     )
     a, b = v_paper[("paper", "theta1")], v_smooth[("paper", "theta1")]
     ok = _order_one(a) and _order_one(b)
@@ -453,12 +486,13 @@ def all_claims(
     premise_file=None,
 ) -> list[Check]:
     effort = Effort.of(quick, workers)
+    studies = Studies(effort)
     steps = [
-        lambda: claim_c1_full(mult, effort, out),
-        lambda: claim_c1_same_batch(mult, effort, out),
-        lambda: claim_c2_printed(mult, effort, out),
-        lambda: claim_c3_sigma(mult, effort, out),
-        lambda: claim_c4_kink(mult, effort, out),
+        lambda: claim_c1_full(mult, effort, out, studies),
+        lambda: claim_c1_same_batch(mult, effort, out, studies),
+        lambda: claim_c2_printed(mult, effort, out, studies),
+        lambda: claim_c3_sigma(mult, effort, out, studies),
+        lambda: claim_c4_kink(mult, effort, out, studies),
         lambda: claim_c5_rho_ge_1(mult, effort, out, log_infos, log_source),
         lambda: claim_c6_overhead(bench_file),
         lambda: claim_c7_stability(study_file),

@@ -79,7 +79,7 @@ from sde.models import (
     SDEModel,
     as_multiplier,
     batch_covariance,
-    batch_means,
+    batch_distribution,
     example_mean,
     sqrtm_psd,
 )
@@ -234,7 +234,10 @@ def adamw_sde(
         raise ValueError(f"info source must be same-batch or full, got {info_source!r}")
     rho = as_multiplier(multiplier)
     d, regime, cold = problem.d, scaling.regime, scaling.start == "cold"
-    means = None if info_source == "full" else batch_means(problem.n, batch_size, replace_)
+    if info_source == "same-batch":  # the distinct batches [nB, N] and their probabilities [nB]
+        means, probs = batch_distribution(problem.n, batch_size, replace_)
+    else:
+        means = probs = None
     eps = scaling.eps
     lam = scaling.weight_decay
 
@@ -246,11 +249,11 @@ def adamw_sde(
         if means is None:
             return grad, cov, rho(example_mean(infos)), np.zeros_like(grad)
         rho_batch = rho(infos @ means.T)  # [P, nB]
-        rho_bar = example_mean(rho_batch)
+        rho_bar = rho_batch @ probs
         if not with_corr:
             return grad, cov, rho_bar, None
         # E_B[rho_B g_B] = sum_i (E_B[rho_B M_Bi]) g_i: one [P, N] weight instead of [P, nB, d]
-        weights = rho_batch @ means / len(means)
+        weights = (rho_batch * probs) @ means
         corr = (weights[:, :, None] * fields).sum(axis=1) - rho_bar[:, None] * grad
         return grad, cov, rho_bar, corr
 
@@ -270,7 +273,9 @@ def adamw_sde(
     noise = scaling.sigma0 * c1 if malladi else c1 * np.sqrt(eta)
 
     def coefficients(z, t):
-        theta, m, v = z[:, :d], z[:, d : 2 * d], z[:, 2 * d :]
+        # Contiguous copies: every [P, d] operation below then runs as one flat loop instead of
+        # P loops of length d (the slices of z are strided)
+        theta, m, v = (np.ascontiguousarray(z[:, i * d : (i + 1) * d]) for i in range(3))
         grad, cov, rho_bar, _ = parts(theta)
         var = np.diagonal(cov, axis1=1, axis2=2)
         target_v = var if malladi else grad**2 + var

@@ -99,12 +99,21 @@ def batches(n: int, b: int, replace: bool) -> np.ndarray:
     return np.array(list(itertools.combinations(range(n), b)), dtype=np.int64)
 
 
-def batch_means(n: int, b: int, replace: bool) -> np.ndarray:
-    """``M [n_batches, N]`` with ``M @ x`` the batch means of per-example values ``x [N, ...]``."""
+def batch_distribution(n: int, b: int, replace: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct batches and their probabilities: ``M [n_distinct, N]``, with ``M @ x`` the
+    batch means of per-example values ``x [N, ...]``, and ``p [n_distinct]`` (summing to 1), so
+    that an expectation over the equally likely batches is ``E_B[f(B)] = p @ f(M)``.
+
+    A batch mean depends only on how often each example is in the batch: the ``n^b`` ordered
+    batches drawn with replacement collapse to ``C(n + b - 1, b)`` distinct ones (36 instead of
+    64 for n = 8, b = 2), each with probability (its orderings) / n^b. Without replacement every
+    batch is distinct and ``p = 1 / C(n, b)``. Fewer rows: the SDEs evaluate rho on each."""
     index = batches(n, b, replace)
     means = np.zeros((len(index), n))
     np.add.at(means, (np.arange(len(index))[:, None], index), 1.0 / b)
-    return means
+    # Orderings of one batch give bit-identical rows (the same 1/b added the same times).
+    distinct, counts = np.unique(means, axis=0, return_counts=True)
+    return distinct, counts / len(index)
 
 
 def sqrtm_psd(cov: np.ndarray) -> np.ndarray:
@@ -224,8 +233,7 @@ def make_model(
     # The step is a_B g_B over equally likely batches B; its mean is sum_B a_B g_B / nB and its
     # second moment sum_B c_B g_B g_B^T / nB, with c_B = a_B^2 when a_B is fixed by theta and B
     # (same-batch, full) and c_B = E[rho(I_B')^2] when rho comes from an independent batch B'.
-    means = batch_means(n, b, replace)  # [nB, N]
-    n_batches = means.shape[0]
+    means, probs = batch_distribution(n, b, replace)  # [nB, N], [nB]: the distinct batches
 
     def matched_coefficients(theta):
         fields, infos = problem.fields_and_infos(theta)
@@ -238,10 +246,10 @@ def make_model(
             if info_source == "same-batch":
                 a, c = rho_batch, rho_batch**2
             else:
-                a = np.broadcast_to(example_mean(rho_batch)[:, None], rho_batch.shape)
-                c = np.broadcast_to(example_mean(rho_batch**2)[:, None], rho_batch.shape)
-        mean_step = (a[:, None, :] @ g_batch)[:, 0, :] / n_batches
-        second = np.swapaxes(g_batch * c[:, :, None], 1, 2) @ g_batch / n_batches
+                a = np.broadcast_to((rho_batch @ probs)[:, None], rho_batch.shape)
+                c = np.broadcast_to((rho_batch**2 @ probs)[:, None], rho_batch.shape)
+        mean_step = ((a * probs)[:, None, :] @ g_batch)[:, 0, :]
+        second = np.swapaxes(g_batch * (c * probs)[:, :, None], 1, 2) @ g_batch
         cov = second - mean_step[:, :, None] * mean_step[:, None, :]
         return -mean_step, root_eta * sqrtm_psd(cov)
 

@@ -29,7 +29,9 @@ def plot_weak_error(
     models = list(dict.fromkeys(e.model for e in estimates))
     below = len(models) > 2  # many curves: the legend goes under the axes, not over the data
     height = 4.2 + (0.35 * (len(models) + 2) if below else 0.0)
-    fig, axes = plt.subplots(1, len(fns), figsize=(4.6 * len(fns), height), squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(fns), figsize=(4.6 * len(fns), height), squeeze=False, layout="constrained"
+    )
     for ax, fn in zip(axes[0], fns):
         top = None
         for i, model in enumerate(models):
@@ -75,8 +77,7 @@ def plot_weak_error(
         else:
             ax.legend(fontsize=7)
     fig.suptitle(title + "  (hollow: |e| < 3 SE, not fitted; bars: 95 %)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120)  # constrained layout: laid out in the one draw that saves
     plt.close(fig)
 
 

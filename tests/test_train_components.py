@@ -171,6 +171,20 @@ def test_prompts_use_the_chat_template_and_cut_the_demonstration_first():
     assert short_text.count("x ") < full_text.count("x ")  # the demonstration was cut
 
 
+def test_a_tokenizer_folder_is_loaded_once_until_its_files_change(tmp_path):
+    folder = tmp_path / "tok"
+    load_tokenizer("qwen3").save_pretrained(folder)
+    first = load_tokenizer(str(folder))
+    assert load_tokenizer(str(folder)) is first  # shared while unchanged
+    config = folder / "tokenizer_config.json"
+    data = json.loads(config.read_text())
+    data["model_max_length"] = 77
+    config.write_text(json.dumps(data))
+    changed = load_tokenizer(str(folder))
+    assert changed is not first and changed.model_max_length == 77
+    assert first.model_max_length != 77  # the earlier object was not touched
+
+
 def test_model_loading_errors_are_clear():
     from pgpo.train.config import ModelConfig
 
