@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from pgpo.train.data import (
     DataError,
@@ -183,6 +184,29 @@ def test_a_tokenizer_folder_is_loaded_once_until_its_files_change(tmp_path):
     changed = load_tokenizer(str(folder))
     assert changed is not first and changed.model_max_length == 77
     assert first.model_max_length != 77  # the earlier object was not touched
+
+
+def test_the_hf_engine_samples_from_the_nucleus_it_is_given():
+    """top_p reaches transformers' sampler: a nucleus of one token is greedy decoding, whatever
+    the seed; the full distribution (top_p = 1) draws other tokens under other seeds."""
+    from pgpo.train.config import ModelConfig
+    from pgpo.train.rollout_hf import HFRolloutEngine
+
+    tok = load_tokenizer("qwen3")
+    engine = HFRolloutEngine(load_model(ModelConfig(), seed=0), tok)
+    prompt = student_prompt(tok, synthetic(1, seed=0).questions[0], 256)
+    ids = torch.tensor([prompt])
+    greedy = engine.lm.generate(
+        input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=6,
+        pad_token_id=tok.pad_token_id,
+    )[0, len(prompt):].tolist()  # fmt: skip
+
+    def sample(top_p, seed):
+        (completion,) = engine.generate([prompt], 1, 1.0, top_p, 6, seeds=[seed])[0]
+        return completion.tokens
+
+    assert sample(1e-9, 0) == sample(1e-9, 1) == greedy[: len(sample(1e-9, 0))]
+    assert len({tuple(sample(1.0, seed)) for seed in range(3)}) > 1
 
 
 def test_model_loading_errors_are_clear():
