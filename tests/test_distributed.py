@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pgpo.cli import main as pgpo_main
 from pgpo.train import checkpoint
 
 COMMON = [
@@ -26,7 +27,7 @@ COMMON = [
     "rollout.seed_per_prompt=true",  # rollouts independent of how prompts are split
     "fsdp.compute_dtype=float32",
     "loss.micro_batch=2",
-    "eval.every=1",
+    "eval.every=2",  # the last step of every run: evaluation under FSDP, once a run
     "output.save_every=1",
 ]
 
@@ -185,7 +186,7 @@ def test_sharded_run_resumes_from_its_checkpoint(runs):
 
 
 @pytest.mark.slow
-def test_per_rank_shard_checkpoints_resume_like_whole_ones(runs):
+def test_per_rank_shard_checkpoints_resume_like_whole_ones(runs, capsys):
     straight, resumed = metrics(runs["fsdp"]), metrics(runs["sharded"])
     assert [r["step"] for r in resumed] == [1, 2]
     for key in ("rho", "info", "loss", "grad_norm"):
@@ -195,27 +196,16 @@ def test_per_rank_shard_checkpoints_resume_like_whole_ones(runs):
     assert state["sharded"] and "policy" not in state  # tensors only in the rank shards
     assert len(list((last / "shards").glob("*.distcp"))) == 2
     # A sharded checkpoint needs torchrun: a single process says so in one line, exit 2.
-    cmd = [
-        sys.executable,
-        "-m",
-        "pgpo.cli",
-        "train",
-        "--config",
-        str(runs["sharded"] / "config.yaml"),
-    ]
-    cmd += ["--resume", "steps=3"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2 and "load it under torchrun" in done.stderr
+    # (Single-process commands run in this process: the same code without an interpreter's
+    # 5 s of imports.)
+    config = str(runs["sharded"] / "config.yaml")
+    capsys.readouterr()
+    assert pgpo_main(["train", "--config", config, "--resume", "steps=3"]) == 2
+    assert "load it under torchrun" in capsys.readouterr().err
     # `pgpo consolidate` makes it whole: equal to the whole checkpoint of the same run.
     whole_dir = runs["sharded"] / "consolidated"
-    done = subprocess.run(
-        [sys.executable, "-m", "pgpo.cli", "consolidate", "--checkpoint", str(last)]
-        + ["--out", str(whole_dir)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
+    code = pgpo_main(["consolidate", "--checkpoint", str(last), "--out", str(whole_dir)])
+    assert code == 0, capsys.readouterr().err[-2000:]
     whole, reference = checkpoint.load(whole_dir / "step_000002"), final_state(runs["resumed"])
     assert set(whole) == set(reference)
     for part in ("policy", "teacher"):
@@ -230,17 +220,10 @@ def test_per_rank_shard_checkpoints_resume_like_whole_ones(runs):
         )
     assert whole["sampler"] == reference["sampler"] and whole["step"] == 2
     assert torch.equal(whole["rng"]["torch"], state["rng"]["torch"])  # kept, not this process's
-    cmd = [
-        sys.executable,
-        "-m",
-        "pgpo.cli",
-        "eval",
-        "--config",
-        str(runs["sharded"] / "config.yaml"),
-    ]
-    cmd += ["--checkpoint", str(whole_dir / "step_000002")]  # one process reads it
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0 and json.loads(done.stdout)["questions"] == 4, done.stderr[-2000:]
+    capsys.readouterr()
+    code = pgpo_main(["eval", "--config", config, "--checkpoint", str(whole_dir / "step_000002")])
+    out, err = capsys.readouterr()  # one process reads it
+    assert code == 0 and json.loads(out)["questions"] == 4, err[-2000:]
     # Under torchrun, `pgpo eval` reads it (printing the result once).
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
     cmd += ["-m", "pgpo.cli", "eval", "--config", str(runs["sharded"] / "config.yaml")]
@@ -253,18 +236,15 @@ def test_per_rank_shard_checkpoints_resume_like_whole_ones(runs):
 
 
 @pytest.mark.slow
-def test_sharded_checkpoint_exports_as_a_transformers_folder(runs, tmp_path):
+def test_sharded_checkpoint_exports_as_a_transformers_folder(runs, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
     last = checkpoint.latest(runs["sharded"] / "checkpoints")
     reference = final_state(runs["resumed"])  # the same run, whole tensors
     for role, flags in (("policy", []), ("teacher", ["--teacher"])):
         out = tmp_path / role
-        cmd = [sys.executable, "-m", "pgpo.cli", "export", "--checkpoint", str(last)]
-        done = subprocess.run(
-            cmd + ["--out", str(out), *flags], capture_output=True, text=True, timeout=300
-        )
-        assert done.returncode == 0, done.stderr[-2000:]
+        code = pgpo_main(["export", "--checkpoint", str(last), "--out", str(out), *flags])
+        assert code == 0, capsys.readouterr().err[-2000:]
         model = AutoModelForCausalLM.from_pretrained(out)
         exported = model.state_dict()
         assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
