@@ -174,6 +174,27 @@ def test_cli_rho_table_and_bad_arguments(capsys):
 
 
 @pytest.mark.slow
+def test_the_claims_shared_studies_are_the_numbers_of_separate_calls():
+    """Studies computes each (problem, multiplier, information, model) once per report: a model
+    asked for again, or alongside others, has bit for bit the estimates of its own call."""
+    from proofs_checks.claims import Effort, Studies
+    from sde.weak_error import weak_errors
+
+    mult = MultiplierConfig(1.0, 2.0, "paper")
+    effort = Effort("test", 64, (0.2, 0.1))
+    studies = Studies(effort)
+    first = studies.estimates("quadratic", mult, ["paper"], "full")
+    both = studies.estimates("quadratic", mult, ["printed", "paper"], "full")
+    alone = weak_errors(make_problem("quadratic"), mult, effort.etas, ["printed"],
+                        info_source="full", paths=64, chain="gaussian",
+                        test_fns=("theta1", "sqnorm"))  # fmt: skip
+    assert [e for e in both if e.model == "paper"] == first
+    assert [e for e in both if e.model == "printed"] == alone
+    assert [(e.eta, e.model) for e in both][:4] == [(0.2, "printed")] * 2 + [(0.2, "paper")] * 2
+    smooth = MultiplierConfig(1.0, 2.0, "smooth")  # another multiplier: computed, not reused
+    assert studies.estimates("quadratic", smooth, ["paper"], "full") != first
+
+
 def test_quick_report_verdicts_and_evidence(tmp_path):
     out = tmp_path / "report"
     bench = tmp_path / "train_step.json"  # what benchmarks/bench_train_step.py writes
