@@ -93,25 +93,33 @@ class Quadratic(Problem):
         return (np.tile(theta, n) - self.x.ravel()).reshape(len(theta), n, d)
 
     def fields(self, theta):
-        return self._diff(theta) @ self.A  # A symmetric
+        return self._times_a(self._diff(theta))
+
+    def _times_a(self, diff):
+        """``diff @ A`` ``[P, N, d]`` (A symmetric) as one ``[P N, d] @ [d, d]`` product: NumPy runs
+        ``[P, N, d] @ [d, d]`` as P small products, 4x slower (same numbers)."""
+        return (diff.reshape(-1, diff.shape[-1]) @ self.A).reshape(diff.shape)
 
     def losses(self, theta):
         diff = self._diff(theta)
-        return 0.5 * np.einsum("pnd,pnd->pn", diff @ self.A, diff)
+        return 0.5 * self._quad(self._times_a(diff), diff)
+
+    @staticmethod
+    def _quad(fields, diff):
+        """``(theta - x_i)^T A (theta - x_i)`` ``[P, N]`` as d products of ``[P, N]`` slices: 3x
+        faster than einsum, itself 3x faster than NumPy's sum over a last axis of length 2."""
+        quad = fields[..., 0] * diff[..., 0]
+        for k in range(1, diff.shape[2]):
+            quad = quad + fields[..., k] * diff[..., k]
+        return quad
 
     def infos(self, theta):
         return self.info_scale * (self.losses(theta) - self.info_offset)
 
     def fields_and_infos(self, theta):
         diff = self._diff(theta)
-        fields = diff @ self.A
-        # (theta - x_i)^T A (theta - x_i) as d products of [P, N] slices: 3x faster than einsum,
-        # itself 3x faster than NumPy's sum over a last axis of length d = 2, in every step
-        quad = fields[..., 0] * diff[..., 0]
-        for k in range(1, diff.shape[2]):
-            quad = quad + fields[..., k] * diff[..., k]
-        infos = self.info_scale * (0.5 * quad - self.info_offset)
-        return fields, infos
+        fields = self._times_a(diff)
+        return fields, self.info_scale * (0.5 * self._quad(fields, diff) - self.info_offset)
 
 
 @dataclass
