@@ -230,9 +230,10 @@ def make_model(
         return SDEModel(name, coefficients, problem.d)
 
     # matched: the chain's exact one-step mean and covariance, by enumerating batches.
-    # The step is a_B g_B over equally likely batches B; its mean is sum_B a_B g_B / nB and its
-    # second moment sum_B c_B g_B g_B^T / nB, with c_B = a_B^2 when a_B is fixed by theta and B
-    # (same-batch, full) and c_B = E[rho(I_B')^2] when rho comes from an independent batch B'.
+    # The step is a_B g_B over the distinct batches B, of probabilities p_B; its mean is
+    # sum_B p_B a_B g_B and its second moment sum_B p_B c_B g_B g_B^T, with c_B = a_B^2 when a_B
+    # is fixed by theta and B (same-batch, full) and c_B = E[rho(I_B')^2] when rho comes from an
+    # independent batch B'.
     means, probs = batch_distribution(n, b, replace)  # [nB, N], [nB]: the distinct batches
 
     def matched_coefficients(theta):
