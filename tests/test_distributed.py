@@ -226,7 +226,7 @@ def test_per_rank_shard_checkpoints_resume_like_whole_ones(runs, capsys):
     assert code == 0 and json.loads(out)["questions"] == 4, err[-2000:]
     # Under torchrun, `pgpo eval` reads it (printing the result once).
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-    cmd += ["-m", "pgpo.cli", "eval", "--config", str(runs["sharded"] / "config.yaml")]
+    cmd += ["-m", "pgpo.cli", "eval", "--config", config]
     cmd += ["--checkpoint", str(last)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

@@ -140,11 +140,12 @@ def _folder_stamp(path: str) -> tuple | None:
     folder = Path(path)
     if not folder.is_dir():
         return None
-    return tuple(
-        (f.name, f.stat().st_size, f.stat().st_mtime_ns)
-        for f in sorted(folder.iterdir())
-        if f.is_file()
-    )
+    stamp = []
+    for f in sorted(folder.iterdir()):
+        if f.is_file():
+            st = f.stat()  # one stat a file
+            stamp.append((f.name, st.st_size, st.st_mtime_ns))
+    return tuple(stamp)
 
 
 def small_qwen3(
