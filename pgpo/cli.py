@@ -176,6 +176,7 @@ def _cmd_table(args) -> int:
 def _cmd_consolidate(args) -> int:
     from pathlib import Path
 
+    from pgpo.locking import exclusive
     from pgpo.train import checkpoint
 
     source, out = Path(args.checkpoint), Path(args.out)
@@ -186,7 +187,20 @@ def _cmd_consolidate(args) -> int:
         raise ValueError(f"--out {out} already holds {target.name}")
     state = checkpoint.consolidate(source)
     step, rng = state.pop("step"), state.pop("rng")
-    final = checkpoint.save(out, step, state, rng=rng)
+    # One writer: a run's checkpoints/ is its run folder's (locked by a live run), any other
+    # folder its own.
+    run_dir = out.name == "checkpoints" and out.parent.is_dir()
+    held, made = (out.parent if run_dir else out), not out.exists()
+    held.mkdir(parents=True, exist_ok=True)
+    try:
+        with exclusive(held, "--out"):
+            if target.exists():  # written meanwhile
+                raise ValueError(f"--out {out} already holds {target.name}")
+            final = checkpoint.save(out, step, state, rng=rng)
+    except BaseException:
+        if made and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
     print(f"wrote {final} (whole tensors: pgpo eval / train --resume in one process)")
     return 0
 

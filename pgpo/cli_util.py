@@ -196,28 +196,6 @@ def check_output(path: str | os.PathLike) -> None:
         ) from None
 
 
-@contextmanager
-def one_writer(path: str | os.PathLike) -> Iterator[None]:
-    """Build ``path`` (a cached folder) in one process at a time: of several processes building
-    into the same cache (two ``pgpo demo`` runs, two test workers), one builds and the others
-    wait, then find it built. The lock is the kernel's ``flock`` on the cache folder itself (the
-    parent of ``path``; no lock file is left behind), and it goes with its process, so a killed
-    builder blocks no one. Where ``fcntl`` does not exist, no lock."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX
-        yield
-        return
-    root = Path(path).parent
-    root.mkdir(parents=True, exist_ok=True)
-    fd = os.open(root, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
-
-
 def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)

@@ -233,3 +233,166 @@ def test_a_disk_that_fills_up_during_a_checkpoint_gives_one_line_and_keeps_the_l
         assert checkpoint.load(out / "checkpoints" / "step_000001")["step"] == 1
     finally:
         subprocess.run(["umount", str(disk)], check=True)
+
+
+# --- One writer per folder, and a resume that tells the truth --------------------------------
+
+
+def test_two_runs_racing_into_one_folder_one_trains_and_the_other_is_refused(tmp_path, capsys):
+    """Two ``pgpo train`` into one output.dir, launched together with different seeds: the one
+    that takes the folder's lock trains, the other exits 2 naming the holder's process id and
+    command, and so does a ``--resume`` beside the live run. The folder then holds one run's
+    files: its config (its seed) and each of its steps once."""
+    from pgpo.locking import holder
+
+    out = tmp_path / "shared"
+    long = ("steps=200", "output.save_every=1000", "eval.every=1000")
+    procs = {
+        seed: subprocess.Popen(
+            command(out, *long, f"seed={seed}"),
+            env=env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for seed in (0, 1)
+    }
+    deadline = time.monotonic() + 300
+    while all(p.poll() is None for p in procs.values()):
+        assert time.monotonic() < deadline, "neither run was refused"
+        time.sleep(0.05)
+    loser = next(s for s, p in procs.items() if p.poll() is not None)
+    winner = 1 - loser
+    err = procs[loser].stderr.read()
+    assert procs[loser].returncode == 2, err[-2000:]
+    line = err.strip().splitlines()[-1]
+    holder_command = " ".join(["pgpo.train", *command(out, *long, f"seed={winner}")[3:]])
+    assert line == (
+        f"pgpo: error: output.dir {out} is in use: process {procs[winner].pid} "
+        f"({holder_command[:297] + '...' if len(holder_command) > 300 else holder_command}) is "
+        "writing there; wait for it to end, or choose another output.dir"
+    ), line
+    assert holder(out) == procs[winner].pid
+    # --resume beside the live run: refused the same way (here from this process).
+    assert pgpo_main(["train", *ARGS, f"output.dir={out}", "--resume"]) == 2
+    resumed = capsys.readouterr().err
+    assert f"is in use: process {procs[winner].pid} (" in resumed, resumed
+    while not (out / "metrics.jsonl").exists() or not rows(out):  # a step done, then stop it
+        assert procs[winner].poll() is None, procs[winner].stderr.read()[-2000:]
+        time.sleep(0.05)
+    procs[winner].send_signal(signal.SIGTERM)
+    procs[winner].communicate(timeout=300)
+    assert procs[winner].returncode == 128 + signal.SIGTERM
+    import yaml
+
+    assert yaml.safe_load((out / "config.yaml").read_text())["seed"] == winner
+    steps = [r["step"] for r in rows(out)]
+    assert steps == list(range(1, len(steps) + 1))  # each step once, from one run
+    assert holder(out) is None  # the lock went with its process: nothing to clean up
+    assert sorted(p.name for p in out.iterdir()) == [
+        "checkpoints", "config.yaml", "metrics.jsonl", "samples.jsonl"]  # fmt: skip
+
+
+def _schedule_run(out: Path, *extra: str) -> list[str]:
+    return ["train", "--config", "tiny-cpu", f"output.dir={out}", "eval.every=100", *extra]
+
+
+def test_a_resume_applies_and_records_a_new_lr_warmup_and_alpha_exactly(tmp_path, capsys):
+    """Trained 2 steps at lr 1e-3 (warmup 4), alpha 1; resumed to step 4 at lr 5e-4 (warmup
+    6), alpha 3. The resumed run equals a straight run with that schedule, set by hand step by
+    step: the same losses and rho, bit-identical weights. config.yaml keeps the settings the run
+    started with and records the change; the metrics show the new values from step 3."""
+    import yaml
+
+    from pgpo.train.config import load_config
+    from pgpo.train.loop import Run
+
+    out = tmp_path / "run"
+    first = ("steps=2", "optim.lr=1e-3", "optim.warmup_steps=4", "pgpo.alpha=1")
+    assert pgpo_main(_schedule_run(out, *first)) == 0
+    later = ("steps=4", "optim.lr=5e-4", "optim.warmup_steps=6", "pgpo.alpha=3")
+    capsys.readouterr()
+    assert pgpo_main(_schedule_run(out, *later, "--resume")) == 0
+    err = capsys.readouterr().err
+    assert (
+        "pgpo: --resume applies steps 2 -> 4, pgpo.alpha 1.0 -> 3.0, optim.lr 0.001 -> 0.0005, "
+        f"optim.warmup_steps 4 -> 6 from step 2 (recorded in {out / 'config.yaml'})"
+    ) in err, err
+
+    # The straight run: each step's lr and alpha set by hand, the schedule written out.
+    run = Run(load_config("tiny-cpu", _schedule_run(out, "steps=4")[3:]))
+    losses = []
+    for k in range(4):
+        lr = 1e-3 * min(1.0, (k + 1) / 4) if k < 2 else 5e-4 * min(1.0, (k + 1) / 6)
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr
+        run.modulation.schedule.alpha = 1.0 if k < 2 else 3.0
+        questions, seeds = run.next_questions()
+        metrics = run.train_step(questions, seeds=seeds)
+        run.step += 1
+        run.engine.sync_weights(run.lm)
+        losses.append((metrics["loss"], metrics["rho"]))
+    logged = rows(out)
+    assert [(r["loss"], r["rho"]) for r in logged] == losses
+    assert [r["alpha"] for r in logged] == [1.0, 1.0, 3.0, 3.0]
+    final = checkpoint.load(checkpoint.latest(out / "checkpoints"))
+    assert all(torch.equal(final["policy"][k], v) for k, v in run.lm.state_dict().items())
+
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert (saved["optim"]["lr"], saved["optim"]["warmup_steps"], saved["pgpo"]["alpha"]) == (
+        1e-3, 4, 1.0)  # fmt: skip
+    assert saved["resumes"] == [{"step": 2, "changed": {
+        "steps": [2, 4], "optim.lr": [1e-3, 5e-4], "optim.warmup_steps": [4, 6],
+        "pgpo.alpha": [1.0, 3.0]}}]  # fmt: skip
+    # Loaded as a config, the run's config.yaml gives the settings it ended with.
+    ended = load_config(out / "config.yaml")
+    assert (ended.optim.lr, ended.optim.warmup_steps, ended.pgpo.alpha, ended.steps) == (
+        5e-4, 6, 3.0, 4)  # fmt: skip
+    # The model card of the export says what was changed, and when.
+    assert pgpo_main(["export", "--checkpoint", str(checkpoint.latest(out / "checkpoints")),
+                      "--out", str(tmp_path / "model")]) == 0  # fmt: skip
+    card = (tmp_path / "model" / "README.md").read_text()
+    assert "- resumed at step 2: steps 2 -> 4, pgpo.alpha 1.0 -> 3.0, optim.lr 0.001" in card
+
+
+def test_a_resume_with_other_questions_behind_the_same_file_is_refused(tmp_path, capsys):
+    """data.train names the same file, but one answer in it changed since the run started."""
+    from pgpo.train.data import synthetic, write_jsonl
+
+    questions = synthetic(8, seed=5).questions
+    data = write_jsonl(questions, tmp_path / "mine.jsonl")
+    out = tmp_path / "run"
+    argv = _schedule_run(out, f"data.train={data}", "data.test=synthetic")
+    assert pgpo_main([*argv, "steps=1"]) == 0
+    saved = data.read_text()
+    first = json.loads(saved.splitlines()[0])
+    first["answer"] = next(a for a in "ABCD" if a != first["answer"] and f"\n{a}: " in first[
+        "prompt"])  # fmt: skip
+    data.write_text("\n".join([json.dumps(first), *saved.splitlines()[1:]]) + "\n")
+    before = (out / "metrics.jsonl").read_text(), (out / "config.yaml").read_text()
+    capsys.readouterr()
+    assert pgpo_main([*argv, "steps=2", "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"pgpo: error: --resume: data.train ({data}) holds other questions "
+                          "than the run was started with (fingerprint "), err  # fmt: skip
+    assert ((out / "metrics.jsonl").read_text(), (out / "config.yaml").read_text()) == before
+
+
+def test_a_log_row_cut_off_by_a_crash_is_named_when_a_resume_removes_it(straight, tmp_path):
+    """A crash cut metrics.jsonl mid-row at step 2, whose checkpoint is intact: the resume says
+    that step 2's row is removed and how many remain, and continues from step 2."""
+    import shutil
+
+    out = tmp_path / "cut"
+    shutil.copytree(straight, out)
+    for later in range(3, STEPS + 1):
+        shutil.rmtree(out / "checkpoints" / f"step_{later:06d}")
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    (out / "metrics.jsonl").write_text(lines[0] + "\n" + lines[1][: len(lines[1]) // 2])
+    done = launch(out, "--resume")
+    assert (
+        "pgpo: --resume: metrics.jsonl: step 2's row is not a complete JSON row (cut off by a "
+        "crash) and is removed; 1 row(s) remain"
+    ) in done.stderr, done.stderr
+    assert [r["step"] for r in rows(out)] == [1, 3, 4, 5]

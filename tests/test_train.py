@@ -8,7 +8,7 @@ import torch
 
 from pgpo.cli import main as pgpo_main
 from pgpo.train import checkpoint
-from pgpo.train.config import ConfigError, load_config
+from pgpo.train.config import ConfigError, load_config, settings_of_run
 from pgpo.train.loop import Run, train
 
 FIELDS = (
@@ -360,7 +360,8 @@ def test_export_writes_a_model_card_and_keeps_the_users_own(tmp_path):
     last = [json.loads(r) for r in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
     assert f"| avg_at_k | {last['eval_avg_at_k']:.4g} |" in card and "eprint = {2606.03620}" in card
     saved = yaml.safe_load(card.split("```yaml\n")[1].split("```")[0])  # the run's config, whole
-    assert saved == yaml.safe_load((run_dir / "config.yaml").read_text())
+    record = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved == settings_of_run(record) and set(record) - set(saved) == {"data_fingerprint"}
     # The user's own card, put in the folder first, is kept; everything else is written.
     mine = tmp_path / "mine"
     mine.mkdir()

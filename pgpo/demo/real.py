@@ -25,6 +25,7 @@ from pathlib import Path
 
 from pgpo.cli_util import json_text
 from pgpo.demo.run import DemoPlan, quiet_transformers, run_all
+from pgpo.locking import exclusive
 from pgpo.train.config import TrainConfig, load_config
 from pgpo.train.exact import mean_and_se
 
@@ -208,13 +209,18 @@ def run_real(
     held-out scores: ``real.json``, ``real.md`` and ``real.png`` in ``out``."""
     import torch
 
-    from pgpo.train import smollm2
-    from pgpo.train.exact import edge_lines, teacher_check
-
     torch.set_num_threads(1)
     quiet_transformers()
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
+    with exclusive(out, "--out"):  # one demo writes here at a time
+        return _run_real(out, steps, progress, cache, overrides, workers, edge_questions, start)
+
+
+def _run_real(out, steps, progress, cache, overrides, workers, edge_questions, start) -> dict:
+    from pgpo.train import smollm2
+    from pgpo.train.exact import edge_lines, teacher_check
+
     model = smollm2.folder(cache)
     configs = real_configs(out, model, steps, overrides)
     cfg = configs["sdpo"]

@@ -14,8 +14,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pgpo.cli_util import default_cache, one_writer
+from pgpo.cli_util import default_cache
 from pgpo.demo.warmstart import WarmStartConfig, warm_start
+from pgpo.locking import exclusive, one_writer
 from pgpo.train.config import TrainConfig, load_config, to_dict
 from pgpo.train.data import make_splits, write_jsonl
 from pgpo.train.run_dir import finished
@@ -146,11 +147,12 @@ def run_demo(plan: DemoPlan) -> dict:
     torch.set_num_threads(1)
     quiet_transformers()
     plan.out.mkdir(parents=True, exist_ok=True)
-    model, train_file, test_file = prepare(plan)
-    configs = {
-        f"{m.name}-seed{s}": run_config(plan, m, s, model, train_file, test_file)
-        for s in plan.seeds
-        for m in plan.methods
-    }
-    run_all(plan, configs)
-    return write_report(plan, configs, model, time.perf_counter() - start, plan.title)
+    with exclusive(plan.out, "--out"):  # one demo writes here at a time
+        model, train_file, test_file = prepare(plan)
+        configs = {
+            f"{m.name}-seed{s}": run_config(plan, m, s, model, train_file, test_file)
+            for s in plan.seeds
+            for m in plan.methods
+        }
+        run_all(plan, configs)
+        return write_report(plan, configs, model, time.perf_counter() - start, plan.title)

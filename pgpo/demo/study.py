@@ -37,6 +37,7 @@ from pathlib import Path
 from pgpo.demo.collapse import COLLAPSE_SETTING
 from pgpo.demo.run import DemoPlan, Method, prepare, quiet_transformers, run_all, run_config
 from pgpo.demo.warmstart import WarmStartConfig
+from pgpo.locking import exclusive
 from pgpo.train.config import TrainConfig
 
 MATCHED, PAIRED = "sdpo-matched", "pgpo-a1"
@@ -146,12 +147,17 @@ def run_study(plan: StudyPlan) -> dict:
     """Warm start (cached), every run (the matched control after its pairs), the report."""
     import torch
 
-    from pgpo.demo.study_report import write_study_report
-
     start = time.perf_counter()
     torch.set_num_threads(1)
     quiet_transformers()
     plan.out.mkdir(parents=True, exist_ok=True)
+    with exclusive(plan.out, "--out"):  # one study writes here at a time
+        return _run_study(plan, start)
+
+
+def _run_study(plan: StudyPlan, start: float) -> dict:
+    from pgpo.demo.study_report import write_study_report
+
     demo = DemoPlan(plan.out, [], [], cache=plan.cache, warm=plan.warm, progress=plan.progress)
     demo.workers = plan.workers
     model, train_file, test_file = prepare(demo)

@@ -9,6 +9,7 @@ the key.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -346,6 +347,59 @@ class TrainConfig:
         return self.batch_size // self.rollout.n
 
 
+# What a run's config.yaml holds besides the settings it was started with: the fingerprint of its
+# questions, and a record of each resume (its step and the settings it changed, old and new).
+RUN_RECORD = ("data_fingerprint", "resumes")
+
+# The settings a resume may change (pgpo train --resume): applied from the resumed step on and
+# recorded in config.yaml's resumes. Every other setting is fixed for a run, since changing it
+# mid-run would train a different run under the same name (the model, the data, the seed, the
+# batch shape, the loss, the teacher, the rollouts, the reward), and a resume that changes one
+# is refused. The rest here are resources and bookkeeping: memory knobs, cadences, the folder,
+# the trackers.
+RESUMABLE = frozenset({
+    "steps",
+    "optim.lr", "optim.warmup_steps",
+    "pgpo.alpha", "pgpo.rho_max",
+    "eval.every", "eval.before_train",
+    "output.dir", "output.overwrite", "output.save_every", "output.save_last",
+    "output.sample_every", "output.report_to", "output.project", "output.run_name",
+    "loss.chunk_size", "loss.micro_batch",
+    "rollout.vllm_gpu_memory_utilization", "rollout.vllm_sleep",
+    "fsdp.activation_checkpointing", "fsdp.cpu_offload",
+})  # fmt: skip
+
+
+def flat(tree: dict, prefix: str = "") -> dict:
+    """A nested config dict as ``{dotted key: value}``."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def settings_of_run(tree: dict) -> dict:
+    """The settings in force at the end of a run's saved ``config.yaml`` (``tree``): those it was
+    started with, each resume's changes applied in turn; the fingerprint left out. A tree without
+    a run record is returned as it is. A malformed record raises ConfigError."""
+    resumes = tree.get("resumes") or []
+    tree = copy.deepcopy({k: v for k, v in tree.items() if k not in RUN_RECORD})
+    if not isinstance(resumes, list):
+        raise ConfigError(f"resumes: must be a list of {{step, changed}}, got {resumes!r}")
+    for i, entry in enumerate(resumes):
+        changed = entry.get("changed") if isinstance(entry, dict) else None
+        if not isinstance(changed, dict):
+            raise ConfigError(f"resumes[{i}]: must be {{step, changed: {{key: [old, new]}}}}")
+        for key, pair in changed.items():
+            if not (isinstance(pair, list) and len(pair) == 2):
+                raise ConfigError(f"resumes[{i}].changed.{key}: must be [old, new], got {pair!r}")
+            _set(tree, str(key), pair[1])
+    return tree
+
+
 def _describe(annotation) -> str:
     """A declared type in words, for error messages."""
     origin = typing.get_origin(annotation)
@@ -576,7 +630,8 @@ def _parse_value(key: str, text: str):
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
     """Load a YAML file (a path, or a preset name such as ``tiny-cpu``) plus ``key=value``
-    overrides (values parsed as YAML), and validate."""
+    overrides (values parsed as YAML), and validate. A run's own ``config.yaml`` loads as the
+    settings that run ended with (:func:`settings_of_run`)."""
     tree: dict = {}
     if path is not None:
         file = Path(path)
@@ -604,6 +659,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
                 f"config file {path}: expected a mapping of settings (key: value lines), "
                 f"got a {type(tree).__name__}"
             )
+    tree = settings_of_run(tree)  # a run's config.yaml: the settings it ended with
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value")
@@ -616,6 +672,19 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
 
 def to_dict(cfg: TrainConfig) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def with_defaults(saved: dict, defaults: dict | None = None) -> dict:
+    """A saved config dict with the keys it lacks (settings added since it was saved) taken from
+    ``defaults`` (those of :class:`TrainConfig`), section by section."""
+    defaults = to_dict(TrainConfig()) if defaults is None else defaults
+    out = dict(saved)
+    for key, value in defaults.items():
+        if key not in out:
+            out[key] = value
+        elif isinstance(value, dict) and isinstance(out[key], dict):
+            out[key] = with_defaults(out[key], value)
+    return out
 
 
 def model_config(data: dict) -> ModelConfig:

@@ -8,6 +8,7 @@ and line, or, with ``skip_bad_rows``, is skipped and counted.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import random
@@ -349,6 +350,15 @@ def write_jsonl(questions: list[Question], path: str | Path) -> Path:
             row = {"idx": q.id, "prompt": q.prompt, "answer": q.answer, "system": q.system}
             f.write(json_text(row) + "\n")
     return path
+
+
+def fingerprint(questions: list[Question]) -> str:
+    """A SHA-256 of ``questions`` in order (id, system prompt, prompt, answer), as hex: the same
+    questions behind a data set's name give the same fingerprint, any change another one."""
+    digest = hashlib.sha256()
+    for q in questions:
+        digest.update(json_text([q.id, q.system, q.prompt, q.answer]).encode() + b"\n")
+    return digest.hexdigest()
 
 
 def split_specs(train: str, test: str, sciknoweval: str, domain: str | None) -> tuple[str, str]:

@@ -80,6 +80,7 @@ def export(path: Path, out: Path, role: str = "policy", dtype: str | None = None
         (tmp / "pgpo_export.json").write_text(json_text(record, indent=2) + "\n")
         if not (out / "README.md").exists():  # the user's own card is kept
             run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
-            card = model_card(state["config"], state["step"], role, run_dir)
+            card = model_card(state["config"], state["step"], role, run_dir,
+                              state.get("resumes", []))  # fmt: skip
             (tmp / "README.md").write_text(card)
     return out

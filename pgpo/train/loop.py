@@ -21,8 +21,8 @@ from pgpo.cli_util import Interrupted, json_text
 from pgpo.modulation import AlphaSchedule, Modulation
 from pgpo.optim import ModulatedOptimizer
 from pgpo.train import checkpoint, distributed, lora
-from pgpo.train.config import TrainConfig, to_dict
-from pgpo.train.data import QuestionSampler, load_split, split_specs
+from pgpo.train.config import RUN_RECORD, TrainConfig, to_dict
+from pgpo.train.data import QuestionSampler, fingerprint, load_split, split_specs
 from pgpo.train.distributed import World
 from pgpo.train.evaluate import evaluate
 from pgpo.train.exact import edge_report, edge_sums, exact_scores, p_correct, p_correct_taught
@@ -30,6 +30,13 @@ from pgpo.train.feedback import misleading_feedback
 from pgpo.train.forward import Policy
 from pgpo.train.guard import CollapseGuard
 from pgpo.train.model import load_model, load_tokenizer, torch_dtype
+from pgpo.train.resume import (
+    changed_settings,
+    changes_text,
+    refuse_fixed,
+    refuse_other_data,
+    resumes_after,
+)
 from pgpo.train.rollout import RolloutEngine
 from pgpo.train.run_dir import FEEDBACK, METRICS, SAMPLES, RunDir
 from pgpo.train.sft import sft_step
@@ -102,7 +109,11 @@ class Run:
     with FSDP2, each rank takes its slice of every step's questions and of the test set, and
     checkpoints are gathered whole by rank 0 or written per rank (``fsdp.checkpoint``)."""
 
-    def __init__(self, cfg: TrainConfig, world: World | None = None) -> None:
+    def __init__(
+        self, cfg: TrainConfig, world: World | None = None, data_fingerprint: dict | None = None
+    ) -> None:
+        """``data_fingerprint``: the fingerprints of the questions a resumed run was started
+        with; other questions behind the same names are refused before any model loads."""
         self.cfg = cfg
         self.world = world or World()
         q, size = cfg.questions_per_step, self.world.size
@@ -121,6 +132,10 @@ class Run:
         train_spec, test_spec = split_specs(d.train, d.test, d.sciknoweval, d.domain)
         self.train_data = load_split(train_spec, "train", cfg.seed, d.skip_bad_rows, d.max_train)
         self.test_data = load_split(test_spec, "test", cfg.seed, d.skip_bad_rows, d.max_test)
+        self.data_fingerprint = {"train": fingerprint(self.train_data.questions),
+                                 "test": fingerprint(self.test_data.questions)}  # fmt: skip
+        refuse_other_data(data_fingerprint, self.data_fingerprint, cfg)
+        self.resumes: list[dict] = []  # config.yaml's record: one entry per resume
         for split, data in (("train", self.train_data), ("test", self.test_data)):
             if data.skipped and self.world.main:
                 print(f"pgpo: data.{split}: skipped {data.skipped} bad row(s) of {data.source} "
@@ -249,6 +264,8 @@ class Run:
             "alpha_schedule": schedule,
             "guard": self.guard.state_dict(),
             "step_seconds_total": self.step_seconds_total,
+            "data_fingerprint": self.data_fingerprint,
+            "resumes": self.resumes,
         }
 
     def _shard_templates(self) -> dict:
@@ -298,6 +315,7 @@ class Run:
     def _load_rest(self, state: dict) -> None:
         self.engine.sync_weights(self.lm)
         self.scheduler.load_state_dict(state["scheduler"])
+        self._learning_rate_from_config()
         self.sampler.load_state_dict(state["sampler"])
         self.skipped, self.step = state["skipped"], state["step"]
         self.guard.load_state_dict(state.get("guard"))  # older checkpoints have neither
@@ -305,6 +323,17 @@ class Run:
         if self.modulation is not None and state.get("alpha_schedule") is not None:
             self.modulation.schedule.load_state_dict(state["alpha_schedule"])
         checkpoint.set_rng_state(state["rng"])
+
+    def _learning_rate_from_config(self) -> None:
+        """After a restore: optim.lr and the warmup of this run's config from the restored step
+        on, as a run started with them would have them at this step (the restored optimizer and
+        scheduler hold the values they were saved with; a resume may have changed them)."""
+        scheduler, lr = self.scheduler, self.cfg.optim.lr
+        scheduler.base_lrs = [lr for _ in scheduler.base_lrs]
+        for group, factor in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas):
+            group["initial_lr"] = lr
+            group["lr"] = lr * factor(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
 
     def next_questions(self) -> tuple[list, list[int] | None]:
         """This rank's slice of the next step's questions (every rank draws the same global
@@ -478,19 +507,35 @@ def train(
 ) -> Path:
     """Run ``cfg.steps`` steps (continuing from the newest intact checkpoint with ``resume``).
     Writes ``metrics.jsonl``, ``samples.jsonl``, ``config.yaml`` and ``checkpoints/`` to
-    output.dir (see :mod:`pgpo.train.run_dir` for what it may replace). ``desc`` labels the
-    progress bar, ``position`` its line (for runs in parallel processes). SIGINT / SIGTERM stop
-    it after the current step with a checkpoint (:class:`~pgpo.cli_util.Interrupted`)."""
+    output.dir (see :mod:`pgpo.train.run_dir` for what it may replace), holding the folder's
+    lock throughout. A resume applies and records the settings it may change and refuses the
+    others (:mod:`pgpo.train.resume`). ``desc`` labels the progress bar, ``position`` its line
+    (for runs in parallel processes). SIGINT / SIGTERM stop it after the current step with a
+    checkpoint (:class:`~pgpo.cli_util.Interrupted`)."""
     world = distributed.init_world()  # size 1 unless launched by torchrun
     folder = RunDir(cfg.output.dir, resume=resume, overwrite=cfg.output.overwrite, main=world.main)
-    start = _resume_point(folder, cfg.steps) if resume else None
+    with folder.claimed():
+        _train(cfg, world, folder, progress, desc, position)
+    return folder.path
+
+
+def _train(cfg: TrainConfig, world: World, folder: RunDir, progress, desc, position) -> None:
+    start = _resume_point(folder, cfg.steps) if folder.resume else None
     run = None
     stepped = False
     try:
-        run = Run(cfg, world)
+        changed = {}
+        if start is not None:  # refused before any model loads
+            changed = changed_settings(start[1]["config"], cfg)
+            refuse_fixed(changed, cfg, start[1]["step"])
+        run = Run(cfg, world, start and start[1].get("data_fingerprint"))
         if start is not None:
             run.restore(*start)
-        folder.start(yaml.safe_dump(to_dict(cfg), sort_keys=False), start and run.step)
+            run.resumes = resumes_after(start[1].get("resumes", []), run.step, changed)
+            if changed and world.main:
+                print(f"pgpo: --resume applies {changes_text(changed)} from step {run.step} "
+                      f"(recorded in {folder.path / 'config.yaml'})", file=sys.stderr)  # fmt: skip
+        folder.start(_record(folder, cfg, run, start), start and run.step)
         skipped = {}
         if cfg.data.skip_bad_rows:  # what the data left out, once per process (each reads it)
             skipped = {"data_train_rows_skipped": run.train_data.skipped,
@@ -509,7 +554,19 @@ def train(
     finally:
         if run is not None and hasattr(run.engine, "close"):
             run.engine.close()
-    return folder.path
+
+
+def _record(folder: RunDir, cfg: TrainConfig, run: Run, start: tuple | None) -> str:
+    """config.yaml: the settings the run was started with (a resume keeps the saved ones), the
+    fingerprint of its questions, and its resumes."""
+    settings = to_dict(cfg)
+    if start is not None:
+        saved = folder.saved_config() or start[1]["config"]
+        settings = {k: v for k, v in saved.items() if k not in RUN_RECORD}
+    record = {**settings, "data_fingerprint": run.data_fingerprint}
+    if run.resumes:
+        record["resumes"] = run.resumes
+    return yaml.safe_dump(record, sort_keys=False, default_flow_style=None)
 
 
 def _steps(run: Run, folder: RunDir, logs: _Logs, stop: StopRequest, progress, desc, position):

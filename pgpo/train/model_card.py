@@ -13,6 +13,8 @@ from pathlib import Path
 
 import yaml
 
+from pgpo.train.resume import describe
+
 # Data sets known on the Hub by the names the trainer accepts (data.train / data.sciknoweval).
 HUB_DATASETS = {"mmlu-science": "cais/mmlu", "sciknoweval": "hicai-zju/SciKnowEval"}
 CITATION = """@misc{pgpo,
@@ -56,9 +58,12 @@ def last_evaluation(run_dir: Path, step: int) -> dict:
     return found
 
 
-def model_card(config: dict, step: int, role: str, run_dir: Path | None) -> str:
-    """The README.md text for a checkpoint's export: ``config`` is the run's saved config,
-    ``step`` the checkpoint's, ``role`` "policy" or "teacher"."""
+def model_card(
+    config: dict, step: int, role: str, run_dir: Path | None, resumes: list[dict] = ()
+) -> str:
+    """The README.md text for a checkpoint's export: ``config`` is the run's saved config (the
+    settings in force at the checkpoint), ``step`` the checkpoint's, ``role`` "policy" or
+    "teacher", ``resumes`` the run's record of resumes (:mod:`pgpo.train.resume`)."""
     model, pgpo, teacher = config["model"], config["pgpo"], config["teacher"]
     method = "pgpo" if pgpo["enabled"] else "sdpo"
     tags = ["pgpo", "sdpo"] + (["lora"] if model["lora"]["rank"] else [])
@@ -95,6 +100,7 @@ def model_card(config: dict, step: int, role: str, run_dir: Path | None) -> str:
         f"- data: train `{config['data']['train'] or config['data']['sciknoweval']}`",
         f"- optimizer: AdamW, lr {config['optim']['lr']:g}, batch {config['batch_size']} responses "
         f"({config['rollout']['n']} per question), seed {config['seed']}",
+        *[f"- resumed at {line}" for line in describe(resumes)],
         "",
         "## Evaluation",
         "",
@@ -110,7 +116,13 @@ def model_card(config: dict, step: int, role: str, run_dir: Path | None) -> str:
         "",
         "## Reproduce",
         "",
-        "With pgpo installed, save the configuration below as `config.yaml`, then:",
+        "With pgpo installed, save the configuration below as `config.yaml`, then:"
+        + (
+            " (these are the settings in force at the checkpoint; the run changed some when it "
+            "was resumed, as listed under Training)"
+            if describe(resumes)
+            else ""
+        ),
         "",
         "```bash",
         "pgpo train --config config.yaml",

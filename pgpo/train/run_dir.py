@@ -6,16 +6,26 @@ A run owns the entries in :data:`OWN` and nothing else in the folder. Rules:
 - ``--resume`` keeps the logs up to the checkpoint it continues from, so every step appears once;
 - a run that fails before its first step leaves nothing behind: what it created is removed, and so
   is the folder itself if the run created it;
-- files are replaced atomically (a temporary file, then one rename).
+- files are replaced atomically (a temporary file, then one rename);
+- one writer at a time: the run holds the folder's lock for its whole life, and a second writer
+  is refused in one line naming the holder;
+- nothing is dropped silently: a log row cut off by a crash is named when a resume removes it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import yaml
+
+from pgpo.locking import exclusive
 from pgpo.train.checkpoint import remove_temporaries
 from pgpo.train.trackers import TRACKER_DIRS
 
@@ -32,19 +42,17 @@ def finished(folder: str | Path, config: dict) -> bool:
     the same settings (``output.overwrite`` aside; a setting added since the run was saved
     counts as its default) and a logged row for the last step. Tools that run many configs (the
     demo, studies) skip such runs."""
-    import yaml
-
-    from pgpo.train.config import TrainConfig, to_dict
+    from pgpo.train.config import settings_of_run, with_defaults
 
     folder = Path(folder)
     try:
         saved = yaml.safe_load((folder / CONFIG).read_text())
         rows = (folder / METRICS).read_text().splitlines()
         last = json.loads(rows[-1])["step"] if rows else None
+        if isinstance(saved, dict):
+            saved = with_defaults(settings_of_run(saved))
     except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError):
         return False
-    if isinstance(saved, dict):
-        saved = _with_defaults(saved, to_dict(TrainConfig()))
 
     def settings(c: dict) -> dict:
         return {**c, "output": {k: v for k, v in c.get("output", {}).items() if k != "overwrite"}}
@@ -52,17 +60,6 @@ def finished(folder: str | Path, config: dict) -> bool:
     return (
         isinstance(saved, dict) and settings(saved) == settings(config) and last == config["steps"]
     )
-
-
-def _with_defaults(saved: dict, defaults: dict) -> dict:
-    """``saved`` with the keys it lacks taken from ``defaults``, section by section."""
-    out = dict(saved)
-    for key, value in defaults.items():
-        if key not in out:
-            out[key] = value
-        elif isinstance(value, dict) and isinstance(out[key], dict):
-            out[key] = _with_defaults(out[key], value)
-    return out
 
 
 class RunDirError(ValueError):
@@ -80,29 +77,61 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 class RunDir:
-    """``output.dir`` for one run. Only the main process writes (``main``); every process
-    checks, so that all refuse alike."""
+    """``output.dir`` for one run. Only the main process writes (``main``), and it holds the
+    folder's lock for the run's whole life (:meth:`claimed`); every process checks, so that all
+    refuse alike."""
 
     def __init__(self, path: str | Path, *, resume: bool, overwrite: bool, main: bool) -> None:
-        self.path, self.resume, self.main = Path(path), resume, main
+        self.path, self.resume, self.overwrite, self.main = Path(path), resume, overwrite, main
         if self.path.exists() and not self.path.is_dir():
             raise RunDirError(f"output.dir {self.path} exists and is not a folder")
         self.created = not self.path.exists()
+        self._earlier: list[str] = []
+        self._written: list[Path] = []
+
+    @contextmanager
+    def claimed(self) -> Iterator[RunDir]:
+        """The folder for this run alone while the block runs: made if need be (a resume needs
+        it to exist already) and locked, so that a second writer, a second launch or a
+        ``--resume`` beside a live run, is refused in one line naming the process that holds
+        it (:func:`pgpo.locking.exclusive`). Then a folder that holds an earlier run is refused
+        unless the run resumes it or overwrites it."""
+        if not self.main or (self.resume and not self.path.is_dir()):
+            self._check_earlier()  # a resume of no folder finds no checkpoint: said next
+            yield self
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        with exclusive(self.path):  # refused: the folder is the holder's, left as it is
+            try:
+                self._check_earlier()
+                yield self
+            except BaseException:
+                self._remove_if_made_empty()
+                raise
+
+    def _check_earlier(self) -> None:
         earlier = [name for name in MARKS if (self.path / name).exists()]
         if earlier:
             earlier += [name for name in TRACKER_DIRS if (self.path / name).exists()]
-        if earlier and not resume and not overwrite:
+        if earlier and not self.resume and not self.overwrite:
             raise RunDirError(
                 f"output.dir {self.path} holds an earlier run ({', '.join(earlier)}): continue "
                 "it with --resume, start afresh with output.overwrite=true (removes only those "
                 "entries), or choose another output.dir"
             )
-        self._earlier = earlier if overwrite and not resume else []
-        self._written: list[Path] = []
+        self._earlier = earlier if self.overwrite and not self.resume else []
 
     @property
     def checkpoints(self) -> Path:
         return self.path / "checkpoints"
+
+    def saved_config(self) -> dict | None:
+        """The run's saved ``config.yaml`` as a dict (``None``: absent or unreadable)."""
+        try:
+            saved = yaml.safe_load((self.path / CONFIG).read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            return None
+        return saved if isinstance(saved, dict) else None
 
     def start(self, config_yaml: str, resumed_step: int | None) -> None:
         """Before the first step: the folder, its config, logs cut back to ``resumed_step``,
@@ -119,21 +148,9 @@ class RunDir:
         write_atomic(self.path / CONFIG, config_yaml)
         if resumed_step is not None:
             for name in (METRICS, SAMPLES, FEEDBACK):
-                self._cut_log(self.path / name, resumed_step)
+                for line in cut_log(self.path / name, resumed_step):
+                    print(f"pgpo: --resume: {line}", file=sys.stderr)
         remove_temporaries(self.checkpoints)
-
-    def _cut_log(self, path: Path, step: int) -> None:
-        """Keep the rows up to ``step``: the steps after the checkpoint are run again."""
-        if not path.is_file():
-            return
-        kept = []
-        for line in path.read_text().splitlines():
-            try:
-                if int(json.loads(line)["step"]) <= step:
-                    kept.append(line)
-            except (ValueError, KeyError, TypeError):
-                continue  # a row cut off by a crash
-        write_atomic(path, "".join(f"{line}\n" for line in kept))
 
     def failed_before_first_step(self) -> None:
         """Remove what this run created (and the folder, if it created it and it is empty)."""
@@ -144,5 +161,39 @@ class RunDir:
                 shutil.rmtree(path)
             else:
                 path.unlink(missing_ok=True)
+        self._remove_if_made_empty()
+
+    def _remove_if_made_empty(self) -> None:
         if self.created and self.path.is_dir() and not any(self.path.iterdir()):
             self.path.rmdir()
+
+
+def cut_log(path: Path, step: int) -> list[str]:
+    """Keep the rows of the JSON-lines log ``path`` up to ``step`` (the steps after the
+    checkpoint are trained again); returns what was removed, in words. A row that does not read
+    as JSON, as a crash leaves the last one cut mid-line, is removed and named, with its step
+    where its text still shows it."""
+    if not path.is_file():
+        return []
+    kept, later, cut = [], [], []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        try:
+            row_step = int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            found = re.match(r'\s*\{\s*"step"\s*:\s*(\d+)', line)
+            cut.append(f"step {found.group(1)}'s row" if found else f"row {number}")
+            continue
+        (kept if row_step <= step else later).append(line)
+    write_atomic(path, "".join(f"{line}\n" for line in kept))
+    said = []
+    if cut:
+        said.append(
+            f"{path.name}: {', '.join(cut)} is not a complete JSON row (cut off by a crash) "
+            f"and is removed; {len(kept)} row(s) remain"
+        )
+    if later:
+        said.append(
+            f"{path.name}: {len(later)} row(s) after step {step}, the checkpoint's, are removed "
+            "(those steps are trained again)"
+        )
+    return said

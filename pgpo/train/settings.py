@@ -1,5 +1,6 @@
 """Every training setting as a user sees it: ``pgpo config`` (the resolved configuration as YAML)
-and ``pgpo config --keys`` (every key with its type, allowed values, default and description).
+and ``pgpo config --keys`` (every key with its type, allowed values, default, whether a resume may
+change it, and description).
 
 The schema is read from :mod:`pgpo.train.config` itself, so that nothing is written twice: the
 type and its allowed values from each field's annotation (``Literal``, ``Range``), the default
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 
 import yaml
 
-from pgpo.train.config import TrainConfig, _describe, to_dict
+from pgpo.train.config import RESUMABLE, TrainConfig, _describe, to_dict
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class Key:
     type: str
     default: object
     description: str
+    resumable: bool = False  # whether --resume may change it (pgpo.train.config.RESUMABLE)
 
 
 def _comments(cls) -> dict[str, str]:
@@ -66,7 +68,8 @@ def keys(cls=TrainConfig, prefix: str = "") -> list[Key]:
             out += keys(hint, f"{prefix}{f.name}.")
             continue
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        out.append(Key(prefix + f.name, _describe(hint), default, comments.get(f.name, "")))
+        name = prefix + f.name
+        out.append(Key(name, _describe(hint), default, comments.get(f.name, ""), name in RESUMABLE))
     return out
 
 
@@ -79,11 +82,15 @@ def _value(v: object) -> str:
     return yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("\n...")
 
 
+def _on_resume(k: Key) -> str:
+    return "may change on --resume" if k.resumable else "fixed for a run"
+
+
 def keys_text(rows: list[Key]) -> str:
     """``pgpo config --keys``: one block per key."""
     blocks = []
     for k in rows:
-        blocks.append(f"{k.name}: {k.type}, default {_value(k.default)}")
+        blocks.append(f"{k.name}: {k.type}, default {_value(k.default)}, {_on_resume(k)}")
         if k.description:
             blocks.append(f"    {k.description}")
     return "\n".join(blocks) + "\n"
@@ -96,8 +103,9 @@ def keys_markdown(rows: list[Key]) -> str:
         head = k.name.split(".")[0] if "." in k.name else "(top level)"
         if head != section:
             section = head
-            out += ["", f"**{head}**", "", "| key | type | default | description |"]
-            out += ["|---|---|---|---|"]
-        cells = [f"`{k.name}`", k.type, f"`{_value(k.default)}`", k.description]
+            out += ["", f"**{head}**", "", "| key | type | default | on --resume | description |"]
+            out += ["|---|---|---|---|---|"]
+        resume = "may change" if k.resumable else "fixed"
+        cells = [f"`{k.name}`", k.type, f"`{_value(k.default)}`", resume, k.description]
         out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(out).strip() + "\n"

