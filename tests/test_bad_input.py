@@ -192,6 +192,26 @@ CASES = [
     (TRAIN + ["--resume"], "no usable checkpoint"),
     (TRAIN[:4] + ["output.dir=damaged", "--resume"], "is damaged"),
     (TRAIN[:4] + ["output.dir=done", "steps=1", "--resume"], "nothing to do"),
+    (
+        TRAIN[:4] + ["output.dir=done", "steps=2", "seed=1", "--resume"],
+        "--resume from step 1 cannot change seed 0 -> 1: fixed for a run",
+    ),
+    (
+        TRAIN[:4] + ["output.dir=done", "steps=2", "model.tiny_layers=1", "--resume"],
+        "cannot change model.tiny_layers 2 -> 1: fixed",
+    ),
+    (
+        TRAIN[:4] + ["output.dir=done", "steps=2", "data.train=data/mine.jsonl", "--resume"],
+        "cannot change data.train 'synthetic' -> 'data/mine.jsonl': fixed",
+    ),
+    (
+        TRAIN[:4] + ["output.dir=done", "steps=2", "batch_size=8", "loss.beta=1", "--resume"],
+        "cannot change batch_size 4 -> 8, loss.beta 0.5 -> 1.0: fixed",
+    ),
+    (
+        TRAIN[:4] + ["output.dir=done", "steps=2", "teacher.mode=frozen", "--resume"],
+        "cannot change teacher.mode 'ema' -> 'frozen': fixed",
+    ),
     (TRAIN + ["model.path=/nonexistent/model"], "does not exist"),
     (TRAIN + ["model.path=no-such-org/no-such-model"], "cannot be reached"),
     (TRAIN + ["model.tokenizer=no-such-org/no-such-model"], "cannot be reached"),

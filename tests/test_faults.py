@@ -393,6 +393,6 @@ def test_a_log_row_cut_off_by_a_crash_is_named_when_a_resume_removes_it(straight
     done = launch(out, "--resume")
     assert (
         "pgpo: --resume: metrics.jsonl: step 2's row is not a complete JSON row (cut off by a "
-        "crash) and is removed; 1 row(s) remain"
+        "crash), removed; 1 row(s) remain"
     ) in done.stderr, done.stderr
     assert [r["step"] for r in rows(out)] == [1, 3, 4, 5]

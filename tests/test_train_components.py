@@ -1,6 +1,7 @@
 """Trainer components: data layouts, rewards, demonstrations, prompts, model loading errors."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -568,3 +569,86 @@ def test_the_real_cpu_preset_evaluates_on_the_tasks_test_split():
     train = load_split(train_spec, "train", cfg.seed, d.skip_bad_rows, d.max_train).questions
     assert not {q.prompt for q in train} & {q.prompt for q in test}
     assert cfg.output.save_every > cfg.steps  # no checkpoint every 2 steps, as tiny-cpu has
+
+
+def test_a_resume_may_change_only_the_resumable_settings_and_alpha_not_under_target_rho():
+    """``refuse_fixed``: a resumable key passes; a fixed one is named with its values; alpha is
+    resumable, but not under target_rho, whose controller state carries alpha on."""
+    from pgpo.train.config import RESUMABLE, load_config, to_dict
+    from pgpo.train.resume import ResumeError, changed_settings, refuse_fixed
+
+    saved = to_dict(load_config("tiny-cpu", ["steps=2"]))
+    now = load_config("tiny-cpu", ["steps=4", "optim.lr=5e-4", "pgpo.rho_max=3"])
+    changed = changed_settings(saved, now)
+    assert changed == {"steps": [2, 4], "pgpo.rho_max": [2.0, 3.0], "optim.lr": [1e-3, 5e-4]}
+    refuse_fixed(changed, now, 2)  # all resumable
+    assert "seed" not in RESUMABLE and "optim.lr" in RESUMABLE
+    seeded = load_config("tiny-cpu", ["steps=2", "seed=3"])
+    with pytest.raises(ResumeError, match=r"from step 2 cannot change seed 0 -> 3: fixed"):
+        refuse_fixed(changed_settings(saved, seeded), seeded, 2)
+    over = ["pgpo.alpha_schedule=target_rho", "pgpo.alpha_min=0.05"]
+    target = to_dict(load_config("tiny-cpu", over))
+    moved = load_config("tiny-cpu", [*over, "pgpo.alpha=2"])
+    with pytest.raises(ResumeError, match=r"cannot change pgpo.alpha 1.0 -> 2.0"):
+        refuse_fixed(changed_settings(target, moved), moved, 2)
+    constant = load_config("tiny-cpu", ["pgpo.alpha=2"])
+    refuse_fixed(changed_settings(to_dict(load_config("tiny-cpu")), constant), constant, 2)
+
+
+def test_a_runs_config_yaml_loads_as_the_settings_it_ended_with(tmp_path):
+    """config.yaml's record: the start settings, each resume's new values applied in turn, the
+    fingerprint ignored; a malformed record is one ConfigError naming it."""
+    import yaml
+
+    from pgpo.train.config import ConfigError, load_config, settings_of_run, to_dict
+
+    start = to_dict(load_config("tiny-cpu"))
+    record = {**start, "data_fingerprint": {"train": "ab", "test": "cd"}, "resumes": [
+        {"step": 2, "changed": {"optim.lr": [1e-3, 5e-4], "steps": [4, 6]}},
+        {"step": 5, "changed": {"optim.lr": [5e-4, 2e-4]}}]}  # fmt: skip
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(record))
+    cfg = load_config(tmp_path / "config.yaml")
+    assert (cfg.optim.lr, cfg.steps, cfg.seed) == (2e-4, 6, 0)
+    assert settings_of_run(record)["optim"]["lr"] == 2e-4 and record["optim"]["lr"] == 1e-3
+    for bad, needle in (
+        (["x"], "resumes[0]"),
+        ("x", "resumes: must be a list"),
+        ([{"step": 1, "changed": {"steps": 3}}], "resumes[0].changed.steps"),
+    ):
+        (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**start, "resumes": bad}))
+        with pytest.raises(ConfigError, match=re.escape(needle)):
+            load_config(tmp_path / "bad.yaml")  # fmt: skip
+
+
+def test_cutting_a_log_back_names_every_row_it_drops(tmp_path):
+    """``cut_log``: rows after the checkpoint's step go (counted), and so does a row that is
+    not complete JSON, named by its step where its text shows it, else by its line."""
+    from pgpo.train.run_dir import cut_log
+
+    log = tmp_path / "samples.jsonl"
+    log.write_text('{"step": 1}\n{"step": 2, "samples": [1]}\n{"ste\n{"step": 3}\n{"step": 4, "sa')
+    said = cut_log(log, 2)
+    assert log.read_text() == '{"step": 1}\n{"step": 2, "samples": [1]}\n'
+    assert said == [
+        "samples.jsonl: row 3, step 4's row are not complete JSON rows (cut off by a crash), "
+        "removed; 2 row(s) remain",
+        "samples.jsonl: 1 row(s) after step 2, the checkpoint's, are removed (those steps are "
+        "trained again)",
+    ]
+    assert cut_log(tmp_path / "absent.jsonl", 2) == [] and cut_log(log, 2) == []
+
+
+def test_the_data_fingerprint_changes_with_any_question_and_only_then():
+    from pgpo.train.data import fingerprint, synthetic
+
+    questions = synthetic(6, seed=1).questions
+    same = synthetic(6, seed=1).questions
+    assert fingerprint(questions) == fingerprint(same)
+    assert len(fingerprint(questions)) == 64  # SHA-256, as hex
+    import dataclasses
+
+    for change in ({"answer": "A" if questions[3].answer != "A" else "B"},
+                   {"prompt": questions[3].prompt + " "}, {"id": "other"}):  # fmt: skip
+        edited = [*questions[:3], dataclasses.replace(questions[3], **change), *questions[4:]]
+        assert fingerprint(edited) != fingerprint(questions), change
+    assert fingerprint(questions[::-1]) != fingerprint(questions)  # order: the sampler's draws

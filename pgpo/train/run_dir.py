@@ -187,9 +187,10 @@ def cut_log(path: Path, step: int) -> list[str]:
     write_atomic(path, "".join(f"{line}\n" for line in kept))
     said = []
     if cut:
+        what = "is not a complete JSON row" if len(cut) == 1 else "are not complete JSON rows"
         said.append(
-            f"{path.name}: {', '.join(cut)} is not a complete JSON row (cut off by a crash) "
-            f"and is removed; {len(kept)} row(s) remain"
+            f"{path.name}: {', '.join(cut)} {what} (cut off by a crash), removed; {len(kept)} "
+            "row(s) remain"
         )
     if later:
         said.append(
