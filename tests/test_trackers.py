@@ -174,10 +174,13 @@ def test_a_trackers_folder_alone_is_no_earlier_run_but_goes_with_one(tmp_path):
     from pgpo.train.run_dir import RunDir, RunDirError
 
     (tmp_path / "wandb").mkdir()
-    RunDir(tmp_path, resume=False, overwrite=False, main=True)  # not refused
+    with RunDir(tmp_path, resume=False, overwrite=False, main=True).claimed():  # not refused
+        pass
     (tmp_path / "metrics.jsonl").write_text("")
     with pytest.raises(RunDirError, match=r"earlier run \(metrics.jsonl, wandb\)"):
-        RunDir(tmp_path, resume=False, overwrite=False, main=True)
+        with RunDir(tmp_path, resume=False, overwrite=False, main=True).claimed():
+            pass
     (tmp_path / "mine.txt").write_text("kept")
-    RunDir(tmp_path, resume=False, overwrite=True, main=True).start("steps: 1\n", None)
+    with RunDir(tmp_path, resume=False, overwrite=True, main=True).claimed() as folder:
+        folder.start("steps: 1\n", None)
     assert not (tmp_path / "wandb").exists() and (tmp_path / "mine.txt").read_text() == "kept"
