@@ -652,3 +652,114 @@ def test_the_data_fingerprint_changes_with_any_question_and_only_then():
         edited = [*questions[:3], dataclasses.replace(questions[3], **change), *questions[4:]]
         assert fingerprint(edited) != fingerprint(questions), change
     assert fingerprint(questions[::-1]) != fingerprint(questions)  # order: the sampler's draws
+
+
+@pytest.mark.parametrize(
+    "response, letter",
+    [
+        ("<answer>A: 73", "A"),  # SmolLM2's copy of an option line, cut short
+        ("A: 73", "A"),
+        ("(A)", "A"),
+        ("<answer>A</answer>", "A"),
+        ("<answer> (C) 12</answer>", "C"),
+        ("B\nBecause 91 is the largest", "B"),
+        ("<answer>B:</answer> so <answer>B</answer>", "B"),  # the same letter twice
+        ("<answer>B: 8\n<answer>A:", None),  # two letters
+        ("A: 7\nB: 8\nC: 9", None),  # every option line copied: no answer
+        ("<answer>A or B</answer>", None),
+        ("<answer>A, B</answer>", None),
+        ("<answer>Apple</answer>", None),  # a letter inside a word
+        ("A cell divides", None),
+        ("<answer>73</answer>", None),  # an option's number instead of its letter
+        ("<answer></answer>", None),  # the format alone
+        ("", None),
+    ],
+)
+def test_the_committed_letter_verifier_reads_one_letter_or_none(response, letter):
+    from pgpo.train.rewards import committed_letter
+
+    assert committed_letter(response) == letter
+    for gold in "ABC":  # the reward is 1 for the committed letter only, 0 for the format alone
+        expected = float(letter == gold)
+        assert reward(response, gold, committed=True) == expected, gold
+
+
+def _smollm2_tokenizer():
+    from transformers import AutoTokenizer
+
+    from pgpo.train.smollm2 import gguf_path
+
+    source = gguf_path()  # the real SmolLM2 tokenizer, read from the packaged GGUF file
+    return AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
+
+
+@pytest.mark.parametrize("which", ["qwen3", "smollm2"])
+def test_the_letter_positions_are_exactly_the_letters_tokens(which):
+    """``loss.positions: letter``: the fewest response tokens that write the committed letter, on
+    both tokenizers; with the <answer> opening written for the model (the gold response of the
+    supervised yardstick), after reasoning, inside a merged token, and a response committing to
+    no letter falling back to its answer's tokens."""
+    from pgpo.train.prompts import answer_tokens, trained_tokens
+
+    tok = load_tokenizer("qwen3") if which == "qwen3" else _smollm2_tokenizer()
+    cases = [
+        ("<answer>", "B</answer>", "B"),
+        ("<answer>", "C: 91</answer>", "C"),
+        ("", "I compare them. <answer>(D)</answer>", "D"),
+        ("", "A: 12\n", "A"),
+    ]
+    for prefix, text, letter in cases:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        first, last = trained_tokens(tok, ids, prefix, "letter")
+        written = tok.decode(ids[first:last])
+        assert letter in written, (text, written)
+        assert letter not in tok.decode(ids[first + 1 : last])  # nothing before it kept
+        assert letter not in tok.decode(ids[first : last - 1])  # nor after it
+        assert (first, last) != (0, len(ids)) or len(ids) == 1
+    # Two tokens for one letter: the response as the sampler wrote it, "B" cut in two bytes'
+    # worth of tokens cannot happen for one ASCII letter, but a letter inside a token that also
+    # holds other characters keeps that one token.
+    ids = tok("<answer>A:", add_special_tokens=False)["input_ids"]
+    first, last = trained_tokens(tok, ids, "", "letter")
+    assert "A" in tok.decode(ids[first:last]) and last - first == 1
+    ids = tok("<answer>73</answer>", add_special_tokens=False)["input_ids"]
+    assert trained_tokens(tok, ids, "", "letter") == answer_tokens(tok, ids, "")
+    assert trained_tokens(tok, ids, "", "response") == (0, len(ids))
+
+
+def test_own_success_demonstrations_never_show_the_gold_answer_when_a_sibling_succeeded():
+    """With ``fallback_demonstration: gold``, the gold answer stands in only for a sample none
+    of whose siblings succeeded: a failed sample with a successful sibling is shown that
+    sibling's response, never the gold answer."""
+    from pgpo.train.config import load_config
+    from pgpo.train.rollout import Completion
+    from pgpo.train.step import Rollouts, score, with_demonstrations
+
+    tokenizer = load_tokenizer("qwen3")
+    questions = synthetic(3, seed=4).questions
+    wrong = [next(a for a in "ABCD" if a != q.answer) for q in questions]
+    texts = [  # question 0: one success; 1: two; 2: none
+        [f"<answer>{wrong[0]}: x", f"<answer>{questions[0].answer}: y", "<answer>no"],
+        [f"<answer>{questions[1].answer}", f"({questions[1].answer})", f"{wrong[1]}: z"],
+        [f"<answer>{wrong[2]}", "nothing", f"<answer>{wrong[2]}</answer>"],
+    ]
+    prompts = [student_prompt(tokenizer, q, 2048) for q in questions]
+    completions = [[Completion(tokenizer(t)["input_ids"]) for t in group] for group in texts]
+    rollouts = Rollouts(prompts, completions, texts, 0.0)
+    over = ["reward.committed_letter=true", "rollout.n=3", "batch_size=9",
+            "teacher.fallback_demonstration=gold"]  # fmt: skip
+    cfg = load_config("tiny-cpu", over)
+    rewards = score(questions, rollouts, cfg)
+    assert rewards == [[0.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 0.0]]
+    samples = with_demonstrations(questions, rollouts, rewards, tokenizer, cfg)
+    for i, q in enumerate(questions):
+        for j in range(3):
+            s = samples[3 * i + j]
+            shown = tokenizer.decode(s.teacher_prompt)
+            gold = f"<answer>{q.answer}</answer>"
+            siblings = [k for k in range(3) if rewards[i][k] and k != j]  # successful ones
+            assert s.trained
+            if siblings:  # shown the first successful sibling's response, never the gold
+                assert texts[i][siblings[0]] in shown and gold not in shown
+            else:  # no sibling succeeded (a success alone in its group, or none at all)
+                assert gold in shown

@@ -12,7 +12,8 @@ and ``metrics.jsonl`` (one row per step):
   (:func:`within_run_correlation`), with a 95 % bootstrap interval over runs. The premise needs
   it above 0: PGPO's larger steps should fall on batches with better feedback. Beside it, the
   same with the batch's accuracy (the verifier-free reward), which the probe of issue 24 found
-  to explain ``I_k`` better;
+  to explain ``I_k`` better. Both also detrended (first differences): over a run both series
+  drift with training, and a shared drift alone would correlate them;
 - the separation of signals that need no gold answer (:data:`SIGNALS`): each one's mean over
   samples with a right demonstration minus that over samples with a wrong one, in standard
   errors clustered by question. One that separates by more than 3 could tell informative
@@ -56,14 +57,23 @@ def clustered_difference(
     return float(m_r - m_w), float(np.sqrt(var))
 
 
-def within_run_correlation(xs: list[np.ndarray], ys: list[np.ndarray], seed: int = 0) -> dict:
+def within_run_correlation(
+    xs: list[np.ndarray], ys: list[np.ndarray], seed: int = 0, detrend: bool = False
+) -> dict:
     """Pearson's r of ``x`` and ``y`` pooled over runs after centring each on its run's mean
     (``xs[i]``, ``ys[i]``: one run's ``[steps]``; non-finite pairs dropped), with a 95 %
     percentile bootstrap interval that resamples whole runs (steps of one run are not
-    independent)."""
+    independent).
+
+    ``detrend``: the same on first differences, ``x[k+1] - x[k]`` and ``y[k+1] - y[k]`` (pairs
+    of consecutive steps that are both finite). Over a run both series drift with training; a
+    shared drift alone correlates the raw series, while their step-to-step changes correlate only
+    when the two move together from one step to the next."""
     runs = []
     for x, y in zip(xs, ys):
         x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        if detrend:
+            x, y = np.diff(x), np.diff(y)  # a non-finite step makes both its differences so
         keep = np.isfinite(x) & np.isfinite(y)
         if keep.sum() >= 2:
             runs.append((x[keep] - x[keep].mean(), y[keep] - y[keep].mean()))
@@ -86,6 +96,7 @@ def within_run_correlation(xs: list[np.ndarray], ys: list[np.ndarray], seed: int
         "ci_high": float(high),
         "runs": len(runs),
         "steps": int(sum(len(x) for x, _ in runs)),
+        "detrended": detrend,
     }
 
 
@@ -166,6 +177,8 @@ def premise_summary(folders: list[Path]) -> dict:
     accuracy = [_metric(rows, "reward_true") for rows in metrics]
     out["r_share_right"] = within_run_correlation(infos, share_right)
     out["r_accuracy"] = within_run_correlation(infos, accuracy)
+    out["r_share_right_detrended"] = within_run_correlation(infos, share_right, detrend=True)
+    out["r_accuracy_detrended"] = within_run_correlation(infos, accuracy, detrend=True)
     return out
 
 

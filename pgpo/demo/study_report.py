@@ -155,6 +155,15 @@ def premise_lines(p: dict) -> list[str]:
         f"Per step, centred within each run ({p['r_share_right']['steps']} steps): "
         f"r(I_k, share of right demonstrations) = {corr(p['r_share_right'])}, r(I_k, batch "
         f"accuracy) = {corr(p['r_accuracy'])} (95 % bootstrap intervals over runs).",
+        *(
+            [
+                f"Detrended (first differences, {p['r_share_right_detrended']['steps']} pairs of "
+                f"steps): r(I_k, share right) = {corr(p['r_share_right_detrended'])}, r(I_k, "
+                f"accuracy) = {corr(p['r_accuracy_detrended'])}."
+            ]
+            if "r_share_right_detrended" in p
+            else []
+        ),  # fmt: skip
         "",
         "Signals that need no gold answer: right minus wrong demonstrations, in standard errors "
         "clustered by question (more than 3: the signal tells them apart):",

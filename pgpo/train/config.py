@@ -192,8 +192,10 @@ class LossConfig:
     reduction: Literal["seq_mean", "token_mean"] = "seq_mean"  # seq_mean: the reference's
     # Which response tokens carry the loss (and Eq. 8's I_k): all of them (the reference), or
     # only the answer's, the last <answer> tag's content and its </answer> (a response without
-    # one: all), so that a short answer is not averaged with the reasoning before it.
-    positions: Literal["response", "answer"] = "response"
+    # one: all), so that a short answer is not averaged with the reasoning before it; or only
+    # the option letter's token(s), the letter the response commits to (reward.committed_letter's
+    # reading; a response that commits to none: its answer's tokens, as with answer).
+    positions: Literal["response", "answer", "letter"] = "response"
     chunk_size: Count = 32  # tokens per LM-head chunk (memory, and speed: see docs/trainer.md)
     micro_batch: Count = 1  # sequences per forward pass
     # With optim.updates_per_batch > 1: each token's loss times min(p_now / p_old, is_cap),
@@ -207,6 +209,10 @@ class RewardConfig:
     # Also accept a response opening with the option letter ("B: ..."), for models that do not
     # write <answer> tags. Off: the reference's extraction.
     leading_letter: bool = False
+    # Read the one option letter a response commits to, after <answer> or opening a line: "A",
+    # "A:", "A)", "A." or "(A)" ("<answer>A: 73", "A: 73"); a response that names two letters,
+    # a letter inside a word or an option's number instead of its letter scores 0.
+    committed_letter: bool = False
     # A verifier with false positives, as real ones have: each failing rollout counts as a
     # success with this probability (Python's seeded generator; successes stay). Misleading
     # feedback for the premise study: a wrong answer then becomes a demonstration.

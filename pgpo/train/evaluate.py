@@ -20,6 +20,7 @@ def evaluate(
     leading_letter: bool = False,
     seeds: list[int] | None = None,
     response_prefix: str = "",
+    committed_letter: bool = False,
 ) -> dict:
     """avg@k, format rate and question count of ``questions`` (k samples each; ``seeds``: one
     RNG seed per question, or None for the engine's own stream)."""
@@ -30,7 +31,11 @@ def evaluate(
         texts = [response_prefix + tokenizer.decode(c.tokens, skip_special_tokens=True)
                  for c in group]  # fmt: skip
         per_question.append(
-            sum(reward(t, q.answer, leading_letter=leading_letter) for t in texts) / k
+            sum(
+                reward(t, q.answer, leading_letter=leading_letter, committed=committed_letter)
+                for t in texts
+            )
+            / k  # fmt: skip
         )
         formatted += sum(extract_answer(t).has_answer_tag for t in texts)
     return {

@@ -34,7 +34,7 @@ from pgpo.train.config import TrainConfig
 from pgpo.train.data import Question, option_letters
 from pgpo.train.distributed import World
 from pgpo.train.exact import letter_probabilities, policy_network
-from pgpo.train.rewards import extract_answer, with_answer
+from pgpo.train.rewards import stated_answer, with_answer
 
 # Where the teacher's letter probabilities are read: after the demonstrations' own answer tag.
 ANSWER_PREFIX = "<answer>"
@@ -108,11 +108,17 @@ def letter_signals(
 
 
 def success_agreement(
-    texts: list[str], rewards: list[float], threshold: float, shown: str | None
+    texts: list[str],
+    rewards: list[float],
+    threshold: float,
+    shown: str | None,
+    *,
+    committed: bool = False,
 ) -> float | None:
     """The share of a group's successes (``rewards`` as the verifier gave them, at or above
     ``threshold``) whose answer is ``shown``; None without a success or a shown letter."""
-    answers = [extract_answer(t).answer.upper() for t, r in zip(texts, rewards) if r >= threshold]
+    answers = [stated_answer(t, committed=committed) for t, r in zip(texts, rewards)
+               if r >= threshold]  # fmt: skip
     return sum(a == shown for a in answers) / len(answers) if answers and shown else None
 
 

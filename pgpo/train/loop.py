@@ -423,6 +423,7 @@ class Run:
             self.cfg.reward.leading_letter,
             seeds,
             self.cfg.rollout.response_prefix,
+            self.cfg.reward.committed_letter,
         )
         if self.world.distributed:
             count, score, formatted = self.world.sum(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pgpo.train.data import SYSTEM_PROMPT, Question
-from pgpo.train.rewards import answer_span
+from pgpo.train.rewards import answer_span, letter_span
 
 SOLUTION = "\nCorrect solution:\n\n{solution}"
 REPROMPT = "{prompt}{solution}\n\nCorrectly solve the original question."
@@ -79,10 +79,40 @@ def answer_tokens(tokenizer, response: list[int], response_prefix: str = "") -> 
     """The response tokens ``[first, last)`` that write the answer: those overlapping the last
     ``<answer>`` tag's content and its closing tag in ``response_prefix`` + the decoded
     response. The whole response ``(0, len(response))`` when it has no such tag, so that the
-    format is still learned. A token's characters are found by decoding the response's prefixes (a
-    binary search: O(log T) decodes)."""
+    format is still learned."""
     text = response_prefix + tokenizer.decode(response, skip_special_tokens=True)
-    span = answer_span(text)
+    return span_tokens(tokenizer, response, response_prefix, answer_span(text))
+
+
+def letter_tokens(tokenizer, response: list[int], response_prefix: str = "") -> tuple[int, int]:
+    """The response tokens ``[first, last)`` that write the option letter the response commits
+    to (:func:`~pgpo.train.rewards.letter_span`); :func:`answer_tokens` when it commits to
+    none."""
+    text = response_prefix + tokenizer.decode(response, skip_special_tokens=True)
+    span = letter_span(text)
+    if span is None or span[1] <= len(response_prefix):  # none, or written for the model
+        return answer_tokens(tokenizer, response, response_prefix)
+    return span_tokens(tokenizer, response, response_prefix, span)
+
+
+def trained_tokens(
+    tokenizer, response: list[int], response_prefix: str, positions: str
+) -> tuple[int, int]:
+    """The response tokens ``[first, last)`` that ``loss.positions`` trains."""
+    if positions == "letter":
+        return letter_tokens(tokenizer, response, response_prefix)
+    if positions == "answer":
+        return answer_tokens(tokenizer, response, response_prefix)
+    return 0, len(response)
+
+
+def span_tokens(
+    tokenizer, response: list[int], response_prefix: str, span: tuple[int, int] | None
+) -> tuple[int, int]:
+    """The response tokens ``[first, last)`` that overlap the characters ``span`` of
+    ``response_prefix`` + the decoded response; the whole response when ``span`` is None or no
+    token overlaps it. A token's characters are found by decoding the response's prefixes (a
+    binary search: O(log T) decodes)."""
     if span is None:
         return 0, len(response)
 

@@ -4,6 +4,9 @@ The reference reads the text after the last ``<answer>`` up to ``</answer>``; th
 template uses ``\\boxed{...}`` (braces may nest). Without either, the whole response is compared
 (which is almost always wrong), as in the reference; ``leading_letter`` (config
 ``reward.leading_letter``) also accepts a response that opens with the option letter.
+``reward.committed_letter`` reads instead the one option letter a response commits to, in the
+forms small models write (``<answer>A: 73``, ``A: 73``, ``(A)``, ``<answer>A</answer>``), and
+scores a response that names two letters, or none, as wrong.
 """
 
 from __future__ import annotations
@@ -61,8 +64,50 @@ def extract_answer(response: str, *, leading_letter: bool = False) -> Extraction
     return Extraction(response.strip(), False)
 
 
-def reward(response: str, answer: str, *, leading_letter: bool = False) -> float:
-    """1.0 when the extracted answer equals the answer letter (case-insensitive), else 0.0."""
+# An option letter that an answer commits to, where an answer starts (after <answer>, or at the
+# start of a line): "A", "A:", "A)", "A." or "(A)". A bare letter must end its line or its tag:
+# "A cell", "Apple" and "A, B" are words or lists, not a commitment; "73" names no letter.
+_COMMITTED = re.compile(r"[ \t]*\(?([A-H])(?:[:).]|(?=[ \t]*(?:\n|</answer>|$)))")
+
+
+def committed_letters(response: str) -> list[tuple[str, int]]:
+    """Each option letter ``response`` commits to, with its character index: one read right
+    after every ``<answer>`` and at the start of every line (where the forms of
+    :data:`_COMMITTED` stand)."""
+    starts = {m.end() for m in re.finditer("<answer>", response)}
+    starts |= {0} | {m.end() for m in re.finditer("\n", response)}
+    found = []
+    for start in sorted(starts):
+        match = _COMMITTED.match(response, start)
+        if match:
+            found.append((match.group(1), match.start(1)))
+    return found
+
+
+def committed_letter(response: str) -> str | None:
+    """The one option letter ``response`` commits to; None when it commits to none, or to two
+    different ones (copying every option line, or ``<answer>B: 8 <answer>A:``, names no answer)."""
+    letters = {letter for letter, _ in committed_letters(response)}
+    return letters.pop() if len(letters) == 1 else None
+
+
+def stated_answer(text: str, *, committed: bool = False) -> str | None:
+    """The answer ``text`` states, upper-cased, as the verifier reads it: :func:`extract_answer`'s
+    (the reference's reading), or with ``committed`` the letter it commits to (None: none)."""
+    if committed:
+        return committed_letter(text)
+    return extract_answer(text).answer.upper()
+
+
+def reward(
+    response: str, answer: str, *, leading_letter: bool = False, committed: bool = False
+) -> float:
+    """1.0 when the answer read from ``response`` is the answer letter (case-insensitive), else
+    0.0. Read as the reference does (:func:`extract_answer`), or, with ``committed``
+    (``reward.committed_letter``), as the one letter the response commits to
+    (:func:`committed_letter`)."""
+    if committed:
+        return float(committed_letter(response) == answer.strip().upper())
     extracted = extract_answer(response, leading_letter=leading_letter).answer
     return float(extracted.upper() == answer.strip().upper())
 
@@ -91,6 +136,16 @@ def with_answer(text: str, letter: str) -> str | None:
         begin = start + len("\\boxed{")
         return text[:begin] + letter + text[begin + len(last_boxed(text)) :]
     return None
+
+
+def letter_span(text: str) -> tuple[int, int] | None:
+    """The characters ``[start, end)`` of the option letter ``text`` commits to (its first
+    occurrence; :func:`committed_letter`); None when it commits to no single letter."""
+    letter = committed_letter(text)
+    if letter is None:
+        return None
+    index = next(i for found, i in committed_letters(text) if found == letter)
+    return index, index + 1
 
 
 def answer_span(text: str) -> tuple[int, int] | None:

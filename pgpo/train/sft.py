@@ -5,8 +5,10 @@ them, in the same order for the same seed) and trains the student to write the g
 demonstration, ``<answer>X</answer>`` (:func:`pgpo.train.exact.gold_demonstration`), after its
 prompt and ``rollout.response_prefix``: what self-distillation could at best teach if its
 teacher copied the gold answer exactly. With ``loss.positions: answer`` only the answer's tokens
-carry the loss, as in self-distillation. The rollouts are still sampled and scored, so that the
-training reward is logged as in any run; they do not enter the loss.
+carry the loss, as in self-distillation; with ``letter`` only the letter's (plain supervised
+training on the answer: with ``loss.reduction: token_mean``, the strongest simple yardstick).
+The rollouts are still sampled and scored, so that the training reward is logged as in any
+run; they do not enter the loss.
 
     loss = - sum_i sum_t w_it log p_S(y_it | x_i, y_i<t)     (w: loss.reduction's weights)
 """
@@ -25,7 +27,7 @@ from pgpo.train.data import Question
 from pgpo.train.distributed import World
 from pgpo.train.exact import gold_demonstration
 from pgpo.train.forward import Policy
-from pgpo.train.prompts import answer_tokens, student_prompt
+from pgpo.train.prompts import student_prompt, trained_tokens
 from pgpo.train.rollout import RolloutEngine
 from pgpo.train.step import modulated_step, sample_rollouts, score
 from pgpo.train.teacher import Teacher
@@ -88,8 +90,7 @@ def sft_step(
     responses = [gold_response(tokenizer, q, prefix) for q in questions]
     mask = torch.zeros((len(questions), max(len(r) for r in responses)))
     for i, r in enumerate(responses):
-        first, last = (0, len(r)) if cfg.loss.positions == "response" else answer_tokens(
-            tokenizer, r, prefix)  # fmt: skip
+        first, last = trained_tokens(tokenizer, r, prefix, cfg.loss.positions)
         mask[i, first:last] = 1.0
     (denominator,) = world.sum([reduction_denominator(mask, cfg.loss.reduction,
                                                       empty_sequences_count=True)])  # fmt: skip

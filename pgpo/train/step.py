@@ -58,8 +58,14 @@ from pgpo.train.feedback import (
     success_agreement,
 )
 from pgpo.train.forward import Policy
-from pgpo.train.prompts import answer_tokens, student_prompt, teacher_prompt
-from pgpo.train.rewards import extract_answer, reward, strip_thinking, with_false_positives
+from pgpo.train.prompts import student_prompt, teacher_prompt, trained_tokens
+from pgpo.train.rewards import (
+    extract_answer,
+    reward,
+    stated_answer,
+    strip_thinking,
+    with_false_positives,
+)
 from pgpo.train.rollout import Completion, RolloutEngine
 from pgpo.train.teacher import Teacher, choose_demonstrations
 
@@ -283,9 +289,9 @@ def sample_rollouts(
 
 def score(questions: list[Question], rollouts: Rollouts, cfg: TrainConfig) -> list[list[float]]:
     """Step 2: 1 for each rollout whose extracted answer is the question's letter, else 0."""
-    lenient = cfg.reward.leading_letter
+    lenient, committed = cfg.reward.leading_letter, cfg.reward.committed_letter
     return [
-        [reward(t, q.answer, leading_letter=lenient) for t in group]
+        [reward(t, q.answer, leading_letter=lenient, committed=committed) for t in group]
         for q, group in zip(questions, rollouts.texts)
     ]
 
@@ -317,10 +323,11 @@ def with_demonstrations(
                     tokenizer, q, demo, t.max_reprompt_tokens, cfg.rollout.response_prefix
                 )  # fmt: skip
             )
-            shown = None if demo is None else extract_answer(demo).answer.upper()
-            positions = None
-            if cfg.loss.positions == "answer" and completion.tokens:
-                positions = answer_tokens(tokenizer, completion.tokens, cfg.rollout.response_prefix)
+            committed = cfg.reward.committed_letter
+            shown = None if demo is None else stated_answer(demo, committed=committed)
+            positions, prefix = None, cfg.rollout.response_prefix
+            if cfg.loss.positions != "response" and completion.tokens:
+                positions = trained_tokens(tokenizer, completion.tokens, prefix, cfg.loss.positions)
             # An empty response (stopped at once) has nothing to train on.
             samples.append(
                 Sample(
@@ -331,7 +338,9 @@ def with_demonstrations(
                     completion.logprobs if completion.tokens else [0.0],
                     None if demo is None else shown == q.answer,
                     shown,
-                    success_agreement(texts, group_rewards, t.success_threshold, shown),
+                    success_agreement(
+                        texts, group_rewards, t.success_threshold, shown, committed=committed
+                    ),  # fmt: skip
                     positions,
                 )
             )
