@@ -2,6 +2,7 @@
 
 pgpo demo [--seeds N] [--collapse | --real]             SDPO vs PGPO on a small local model
 pgpo study [--quick] [--methods ...] [--settings ...]    when modulation helps: methods x seeds
+pgpo study --real [--quick] [--seeds N] [--steps N]      the same on SmolLM2-135M: the verdict
 pgpo train --config PRESET|FILE [key=value ...]          training
 pgpo eval --config ... --checkpoint DIR                  avg@k of a checkpoint
 pgpo teacher-check --config ... [--questions N]          does the teacher know more? (edge)
@@ -232,8 +233,38 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _cmd_real_study(args) -> int:
+    from pathlib import Path
+
+    from pgpo.demo.real_study import PRESET, RealStudyPlan, run_real_study
+    from pgpo.train.config import load_config
+
+    if args.settings or args.warm_steps:
+        raise UserError("--real has no --settings or --warm-steps (its settings are its own)")
+    out = Path(args.out if args.out != "runs/study" else "runs/study-real")
+    plan = RealStudyPlan(out, seeds=list(range(args.seeds or (1 if args.quick else 3))),
+                         overrides=list(args.overrides), workers=args.workers,
+                         cache=args.cache and Path(args.cache))  # fmt: skip
+    if args.methods:
+        plan.methods = args.methods
+    if args.quick:  # every code path, in minutes: 2 questions a step, 8 held out, 2 rates
+        plan.steps, plan.questions, plan.lrs = 2, 2, (1e-4, 3e-4)
+        plan.overrides = ["data.max_test=8", *plan.overrides]
+    if args.steps:
+        plan.steps = args.steps
+    plan.__post_init__()  # the methods, checked again after --methods
+    load_config(PRESET, plan.overrides)  # refuse bad overrides before any work
+    check_output(plan.out)
+    run_real_study(plan)
+    print(f"wrote {plan.out}/summary.md, summary.json and curves.png")
+    return 0
+
+
 def _cmd_study(args) -> int:
     from pathlib import Path
+
+    if args.real:
+        return _cmd_real_study(args)
 
     from pgpo.demo.study import DEFAULT_METHODS, DEFAULT_SETTINGS, StudyPlan, run_study
     from pgpo.demo.warmstart import WarmStartConfig
@@ -421,6 +452,13 @@ def build_parser() -> ArgumentParser:
     st.add_argument("--cache", default=None, help="warm-start cache (default ~/.cache/pgpo)")
     st.add_argument("--warm-steps", type=positive_int, default=None, help="warm-start steps")
     st.add_argument("--quick", action="store_true", help="a few steps per run (for tests)")
+    st.add_argument(
+        "--real",
+        action="store_true",
+        help="SmolLM2-135M on largest-number: SDPO on its own successes, PGPO, the matched "
+        "step, supervised yardsticks; learning rates chosen on a validation slice",
+    )
+    st.add_argument("--steps", type=positive_int, default=None, help="--real: steps per run (30)")
     st.add_argument("overrides", nargs="*", help="trainer key=value for every run")
     st.set_defaults(func=_cmd_study)
     m = sub.add_parser("multiplier", help="properties of rho(I) for each kind, and a plot")

@@ -281,6 +281,9 @@ class EvalConfig:
     # At each evaluation, the teacher's edge on this many training questions: P(correct |
     # teacher prompt with the gold answer) - P(correct | student prompt), paired; 0: off.
     edge_questions: Annotated[int, Range(0)] = 16
+    # exact: also log each question's scores (eval_per_question in metrics.jsonl), for paired
+    # comparisons of runs without keeping their checkpoints
+    per_question: bool = False
 
 
 @dataclass
@@ -367,24 +370,13 @@ RESUMABLE = frozenset({
     "steps",
     "optim.lr", "optim.warmup_steps",
     "pgpo.alpha", "pgpo.rho_max",
-    "eval.every", "eval.before_train",
+    "eval.every", "eval.before_train", "eval.per_question",
     "output.dir", "output.overwrite", "output.save_every", "output.save_last",
     "output.sample_every", "output.report_to", "output.project", "output.run_name",
     "loss.chunk_size", "loss.micro_batch",
     "rollout.vllm_gpu_memory_utilization", "rollout.vllm_sleep",
     "fsdp.activation_checkpointing", "fsdp.cpu_offload",
 })  # fmt: skip
-
-
-def flat(tree: dict, prefix: str = "") -> dict:
-    """A nested config dict as ``{dotted key: value}``."""
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(flat(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
 
 
 def settings_of_run(tree: dict) -> dict:

@@ -224,14 +224,22 @@ def exact_per_question(
 
 
 def exact_scores(
-    policy: Policy, tokenizer, questions: list[Question], prefix: str, max_prompt_tokens: int
+    policy: Policy,
+    tokenizer,
+    questions: list[Question],
+    prefix: str,
+    max_prompt_tokens: int,
+    per_question: bool = False,
 ) -> dict:
     """``eval.mode: exact`` on ``questions``: the means of :func:`exact_per_question`, each
-    with its standard error."""
-    out = {"questions": len(questions)}
+    with its standard error; with ``per_question``, also each question's scores
+    (``per_question``: name -> list)."""
+    out: dict = {"questions": len(questions)}
     scores = exact_per_question(policy, tokenizer, questions, prefix, max_prompt_tokens)
     for name, x in scores.items():
         out[name], out[f"{name}_se"] = mean_and_se((len(x), float(x.sum()), float((x * x).sum())))
+    if per_question:
+        out["per_question"] = {name: x.tolist() for name, x in scores.items()}
     return out
 
 

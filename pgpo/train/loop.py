@@ -389,7 +389,8 @@ class Run:
         """Mean P(correct letter) over the test split, with its standard error (and the same
         given a letter, and the most likely letter's accuracy: pgpo.train.exact)."""
         return exact_scores(self.policy, self.tokenizer, self.test_data.questions,
-                            e.answer_prefix, self.cfg.rollout.max_prompt_tokens)  # fmt: skip
+                            e.answer_prefix, self.cfg.rollout.max_prompt_tokens,
+                            e.per_question)  # fmt: skip
 
     def teacher_edge(self, count: int) -> dict:
         """The teacher's paired edge on the first ``count`` training questions (pgpo.train.exact),

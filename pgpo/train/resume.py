@@ -16,7 +16,8 @@ again.
 
 from __future__ import annotations
 
-from pgpo.train.config import RESUMABLE, TrainConfig, flat, to_dict, with_defaults
+from pgpo.train.config import RESUMABLE, TrainConfig, to_dict, with_defaults
+from pgpo.train.trackers import flat
 
 
 class ResumeError(ValueError):

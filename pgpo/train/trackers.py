@@ -55,7 +55,8 @@ def scalars(row: dict) -> dict[str, float]:
 
 
 def flat(tree: dict, prefix: str = "") -> dict[str, object]:
-    """A nested config as ``{"optim.lr": 1e-5, ...}`` (for trackers' parameter tables)."""
+    """A nested config as ``{"optim.lr": 1e-5, ...}`` (trackers' parameter tables, and the
+    settings a resume compares)."""
     out: dict[str, object] = {}
     for key, value in tree.items():
         if isinstance(value, dict):
