@@ -245,3 +245,90 @@ def test_detrending_removes_a_correlation_that_a_shared_trend_alone_makes():
     x = np.arange(6.0)
     x[2] = np.nan
     assert within_run_correlation([x], [x**2], detrend=True)["steps"] == 3
+
+
+def test_the_real_studys_learning_rates_are_chosen_without_a_test_question(tmp_path):
+    """``pgpo study --real``'s grid: every tuned method at every rate is fitted and scored on
+    the training split's two parts (disjoint), and no question of the test split is among
+    them; the rate chosen is the best on the validation slice, the smaller on a tie."""
+    from pgpo.demo.real_study import (
+        LR_GRID,
+        TUNED,
+        RealStudyPlan,
+        choose_lr,
+        grid_configs,
+        split_files,
+    )
+    from pgpo.train.data import LARGEST_NUMBER, load_jsonl, load_split
+
+    plan = RealStudyPlan(tmp_path / "study")
+    grid = grid_configs(plan, Path("model-folder"), split_files(plan.out))
+    assert {m for m, _ in grid} == set(TUNED) and {lr for _, lr in grid} == set(LR_GRID)
+    test = {q.prompt for q in load_split(LARGEST_NUMBER, "test", 0, False, None).questions}
+    train = {q.prompt for q in load_split(LARGEST_NUMBER, "train", 0, False, None).questions}
+    for cfg in grid.values():
+        fitted = {q.prompt for q in load_jsonl(cfg.data.train).questions}
+        scored = {q.prompt for q in load_jsonl(cfg.data.test).questions}
+        assert len(fitted) == 300 and len(scored) == 100 and not fitted & scored
+        assert (fitted | scored) <= train and not (fitted | scored) & test
+        assert cfg.seed == 0 and not cfg.eval.before_train and cfg.eval.every == cfg.steps
+    assert choose_lr({3e-5: 0.30, 1e-4: 0.41, 3e-4: 0.39}) == 1e-4
+    assert choose_lr({3e-5: 0.41, 1e-4: 0.41, 3e-4: 0.39}) == 3e-5  # a tie: the smaller
+
+
+def test_the_real_studys_alpha_and_paired_interval():
+    """alpha = ln(1.2) / mean I_k, so that exp(alpha I) is 1.2 at the mean; 1 where the mean
+    is not positive. The paired gain is the mean difference over seeds and questions, with a
+    bootstrap interval that holds it and shrinks when the seeds agree."""
+    import math
+
+    from pgpo.demo.real_study import RHO_AIM, alpha_for, paired_over_seeds_and_questions, verdict
+
+    assert math.exp(alpha_for(0.4) * 0.4) == pytest.approx(RHO_AIM)
+    assert alpha_for(0.0) == 1.0 and alpha_for(-0.2) == 1.0 and alpha_for(float("nan")) == 1.0
+    rng = np.random.default_rng(0)
+    b = {s: rng.uniform(size=50) for s in range(3)}
+    a = {s: b[s] + 0.05 + rng.normal(scale=0.02, size=50) for s in range(3)}
+    g = paired_over_seeds_and_questions(a, b)
+    direct = np.mean([np.mean(a[s] - b[s]) for s in range(3)])
+    assert g["mean"] == pytest.approx(direct) and g["ci_low"] < g["mean"] < g["ci_high"]
+    assert g["ci_low"] > 0 and verdict(g) == "beats" and (g["seeds"], g["questions"]) == (3, 50)
+    tie = paired_over_seeds_and_questions({s: b[s] + rng.normal(scale=0.1, size=50)
+                                           for s in range(3)}, b)  # fmt: skip
+    assert verdict(tie) == "ties" and tie["ci_low"] < 0 < tie["ci_high"]
+
+
+@pytest.mark.slow
+def test_the_real_study_end_to_end_on_smollm2(tmp_path):
+    """``pgpo study --real --quick``: SmolLM2 through the grid, the runs and the report. The
+    rate each method took is its grid's best on the validation slice, PGPO's alpha follows
+    from sdpo-own's I_k there, the matched control runs at PGPO's mean step, and the
+    per-question scores the report pairs are those whose means the runs logged."""
+    import math
+
+    from pgpo.demo.real_study import RHO_AIM
+
+    out = tmp_path / "real"
+    argv = ["study", "--real", "--quick", "--out", str(out), "--methods",
+            "sft-letter,sdpo-own,pgpo,sdpo-matched"]  # fmt: skip
+    assert pgpo_main(argv) == 0
+    s = json.loads((out / "summary.json").read_text())
+    for m, scores in s["lr_grid"].items():
+        best = max(scores, key=lambda lr: (scores[lr], -float(lr)))
+        assert s["lr"][m] == float(best) == s["methods"][m]["lr"]
+    grid_run = rows(out / "grid" / f"sdpo-own-lr{s['lr']['sdpo-own']:g}")
+    info = statistics.fmean(r["info"] for r in grid_run if "info" in r)
+    assert s["sdpo_own_validation_info"] == pytest.approx(info)
+    assert s["alpha"] == pytest.approx(min(math.log(RHO_AIM) / info, 100.0))
+    pgpo_rho = statistics.fmean(r["rho"] for r in rows(out / "real" / "pgpo-seed0") if "rho" in r)
+    assert s["methods"]["sdpo-matched"]["lr"] == pytest.approx(s["lr"]["sdpo-own"] * pgpo_rho)
+    last = [r for r in rows(out / "real" / "pgpo-seed0") if "eval_per_question" in r][-1]
+    per_q = last["eval_per_question"]["p_correct_given_letter"]
+    assert len(per_q) == 8 and statistics.fmean(per_q) == pytest.approx(
+        last["eval_p_correct_given_letter"])  # fmt: skip
+    assert s["methods"]["pgpo"]["p_correct_given_letter"]["mean"] == pytest.approx(
+        statistics.fmean(per_q))  # fmt: skip
+    assert s["pgpo_vs_matched"]["verdict"] in ("beats", "ties", "loses to")
+    assert not list(out.rglob("state.pt"))  # no checkpoints: 2 GB each for SmolLM2
+    assert "**Verdict (1 seed(s)): PGPO" in (out / "summary.md").read_text()
+    assert (out / "curves.png").stat().st_size > 0
