@@ -78,45 +78,6 @@ def test_a_second_call_keeps_the_finished_runs(quick, capsys):
     assert {p: p.stat().st_mtime_ns for p in quick.glob("*/*/metrics.jsonl")} == stamps
 
 
-@pytest.mark.slow
-def test_two_studies_into_one_out_one_runs_and_the_other_is_refused(quick, capsys):
-    """A second ``pgpo study`` with the same ``--out`` as a live one exits 2 naming the holder,
-    before writing anything; the folder then holds the first study's files alone."""
-    import os
-    import subprocess
-    import sys
-    import time
-
-    from pgpo.locking import holder
-
-    out, cache = quick.parent / "race", str(quick.parent / "cache")  # the warm start is cached
-    argv = ["study", "--quick", "--seeds", "1", "--methods", "sdpo", "--settings", "learn",
-            "--out", str(out), "--cache", cache]  # fmt: skip
-    first = subprocess.Popen(
-        [sys.executable, "-m", "pgpo.cli", *argv],
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 300
-    while holder(out) != first.pid:  # the first study holds --out: now the second one
-        assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()[-2000:]
-        time.sleep(0.05)
-    capsys.readouterr()
-    assert pgpo_main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith(f"pgpo: error: --out {out} is in use: process {first.pid} (pgpo.cli "
-                          "study --quick --seeds 1 --methods sdpo"), err  # fmt: skip
-    assert len(err.splitlines()) == 1
-    _, first_err = first.communicate(timeout=600)
-    assert first.returncode == 0, first_err[-2000:]
-    summary = json.loads((out / "summary.json").read_text())
-    assert list(summary["settings"]["learn"]["methods"]) == ["sdpo"]
-    assert sorted(p.name for p in (out / "learn").iterdir()) == ["sdpo-seed0"]
-    assert [r["step"] for r in rows(out / "learn" / "sdpo-seed0") if r["step"] > 0] == [1, 2, 3]
-
-
 def test_paired_gain_is_the_mean_difference_with_a_bootstrap_interval():
     method = {0: {"final": 0.5}, 1: {"final": 0.7}, 2: {"final": 0.4}}
     base = {0: {"final": 0.4}, 1: {"final": 0.5}, 2: {"final": 0.5}, 3: {"final": 0.9}}
