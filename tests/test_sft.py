@@ -48,11 +48,17 @@ def test_the_gold_response_continues_the_prefix_written_for_the_model():
     assert cfg.objective == "sdpo"  # the default
 
 
-def test_sft_refuses_pgpo_and_trains_the_gold_answer(tmp_path):
+@pytest.mark.parametrize(
+    "positions", [(), ("loss.positions=letter", "loss.reduction=token_mean")], ids=["all", "letter"]
+)
+def test_sft_refuses_pgpo_and_trains_the_gold_answer(tmp_path, positions):
+    """The supervised yardstick on every token of the gold answer, and on its letter alone (the
+    letter-only yardstick): either way the gold letter gains on every question it trains on."""
     with pytest.raises(ConfigError, match="pgpo.enabled: must be false with objective sft"):
         load_config("tiny-cpu", ["objective=sft"])
-    overrides = ["objective=sft", "pgpo.enabled=false", "rollout.response_prefix=<answer>",
-                 "optim.lr=3e-3", "steps=6", "batch_size=4", "rollout.n=1", "data.max_train=4",
+    overrides = [*positions, "objective=sft", "pgpo.enabled=false",
+                 "rollout.response_prefix=<answer>", "optim.lr=3e-3", "steps=6", "batch_size=4",
+                 "rollout.n=1", "data.max_train=4",
                  "eval.mode=exact", "eval.before_train=true", "eval.every=6",
                  "eval.edge_questions=0", f"output.dir={tmp_path / 'sft'}"]  # fmt: skip
     cfg = load_config("tiny-cpu", overrides)

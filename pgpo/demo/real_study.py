@@ -231,8 +231,9 @@ def _run(plan: RealStudyPlan, start: float) -> dict:
     grid_scores = {m: {lr: final_eval(Path(c.output.dir)) for (m2, lr), c in grid.items()
                        if m2 == m} for m in {m for m, _ in grid}}  # fmt: skip
     lrs = {m: choose_lr(s) for m, s in grid_scores.items()}
-    own = Path(grid[(BASELINE, lrs[BASELINE])].output.dir)
-    info = mean_of(own, "info")
+    info = float("nan")  # sdpo-own's mean I_k at its rate, on the validation slice
+    if BASELINE in lrs:
+        info = mean_of(Path(grid[(BASELINE, lrs[BASELINE])].output.dir), "info")
     alpha = alpha_for(info)
 
     # 2. The runs: every method x seed on the task's training split, scored on its test split.
@@ -261,7 +262,10 @@ def _run(plan: RealStudyPlan, start: float) -> dict:
     honest = {n: Path(c.output.dir) for n, c in configs.items() if n.startswith("real/")}
     evaluations = {n: [r for r in rows(f) if "eval_per_question" in r] for n, f in honest.items()}
     per_question = {n: e[-1]["eval_per_question"] for n, e in evaluations.items()}
-    per_question["start"] = next(iter(evaluations.values()))[0]["eval_per_question"]
+    starts = [e[0] for e in evaluations.values() if e and e[0]["step"] == 0]
+    if not starts:
+        raise ValueError("the real study scores the start at step 0: keep eval.before_train")
+    per_question["start"] = starts[0]["eval_per_question"]
     summary = summarize(plan, configs, per_question, grid_scores, lrs, info, alpha)
     summary["minutes"] = (time.perf_counter() - start) / 60
     if plan.premise and any(n.startswith("noisy/") for n in configs):
