@@ -356,8 +356,9 @@ def claim_c9_premise(premise_file: Path | None) -> Check:
     setting, whether samples with a right demonstration have a larger entropy gap than those
     with a wrong one (by more than 2 standard errors clustered by question) and whether the
     batch's ``I_k`` rises with its share of right demonstrations (the 95 % interval of the
-    within-run correlation above 0). Holds where both do in every setting; fails where neither
-    does in any; conditional otherwise."""
+    within-run correlation above 0; detrended by first differences where the study reports it,
+    since a drift that both series share over training alone correlates them). Holds where both
+    do in every setting; fails where neither does in any; conditional otherwise."""
     cid, title = "C9.premise", "C9: I_k marks informative feedback"
     if premise_file is None or not Path(premise_file).exists():
         missing = ("no premise study found (pgpo study --settings noisy,wrong-demo --out "
@@ -373,11 +374,14 @@ def claim_c9_premise(premise_file: Path | None) -> Check:
     parts, marks, numbers = [], [], {}
     for setting, p in found.items():
         diff, se, r = p["gap_difference"], p["gap_difference_se"], p["r_share_right"]
-        by_gap, by_batch = diff > 2 * se, r["ci_low"] > 0
+        d = p.get("r_share_right_detrended")  # studies before detrending: the centred r
+        by_gap, by_batch = diff > 2 * se, (d or r)["ci_low"] > 0
         marks += [by_gap, by_batch]
         numbers[setting] = {"gap_difference": diff, "gap_difference_se": se, "r": r["r"],
                             "r_ci": [r["ci_low"], r["ci_high"]], "samples": p["samples"],
                             "runs": p["runs"]}  # fmt: skip
+        if d:
+            numbers[setting].update(r_detrended=d["r"], r_detrended_ci=[d["ci_low"], d["ci_high"]])
         split = p.get("gap_difference_by_rollout", {})
         within = " / ".join(f"{v['difference']:+.4f} +- {v['se']:.4f}" for v in split.values())
         parts.append(
@@ -385,7 +389,8 @@ def claim_c9_premise(premise_file: Path | None) -> Check:
             f"question, {p['samples']:,} samples"
             + (f"; within correct / incorrect rollouts {within}" if len(split) == 2 else "")
             + f"), r(I_k, share right) = {r['r']:+.2f} [{r['ci_low']:+.2f}, {r['ci_high']:+.2f}]"
-            f" over {r['runs']} runs"
+            + (f", detrended {d['r']:+.2f} [{d['ci_low']:+.2f}, {d['ci_high']:+.2f}]" if d else "")
+            + f" over {r['runs']} runs"
         )
     verdict = HOLDS if all(marks) else (CONDITIONAL if any(marks) else FAILS)
     text = "; ".join(parts) + f" (from {premise_file})"

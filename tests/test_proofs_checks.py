@@ -257,3 +257,12 @@ def test_c9_reads_the_premise_study_and_needs_both_signs_in_every_setting(tmp_pa
     assert c.verdict == CONDITIONAL and "+0.0100 +- 0.0010" in c.summary
     assert claim_c9_premise(summary(0.01, 0.001, 0.05, quick=True)).verdict == NOT_MEASURED
     assert claim_c9_premise(tmp_path / "none.json").verdict == NOT_MEASURED
+    # A study that reports the detrended r: the batch-level test reads it, not the centred r.
+    path = summary(0.01, 0.001, 0.05)
+    data = json.loads(path.read_text())
+    for setting in data["settings"].values():
+        detrended = {"r": 0.01, "ci_low": -0.04, "ci_high": 0.06, "runs": 3}
+        setting["premise"]["r_share_right_detrended"] = detrended
+    path.write_text(json.dumps(data))
+    c = claim_c9_premise(path)
+    assert c.verdict == CONDITIONAL and "detrended +0.01 [-0.04, +0.06]" in c.summary
