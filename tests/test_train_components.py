@@ -716,9 +716,8 @@ def test_the_letter_positions_are_exactly_the_letters_tokens(which):
         assert letter not in tok.decode(ids[first + 1 : last])  # nothing before it kept
         assert letter not in tok.decode(ids[first : last - 1])  # nor after it
         assert (first, last) != (0, len(ids)) or len(ids) == 1
-    # Two tokens for one letter: the response as the sampler wrote it, "B" cut in two bytes'
-    # worth of tokens cannot happen for one ASCII letter, but a letter inside a token that also
-    # holds other characters keeps that one token.
+    # An ASCII letter is one byte, so byte-level BPE never splits it over two tokens; a letter
+    # merged with its neighbours into one token ("A:") keeps exactly that token.
     ids = tok("<answer>A:", add_special_tokens=False)["input_ids"]
     first, last = trained_tokens(tok, ids, "", "letter")
     assert "A" in tok.decode(ids[first:last]) and last - first == 1
