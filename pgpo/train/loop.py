@@ -42,6 +42,7 @@ from pgpo.train.run_dir import FEEDBACK, METRICS, SAMPLES, RunDir
 from pgpo.train.sft import sft_step
 from pgpo.train.step import train_step
 from pgpo.train.stop import StopRequest
+from pgpo.train.tasks import task_of
 from pgpo.train.teacher import Teacher
 from pgpo.train.trackers import Trackers
 
@@ -130,8 +131,11 @@ class Run:
         # The data first: a wrong path fails before a tokenizer or model is fetched.
         d = cfg.data
         train_spec, test_spec = split_specs(d.train, d.test, d.sciknoweval, d.domain)
-        self.train_data = load_split(train_spec, "train", cfg.seed, d.skip_bad_rows, d.max_train)
-        self.test_data = load_split(test_spec, "test", cfg.seed, d.skip_bad_rows, d.max_test)
+        self.task = task_of(cfg)  # the user's reward.function is imported here, from their config
+        self.train_data = load_split(train_spec, "train", cfg.seed, d.skip_bad_rows, d.max_train,
+                                     self.task)  # fmt: skip
+        self.test_data = load_split(test_spec, "test", cfg.seed, d.skip_bad_rows, d.max_test,
+                                    self.task)  # fmt: skip
         self.data_fingerprint = {"train": fingerprint(self.train_data.questions),
                                  "test": fingerprint(self.test_data.questions)}  # fmt: skip
         refuse_other_data(data_fingerprint, self.data_fingerprint, cfg)
@@ -353,7 +357,7 @@ class Run:
         if self.cfg.objective == "sft":
             return sft_step(
                 questions, self.policy, self.teacher, self.tokenizer, self.engine,
-                self.optimizer, self.scheduler, self.cfg, self.world, seeds,
+                self.optimizer, self.scheduler, self.cfg, self.world, seeds, self.task,
             )  # fmt: skip
         return train_step(
             questions,
@@ -367,6 +371,7 @@ class Run:
             self.modulation,
             self.world,
             seeds,
+            self.task,
         )
 
     def evaluate(self) -> dict:
@@ -390,7 +395,7 @@ class Run:
         given a letter, and the most likely letter's accuracy: pgpo.train.exact)."""
         return exact_scores(self.policy, self.tokenizer, self.test_data.questions,
                             e.answer_prefix, self.cfg.rollout.max_prompt_tokens,
-                            e.per_question)  # fmt: skip
+                            e.per_question, self.task)  # fmt: skip
 
     def teacher_edge(self, count: int) -> dict:
         """The teacher's paired edge on the first ``count`` training questions (pgpo.train.exact),
@@ -425,6 +430,7 @@ class Run:
             seeds,
             self.cfg.rollout.response_prefix,
             self.cfg.reward.committed_letter,
+            self.task,
         )
         if self.world.distributed:
             count, score, formatted = self.world.sum(

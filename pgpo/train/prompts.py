@@ -6,7 +6,10 @@ from pgpo.train.data import SYSTEM_PROMPT, Question
 from pgpo.train.rewards import answer_span, letter_span
 
 SOLUTION = "\nCorrect solution:\n\n{solution}"
-REPROMPT = "{prompt}{solution}\n\nCorrectly solve the original question."
+# Environment feedback on the sample's own failed attempt (teacher.feedback), in the wording of
+# SDPO's reference and TRL.
+FEEDBACK = "\nThe following is feedback from your unsuccessful earlier attempt:\n\n{feedback}\n\n"
+REPROMPT = "{prompt}{solution}{feedback}\n\nCorrectly solve the original question."
 
 
 def messages(question: Question, user: str | None = None) -> list[dict]:
@@ -17,9 +20,16 @@ def messages(question: Question, user: str | None = None) -> list[dict]:
     ]
 
 
-def teacher_messages(question: Question, demonstration: str) -> list[dict]:
-    """The reprompt: question + 'Correct solution:' + demonstration + instruction."""
-    user = REPROMPT.format(prompt=question.prompt, solution=SOLUTION.format(solution=demonstration))
+def teacher_messages(
+    question: Question, demonstration: str | None, feedback: str | None = None
+) -> list[dict]:
+    """The reprompt: question + 'Correct solution:' + demonstration (None: no solution) +
+    the feedback on the attempt (None: none) + instruction."""
+    user = REPROMPT.format(
+        prompt=question.prompt,
+        solution="" if demonstration is None else SOLUTION.format(solution=demonstration),
+        feedback="" if feedback is None else FEEDBACK.format(feedback=feedback),
+    )
     return messages(question, user)
 
 
@@ -53,22 +63,29 @@ def student_prompt(
 
 
 def teacher_prompt(
-    tokenizer, question: Question, demonstration: str, max_tokens: int, response_prefix: str = ""
+    tokenizer,
+    question: Question,
+    demonstration: str | None,
+    max_tokens: int,
+    response_prefix: str = "",
+    feedback: str | None = None,
 ) -> list[int]:
-    """The reprompt: question + 'Correct solution:' + demonstration + instruction. When too long,
-    the demonstration is cut (not the instruction, which the reference's right truncation can
-    lose)."""
-    return prefixed(tokenizer, _reprompt(tokenizer, question, demonstration, max_tokens),
-                    response_prefix)  # fmt: skip
+    """The reprompt: question + 'Correct solution:' + demonstration + feedback + instruction
+    (:func:`teacher_messages`). When too long, the demonstration is cut (not the instruction,
+    which the reference's right truncation can lose)."""
+    ids = _reprompt(tokenizer, question, demonstration, max_tokens, feedback)
+    return prefixed(tokenizer, ids, response_prefix)
 
 
-def _reprompt(tokenizer, question: Question, demonstration: str, max_tokens: int) -> list[int]:
-    def build(demo: str) -> list[int]:
-        return render(tokenizer, teacher_messages(question, demo))
+def _reprompt(
+    tokenizer, question: Question, demonstration: str | None, max_tokens: int, feedback
+) -> list[int]:
+    def build(demo: str | None) -> list[int]:
+        return render(tokenizer, teacher_messages(question, demo, feedback))
 
     ids = build(demonstration)
-    if len(ids) <= max_tokens:
-        return ids
+    if len(ids) <= max_tokens or demonstration is None:
+        return ids[-max_tokens:]
     demo_ids = tokenizer(demonstration, add_special_tokens=False)["input_ids"]
     keep = max(0, len(demo_ids) - (len(ids) - max_tokens))
     ids = build(tokenizer.decode(demo_ids[:keep]))
@@ -84,23 +101,26 @@ def answer_tokens(tokenizer, response: list[int], response_prefix: str = "") -> 
     return span_tokens(tokenizer, response, response_prefix, answer_span(text))
 
 
-def letter_tokens(tokenizer, response: list[int], response_prefix: str = "") -> tuple[int, int]:
-    """The response tokens ``[first, last)`` that write the option letter the response commits
-    to (:func:`~pgpo.train.rewards.letter_span`); :func:`answer_tokens` when it commits to
-    none."""
+def letter_tokens(
+    tokenizer, response: list[int], response_prefix: str = "", answer_span=letter_span
+) -> tuple[int, int]:
+    """The response tokens ``[first, last)`` that write the answer itself: the option letter the
+    response commits to (:func:`~pgpo.train.rewards.letter_span`), or what a task's
+    ``answer_span`` finds (a number); :func:`answer_tokens` when there is none."""
     text = response_prefix + tokenizer.decode(response, skip_special_tokens=True)
-    span = letter_span(text)
+    span = answer_span(text)
     if span is None or span[1] <= len(response_prefix):  # none, or written for the model
         return answer_tokens(tokenizer, response, response_prefix)
     return span_tokens(tokenizer, response, response_prefix, span)
 
 
 def trained_tokens(
-    tokenizer, response: list[int], response_prefix: str, positions: str
+    tokenizer, response: list[int], response_prefix: str, positions: str, answer_span=letter_span
 ) -> tuple[int, int]:
-    """The response tokens ``[first, last)`` that ``loss.positions`` trains."""
+    """The response tokens ``[first, last)`` that ``loss.positions`` trains (``letter``: those
+    of ``answer_span``, the task's reading of the answer)."""
     if positions == "letter":
-        return letter_tokens(tokenizer, response, response_prefix)
+        return letter_tokens(tokenizer, response, response_prefix, answer_span)
     if positions == "answer":
         return answer_tokens(tokenizer, response, response_prefix)
     return 0, len(response)

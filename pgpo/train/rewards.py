@@ -22,6 +22,11 @@ _THINK = re.compile(r"<think>.*?</think>", re.DOTALL)
 _LEADING_LETTER = re.compile(r"\s*\(?([A-H])(?:[:).]|[ \t]*(?:\n|$))")
 
 
+def answer_tags(text: str) -> list[re.Match]:
+    """Every ``<answer>...</answer>`` tag of ``text``; a match's group 1 is its content."""
+    return list(_ANSWER.finditer(text))
+
+
 def last_boxed(text: str) -> str | None:
     """Content of the last ``\\boxed{...}``, nested braces balanced; None if absent/unclosed."""
     start = text.rfind("\\boxed{")
@@ -127,7 +132,7 @@ def with_answer(text: str, letter: str) -> str | None:
     """``text`` with the answer :func:`extract_answer` reads (the last ``<answer>`` tag, else the
     last ``\\boxed{}``) replaced by ``letter``, and nothing else changed; None when it has
     neither."""
-    tags = list(_ANSWER.finditer(text))
+    tags = answer_tags(text)
     if tags:
         last = tags[-1]
         return text[: last.start(1)] + letter + text[last.end(1) :]

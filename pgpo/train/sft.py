@@ -30,6 +30,7 @@ from pgpo.train.forward import Policy
 from pgpo.train.prompts import student_prompt, trained_tokens
 from pgpo.train.rollout import RolloutEngine
 from pgpo.train.step import modulated_step, sample_rollouts, score
+from pgpo.train.tasks import Task, task_of
 from pgpo.train.teacher import Teacher
 
 
@@ -77,20 +78,22 @@ def sft_step(
     cfg: TrainConfig,
     world: World | None = None,
     seeds: list[int] | None = None,
+    task: Task | None = None,
 ) -> dict:
     """One supervised step on this rank's ``questions``; the metrics a self-distillation step
-    logs that apply (rho is 1; no I_k)."""
+    logs that apply (rho is 1; no I_k). ``task``: the run's (None: the config's)."""
     t0 = time.perf_counter()
     world = world or World()
+    task = task or task_of(cfg)
     prefix, pad = cfg.rollout.response_prefix, tokenizer.pad_token_id
     rollouts = sample_rollouts(questions, tokenizer, engine, cfg, seeds)  # the training reward
-    rewards = score(questions, rollouts, cfg)
+    rewards = score(questions, rollouts, cfg, task)
     prompts = [student_prompt(tokenizer, q, cfg.rollout.max_prompt_tokens, prefix)
                for q in questions]  # fmt: skip
     responses = [gold_response(tokenizer, q, prefix) for q in questions]
     mask = torch.zeros((len(questions), max(len(r) for r in responses)))
     for i, r in enumerate(responses):
-        first, last = trained_tokens(tokenizer, r, prefix, cfg.loss.positions)
+        first, last = trained_tokens(tokenizer, r, prefix, cfg.loss.positions, task.answer_span)
         mask[i, first:last] = 1.0
     (denominator,) = world.sum([reduction_denominator(mask, cfg.loss.reduction,
                                                       empty_sequences_count=True)])  # fmt: skip

@@ -1,10 +1,13 @@
 """One SDPO / PGPO training step (Algorithm 1), top to bottom.
 
 1. sample n rollouts per question from the current policy (temperature 1.0);
-2. score them (the letter in the last <answer>...</answer>, or \\boxed{}); with
-   ``reward.false_positive_rate`` q, a failing rollout counts as a success with probability q;
-3. build the teacher's prompt: question + a successful sibling's answer (Sec. 3, reprompting);
-   samples without a demonstration are masked out;
+2. score them with the task's reward (:mod:`pgpo.train.tasks`: the letter in the last
+   <answer>...</answer>, or \\boxed{}; a number; or ``reward.function``), each failure with
+   optional feedback; with ``reward.false_positive_rate`` q, a failing rollout counts as a
+   success with probability q;
+3. build the teacher's prompt: question + a successful sibling's answer (Sec. 3, reprompting),
+   and with ``teacher.feedback`` the feedback on the sample's own failed attempt; samples with
+   neither are masked out;
 4. student forward (with grad) and teacher forward (no grad) over the same response tokens; the
    loss is the divergence between them (Eq. 2 for beta = 1; the reference's JSD for 0.5), the LM
    head applied chunk by chunk inside it (logits never held for a whole sequence), and the
@@ -46,6 +49,7 @@ from pgpo.reduction import reduction_denominator, reduction_weights
 from pgpo.train.config import TrainConfig
 from pgpo.train.data import Question
 from pgpo.train.distributed import World, full
+from pgpo.train.exact import gold_demonstration
 from pgpo.train.feedback import (
     agreement_signal,
     feedback_records,
@@ -59,14 +63,9 @@ from pgpo.train.feedback import (
 )
 from pgpo.train.forward import Policy
 from pgpo.train.prompts import student_prompt, teacher_prompt, trained_tokens
-from pgpo.train.rewards import (
-    extract_answer,
-    reward,
-    stated_answer,
-    strip_thinking,
-    with_false_positives,
-)
+from pgpo.train.rewards import extract_answer, strip_thinking, with_false_positives
 from pgpo.train.rollout import Completion, RolloutEngine
+from pgpo.train.tasks import Scored, Task, task_of
 from pgpo.train.teacher import Teacher, choose_demonstrations
 
 
@@ -82,17 +81,22 @@ def train_step(
     modulation: Modulation | None,
     world: World | None = None,
     seeds: list[int] | None = None,
+    task: Task | None = None,
 ) -> dict:
     """One step on this rank's ``questions``; returns the step's metrics (over all ranks).
     ``modulation=None`` is SDPO (rho = 1). ``seeds``: one RNG seed per question for its
-    rollouts (``rollout.seed_per_prompt``)."""
+    rollouts (``rollout.seed_per_prompt``). ``task``: the run's (None: the config's)."""
     t0 = time.perf_counter()
     world = world or World()
+    task = task or task_of(cfg)
     rollouts = sample_rollouts(questions, tokenizer, engine, cfg, seeds)  # 1.
-    verified = score(questions, rollouts, cfg)  # 2.
+    verdicts = judge(questions, rollouts, task)  # 2.
+    verified = [[v.score for v in group] for group in verdicts]
     # 2b. a verifier with false positives (reward.false_positive_rate; Python's seeded generator)
     rewards = with_false_positives(verified, cfg.reward.false_positive_rate, random)
-    samples = with_demonstrations(questions, rollouts, rewards, tokenizer, cfg)  # 3.
+    feedback = [[v.feedback for v in group] for group in verdicts]
+    samples = with_demonstrations(questions, rollouts, rewards, tokenizer, cfg, task,  # 3.
+                                  feedback)  # fmt: skip
     pad = tokenizer.pad_token_id
     misled = misleading_feedback(cfg)
     if misled:  # 3b. the premise's diagnostic: letter probabilities before the update
@@ -112,6 +116,9 @@ def train_step(
     sums = sum_updates(updates)
     metrics = step_metrics(questions, rollouts, rewards, samples, sums, world, cfg)
     metrics.update(mean_over_updates(updates, sums))
+    if cfg.teacher.feedback != "off":  # how many teachers were told why an attempt failed
+        told, count = world.sum([sum(s.feedback is not None for s in samples), len(samples)])
+        metrics["feedback_share"] = told / count
     if cfg.pgpo.signal != "entropy_gap":  # info is that signal; Eq. 8 is logged beside it
         metrics["entropy_gap"] = sums.info
     if misled:
@@ -244,6 +251,7 @@ class Sample:
     shown: str | None = None  # the answer its demonstration states ("": none); None: no demo
     agreement: float | None = None  # the share of its group's successes stating ``shown``
     positions: tuple[int, int] | None = None  # the response tokens [first, last) trained; None: all
+    feedback: str | None = None  # the feedback on its attempt its teacher is shown; None: none
 
 
 class StepSums(NamedTuple):
@@ -287,61 +295,79 @@ def sample_rollouts(
     return Rollouts(prompts, completions, texts, time.perf_counter() - start)
 
 
-def score(questions: list[Question], rollouts: Rollouts, cfg: TrainConfig) -> list[list[float]]:
-    """Step 2: 1 for each rollout whose extracted answer is the question's letter, else 0."""
-    lenient, committed = cfg.reward.leading_letter, cfg.reward.committed_letter
-    return [
-        [reward(t, q.answer, leading_letter=lenient, committed=committed) for t in group]
-        for q, group in zip(questions, rollouts.texts)
-    ]
+def judge(questions: list[Question], rollouts: Rollouts, task: Task) -> list[list[Scored]]:
+    """Step 2: each rollout's reward and feedback under ``task`` ``[questions][rollouts]``."""
+    return [[task.score(q, t) for t in group] for q, group in zip(questions, rollouts.texts)]
+
+
+def score(
+    questions: list[Question], rollouts: Rollouts, cfg: TrainConfig, task: Task | None = None
+) -> list[list[float]]:
+    """Step 2's rewards alone ``[questions][rollouts]`` (``task``: None, the config's)."""
+    verdicts = judge(questions, rollouts, task or task_of(cfg))
+    return [[v.score for v in group] for group in verdicts]
 
 
 def with_demonstrations(
-    questions: list[Question], rollouts: Rollouts, rewards, tokenizer, cfg: TrainConfig
+    questions: list[Question],
+    rollouts: Rollouts,
+    rewards,
+    tokenizer,
+    cfg: TrainConfig,
+    task: Task | None = None,
+    feedback: list[list[str | None]] | None = None,
 ) -> list[Sample]:
     """Step 3: each rollout with its teacher prompt, the question plus the first successful
-    sibling's answer (thinking stripped); without one it is kept but not trained."""
+    sibling's answer (thinking stripped) and, with ``teacher.feedback``, the ``feedback`` on its
+    own attempt when that failed; with neither it is kept but not trained."""
     t = cfg.teacher
+    task = task or task_of(cfg)
     demos = choose_demonstrations(
         rewards, rollouts.texts, t.success_threshold, own_success_ok=t.reprompt_on_own_success
     )
     samples = []
-    for q, prompt, group, group_demos, texts, group_rewards in zip(
-        questions, rollouts.prompts, rollouts.completions, demos, rollouts.texts, rewards
+    feedback = feedback or [[None] * len(group) for group in rollouts.completions]
+    for q, prompt, group, group_demos, texts, group_rewards, group_feedback in zip(
+        questions, rollouts.prompts, rollouts.completions, demos, rollouts.texts, rewards, feedback
     ):
-        for completion, demo in zip(group, group_demos):
+        for completion, demo, r, said in zip(group, group_demos, group_rewards, group_feedback):
             if demo is None and t.fallback_demonstration == "gold":
-                demo = f"<answer>{q.answer}</answer>"
+                demo = gold_demonstration(q)
             if demo is not None and t.strip_thinking:
                 demo = strip_thinking(demo)
             if demo is not None and t.wrong_demo_share and random.random() < t.wrong_demo_share:
-                demo = misleading(demo, q)
+                demo = misleading(demo, q, task)
+            # The feedback on this sample's own attempt, when it failed (as the verifier says).
+            told = said if r < t.success_threshold and said and said.strip() else None
+            if t.feedback == "off" or (t.feedback == "only_without_solution" and demo is not None):
+                told = None
             tprompt = (
                 prompt
-                if demo is None
+                if demo is None and told is None
                 else teacher_prompt(
-                    tokenizer, q, demo, t.max_reprompt_tokens, cfg.rollout.response_prefix
+                    tokenizer, q, demo, t.max_reprompt_tokens, cfg.rollout.response_prefix, told
                 )  # fmt: skip
             )
-            committed = cfg.reward.committed_letter
-            shown = None if demo is None else stated_answer(demo, committed=committed)
+            shown = None if demo is None else task.stated(demo)
             positions, prefix = None, cfg.rollout.response_prefix
             if cfg.loss.positions != "response" and completion.tokens:
-                positions = trained_tokens(tokenizer, completion.tokens, prefix, cfg.loss.positions)
+                positions = trained_tokens(tokenizer, completion.tokens, prefix,
+                                           cfg.loss.positions, task.answer_span)  # fmt: skip
             # An empty response (stopped at once) has nothing to train on.
             samples.append(
                 Sample(
                     prompt,
                     tprompt,
                     completion.tokens or [tokenizer.pad_token_id],
-                    demo is not None and len(completion.tokens) > 0,
+                    (demo is not None or told is not None) and len(completion.tokens) > 0,
                     completion.logprobs if completion.tokens else [0.0],
                     None if demo is None else shown == q.answer,
                     shown,
                     success_agreement(
-                        texts, group_rewards, t.success_threshold, shown, committed=committed
+                        texts, group_rewards, t.success_threshold, shown, task.stated
                     ),  # fmt: skip
                     positions,
+                    told,
                 )
             )
     return samples
