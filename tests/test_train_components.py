@@ -762,3 +762,58 @@ def test_own_success_demonstrations_never_show_the_gold_answer_when_a_sibling_su
                 assert texts[i][siblings[0]] in shown and gold not in shown
             else:  # no sibling succeeded (a success alone in its group, or none at all)
                 assert gold in shown
+
+
+def test_masked_samples_skip_the_forward_and_leave_loss_gradient_and_i_k_unchanged(
+    tmp_path, sharp_model, monkeypatch
+):
+    """Step 4 runs only the trained samples (pgpo.train.step.samples_to_run): a masked sample's
+    loss weights and Eq. 8 weights are 0. Its sums and gradient equal those of running every
+    sample, to float32's rounding (the micro-batches pad differently). Under several ranks the
+    less busy ones add masked samples, so that every rank runs as many micro-batches."""
+    import random
+
+    import torch
+
+    from pgpo.train import step
+    from pgpo.train.config import load_config
+    from pgpo.train.distributed import World
+    from pgpo.train.loop import Run
+
+    cfg = load_config("tiny-cpu", [
+        f"output.dir={tmp_path}", f"model.path={sharp_model}", "batch_size=8",
+        "teacher.fallback_demonstration=none", "loss.micro_batch=2",
+    ])  # fmt: skip
+    run = Run(cfg)
+    questions, _ = run.next_questions()
+    random.seed(3)
+    rollouts = step.sample_rollouts(questions, run.tokenizer, run.engine, cfg, None)
+    rewards = step.with_false_positives(step.score(questions, rollouts, cfg), 0.4, random)
+    samples = step.with_demonstrations(questions, rollouts, rewards, run.tokenizer, cfg)
+    trained = [i for i, s in enumerate(samples) if s.trained]
+    assert 0 < len(trained) < len(samples)  # some masked, some not
+    assert step.samples_to_run(samples, World()) == trained
+
+    class Busier(World):  # another rank trains two more samples than this one
+        def max(self, value):
+            return float(value) + 2
+
+    masked = [i for i, s in enumerate(samples) if not s.trained]
+    assert step.samples_to_run(samples, Busier()) == sorted(trained + masked[:2])
+
+    def sums_and_grads():
+        pad = run.tokenizer.pad_token_id
+        sums, _ = step.loss_and_entropies(samples, run.policy, run.teacher, pad, cfg, run.world,
+                                          with_entropies=True)  # fmt: skip
+        grads = [p.grad.clone() for p in run.policy.parameters()]
+        run.optimizer.zero_grad()
+        return sums, grads
+
+    skipped = sums_and_grads()
+    monkeypatch.setattr(step, "samples_to_run", lambda samples, world: list(range(len(samples))))
+    every = sums_and_grads()
+    assert skipped[0].trained_tokens == every[0].trained_tokens
+    for name in ("loss", "info", "entropy_student", "entropy_teacher"):
+        assert getattr(skipped[0], name) == pytest.approx(getattr(every[0], name), rel=1e-5)
+    for a, b in zip(skipped[1], every[1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)

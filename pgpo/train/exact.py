@@ -25,6 +25,7 @@ from pgpo.train.data import Question
 from pgpo.train.distributed import full
 from pgpo.train.forward import Policy, head_weight
 from pgpo.train.prompts import student_prompt, teacher_prompt
+from pgpo.train.tasks import MultipleChoice, builtin_task
 
 BATCH = 8  # sequences per forward pass
 # The smallest edge called one: a difference of a few thousandths can be many standard errors
@@ -309,7 +310,8 @@ def _starting_model(cfg, count: int):
 
     d = cfg.data
     train_spec, _ = split_specs(d.train, d.test, d.sciknoweval, d.domain)
-    data = load_split(train_spec, "train", cfg.seed, d.skip_bad_rows, d.max_train)
+    data = load_split(train_spec, "train", cfg.seed, d.skip_bad_rows, d.max_train,
+                      builtin_task(cfg))  # fmt: skip
     tokenizer = load_tokenizer(cfg.model.tokenizer)
     policy = Policy(load_model(cfg.model, cfg.seed)).eval()
     return data.questions[:count], data.source, tokenizer, policy
@@ -361,12 +363,10 @@ def edge_lines(report: dict) -> list[str]:
     ]
 
 
-def wrong_letter(question: Question, seed: int) -> str:
-    """A wrong option's letter for ``question``, drawn by a generator seeded by (seed, id)."""
-    from pgpo.train.data import option_letters
-
-    wrong = [x for x in option_letters(question.prompt) if x != question.answer]
-    return random.Random(f"{seed}:{question.id}").choice(wrong)
+def wrong_letter(question: Question, seed: int, task=None) -> str:
+    """A wrong answer for ``question`` (``task``'s; None: another option's letter), drawn by a
+    generator seeded by (seed, id)."""
+    return (task or MultipleChoice()).wrong_answer(question, random.Random(f"{seed}:{question.id}"))
 
 
 def _paired(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
@@ -391,7 +391,7 @@ def wrong_demo_check(cfg, count: int, prefix: str) -> dict:
     Every mean comes with its standard error over questions (paired where it is a difference)."""
     questions, source, tokenizer, policy = _starting_model(cfg, count)
     pad, limit = tokenizer.pad_token_id, cfg.teacher.max_reprompt_tokens
-    wrong = [wrong_letter(q, cfg.seed) for q in questions]
+    wrong = [wrong_letter(q, cfg.seed, builtin_task(cfg)) for q in questions]
 
     def taught(demos: list[str], letters: list[str]):
         prompts, answers = [], []

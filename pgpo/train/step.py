@@ -373,6 +373,17 @@ def with_demonstrations(
     return samples
 
 
+def samples_to_run(samples: list[Sample], world: World) -> list[int]:
+    """The indices of the samples step 4 runs forward and backward, in order: the trained ones
+    (a masked sample adds 0 to the loss, its gradient and Eq. 8's sums), and under several ranks
+    as many masked ones as it takes for every rank to run as many micro-batches as the busiest
+    (FSDP2's forwards are collectives)."""
+    trained = [i for i, s in enumerate(samples) if s.trained]
+    extra = int(world.max(len(trained))) - len(trained)
+    masked = [i for i, s in enumerate(samples) if not s.trained]
+    return sorted(trained + masked[:extra])
+
+
 def response_mask(samples: list[Sample]) -> torch.Tensor:
     """``[B, T]``: 1 on the trained response tokens of trained samples (all, or
     ``Sample.positions``)."""
@@ -438,9 +449,11 @@ def loss_and_entropies(
     # clipped-IS ratio sum, clipped-IS clipped, and I_k's sums split by the demonstration's truth
     totals = [0.0] * 14
     gaps: list = [None] * len(samples)
-    for start in range(0, len(samples), cfg.loss.micro_batch):
-        mb = samples[start : start + cfg.loss.micro_batch]
-        rows = slice(start, start + len(mb))
+    run = samples_to_run(samples, world)  # a masked sample's loss and Eq. 8 weights are 0
+    for start in range(0, len(run), cfg.loss.micro_batch):
+        picked = run[start : start + cfg.loss.micro_batch]
+        mb = [samples[i] for i in picked]
+        rows = torch.tensor(picked, dtype=torch.long)
         t_mb = max(len(s.response) for s in mb)
         responses = [s.response for s in mb]
         teacher_hidden, teacher_head = teacher.hidden_and_head(
@@ -467,11 +480,15 @@ def loss_and_entropies(
         if with_entropies and misleading_feedback(cfg):  # only such runs log the split
             by_demo = gap_by_demonstration(out.h_student, out.h_teacher, info_w[rows, :t_mb],
                                            [s.demo_right for s in mb])  # fmt: skip
-            gaps[rows] = sample_gaps(out.h_student, out.h_teacher, mask[rows, :t_mb])
+            for i, g in zip(picked, sample_gaps(out.h_student, out.h_teacher, mask[rows, :t_mb])):
+                gaps[i] = g
         parts = (out.loss.item(), *gap, out.tis_ratio_sum, out.tis_clipped, *out.weight_sums,
                  out.is_ratio_sum, out.is_clipped, *by_demo)  # fmt: skip
         totals = [total + float(part) for total, part in zip(totals, parts)]
         del teacher_hidden, teacher_head
+    for p in policy.parameters():  # nothing trained here: a zero gradient, as a masked pass gives
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
     totals = world.sum(totals)
     if reweight is not None and totals[7] > 0:  # renormalise: the same total weight
         scale = totals[6] / totals[7]

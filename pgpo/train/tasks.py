@@ -165,8 +165,9 @@ class Numeric(Task):
     """A number, compared as a number (``1000``, ``1e3``, ``1,000`` and ``1000.0`` are equal;
     :func:`parse_number`), read from the last ``<answer>`` tag (an unclosed last one: to the
     end), else the last ``\\boxed{}`` (braces may nest), else the whole response; what is read
-    must be a number and nothing else (``<answer>25 + 61 = 86`` states none). A wrong answer's feedback says which way it is off
-    ("Your answer 57 is too small."); a response with no number says that."""
+    must be a number and nothing else (``<answer>25 + 61 = 86`` states none). A wrong answer's
+    feedback says which way it is off ("Your answer 57 is too small."); a response with no
+    number says that."""
 
     name = "numeric"
     system = NUMERIC_SYSTEM
