@@ -174,6 +174,9 @@ REWARD_FILE = '''
 import json, math, os
 
 CALLS = []
+if os.environ.get("PGPO_TEST_IMPORTS"):  # a trace of every import of this file
+    with open(os.environ["PGPO_TEST_IMPORTS"], "a") as f:
+        f.write("imported\\n")
 
 
 def reward(prompt, response, row):
@@ -247,6 +250,24 @@ def test_a_bad_reward_function_stops_the_run_in_one_line_and_keeps_its_checkpoin
     assert err.endswith(says)
     assert (out / "checkpoints" / "step_000001" / "state.pt").is_file()  # the first step's, kept
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_a_checkpoint_naming_a_reward_function_never_runs_it(tmp_path, monkeypatch):
+    """The function runs where the user's own config names it, not where a checkpoint's or an
+    export's recorded config does: pgpo eval with the preset, and pgpo export, import nothing."""
+    (tmp_path / "my_reward.py").write_text(REWARD_FILE)
+    imports = tmp_path / "imports.txt"
+    monkeypatch.setenv("PGPO_TEST_CALLS", str(tmp_path / "calls.jsonl"))
+    monkeypatch.setenv("PGPO_TEST_IMPORTS", str(imports))
+    out = tmp_path / "run"
+    argv = ["train", "--config", "tiny-cpu", "steps=1", "eval.every=5",
+            f"reward.function={tmp_path / 'my_reward.py'}:reward", f"output.dir={out}"]  # fmt: skip
+    assert pgpo_main(argv) == 0
+    assert imports.read_text().count("imported") == 1  # once, when the run started
+    ckpt = out / "checkpoints" / "step_000001"
+    assert pgpo_main(["eval", "--config", "tiny-cpu", "--checkpoint", str(ckpt)]) == 0
+    assert pgpo_main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "m")]) == 0
+    assert imports.read_text().count("imported") == 1
 
 
 def test_a_reward_function_that_cannot_be_found_is_refused_before_a_model_loads(tmp_path, capsys):
