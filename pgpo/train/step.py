@@ -278,6 +278,14 @@ class StepSums(NamedTuple):
 
     MEANS = ("loss", "info", "entropy_student", "entropy_teacher")  # the rest are counts
 
+    @classmethod
+    def zero(cls) -> StepSums:
+        return cls(*([0.0] * len(cls._fields)))
+
+    def plus(self, other: StepSums) -> StepSums:
+        """Field by field, ``self + other`` (each as a float)."""
+        return StepSums(*(a + float(b) for a, b in zip(self, other)))
+
 
 def sample_rollouts(
     questions: list[Question], tokenizer, engine: RolloutEngine, cfg: TrainConfig, seeds
@@ -354,22 +362,19 @@ def with_demonstrations(
                 positions = trained_tokens(tokenizer, completion.tokens, prefix,
                                            cfg.loss.positions, task.answer_span)  # fmt: skip
             # An empty response (stopped at once) has nothing to train on.
-            samples.append(
-                Sample(
-                    prompt,
-                    tprompt,
-                    completion.tokens or [tokenizer.pad_token_id],
-                    (demo is not None or told is not None) and len(completion.tokens) > 0,
-                    completion.logprobs if completion.tokens else [0.0],
-                    None if demo is None else shown == q.answer,
-                    shown,
-                    success_agreement(
-                        texts, group_rewards, t.success_threshold, shown, task.stated
-                    ),  # fmt: skip
-                    positions,
-                    told,
-                )
-            )
+            samples.append(Sample(
+                student_prompt=prompt,
+                teacher_prompt=tprompt,
+                response=completion.tokens or [tokenizer.pad_token_id],
+                trained=(demo is not None or told is not None) and len(completion.tokens) > 0,
+                engine_logprobs=completion.logprobs if completion.tokens else [0.0],
+                demo_right=None if demo is None else shown == q.answer,
+                shown=shown,
+                agreement=success_agreement(texts, group_rewards, t.success_threshold, shown,
+                                            task.stated),
+                positions=positions,
+                feedback=told,
+            ))  # fmt: skip
     return samples
 
 
@@ -445,9 +450,7 @@ def loss_and_entropies(
     )
     # The engine's log-probs, for the truncated importance-sampling correction (vLLM).
     behaviour = engine_logprobs(samples) if cfg.rollout.tis_cap is not None else None
-    # loss, I_k, H_S, H_T (Eq. 8's sums), TIS ratio sum, TIS clipped, sum w, sum w rho,
-    # clipped-IS ratio sum, clipped-IS clipped, and I_k's sums split by the demonstration's truth
-    totals = [0.0] * 14
+    totals = StepSums.zero()
     gaps: list = [None] * len(samples)
     run = samples_to_run(samples, world)  # a masked sample's loss and Eq. 8 weights are 0
     for start in range(0, len(run), cfg.loss.micro_batch):
@@ -482,21 +485,26 @@ def loss_and_entropies(
                                            [s.demo_right for s in mb])  # fmt: skip
             for i, g in zip(picked, sample_gaps(out.h_student, out.h_teacher, mask[rows, :t_mb])):
                 gaps[i] = g
-        parts = (out.loss.item(), *gap, out.tis_ratio_sum, out.tis_clipped, *out.weight_sums,
-                 out.is_ratio_sum, out.is_clipped, *by_demo)  # fmt: skip
-        totals = [total + float(part) for total, part in zip(totals, parts)]
+        totals = totals.plus(StepSums(
+            loss=out.loss.item(), info=gap[0], entropy_student=gap[1], entropy_teacher=gap[2],
+            tis_ratio_sum=out.tis_ratio_sum, tis_clipped=out.tis_clipped,
+            weight_sum=out.weight_sums[0], modulated_sum=out.weight_sums[1],
+            is_ratio_sum=out.is_ratio_sum, is_clipped=out.is_clipped,
+            info_right=by_demo[0], weight_right=by_demo[1], info_wrong=by_demo[2],
+            weight_wrong=by_demo[3], trained_tokens=0.0,
+        ))  # fmt: skip
         del teacher_hidden, teacher_head
     for p in policy.parameters():  # nothing trained here: a zero gradient, as a masked pass gives
         if p.requires_grad and p.grad is None:
             p.grad = torch.zeros_like(p)
-    totals = world.sum(totals)
-    if reweight is not None and totals[7] > 0:  # renormalise: the same total weight
-        scale = totals[6] / totals[7]
+    totals = StepSums(*world.sum(totals[:-1]), trained_tokens=trained_tokens)
+    if reweight is not None and totals.modulated_sum > 0:  # renormalise: the same total weight
+        scale = totals.weight_sum / totals.modulated_sum
         for p in policy.parameters():
             if p.grad is not None:
                 p.grad.mul_(scale)
-        totals[0] *= scale
-    return StepSums(*totals, trained_tokens), gaps
+        totals = totals._replace(loss=totals.loss * scale)
+    return totals, gaps
 
 
 class DistillOutput(NamedTuple):
