@@ -84,6 +84,25 @@ def test_the_rollout_interface_knows_no_engine():
     assert import_graph()["pgpo.train.rollout"] == set()
 
 
+def test_every_engine_has_what_the_rollout_interface_names():
+    """The members of the RolloutEngine Protocol (the loop uses no other) are defined by each
+    engine class, methods on the class and attributes in its __init__."""
+    from pgpo.train.rollout import RolloutEngine
+
+    names = {n for n in vars(RolloutEngine) if not n.startswith("_")}
+    names |= set(RolloutEngine.__annotations__)
+    assert names == {"generate", "sync_weights", "close", "sleep_freed_gib"}
+    for module, cls in (("rollout_hf", "HFRolloutEngine"), ("rollout_vllm", "VLLMRolloutEngine")):
+        tree = ast.parse((ROOT / "pgpo" / "train" / f"{module}.py").read_text())
+        (node,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls]
+        methods = {f.name for f in node.body if isinstance(f, ast.FunctionDef)}
+        init = next(f for f in node.body if isinstance(f, ast.FunctionDef) and f.name == "__init__")
+        attributes = {t.attr for a in ast.walk(init) if isinstance(a, ast.AnnAssign | ast.Assign)
+                      for t in (a.targets if isinstance(a, ast.Assign) else [a.target])
+                      if isinstance(t, ast.Attribute)}  # fmt: skip
+        assert names <= methods | attributes, (cls, names - methods - attributes)
+
+
 def test_importing_the_multiplier_imports_neither_torch_nor_transformers():
     code = (
         "import sys, pgpo.multiplier; print('torch' in sys.modules, 'transformers' in sys.modules)"

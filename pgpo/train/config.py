@@ -547,16 +547,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         "1 with loss.mode sampled_token (it is reverse KL only)",
         cfg.loss.beta,
     )
-    r = cfg.reward
-    for key in ("leading_letter", "committed_letter"):
-        need(cfg.task == "multiple_choice" or not getattr(r, key), f"reward.{key}",
-             "false with task numeric (it reads option letters)", getattr(r, key))  # fmt: skip
-    if r.function:
-        where, _, name = r.function.rpartition(":")
-        need(bool(where) and name.isidentifier(), "reward.function",
-             "path/to/file.py:name or module:name", r.function)  # fmt: skip
-        need(not where.endswith(".py") or Path(where).expanduser().is_file(), "reward.function",
-             f"a function in an existing file ({where} is not a file)", r.function)  # fmt: skip
+    _check_reward(cfg, need)
     need(len(cfg.optim.betas) == 2, "optim.betas", "two numbers in [0, 1)", cfg.optim.betas)
     # AdamW multiplies every weight by 1 - lr * weight_decay each step.
     need(
@@ -611,6 +602,21 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if getattr(part, key).startswith("~"):
             setattr(part, key, os.path.expanduser(getattr(part, key)))
     return cfg
+
+
+def _check_reward(cfg: TrainConfig, need) -> None:
+    """The reward settings agree with the task, and ``reward.function`` names a function in a
+    file that exists (or a module); nothing is imported here."""
+    r = cfg.reward
+    for key in ("leading_letter", "committed_letter"):
+        need(cfg.task == "multiple_choice" or not getattr(r, key), f"reward.{key}",
+             "false with task numeric (it reads option letters)", getattr(r, key))  # fmt: skip
+    if r.function:
+        where, _, name = r.function.rpartition(":")
+        need(bool(where) and name.isidentifier(), "reward.function",
+             "path/to/file.py:name or module:name", r.function)  # fmt: skip
+        need(not where.endswith(".py") or Path(where).expanduser().is_file(), "reward.function",
+             f"a function in an existing file ({where} is not a file)", r.function)  # fmt: skip
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -560,7 +560,7 @@ def _train(cfg: TrainConfig, world: World, folder: RunDir, progress, desc, posit
             folder.failed_before_first_step()
         raise
     finally:
-        if run is not None and hasattr(run.engine, "close"):
+        if run is not None:
             run.engine.close()
 
 
@@ -610,9 +610,8 @@ def _steps(run: Run, folder: RunDir, logs: _Logs, stop: StopRequest, progress, d
         collapsed = run.guard.observe(run.step, row["reward"])
         if run.guard.collapsed_at is not None:
             row["collapsed_at"] = run.guard.collapsed_at
-        freed = getattr(run.engine, "sleep_freed_gib", None)  # vLLM sleep mode, on CUDA
-        if freed is not None:
-            row["vllm_sleep_freed_gib"] = freed
+        if run.engine.sleep_freed_gib is not None:  # vLLM sleep mode, on CUDA
+            row["vllm_sleep_freed_gib"] = run.engine.sleep_freed_gib
         best = False
         if run.step % cfg.eval.every == 0 or run.step == cfg.steps:
             row.update({f"eval_{k}": v for k, v in run.evaluate().items()})

@@ -1,8 +1,9 @@
 """The rollout seam: what the trainer asks of a rollout engine, and what one returns.
 
-The trainer calls only :meth:`RolloutEngine.generate` and, after every optimizer step,
-:meth:`RolloutEngine.sync_weights`. The engines live in their own modules and know this one, never
-each other: :mod:`pgpo.train.rollout_hf` (transformers ``generate``) and
+The trainer calls :meth:`RolloutEngine.generate`, after every optimizer step
+:meth:`RolloutEngine.sync_weights`, reads :attr:`RolloutEngine.sleep_freed_gib` for its log, and
+calls :meth:`RolloutEngine.close` when the run ends. The engines live in their own modules and
+know this one, never each other: :mod:`pgpo.train.rollout_hf` (transformers ``generate``) and
 :mod:`pgpo.train.rollout_vllm` (a colocated vLLM). Whoever builds the run picks one
 (:func:`pgpo.train.loop.make_engine`).
 """
@@ -27,6 +28,10 @@ class Completion:
 
 
 class RolloutEngine(Protocol):
+    # The GPU memory (GiB) the engine gave back when it last slept (vLLM's sleep mode on CUDA);
+    # None where it does not sleep.
+    sleep_freed_gib: float | None
+
     def generate(
         self,
         prompts: list[list[int]],
@@ -42,6 +47,9 @@ class RolloutEngine(Protocol):
     def sync_weights(self, lm: torch.nn.Module) -> None:
         """Make the engine sample from ``lm``'s current weights (a transformers causal LM,
         possibly FSDP-sharded: then every rank calls this)."""
+
+    def close(self) -> None:
+        """Free what the engine holds (processes, GPU memory); called once, when the run ends."""
 
 
 def stop_token_ids(tokenizer) -> list[int]:

@@ -30,6 +30,10 @@ class HFRolloutEngine:
                 self.lm.to("cuda")
         self.tokenizer, self.prompts_per_call = tokenizer, prompts_per_call
         self.stop_ids = set(stop_token_ids(tokenizer))
+        self.sleep_freed_gib: float | None = None  # it never sleeps
+
+    def close(self) -> None:
+        """Nothing to free: the engine is the policy, or a copy that goes with it."""
 
     @torch.no_grad()
     def sync_weights(self, lm: torch.nn.Module) -> None:
