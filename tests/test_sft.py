@@ -120,10 +120,12 @@ def test_the_teachers_edge_is_measured_at_its_temperature(tiny_run):
     """p_correct_taught at temperature tau is softmax(z / tau) of the letter, read directly."""
     from pgpo.train.exact import p_correct_taught
     from pgpo.train.prompts import teacher_prompt
+    from pgpo.train.teacher import Teacher
 
     run = tiny_run
     tok, questions = run.tokenizer, run.train_data.questions[:3]
-    got = p_correct_taught(run.policy, tok, questions, "<answer>", 1024, temperature=0.5)
+    teacher = Teacher(run.policy, "live", 0.0, temperature=0.5)
+    got = p_correct_taught(teacher, run.policy, tok, questions, "<answer>", 1024)
     for q, p in zip(questions, got):
         first, scored = answer_ids(tok, "<answer>", q.answer)
         ids = teacher_prompt(tok, q, f"<answer>{q.answer}</answer>", 1024) + first
@@ -132,3 +134,41 @@ def test_the_teachers_edge_is_measured_at_its_temperature(tiny_run):
         logp = torch.log_softmax(logits[len(ids) - 1 : -1], -1)
         direct = logp.gather(-1, torch.tensor(scored)[:, None]).sum().exp().item()
         assert float(p) == pytest.approx(direct, rel=1e-4)  # float32 forwards
+
+
+def test_the_logged_edge_scores_the_trust_region_teacher_the_loss_trains_toward(tmp_path):
+    """Under teacher.mode trust_region the teacher is lerp(z_ref, z_S, r) / tau, z_ref the
+    frozen start and z_S the current student, both on the teacher's prompt. After a step has
+    moved the student, the evaluation's p_teacher is that blend's probability of the gold
+    letter, read directly from both models' full logits; the frozen start alone gives
+    another."""
+    from pgpo.train.config import load_config
+    from pgpo.train.loop import Run
+    from pgpo.train.prompts import teacher_prompt
+
+    r, tau = 0.5, 0.5
+    cfg = load_config("tiny-cpu", [f"output.dir={tmp_path}", "teacher.mode=trust_region",
+                                   f"teacher.trust_region_rate={r}", f"teacher.temperature={tau}",
+                                   "optim.lr=0.05", "optim.warmup_steps=0"])  # fmt: skip
+    run = Run(cfg)
+    run.train_step(run.next_questions()[0])
+    questions = run.train_data.questions[:3]
+    got = run.teacher_edge(3)["p_teacher"]
+    tok = run.tokenizer
+
+    def p_gold(blend: bool) -> float:
+        ps = []
+        for q in questions:
+            first, scored = answer_ids(tok, "<answer>", q.answer)
+            ids = teacher_prompt(tok, q, f"<answer>{q.answer}</answer>", 10240) + first
+            x = torch.tensor([ids + scored])
+            with torch.no_grad():
+                z = run.teacher.lm(x).logits[0].double()
+                if blend:
+                    z = torch.lerp(z, run.lm(x).logits[0].double(), r)
+            logp = torch.log_softmax(z[len(ids) - 1 : -1] / tau, -1)
+            ps.append(logp.gather(-1, torch.tensor(scored)[:, None]).sum().exp().item())
+        return sum(ps) / len(ps)
+
+    assert got == pytest.approx(p_gold(blend=True), rel=1e-4)  # float32 forwards
+    assert abs(p_gold(blend=False) - p_gold(blend=True)) > 1e-3 * p_gold(blend=True)

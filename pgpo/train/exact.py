@@ -14,6 +14,7 @@ format puts it). Two uses:
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 
@@ -52,16 +53,11 @@ def answer_ids(tokenizer, prefix: str, answer: str) -> tuple[list[int], list[int
 
 
 def answer_probabilities(
-    policy: Policy,
-    prompts: list[list[int]],
-    answers: list[list[int]],
-    pad: int,
-    temperature: float = 1.0,
+    policy: Policy, prompts: list[list[int]], answers: list[list[int]], pad: int
 ) -> torch.Tensor:
     """``P(answer_i | prompt_i)`` ``[B]`` in float64: exp of the summed log-probs of each answer's
-    tokens, teacher-forced (prompts and answers are token ids), under ``softmax(z /
-    temperature)`` (a teacher's ``teacher.temperature``)."""
-    return answer_scores(policy, prompts, answers, pad, temperature)[0]
+    tokens, teacher-forced (prompts and answers are token ids)."""
+    return answer_scores(policy, prompts, answers, pad)[0]
 
 
 @torch.no_grad()
@@ -70,7 +66,6 @@ def answer_scores(
     prompts: list[list[int]],
     answers: list[list[int]],
     pad: int,
-    temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``P(answer_i | prompt_i)`` ``[B]`` (float64, as :func:`answer_probabilities`) and the
     entropy in nats ``[B]`` of the next-token distribution where the answer's first token is
@@ -79,7 +74,7 @@ def answer_scores(
     for start in range(0, len(prompts), BATCH):
         p, a = prompts[start : start + BATCH], answers[start : start + BATCH]
         hidden = policy(p, a, pad)
-        head = full(head_weight(policy.lm)).to(hidden.dtype) / temperature
+        head = full(head_weight(policy.lm)).to(hidden.dtype)
         probs.append(_answer_probability(hidden, head, a, pad))
         entropies.append(token_entropy(hidden[:, 0] @ head.T).cpu().double())
     return torch.cat(probs), torch.cat(entropies)
@@ -251,24 +246,25 @@ def exact_scores(
 
 
 def p_correct_taught(
-    teacher: Policy,
+    teacher,
+    student: Policy,
     tokenizer,
     questions: list[Question],
     prefix: str,
     max_reprompt_tokens: int,
     demonstrations: list[str] | None = None,
-    temperature: float = 1.0,
 ) -> torch.Tensor:
-    """P(correct letter | teacher prompt with a demonstration + prefix) per question ``[n]``,
-    at the teacher's ``temperature``; the gold demonstration unless ``demonstrations`` are
-    given."""
-    prompts, answers = [], []
+    """P(correct answer | teacher prompt with a demonstration + prefix) per question ``[n]``,
+    as the loss sees the teacher: through :meth:`pgpo.train.teacher.Teacher.hidden_and_head`,
+    its temperature and (trust region) its blend with ``student`` applied there. The gold
+    demonstration unless ``demonstrations`` are given."""
+    prompts = []
     for i, q in enumerate(questions):
         demo = gold_demonstration(q) if demonstrations is None else demonstrations[i]
-        first, letter = answer_ids(tokenizer, prefix, q.answer)
-        prompts.append(teacher_prompt(tokenizer, q, demo, max_reprompt_tokens) + first)
-        answers.append(letter)
-    return answer_probabilities(teacher, prompts, answers, tokenizer.pad_token_id, temperature)
+        prompts.append(teacher_prompt(tokenizer, q, demo, max_reprompt_tokens))
+    network = functools.partial(teacher.hidden_and_head, student)
+    return letter_probabilities(network, tokenizer, prompts, [q.answer for q in questions],
+                                prefix, BATCH)  # fmt: skip
 
 
 def mean_and_se(sums: tuple[float, float, float]) -> tuple[float, float]:
@@ -321,11 +317,15 @@ def teacher_check(cfg, count: int, prefix: str) -> dict:
     """The edge of a config's starting model (student and teacher are then the same weights)
     on its first ``count`` training questions, before any training (``pgpo teacher-check``);
     the teacher at ``teacher.temperature``, as the loss sees it."""
+    from pgpo.train.teacher import Teacher
+
     questions, source, tokenizer, policy = _starting_model(cfg, count)
     t = cfg.teacher
     p_s = p_correct(policy, tokenizer, questions, prefix, cfg.rollout.max_prompt_tokens)
-    p_t = p_correct_taught(policy, tokenizer, questions, prefix, t.max_reprompt_tokens,
-                           temperature=t.temperature)  # fmt: skip
+    # Before training every teacher mode is the starting weights (a trust region's blend of two
+    # equal networks too): the live teacher at the run's temperature is that teacher.
+    teacher = Teacher(policy, "live", 0.0, temperature=t.temperature)
+    p_t = p_correct_taught(teacher, policy, tokenizer, questions, prefix, t.max_reprompt_tokens)
     return {**edge_report(edge_sums(p_s, p_t)), "prefix": prefix, "source": source,
             "teacher_temperature": t.temperature}  # fmt: skip
 

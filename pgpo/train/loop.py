@@ -404,8 +404,8 @@ class Run:
         prefix, t = self.cfg.eval.answer_prefix, self.cfg.teacher
         p_s = p_correct(self.policy, self.tokenizer, questions, prefix,
                         self.cfg.rollout.max_prompt_tokens)  # fmt: skip
-        p_t = p_correct_taught(self.teacher.policy, self.tokenizer, questions, prefix,
-                               t.max_reprompt_tokens, temperature=t.temperature)  # fmt: skip
+        p_t = p_correct_taught(self.teacher, self.policy, self.tokenizer, questions, prefix,
+                               t.max_reprompt_tokens)  # fmt: skip
         report = edge_report(edge_sums(p_s, p_t))
         report.pop("has_edge")
         return report
