@@ -176,6 +176,16 @@ class Modulation:
         """Eq. 9's rho with this step's ``alpha``."""
         return MultiplierConfig(alpha, self.rho_max, self.kind, self.sharpness)
 
+    def rho(self, info: float) -> tuple[float, float]:
+        """This step's ``(alpha, rho_k)`` from its ``I_k`` (nats): alpha from the schedule, then
+        Eq. 9, ``rho_k = min(exp(alpha I_k), rho_max)`` (or the configured kind)."""
+        alpha = self.schedule.current(info)
+        return alpha, float(self.multiplier(alpha)(info))
+
+    def observe(self, info: float, rho_k: float) -> None:
+        """After a step was taken: the schedule's state for the next one (adaptive alpha)."""
+        self.schedule.update(info, rho_k)
+
     @property
     def scales_step(self) -> bool:
         """Whether the optimizer step is scaled by the batch's ``rho_k``."""

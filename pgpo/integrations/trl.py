@@ -130,9 +130,7 @@ class PGPOSDPOTrainer(SDPOTrainer):
 
     def step_multiplier(self, info: float) -> tuple[float, float]:
         """(alpha, rho) of this optimizer step from its ``I_k`` (Eq. 9 with the schedule)."""
-        modulation = self.pgpo._modulation
-        alpha = modulation.schedule.current(info)
-        return alpha, float(modulation.multiplier(alpha)(info))
+        return self.pgpo._modulation.rho(info)
 
     def _compute_self_distillation_loss(self, model, inputs, distillation_logits):
         if model.training:  # evaluation passes do not feed I_k
@@ -191,5 +189,5 @@ class _ModulatedStep(TrainerCallback):
             group["lr"] = lr
         self.saved = None
         if self.last is not None:
-            self.trainer.pgpo._modulation.schedule.update(*self.last)
+            self.trainer.pgpo._modulation.observe(*self.last)
         self.trainer._gap.reset()

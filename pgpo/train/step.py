@@ -177,15 +177,14 @@ def update(
     info = sums.info if has_signal else 0.0  # Eq. 8: I_k (0 without a trained token)
     if cfg.pgpo.signal == "agreement":  # instead: the demonstrations' agreement (no gold answer)
         info, has_signal = agreement_signal(samples, world)
-    alpha = None if modulation is None else modulation.schedule.current(info)
-    rho_k = 1.0 if modulation is None else float(modulation.multiplier(alpha)(info))  # Eq. 9
+    alpha, rho_k = (None, 1.0) if modulation is None else modulation.rho(info)  # Eq. 9
     rho = rho_k if modulation is not None and modulation.scales_step else 1.0
     finite = math.isfinite(sums.loss) and math.isfinite(info)
     grad_norm, stepped = modulated_step(  # 6.
         policy, teacher, optimizer, scheduler, cfg, rho=rho, finite_so_far=finite
     )
     if modulation is not None and stepped:
-        modulation.schedule.update(info, rho_k)  # adaptive alpha: state for the next step
+        modulation.observe(info, rho_k)  # adaptive alpha: state for the next step
     return Update(sums, info, alpha, rho_k, rho, grad_norm, stepped, has_signal, gaps)
 
 
