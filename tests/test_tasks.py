@@ -55,6 +55,7 @@ def test_numbers_are_read_as_people_write_them_and_nothing_else(text, value):
         ("<answer>25 + 61 = 86</answer>", "86", 0.0), ("no answer at all", "86", 0.0),
         ("<answer>12</answer> then <answer>86</answer>", "86", 1.0),
         ("<answer>86", "86", 1.0), ("<answer>86 is it", "86", 0.0), ("86", "86", 1.0),
+        ("<answer> 86\n\nThe answer is", "86", 1.0), ("<answer> = 86\n86", "86", 0.0),
         ("<answer></answer>", "0", 0.0),
     ],
 )  # fmt: skip
@@ -72,6 +73,30 @@ def test_the_numeric_reward_compares_numbers(response, gold, score):
         else:
             way = "small" if Decimal(stated) < Decimal(gold) else "large"
             assert got.feedback == f"Your answer {stated} is too {way}."
+
+
+def test_numeric_exact_evaluation_adds_the_gold_numbers_written_forms(tmp_path):
+    """eval.mode exact on a numeric task: P(gold number | prompt + <answer>), the probability of
+    writing it as it is plus that of writing it after a space, each teacher-forced over its
+    tokens; no per-letter scores, as there are no options."""
+    from pgpo.train.exact import answer_ids, answer_probabilities, exact_per_question
+    from pgpo.train.loop import Run
+    from pgpo.train.prompts import student_prompt
+
+    data = Path(__file__).resolve().parent.parent / "docs" / "examples" / "sums.jsonl"
+    cfg = load_config("tiny-cpu", ["task=numeric", f"data.train={data}", f"data.test={data}",
+                                   f"output.dir={tmp_path}"])  # fmt: skip
+    run = Run(cfg)
+    questions, tok = run.test_data.questions, run.tokenizer
+    got = exact_per_question(run.policy, tok, questions, "<answer>", 256, run.task)
+    assert list(got) == ["p_correct"]
+    for q, p in zip(questions, got["p_correct"]):
+        total = 0.0
+        for form in (q.answer, f" {q.answer}"):
+            first, ids = answer_ids(tok, "<answer>", form)
+            prompt = student_prompt(tok, q, 256) + first
+            total += float(answer_probabilities(run.policy, [prompt], [ids], tok.pad_token_id)[0])
+        assert float(p) == pytest.approx(total, rel=1e-4)  # float32 forwards
 
 
 def test_the_numeric_answer_span_is_the_number_itself():
@@ -113,7 +138,9 @@ def test_the_largest_value_task_has_disjoint_splits_and_its_answer_is_the_larges
     assert not set(sets[:400]) & set(sets[400:])
     for q in train + test:
         values = [int(v) for v in q.prompt.split(": ")[1].rstrip("?").split(", ")]
-        assert q.answer == str(max(values)) and task.candidates(q) == [q.answer]
+        assert q.answer == str(max(values))
+        assert task.candidates(q) == [q.answer, f" {q.answer}"]  # both forms state it
+        assert {task.stated(c) for c in task.candidates(q)} == {q.answer}
 
 
 def _samples_with_feedback(mode: str, fallback: str = "none"):

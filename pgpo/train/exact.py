@@ -192,12 +192,12 @@ def exact_per_question(
     task=None,
 ) -> dict[str, torch.Tensor]:
     """Per question ``[n]`` (float64): P(correct answer | student prompt + prefix), its tokens
-    teacher-forced. For multiple choice (``task`` None or one with several candidates) also the
-    same conditional on answering with one of the options' letters (P(correct) / sum of the
-    options' P), which format alone cannot raise, and whether the most likely letter is the
-    correct one (1 or 0); every option of every question is scored
-    (:func:`option_probabilities`). For a task with one candidate (a number): P(correct)
-    alone."""
+    teacher-forced, summed over the task's right candidates (:meth:`Task.candidates`: one
+    option letter; a number with and without a leading space). For multiple choice (``task``
+    None, or one whose candidates include wrong answers) also the same conditional on answering
+    with one of the options' letters (P(correct) / sum of the options' P), which format alone
+    cannot raise, and whether the most likely letter is the correct one (1 or 0); every option
+    of every question is scored (:func:`option_probabilities`)."""
     from pgpo.train.data import option_letters
 
     prompts, answers, owners = [], [], []
@@ -207,17 +207,18 @@ def exact_per_question(
             first, ids = answer_ids(tokenizer, prefix, answer)
             prompts.append(base + first)
             answers.append(ids)
-            owners.append((i, answer == q.answer))
+            right = answer == q.answer if task is None else task.stated(answer) == q.answer
+            owners.append((i, right))
     p = option_probabilities(policy, prompts, answers, tokenizer.pad_token_id)
     correct, given_letter, best = [], [], []
     for i in range(len(questions)):
         rows = [j for j, (owner, _) in enumerate(owners) if owner == i]
-        right = next(j for j in rows if owners[j][1])
-        total = float(p[rows].sum())
-        correct.append(float(p[right]))
-        given_letter.append(float(p[right]) / total if total > 0 else 0.0)
-        best.append(float(max(rows, key=lambda j: float(p[j])) == right))
-    choices = len(owners) > len(questions)  # some question has options to choose among
+        right = [j for j in rows if owners[j][1]]
+        total, p_right = float(p[rows].sum()), float(p[right].sum())
+        correct.append(p_right)
+        given_letter.append(p_right / total if total > 0 else 0.0)
+        best.append(float(owners[max(rows, key=lambda j: float(p[j]))][1]))
+    choices = not all(right for _, right in owners)  # some answer to choose against
     scores = (("p_correct", correct), ("p_correct_given_letter", given_letter),
               ("letter_accuracy", best))  # fmt: skip
     return {name: torch.tensor(values, dtype=torch.float64)

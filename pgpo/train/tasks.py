@@ -71,7 +71,8 @@ class Task:
         raise NotImplementedError
 
     def candidates(self, question: Question) -> list[str]:
-        """The answers exact evaluation scores, the gold one among them."""
+        """The answers exact evaluation scores, the gold one among them (written as it may
+        follow the prefix: :meth:`stated` reads each one right or wrong)."""
         raise NotImplementedError
 
     def wrong_answer(self, question: Question, rng: random.Random) -> str:
@@ -145,12 +146,15 @@ def number_text(value: Decimal) -> str:
 
 def _answer_region(text: str) -> tuple[int, int]:
     """The characters of what ``text`` gives as its answer: the last ``<answer>`` tag's content
-    (to the text's end when that tag is the last and unclosed: a response cut short), else the
-    last ``\\boxed{}``'s, else (no tag, no box) the whole text."""
+    (when that tag is the last and unclosed, the rest of its line: a response that wrote its
+    answer and went on without closing the tag, or was cut short), else the last
+    ``\\boxed{}``'s, else (no tag, no box) the whole text."""
     tags = answer_tags(text)
     opening = text.rfind("<answer>")
     if opening >= 0 and (not tags or tags[-1].start() < opening):
-        return opening + len("<answer>"), len(text)
+        start = opening + len("<answer>")
+        end = text.find("\n", start)
+        return start, len(text) if end < 0 else end
     if tags:
         return tags[-1].start(1), tags[-1].end(1)
     start = text.rfind("\\boxed{")
@@ -163,11 +167,11 @@ def _answer_region(text: str) -> tuple[int, int]:
 
 class Numeric(Task):
     """A number, compared as a number (``1000``, ``1e3``, ``1,000`` and ``1000.0`` are equal;
-    :func:`parse_number`), read from the last ``<answer>`` tag (an unclosed last one: to the
-    end), else the last ``\\boxed{}`` (braces may nest), else the whole response; what is read
-    must be a number and nothing else (``<answer>25 + 61 = 86`` states none). A wrong answer's
-    feedback says which way it is off ("Your answer 57 is too small."); a response with no
-    number says that."""
+    :func:`parse_number`), read from the last ``<answer>`` tag (an unclosed last one: the rest
+    of its line), else the last ``\\boxed{}`` (braces may nest), else the whole response; what
+    is read must be a number and nothing else (``<answer>25 + 61 = 86`` states none). A wrong
+    answer's feedback says which way it is off ("Your answer 57 is too small."); a response
+    with no number says that."""
 
     name = "numeric"
     system = NUMERIC_SYSTEM
@@ -203,7 +207,9 @@ class Numeric(Task):
         return start + lead, start + len(inner.rstrip())
 
     def candidates(self, question: Question) -> list[str]:
-        return [question.answer]
+        """The gold number as it may be written right after the prefix: as it is, and after a
+        space (``<answer> 78``); exact evaluation adds their probabilities."""
+        return [question.answer, f" {question.answer}"]
 
     def wrong_answer(self, question: Question, rng: random.Random) -> str:
         return number_text(Decimal(question.answer) + rng.choice((-2, -1, 1, 2)))
