@@ -36,7 +36,7 @@ import subprocess
 import sys
 import time
 
-from pgpo.cli_util import json_text
+from pgpo.outputs import json_text
 
 BETA, TOPK, TEMPERATURE = 0.5, 100, 1.0
 
@@ -108,8 +108,8 @@ def head_worker(
     same matmuls alone (``variant="floor"``), on seeded float32 inputs, after one warm-up."""
     import torch
 
-    from pgpo.cli_util import keep_freed_memory
     from pgpo.distill import head_divergence
+    from pgpo.malloc import keep_freed_memory
 
     if not glibc_defaults:
         keep_freed_memory()  # as `pgpo train` does at start-up

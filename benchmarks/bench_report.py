@@ -1,5 +1,5 @@
 """Speed of the SDE toolkit's NumPy work with glibc's default malloc against
-``pgpo.cli_util.keep_freed_memory`` (what ``pgpo-sde`` and ``pgpo-check`` set at start-up), on the
+``pgpo.malloc.keep_freed_memory`` (what ``pgpo-sde`` and ``pgpo-check`` set at start-up), on the
 quick report's costliest claim, C8 in the ballistic scaling (16 SDE references of 4,000 paths).
 
 Each side runs in a fresh process, one after the other, ``--repeats`` times alternating; the
@@ -24,7 +24,7 @@ import sys
 WORKER = """
 import json, sys, tempfile, time
 from pathlib import Path
-from pgpo.cli_util import keep_freed_memory
+from pgpo.malloc import keep_freed_memory
 if sys.argv[1] == "kept":
     keep_freed_memory()
 from pgpo.multiplier import MultiplierConfig

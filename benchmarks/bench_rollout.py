@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from pgpo.cli_util import json_text
+from pgpo.outputs import json_text
 
 RESULTS = Path(__file__).parent / "results" / "rollout.json"
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from pgpo.cli_util import json_text
+from pgpo.outputs import json_text
 from pgpo.train import checkpoint
 from pgpo.train.config import load_config
 from pgpo.train.loop import Run, modulation

@@ -33,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pgpo.cli_util import json_text
+from pgpo.outputs import json_text
 
 RESULTS = Path(__file__).parent / "results" / "vs_trl.json"
 HIDDEN, LAYERS, HEADS, HEAD_DIM = 128, 2, 2, 64
@@ -88,7 +88,7 @@ def _wait_for_turn() -> None:
 def pgpo_worker(model: Path, tokens: int, responses: int, defaults: bool) -> None:
     import torch
 
-    from pgpo.cli_util import keep_freed_memory
+    from pgpo.malloc import keep_freed_memory
     from pgpo.train.config import load_config
     from pgpo.train.loop import Run
 

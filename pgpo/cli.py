@@ -26,16 +26,14 @@ from pgpo.cli_util import (
     ArgumentParser,
     UserError,
     alpha_arg,
-    check_output,
-    json_text,
-    keep_freed_memory,
-    output_files,
     positive_float,
     positive_int,
     rho_max_arg,
     run,
 )
+from pgpo.malloc import keep_freed_memory
 from pgpo.multiplier import KINDS, MultiplierConfig, cap_point
+from pgpo.outputs import check_output, json_text, output_files
 from pgpo.train.config import Dtype
 
 

@@ -14,18 +14,10 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from pgpo.cli_util import (
-    ArgumentParser,
-    UserError,
-    alpha_arg,
-    json_text,
-    keep_freed_memory,
-    output_files,
-    positive_int,
-    rho_max_arg,
-    run,
-)
+from pgpo.cli_util import ArgumentParser, UserError, alpha_arg, positive_int, rho_max_arg, run
+from pgpo.malloc import keep_freed_memory
 from pgpo.multiplier import KINDS, MultiplierConfig
+from pgpo.outputs import json_text, output_files
 from proofs_checks.checks import Check, log_checks, problem_checks, read_metrics, rho_checks
 from proofs_checks.claims import Effort, all_claims
 from sde.problems import make_problem

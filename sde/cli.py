@@ -28,18 +28,16 @@ from pgpo.cli_util import (
     ArgumentParser,
     UserError,
     alpha_arg,
-    check_output,
-    json_text,
-    keep_freed_memory,
     nonnegative_float,
     nonnegative_int,
-    output_files,
     positive_float,
     positive_int,
     rho_max_arg,
     run,
 )
+from pgpo.malloc import keep_freed_memory
 from pgpo.multiplier import KINDS, MultiplierConfig
+from pgpo.outputs import check_output, json_text, output_files
 from sde.adamw import REGIMES, STARTS, AdamWScaling, adamw_weak_errors
 from sde.chains import gaussian_chain, minibatch_chain
 from sde.integrate import BrownianPath, euler_maruyama

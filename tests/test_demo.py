@@ -247,7 +247,7 @@ def test_one_process_builds_a_shared_cache_entry_the_others_wait_for_it(tmp_path
         f"""
         import sys, time
         from pathlib import Path
-        from pgpo.cli_util import output_files
+        from pgpo.outputs import output_files
         from pgpo.locking import one_writer
         folder = Path({str(folder)!r})
         time.sleep(float(sys.argv[1]))

@@ -260,7 +260,7 @@ def test_json_text_writes_non_finite_numbers_as_null():
 
     import numpy as np
 
-    from pgpo.cli_util import json_text
+    from pgpo.outputs import json_text
 
     data = {"loss": math.nan, "rho": 1.5, "e": [1.0, -math.inf, {"x": np.float64("inf")}], "n": 3}
     text = json_text(data)

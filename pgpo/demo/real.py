@@ -23,9 +23,9 @@ import sys
 import time
 from pathlib import Path
 
-from pgpo.cli_util import json_text
 from pgpo.demo.run import DemoPlan, quiet_transformers, run_all
 from pgpo.locking import exclusive
+from pgpo.outputs import json_text
 from pgpo.train.config import TrainConfig, load_config
 from pgpo.train.exact import mean_and_se
 

@@ -40,11 +40,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pgpo.cli_util import json_text
 from pgpo.demo.premise import premise_summary
 from pgpo.demo.real import CHANCE, LABELS, MODEL, PRESET, SCORES
 from pgpo.demo.run import DemoPlan, quiet_transformers, run_all
 from pgpo.locking import exclusive
+from pgpo.outputs import json_text
 from pgpo.train.config import TrainConfig, load_config
 from pgpo.train.data import LARGEST_NUMBER, make_splits, write_jsonl
 

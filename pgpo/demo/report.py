@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pgpo.cli_util import json_text
+from pgpo.outputs import json_text
 from pgpo.train.config import TrainConfig
 
 PIPELINE_TEACHER = ("ema", 0.05)  # the SDPO reference's teacher

@@ -14,9 +14,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pgpo.cli_util import default_cache
 from pgpo.demo.warmstart import WarmStartConfig, warm_start
 from pgpo.locking import exclusive, one_writer
+from pgpo.outputs import default_cache
 from pgpo.train.config import TrainConfig, load_config, to_dict
 from pgpo.train.data import make_splits, write_jsonl
 from pgpo.train.run_dir import finished

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pgpo.cli_util import json_text
 from pgpo.demo.premise import SIGNALS, plot_premise, premise_summary
 from pgpo.demo.report import plot, read_run, summarize
+from pgpo.outputs import json_text
 from pgpo.train.config import TrainConfig
 from pgpo.train.feedback import misleading_feedback
 

@@ -15,7 +15,7 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from pgpo.cli_util import json_text
+from pgpo.outputs import json_text
 
 BYTE_TOKENS = 256  # byte-level BPE: ids 0..255 are the single-byte symbols
 

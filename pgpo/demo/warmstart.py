@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from pgpo.cli_util import json_text, output_files
 from pgpo.demo.vocab import trim_tokenizer
+from pgpo.outputs import json_text, output_files
 from pgpo.train.data import LETTERS, Question, answer_text
 from pgpo.train.model import qwen3_tokenizer_dir, small_qwen3
 from pgpo.train.prompts import chat_text, messages, teacher_messages

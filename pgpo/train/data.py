@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pgpo.cli_util import json_text
+from pgpo.outputs import json_text
 
 LETTERS = "ABCDEFGH"
 # SciKnowEval's domains as the SDPO reference ships them: datasets/sciknoweval/<domain>/

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from pgpo.cli_util import json_text, output_files
+from pgpo.outputs import json_text, output_files
 from pgpo.train import checkpoint, lora
 from pgpo.train.config import ModelConfig, model_config
 from pgpo.train.model import TINY, from_pretrained, load_model, load_tokenizer, torch_dtype

@@ -25,7 +25,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pgpo.cli_util import ArgumentParser, UserError, json_text, run
+from pgpo.cli_util import ArgumentParser, UserError, run
+from pgpo.outputs import json_text
 
 TINY = ["--config", "tiny-cpu", "steps=2", "eval.every=2", "rollout.engine=vllm"]
 TINY += ["model.tiny_head_dim=64", "rollout.max_new_tokens=16", "output.overwrite=true"]

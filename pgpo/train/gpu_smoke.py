@@ -29,8 +29,9 @@ from pathlib import Path
 
 import yaml
 
-from pgpo.cli_util import ArgumentParser, UserError, json_text, positive_int, run
+from pgpo.cli_util import ArgumentParser, UserError, positive_int, run
 from pgpo.multiplier import MultiplierConfig
+from pgpo.outputs import json_text
 
 PRESETS = ("qwen3-8b-sdpo", "qwen3-8b-pgpo")
 

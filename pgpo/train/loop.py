@@ -17,9 +17,10 @@ import numpy as np
 import torch
 import yaml
 
-from pgpo.cli_util import Interrupted, json_text
+from pgpo.cli_util import Interrupted
 from pgpo.modulation import AlphaSchedule, Modulation
 from pgpo.optim import ModulatedOptimizer
+from pgpo.outputs import json_text
 from pgpo.train import checkpoint, distributed, lora
 from pgpo.train.config import RUN_RECORD, TrainConfig, to_dict
 from pgpo.train.data import QuestionSampler, fingerprint, load_split, split_specs

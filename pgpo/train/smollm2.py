@@ -12,8 +12,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from pgpo.cli_util import default_cache, output_files
 from pgpo.locking import one_writer
+from pgpo.outputs import default_cache, output_files
 
 NAME = "smollm2-135m-instruct"  # what model.path and model.tokenizer accept
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
