@@ -225,3 +225,15 @@ def test_the_documented_example_runs_as_written(tmp_path, monkeypatch, capsys):
     assert len(rows) == 2
     for info, rho in rows:
         assert rho == pytest.approx(min(math.exp(info), 2.0), rel=1e-9)
+
+
+def test_on_python_3_10_the_add_on_says_that_trl_needs_3_11(monkeypatch):
+    """pgpo[trl] installs nothing on Python 3.10 (TRL needs 3.11): importing the add-on there
+    says so, instead of asking to install what cannot be installed."""
+    import sys
+
+    import pgpo.integrations.trl as addon
+
+    monkeypatch.setattr(sys, "version_info", (3, 10, 14, "final", 0))
+    with pytest.raises(ImportError, match=r"TRL needs Python >= 3.11; this is Python 3.10"):
+        addon._check_trl()

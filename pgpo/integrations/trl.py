@@ -27,6 +27,7 @@ The math is this project's own: :mod:`pgpo.information` for Eq. 8, :mod:`pgpo.mu
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -40,6 +41,12 @@ TESTED = ("1.16.0", "1.17")  # the TRL versions the tests ran against: [1.16.0, 
 
 
 def _check_trl():
+    if sys.version_info < (3, 11):  # pgpo[trl] is empty there: say why instead of "no trl"
+        raise ImportError(
+            f"pgpo.integrations.trl needs TRL, and TRL needs Python >= 3.11; this is Python "
+            f"{sys.version_info[0]}.{sys.version_info[1]}, where pip install 'pgpo[trl]' installs "
+            "nothing"
+        )
     try:
         import trl
         from packaging.version import Version
