@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
 from pathlib import Path
@@ -40,13 +41,19 @@ def summarize(out: Path) -> dict:
         rows = [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines()]
         evals = [r for r in rows if "eval_p_correct" in r]
         steps = [r for r in rows if "loss" in r]
-        mean = lambda k: statistics.fmean(r[k] for r in steps if r.get(k) is not None)  # noqa: E731
+
+        def mean(key: str, steps: list[dict] = steps) -> float:
+            return statistics.fmean(r[key] for r in steps if r.get(key) is not None)
+
         summary[name] = {
             "p_correct_before": evals[0]["eval_p_correct"],
             "p_correct_after": evals[-1]["eval_p_correct"],
             "p_correct_after_se": evals[-1]["eval_p_correct_se"],
             "curve": [[r["step"], r["eval_p_correct"]] for r in evals],
-            "info_mean": mean("info"),
+            "info_mean": mean("info"),  # over every step (0 where nothing was trained)
+            "info_mean_trained": statistics.fmean(
+                [r["info"] for r in steps if not r.get("empty_target_batch")] or [math.nan]
+            ),  # over the steps that trained something
             "trained_share": 1 - mean("masked_share"),
             "feedback_share": mean("feedback_share") if "feedback_share" in steps[0] else 0.0,
             "reward_mean": mean("reward"),
