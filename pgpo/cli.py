@@ -250,6 +250,7 @@ def _cmd_real_study(args) -> int:
         plan.overrides = ["data.max_test=8", *plan.overrides]
     if args.steps:
         plan.steps = args.steps
+    plan.grid_steps = max(1, plan.steps // 2)  # the grid: half the steps, every method alike
     plan.__post_init__()  # the methods, checked again after --methods
     load_config(PRESET, plan.overrides)  # refuse bad overrides before any work
     check_output(plan.out)
