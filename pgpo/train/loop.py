@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import random
-import shutil
 import signal
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ from pgpo.cli_util import Interrupted
 from pgpo.modulation import AlphaSchedule, Modulation
 from pgpo.optim import ModulatedOptimizer
 from pgpo.outputs import json_text
-from pgpo.train import checkpoint, distributed, lora
+from pgpo.train import checkpoint, distributed, lora, run_state
 from pgpo.train.config import RUN_RECORD, TrainConfig, to_dict
 from pgpo.train.data import QuestionSampler, fingerprint, load_split, split_specs
 from pgpo.train.distributed import World
@@ -194,151 +193,22 @@ class Run:
                        temperature=t.temperature)  # fmt: skip
 
     def state(self) -> dict:
-        """Everything to continue from, whole tensors (under FSDP2 gathered: a collective).
-        With LoRA the policy is its adapters alone: the base is model.path's (or the seed's),
-        and only the adapters are gathered."""
-        if self.uses_lora:
-            weights = {"policy": lora.adapter_state(self.lm), "teacher": self.teacher.state_dict()}
-        elif self.world.distributed:
-            teacher = None
-            if self.cfg.teacher.mode != "live":
-                teacher = distributed.full_state_dict(self.teacher.lm)
-            weights = {"policy": distributed.full_state_dict(self.lm), "teacher": teacher}
-        else:
-            weights = {"policy": self.lm.state_dict(), "teacher": self.teacher.state_dict()}
-        if self.world.distributed:
-            weights["optimizer"] = distributed.full_optimizer_state(self.optimizer.optimizer)
-        else:
-            weights["optimizer"] = self.optimizer.state_dict()
-        return {**weights, **self._small_state()}
+        """Everything to continue from (:func:`pgpo.train.run_state.state`)."""
+        return run_state.state(self)
+
+    def load_state(self, state: dict) -> None:
+        run_state.load_state(self, state)
 
     def restore(self, path: Path, state: dict | None = None) -> None:
-        """Continue from a checkpoint folder written by :meth:`save` (``state``: its
-        ``state.pt``, when already read). A checkpoint that does not fit this run's model is
-        refused in one line."""
-        state = checkpoint.load(path) if state is None else state
-        try:
-            self._restore(path, state)
-        except (RuntimeError, KeyError) as err:  # shapes or names that do not match
-            reason = (str(err).strip().splitlines() or [repr(err)])[0]
-            raise checkpoint.CheckpointError(
-                f"{path} does not fit this run's model ({reason})"
-            ) from None
-
-    def _restore(self, path: Path, state: dict) -> None:
-        if state.get("sharded"):
-            if not self.world.distributed:
-                raise ValueError(
-                    f"{path} is a sharded checkpoint: load it under torchrun "
-                    "(torchrun -m pgpo.train, or -m pgpo.cli eval)"
-                )
-            shards = checkpoint.load_shards(path, self._shard_templates())
-            self._load_shards(shards)
-            self._load_rest(state)
-        else:
-            self.load_state(state)
+        """Continue from a checkpoint folder (:func:`pgpo.train.run_state.restore`)."""
+        run_state.restore(self, path, state)
 
     def save(self, folder: Path) -> None:
         """Checkpoint the current step into ``folder`` (every rank calls this)."""
-        if self.world.distributed and self.cfg.fsdp.checkpoint == "sharded":
-            checkpoint.save_sharded(
-                folder, self.step, self._small_state(), self._shard_templates(), self.world
-            )
-            return
-        state = self.state()  # a collective under FSDP2: every rank gathers
-        if self.world.main:
-            checkpoint.save(folder, self.step, state)
-        self.world.barrier()
+        run_state.save(self, folder)
 
     def save_best(self, folder: Path) -> None:
-        """Checkpoint the current step as the best one: ``folder/step_...``, the previous best
-        removed once the new one is complete."""
-        self.save(folder)
-        if self.world.main:
-            for older in checkpoint.candidates(folder)[1:]:
-                shutil.rmtree(older, ignore_errors=True)
-        self.world.barrier()
-
-    def _small_state(self) -> dict:
-        schedule = None if self.modulation is None else self.modulation.schedule.state_dict()
-        return {
-            "scheduler": self.scheduler.state_dict(),
-            "sampler": self.sampler.state_dict(),
-            "skipped": self.skipped,
-            "config": to_dict(self.cfg),
-            "alpha_schedule": schedule,
-            "guard": self.guard.state_dict(),
-            "step_seconds_total": self.step_seconds_total,
-            "data_fingerprint": self.data_fingerprint,
-            "resumes": self.resumes,
-        }
-
-    def _shard_templates(self) -> dict:
-        """This rank's shards of policy, optimizer and teacher (FSDP2 DTensors)."""
-        from torch.distributed.checkpoint.state_dict import (
-            get_model_state_dict,
-            get_optimizer_state_dict,
-        )
-
-        shards = {
-            "policy": get_model_state_dict(self.policy),
-            "optimizer": get_optimizer_state_dict(self.policy, self.optimizer.optimizer),
-        }
-        if self.cfg.teacher.mode != "live":
-            shards["teacher"] = get_model_state_dict(self.teacher.policy)
-        return shards
-
-    def _load_shards(self, shards: dict) -> None:
-        from torch.distributed.checkpoint.state_dict import (
-            set_model_state_dict,
-            set_optimizer_state_dict,
-        )
-
-        set_model_state_dict(self.policy, shards["policy"])
-        set_optimizer_state_dict(self.policy, self.optimizer.optimizer, shards["optimizer"])
-        if "teacher" in shards:
-            set_model_state_dict(self.teacher.policy, shards["teacher"])
-
-    def load_state(self, state: dict) -> None:
-        if self.uses_lora:
-            names = {n for n, _ in lora.adapters(self.lm)}
-            if set(state["policy"]) != names:
-                raise KeyError("its policy is not this run's LoRA adapters (model.lora)")
-        if self.world.distributed:
-            distributed.load_full_state_dict(self.lm, state["policy"], strict=not self.uses_lora)
-            if self.uses_lora:
-                self.teacher.load_state_dict(state["teacher"])
-            elif state["teacher"] is not None and self.cfg.teacher.mode != "live":
-                distributed.load_full_state_dict(self.teacher.lm, state["teacher"])
-            distributed.load_full_optimizer_state(self.optimizer.optimizer, state["optimizer"])
-        else:
-            self.lm.load_state_dict(state["policy"], strict=not self.uses_lora)
-            self.teacher.load_state_dict(state["teacher"])
-            self.optimizer.load_state_dict(state["optimizer"])
-        self._load_rest(state)
-
-    def _load_rest(self, state: dict) -> None:
-        self.engine.sync_weights(self.lm)
-        self.scheduler.load_state_dict(state["scheduler"])
-        self._learning_rate_from_config()
-        self.sampler.load_state_dict(state["sampler"])
-        self.skipped, self.step = state["skipped"], state["step"]
-        self.guard.load_state_dict(state.get("guard"))  # older checkpoints have neither
-        self.step_seconds_total = state.get("step_seconds_total", 0.0)
-        if self.modulation is not None and state.get("alpha_schedule") is not None:
-            self.modulation.schedule.load_state_dict(state["alpha_schedule"])
-        checkpoint.set_rng_state(state["rng"])
-
-    def _learning_rate_from_config(self) -> None:
-        """After a restore: optim.lr and the warmup of this run's config from the restored step
-        on, as a run started with them would have them at this step (the restored optimizer and
-        scheduler hold the values they were saved with; a resume may have changed them)."""
-        scheduler, lr = self.scheduler, self.cfg.optim.lr
-        scheduler.base_lrs = [lr for _ in scheduler.base_lrs]
-        for group, factor in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas):
-            group["initial_lr"] = lr
-            group["lr"] = lr * factor(scheduler.last_epoch)
-        scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+        run_state.save_best(self, folder)
 
     def next_questions(self) -> tuple[list, list[int] | None]:
         """This rank's slice of the next step's questions (every rank draws the same global
