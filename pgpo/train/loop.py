@@ -24,8 +24,7 @@ from pgpo.train import checkpoint, distributed, lora, run_state
 from pgpo.train.config import RUN_RECORD, TrainConfig, to_dict
 from pgpo.train.data import QuestionSampler, fingerprint, load_split, split_specs
 from pgpo.train.distributed import World
-from pgpo.train.evaluate import evaluate
-from pgpo.train.exact import edge_report, edge_sums, exact_scores, p_correct, p_correct_taught
+from pgpo.train.evaluate import evaluate_run, teacher_edge
 from pgpo.train.feedback import misleading_feedback
 from pgpo.train.forward import Policy
 from pgpo.train.guard import CollapseGuard
@@ -37,7 +36,7 @@ from pgpo.train.resume import (
     refuse_other_data,
     resumes_after,
 )
-from pgpo.train.rollout import RolloutEngine
+from pgpo.train.rollout import RolloutEngine, prompt_seed
 from pgpo.train.run_dir import FEEDBACK, METRICS, SAMPLES, RunDir
 from pgpo.train.sft import sft_step
 from pgpo.train.step import train_step
@@ -95,12 +94,6 @@ def modulation(cfg: TrainConfig) -> Modulation:
         window=p.schedule_window,
     )
     return Modulation(p.rho_max, p.kind, p.sharpness, p.granularity, p.combine_step, schedule)
-
-
-def prompt_seed(seed: int, step: int, index: int, stream: int) -> int:
-    """The RNG seed of question ``index`` (in the global batch) at ``step``; ``stream`` 0 for
-    training rollouts, 1 for evaluation. Independent of ranks and batching."""
-    return int(np.random.SeedSequence([seed, step, index, stream]).generate_state(1)[0])
 
 
 class Run:
@@ -251,70 +244,10 @@ class Run:
         e = self.cfg.eval
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.cfg.seed * 1_000_003 + self.step)
-            return self._evaluate(e)
-
-    def _evaluate(self, e) -> dict:
-        result = self._exact(e) if e.mode == "exact" else self._sampled(e)
-        if e.edge_questions:
-            result.update(self.teacher_edge(e.edge_questions))
-        return result
-
-    # Exact scores are computed by every rank on every question: under FSDP2 each forward is a
-    # collective, so all ranks must run the same ones (and the sums need no all-reduce).
-    def _exact(self, e) -> dict:
-        """Mean P(correct letter) over the test split, with its standard error (and the same
-        given a letter, and the most likely letter's accuracy: pgpo.train.exact)."""
-        return exact_scores(self.policy, self.tokenizer, self.test_data.questions,
-                            e.answer_prefix, self.cfg.rollout.max_prompt_tokens,
-                            e.per_question, self.task)  # fmt: skip
+            return evaluate_run(self, e)
 
     def teacher_edge(self, count: int) -> dict:
-        """The teacher's paired edge on the first ``count`` training questions (pgpo.train.exact),
-        the current teacher network against the current policy."""
-        questions = self.train_data.questions[:count]
-        prefix, t = self.cfg.eval.answer_prefix, self.cfg.teacher
-        p_s = p_correct(self.policy, self.tokenizer, questions, prefix,
-                        self.cfg.rollout.max_prompt_tokens)  # fmt: skip
-        p_t = p_correct_taught(self.teacher, self.policy, self.tokenizer, questions, prefix,
-                               t.max_reprompt_tokens)  # fmt: skip
-        report = edge_report(edge_sums(p_s, p_t))
-        report.pop("has_edge")
-        return report
-
-    def _sampled(self, e) -> dict:
-        # Each rank evaluates every size-th question; the averages are combined by weight.
-        questions = self.test_data.questions
-        mine = list(range(self.world.rank, len(questions), self.world.size))
-        seeds = None
-        if self.cfg.rollout.seed_per_prompt:
-            seeds = [prompt_seed(self.cfg.seed, self.step, i, 1) for i in mine]
-        result = evaluate(
-            self.engine,
-            self.tokenizer,
-            [questions[i] for i in mine],
-            e.n,
-            e.temperature,
-            e.top_p,
-            e.max_new_tokens,
-            self.cfg.rollout.max_prompt_tokens,
-            self.cfg.reward.leading_letter,
-            seeds,
-            self.cfg.rollout.response_prefix,
-            self.cfg.reward.committed_letter,
-            self.task,
-        )
-        if self.world.distributed:
-            count, score, formatted = self.world.sum(
-                [
-                    result["questions"],
-                    result["avg_at_k"] * result["questions"],
-                    result["format_rate"] * result["questions"],
-                ]
-            )
-            result.update(
-                avg_at_k=score / count, format_rate=formatted / count, questions=int(count)
-            )
-        return result
+        return teacher_edge(self, count)
 
 
 # A run whose steps are all skipped (non-finite loss, gradient or I_k) has diverged.

@@ -52,6 +52,14 @@ class RolloutEngine(Protocol):
         """Free what the engine holds (processes, GPU memory); called once, when the run ends."""
 
 
+def prompt_seed(seed: int, step: int, index: int, stream: int) -> int:
+    """The RNG seed of question ``index`` (in the global batch) at ``step``; ``stream`` 0 for
+    training rollouts, 1 for evaluation. Independent of ranks and batching."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, step, index, stream]).generate_state(1)[0])
+
+
 def stop_token_ids(tokenizer) -> list[int]:
     """Ids that end a response: EOS, ``<|im_end|>``, ``<|endoftext|>`` (those that exist)."""
     ids = {

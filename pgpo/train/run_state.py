@@ -1,4 +1,5 @@
-"""A run's checkpoint state: what :class:`pgpo.train.loop.Run` saves and restores.
+"""A run's checkpoint state: what :class:`pgpo.train.loop.Run` saves and restores (every
+function here takes that run, ``run``).
 
 Whole tensors in one ``state.pt`` (gathered by rank 0 under FSDP2), or per-rank shards
 (``fsdp.checkpoint: sharded``); with LoRA, the adapters alone. The file format itself is
@@ -9,16 +10,12 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from pgpo.train import checkpoint, distributed, lora
 from pgpo.train.config import to_dict
 
-if TYPE_CHECKING:
-    from pgpo.train.loop import Run
 
-
-def state(run: Run) -> dict:
+def state(run) -> dict:
     """Everything to continue from, whole tensors (under FSDP2 gathered: a collective).
     With LoRA the policy is its adapters alone: the base is model.path's (or the seed's),
     and only the adapters are gathered."""
@@ -38,7 +35,7 @@ def state(run: Run) -> dict:
     return {**weights, **small_state(run)}
 
 
-def restore(run: Run, path: Path, state: dict | None = None) -> None:
+def restore(run, path: Path, state: dict | None = None) -> None:
     """Continue from a checkpoint folder written by :meth:`save` (``state``: its
     ``state.pt``, when already read). A checkpoint that does not fit this run's model is
     refused in one line."""
@@ -52,7 +49,7 @@ def restore(run: Run, path: Path, state: dict | None = None) -> None:
         ) from None
 
 
-def _restore(run: Run, path: Path, state: dict) -> None:
+def _restore(run, path: Path, state: dict) -> None:
     if state.get("sharded"):
         if not run.world.distributed:
             raise ValueError(
@@ -66,7 +63,7 @@ def _restore(run: Run, path: Path, state: dict) -> None:
         load_state(run, state)
 
 
-def save(run: Run, folder: Path) -> None:
+def save(run, folder: Path) -> None:
     """Checkpoint the current step into ``folder`` (every rank calls this)."""
     if run.world.distributed and run.cfg.fsdp.checkpoint == "sharded":
         checkpoint.save_sharded(folder, run.step, small_state(run), shard_templates(run), run.world)
@@ -77,7 +74,7 @@ def save(run: Run, folder: Path) -> None:
     run.world.barrier()
 
 
-def save_best(run: Run, folder: Path) -> None:
+def save_best(run, folder: Path) -> None:
     """Checkpoint the current step as the best one: ``folder/step_...``, the previous best
     removed once the new one is complete."""
     save(run, folder)
@@ -87,7 +84,7 @@ def save_best(run: Run, folder: Path) -> None:
     run.world.barrier()
 
 
-def small_state(run: Run) -> dict:
+def small_state(run) -> dict:
     schedule = None if run.modulation is None else run.modulation.schedule.state_dict()
     return {
         "scheduler": run.scheduler.state_dict(),
@@ -102,7 +99,7 @@ def small_state(run: Run) -> dict:
     }
 
 
-def shard_templates(run: Run) -> dict:
+def shard_templates(run) -> dict:
     """This rank's shards of policy, optimizer and teacher (FSDP2 DTensors)."""
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
@@ -118,7 +115,7 @@ def shard_templates(run: Run) -> dict:
     return shards
 
 
-def load_shards(run: Run, shards: dict) -> None:
+def load_shards(run, shards: dict) -> None:
     from torch.distributed.checkpoint.state_dict import (
         set_model_state_dict,
         set_optimizer_state_dict,
@@ -130,7 +127,7 @@ def load_shards(run: Run, shards: dict) -> None:
         set_model_state_dict(run.teacher.policy, shards["teacher"])
 
 
-def load_state(run: Run, state: dict) -> None:
+def load_state(run, state: dict) -> None:
     if run.uses_lora:
         names = {n for n, _ in lora.adapters(run.lm)}
         if set(state["policy"]) != names:
@@ -149,7 +146,7 @@ def load_state(run: Run, state: dict) -> None:
     load_rest(run, state)
 
 
-def load_rest(run: Run, state: dict) -> None:
+def load_rest(run, state: dict) -> None:
     run.engine.sync_weights(run.lm)
     run.scheduler.load_state_dict(state["scheduler"])
     learning_rate_from_config(run)
@@ -162,7 +159,7 @@ def load_rest(run: Run, state: dict) -> None:
     checkpoint.set_rng_state(state["rng"])
 
 
-def learning_rate_from_config(run: Run) -> None:
+def learning_rate_from_config(run) -> None:
     """After a restore: optim.lr and the warmup of this run's config from the restored step
     on, as a run started with them would have them at this step (the restored optimizer and
     scheduler hold the values they were saved with; a resume may have changed them)."""
