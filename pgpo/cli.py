@@ -4,6 +4,7 @@ pgpo demo [--seeds N] [--collapse | --real]             SDPO vs PGPO on a small 
 pgpo study [--quick] [--methods ...] [--settings ...]    when modulation helps: methods x seeds
 pgpo study --real [--quick] [--seeds N] [--steps N]      the same on SmolLM2-135M: the verdict
 pgpo train --config PRESET|FILE [key=value ...]          training
+pgpo config [PRESET|FILE] [key=value ...] [--keys]       the resolved config, or every key
 pgpo eval --config ... --checkpoint DIR                  avg@k of a checkpoint
 pgpo teacher-check --config ... [--questions N]          does the teacher know more? (edge)
 pgpo sweep GRID.yaml [--print]                           a grid of runs (domain x method x ...)
@@ -34,7 +35,7 @@ from pgpo.cli_util import (
 from pgpo.malloc import keep_freed_memory
 from pgpo.multiplier import KINDS, MultiplierConfig, cap_point
 from pgpo.outputs import check_output, json_text, output_files
-from pgpo.train.config import Dtype
+from pgpo.train.config import PRESETS, Dtype
 
 
 def multiplier_report(alpha: float, rho_max: float, sharpness: float) -> list[dict]:
@@ -349,7 +350,9 @@ def build_parser() -> ArgumentParser:
     t.add_argument(
         "--config",
         required=True,
-        help="a YAML file or a preset name (tiny-cpu, qwen3-8b-sdpo, qwen3-8b-pgpo)",
+        help="a YAML file or a preset name ("
+        + ", ".join(p.stem for p in sorted(PRESETS.glob("*.yaml")))
+        + ")",
     )
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     t.add_argument(
