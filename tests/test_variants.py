@@ -145,7 +145,7 @@ def test_clipped_importance_weight_on_old_logprobs_is_the_formula(rollout_temper
     """With several updates per batch each token's loss carries min(p_now / p_old, is_cap),
     detached: the loss and its gradients equal the divergence with those weights, computed
     directly (p_now from the full logits at the rollout temperature)."""
-    from pgpo.train.step import distill_loss
+    from pgpo.train.loss import distill_loss
 
     cfg = load_config("tiny-cpu", ["loss.is_cap=2", f"rollout.temperature={rollout_temperature}",
                                    "loss.topk=3", "loss.chunk_size=3"])  # fmt: skip
@@ -175,13 +175,8 @@ def test_two_updates_per_batch_take_two_steps_with_clipped_weights(tmp_path):
     """optim.updates_per_batch=2: the batch's first mini-batch is trained at the rollout
     weights (ratio 1 to float32), the second after one AdamW step (ratios move), and AdamW
     has stepped twice."""
-    from pgpo.train.step import (
-        loss_and_entropies,
-        old_logprobs,
-        sample_rollouts,
-        score,
-        with_demonstrations,
-    )
+    from pgpo.train.loss import old_logprobs
+    from pgpo.train.step import loss_and_entropies, sample_rollouts, score, with_demonstrations
 
     cfg = load_config("tiny-cpu", [f"output.dir={tmp_path}", "eval.every=1000",
                                    "optim.updates_per_batch=2", "optim.lr=1e-2"])  # fmt: skip
