@@ -176,3 +176,44 @@ def misleading_metrics(verified, rewards, samples: list, world: World, sums) -> 
         "info_demo_right": sums.info_right / sums.weight_right if sums.weight_right else None,
         "info_demo_wrong": sums.info_wrong / sums.weight_wrong if sums.weight_wrong else None,
     }
+
+
+class PremiseRecord:
+    """The premise study's record of one step, in runs with misleading feedback
+    (:func:`misleading_feedback`): built before the update, it reads :func:`letter_signals`
+    (step 3b); after it, :meth:`metrics` gives :func:`misleading_metrics` and the step's
+    :func:`feedback_records` (gathered over ranks, under ``"feedback"``). In other runs
+    :func:`premise_record` gives :class:`NoRecord`, which adds nothing."""
+
+    def __init__(self, questions, verified, rewards, samples, teacher, student, tokenizer,
+                 cfg: TrainConfig, world: World) -> None:  # fmt: skip
+        self.questions, self.verified, self.rewards = questions, verified, rewards
+        self.samples = samples
+        self.threshold, self.world = cfg.teacher.success_threshold, world
+        self.signals = letter_signals(questions, samples, teacher, student, tokenizer,
+                                      cfg.loss.micro_batch, world)  # fmt: skip
+
+    def metrics(self, updates: list, sums) -> dict:
+        """The step's premise metrics and records, from its updates (``Update.gaps``) and sums."""
+        out = misleading_metrics(self.verified, self.rewards, self.samples, self.world, sums)
+        gaps = [g for u in updates for g in u.gaps]
+        records = feedback_records(self.questions, self.verified, self.samples, gaps,
+                                   self.signals, self.threshold)  # fmt: skip
+        return {**out, "feedback": self.world.gather(records)}
+
+
+class NoRecord:
+    """A run without misleading feedback: no premise record."""
+
+    def metrics(self, updates: list, sums) -> dict:
+        return {}
+
+
+def premise_record(cfg: TrainConfig, *args) -> PremiseRecord | NoRecord:
+    """:class:`PremiseRecord` (``args`` as its constructor's, after ``cfg``) in runs with
+    misleading feedback, else :class:`NoRecord`."""
+    if not misleading_feedback(cfg):
+        return NoRecord()
+    questions, verified, rewards, samples, teacher, student, tokenizer, world = args
+    return PremiseRecord(questions, verified, rewards, samples, teacher, student, tokenizer,
+                         cfg, world)  # fmt: skip

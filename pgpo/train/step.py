@@ -51,12 +51,10 @@ from pgpo.train.distributed import World, full
 from pgpo.train.exact import gold_demonstration
 from pgpo.train.feedback import (
     agreement_signal,
-    feedback_records,
     gap_by_demonstration,
-    letter_signals,
     misleading,
     misleading_feedback,
-    misleading_metrics,
+    premise_record,
     sample_gaps,
     success_agreement,
 )
@@ -98,10 +96,9 @@ def train_step(
     samples = with_demonstrations(questions, rollouts, rewards, tokenizer, cfg, task,  # 3.
                                   feedback)  # fmt: skip
     pad = tokenizer.pad_token_id
-    misled = misleading_feedback(cfg)
-    if misled:  # 3b. the premise's diagnostic: letter probabilities before the update
-        signals = letter_signals(questions, samples, teacher, policy, tokenizer,
-                                 cfg.loss.micro_batch, world)  # fmt: skip
+    # 3b. the premise study's record (misleading feedback only): letter probabilities now
+    premise = premise_record(cfg, questions, verified, rewards, samples, teacher, policy,
+                             tokenizer, world)  # fmt: skip
     parts = cfg.optim.updates_per_batch  # 4.-6. once per mini-batch (the reference: once)
     # Several updates: the policy's log-probs before the first, for the clipped IS weight.
     old = old_logprobs(samples, policy, pad, cfg) if parts > 1 else None
@@ -121,12 +118,7 @@ def train_step(
         metrics["feedback_share"] = told / count
     if cfg.pgpo.signal != "entropy_gap":  # info is that signal; Eq. 8 is logged beside it
         metrics["entropy_gap"] = sums.info
-    if misled:
-        metrics.update(misleading_metrics(verified, rewards, samples, world, sums))
-        gaps = [g for u in updates for g in u.gaps]
-        records = feedback_records(questions, verified, samples, gaps, signals,
-                                   cfg.teacher.success_threshold)  # fmt: skip
-        metrics["feedback"] = world.gather(records)
+    metrics.update(premise.metrics(updates, sums))
     metrics.update(
         lr=optimizer.param_groups[0]["lr"],
         rollout_seconds=rollouts.seconds,
