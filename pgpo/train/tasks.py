@@ -8,11 +8,11 @@ A task says
 - the answer a text states and where it stands (:meth:`Task.stated`, :meth:`Task.answer_span`),
   which demonstrations, the premise study and ``loss.positions: letter`` read;
 - the answers exact evaluation teacher-forces (:meth:`Task.candidates`): every option's letter,
-  or the gold number alone.
+  or the gold number as written with and without a leading space.
 
 Two are built in (``task: multiple_choice`` and ``task: numeric``). ``reward.function`` replaces a
-task's reward with the user's own Python, named in their own config (:func:`user_reward`);
-nothing read from data, checkpoints or exports is ever run.
+task's reward with the user's own Python, named in their own config (:class:`UserReward`, built
+by :func:`task_of`); nothing read from data, checkpoints or exports is ever run.
 """
 
 from __future__ import annotations
