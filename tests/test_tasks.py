@@ -83,7 +83,7 @@ def test_numeric_exact_evaluation_adds_the_gold_numbers_written_forms(tmp_path):
     from pgpo.train.loop import Run
     from pgpo.train.prompts import student_prompt
 
-    data = Path(__file__).resolve().parent.parent / "docs" / "examples" / "sums.jsonl"
+    data = Path(__file__).resolve().parent.parent / "examples" / "own_task" / "sums.jsonl"
     cfg = load_config("tiny-cpu", ["task=numeric", f"data.train={data}", f"data.test={data}",
                                    f"output.dir={tmp_path}"])  # fmt: skip
     run = Run(cfg)
@@ -365,9 +365,9 @@ def test_the_documented_example_runs_as_written(tmp_path, monkeypatch):
     page = (root / "docs" / "trainer.md").read_text()
     section = page[page.index("### Your own task") :]
     python = re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
-    assert python in (root / "docs" / "examples" / "my_reward.py").read_text()
+    assert python in (root / "examples" / "own_task" / "my_reward.py").read_text()
     row = re.search(r"```json\n(.*?)\n```", section, re.DOTALL).group(1)
-    assert row in (root / "docs" / "examples" / "sums.jsonl").read_text().splitlines()
+    assert row in (root / "examples" / "own_task" / "sums.jsonl").read_text().splitlines()
     command = next(line.strip() for line in section.splitlines()
                    if line.startswith("    pgpo train"))  # fmt: skip
     argv = shlex.split(command)[1:]

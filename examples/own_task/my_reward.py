@@ -1,4 +1,4 @@
-"""A reward for pgpo train (reward.function=docs/examples/my_reward.py:reward).
+"""A reward for pgpo train (reward.function=examples/own_task/my_reward.py:reward).
 
 Called as reward(prompt, response, row) for every sampled response: prompt is the question's
 user message, response the model's text, row the data row. Returns a score in [0, 1], or
