@@ -19,7 +19,7 @@ from proofs_checks.cli import build_parser as check_parser
 from sde.cli import build_parser as sde_parser
 
 ROOT = Path(__file__).resolve().parent.parent
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+PAGES = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").glob("*.md"))]
 PROGRAMS = ("pgpo ", "pgpo-sde ", "pgpo-check ", "torchrun ", "python -m pgpo.")
 
 
