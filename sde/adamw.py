@@ -71,15 +71,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from pgpo.multiplier import MultiplierConfig
-from sde.chains import draw_batches
+from sde.chains import minibatch_signals
 from sde.integrate import BrownianPath, Solution, _mark_diverged, euler_maruyama
 from sde.models import (
-    INFO_SOURCES,
+    ADAMW_INFO_SOURCES,
     Multiplier,
     SDEModel,
     as_multiplier,
     batch_covariance,
     batch_distribution,
+    check_info_source,
     example_mean,
     sqrtm_psd,
 )
@@ -186,8 +187,7 @@ def adamw_chain(
     replace_: bool = True,
 ) -> Solution:
     """Modulated AdamW on ``paths`` paths for ``round(horizon / time_step(eta))`` steps."""
-    if info_source not in ("same-batch", "full"):
-        raise ValueError(f"info source must be same-batch or full, got {info_source!r}")
+    check_info_source(info_source, ADAMW_INFO_SOURCES)
     rho = as_multiplier(multiplier)
     hp = scaling.hyper(eta)
     steps = max(1, round(horizon / scaling.time_step(eta)))
@@ -197,18 +197,13 @@ def adamw_chain(
     if scaling.start == "warm":
         m0, v0 = _warm_moments(problem, problem.theta0, batch_size, replace_, hp["noise"])
         m, v = m + m0, v + v0
-    rows = np.arange(paths)[:, None]
     diverged = np.zeros(paths, dtype=bool)
     with np.errstate(all="ignore"):
         for k in range(1, steps + 1):
-            fields, infos = problem.fields_and_infos(theta)
-            batch = draw_batches(rng, paths, problem.n, batch_size, replace_)
+            fields, g_hat, info = minibatch_signals(problem, theta, rng, batch_size, replace_,
+                                                    info_source)  # fmt: skip
             grad = example_mean(fields)
-            g = grad + hp["noise"] * (example_mean(fields[rows, batch]) - grad)
-            if info_source == "same-batch":
-                info = example_mean(infos[rows, batch])
-            else:
-                info = example_mean(infos)
+            g = grad + hp["noise"] * (g_hat - grad)  # the regime's gradient-noise scale
             theta, m, v = adamw_update(
                 theta, m, v, g, rho(info), k, eta, hp["beta1"], hp["beta2"], hp["eps"],
                 hp["weight_decay"], bias_correction=scaling.start == "cold",
@@ -230,8 +225,7 @@ def adamw_sde(
 ) -> tuple[SDEModel, np.ndarray]:
     """The regime's limit equation on the state ``z = [theta, m, v]`` ``[P, 3d]`` (theta alone
     for the fixed regime's ODE), and its initial state. Only the ballistic SDE depends on eta."""
-    if info_source not in ("same-batch", "full"):
-        raise ValueError(f"info source must be same-batch or full, got {info_source!r}")
+    check_info_source(info_source, ADAMW_INFO_SOURCES)
     rho = as_multiplier(multiplier)
     d, regime, cold = problem.d, scaling.regime, scaling.start == "cold"
     if info_source == "same-batch":  # the distinct batches [nB, N] and their probabilities [nB]
@@ -339,8 +333,7 @@ def adamw_weak_errors(
     eta; the fixed regime's ODE on one path. ``progress(label)`` is called once per eta;
     ``workers`` > 1 computes the etas in that many processes, with the same results (each eta has
     its own seeds)."""
-    if info_source not in INFO_SOURCES or info_source == "independent-batch":
-        raise ValueError(f"info source must be same-batch or full, got {info_source!r}")
+    check_info_source(info_source, ADAMW_INFO_SOURCES)
     for fn in test_fns:
         if fn not in TEST_FUNCTIONS:
             raise ValueError(

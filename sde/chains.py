@@ -20,7 +20,7 @@ import numpy as np
 
 from pgpo.multiplier import MultiplierConfig
 from sde.integrate import BrownianPath, Solution, _mark_diverged, euler_maruyama
-from sde.models import INFO_SOURCES, Multiplier, as_multiplier, example_mean, make_model
+from sde.models import Multiplier, as_multiplier, check_info_source, example_mean, make_model
 from sde.problems import Problem
 
 
@@ -29,6 +29,33 @@ def draw_batches(rng: np.random.Generator, paths: int, n: int, b: int, replace: 
     if replace:
         return rng.integers(0, n, size=(paths, b))
     return np.argsort(rng.random((paths, n)), axis=1)[:, :b]
+
+
+def minibatch_signals(
+    problem: Problem,
+    theta: np.ndarray,
+    rng: np.random.Generator,
+    batch_size: int,
+    replace: bool,
+    info_source: str,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One step's draw at ``theta`` ``[paths, d]``: the per-example fields ``[paths, n, d]``, the
+    minibatch gradient ``[paths, d]`` (the mean over a batch of ``batch_size`` examples per
+    path) and I ``[paths]`` from ``info_source``: the same batch, a second independent batch
+    (drawn after the first), or all n examples."""
+    paths = theta.shape[0]
+    rows = np.arange(paths)[:, None]
+    fields, infos = problem.fields_and_infos(theta)
+    batch = draw_batches(rng, paths, problem.n, batch_size, replace)
+    g_hat = example_mean(fields[rows, batch])
+    if info_source == "same-batch":
+        info = example_mean(infos[rows, batch])
+    elif info_source == "independent-batch":
+        other = draw_batches(rng, paths, problem.n, batch_size, replace)
+        info = example_mean(infos[rows, other])
+    else:
+        info = example_mean(infos)
+    return fields, g_hat, info
 
 
 def minibatch_chain(
@@ -45,29 +72,17 @@ def minibatch_chain(
     record: bool = False,
 ) -> Solution:
     """Run discrete PGPO (or SGD) for ``steps`` steps on ``paths`` independent paths."""
-    if info_source not in INFO_SOURCES:
-        raise ValueError(
-            f"unknown info source {info_source!r}; choose from {', '.join(INFO_SOURCES)}"
-        )
+    check_info_source(info_source)
     rho = as_multiplier(multiplier)
     rng = np.random.default_rng(seed)
     start = problem.theta0 if theta0 is None else theta0
     theta = np.array(np.broadcast_to(np.asarray(start, float), (paths, problem.d)))
-    rows = np.arange(paths)[:, None]
     diverged = np.zeros(paths, dtype=bool)
     path = [theta.copy()] if record else None
     with np.errstate(all="ignore"):
         for _ in range(steps):
-            fields, infos = problem.fields_and_infos(theta)
-            batch = draw_batches(rng, paths, problem.n, batch_size, replace)
-            g_hat = example_mean(fields[rows, batch])
-            if info_source == "same-batch":
-                info = example_mean(infos[rows, batch])
-            elif info_source == "independent-batch":
-                other = draw_batches(rng, paths, problem.n, batch_size, replace)
-                info = example_mean(infos[rows, other])
-            else:
-                info = example_mean(infos)
+            _, g_hat, info = minibatch_signals(problem, theta, rng, batch_size, replace,
+                                               info_source)  # fmt: skip
             theta -= eta * rho(info)[:, None] * g_hat
             _mark_diverged(theta, diverged)
             if record:

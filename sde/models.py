@@ -41,6 +41,15 @@ from sde.problems import Problem
 
 MODELS = ("paper", "printed", "unbatched", "scaled", "matched", "ode", "second-order")
 INFO_SOURCES = ("same-batch", "independent-batch", "full")
+ADAMW_INFO_SOURCES = ("same-batch", "full")  # the AdamW chain and its limits
+
+
+def check_info_source(source: str, allowed: tuple[str, ...] = INFO_SOURCES) -> str:
+    """``source`` when it is one of ``allowed``, else a one-line ValueError naming them."""
+    if source not in allowed:
+        raise ValueError(f"unknown info source {source!r}; choose from {', '.join(allowed)}")
+    return source
+
 
 Multiplier = Callable[[np.ndarray], np.ndarray]
 
@@ -195,10 +204,7 @@ def make_model(
     """Build SDE model ``name`` for PGPO on ``problem`` at learning rate ``eta``."""
     if name not in MODELS:
         raise ValueError(f"unknown SDE model {name!r}; choose from {', '.join(MODELS)}")
-    if info_source not in INFO_SOURCES:
-        raise ValueError(
-            f"unknown info source {info_source!r}; choose from {', '.join(INFO_SOURCES)}"
-        )
+    check_info_source(info_source)
     if not 1 <= batch_size <= (10**9 if replace else problem.n):
         raise ValueError(
             f"batch size must be in [1, {problem.n}] without replacement, got {batch_size}"
