@@ -18,8 +18,9 @@ surrogate's, not a KL.
 Over the full vocabulary, or over the student's top-k tokens (indices of the student's
 temperature-scaled logits, teacher gathered at the same indices, true log-probs normalised over
 the full vocabulary) with an optional tail bucket holding the remaining mass
-``log(1 - sum_k p)``, computed as the log-sum-exp of the log-probs outside the top-k (exact even
-when the top-k mass rounds to 1); without the tail both top-k sets are renormalised. Logits must
+``log(1 - sum_k p)``, computed as ``log1p(-sum_k p)`` where the top-k hold less than half the mass
+and as the log-sum-exp of the log-probs outside them elsewhere (exact even when the top-k mass
+rounds to 1); without the tail both top-k sets are renormalised. Logits must
 be finite.
 
 Memory: logits are processed in chunks of tokens. When the student needs a gradient, each
@@ -58,8 +59,17 @@ __all__ = [
 
 
 def _tail(log_p: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """log of the probability mass outside ``index``: ``[n, V], [n, k] -> [n, 1]`` (k < V)."""
-    return log_p.scatter(-1, index, float("-inf")).logsumexp(-1, keepdim=True)
+    """log of the probability mass outside ``index``: ``[n, V], [n, k] -> [n, 1]`` (k < V).
+
+    Each row from whichever form does not cancel: ``log1p(-P_k)`` where the top-k hold less
+    than half the mass (a sum of the ~V small terms outside would carry float32's error ~V
+    times), the log-sum-exp of the log-probs outside where they hold more (``1 - P_k`` cancels
+    there, and is 0 where P_k rounds to 1)."""
+    inside = log_p.gather(-1, index).logsumexp(-1, keepdim=True)
+    outside = log_p.scatter(-1, index, float("-inf")).logsumexp(-1, keepdim=True)
+    # The clamp keeps the branch not taken finite, so that its zero gradient is not NaN.
+    small = torch.log1p(-inside.clamp(max=-math.log(2.0)).exp())
+    return torch.where(inside < -math.log(2.0), small, outside)
 
 
 def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -377,6 +387,7 @@ class _HeadDivergence(torch.autograd.Function):
         loss = torch.zeros((), dtype=torch.float64, device=h_s.device)
         h_stu = torch.zeros(n, dtype=torch.float32, device=h_s.device)
         h_tea = torch.zeros(n, dtype=torch.float32, device=h_s.device)
+        per_token = torch.zeros(n, dtype=torch.float32, device=h_s.device)
         grad_h = torch.zeros_like(h_s) if needs_grad else None
         grad_w = (
             torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
@@ -401,16 +412,17 @@ class _HeadDivergence(torch.autograd.Function):
                 grad_h[chunk.rows] = (g.to(weight.dtype) @ weight).to(grad_h.dtype)
                 grad_w.addmm_(g.T, chunk.student_rows.float())  # in place: no [V, H] temporary
             loss += chunk.total.double()
+            per_token[chunk.rows] = chunk.divergence.float()
             if with_entropy:
                 h_stu[chunk.rows], h_tea[chunk.rows] = chunk.entropies
         if needs_grad:
             ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
-        ctx.mark_non_differentiable(h_stu, h_tea)
-        return loss.float(), h_stu, h_tea
+        ctx.mark_non_differentiable(h_stu, h_tea, per_token)
+        return loss.float(), h_stu, h_tea, per_token
 
     @staticmethod
-    def backward(ctx, grad_out, _grad_h_stu, _grad_h_tea):
+    def backward(ctx, grad_out, _grad_h_stu, _grad_h_tea, _grad_per_token):
         grad_h, grad_w = ctx.saved_tensors
         # One gradient per forward input: hidden states and head weight; the rest are constants.
         return (grad_out * grad_h, (grad_out * grad_w).to(ctx.weight_dtype)) + (None,) * 7
@@ -430,7 +442,8 @@ def head_divergence(
     return_entropies: bool = True,
     mode: str = "logits",
     targets: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return_per_token: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """The weighted divergence ``sum_t w_t d_t`` from hidden states, the LM head fused in.
 
     student_hidden ``[..., T, H]`` and head ``[V, H]`` (no bias); teacher_hidden
@@ -440,8 +453,9 @@ def head_divergence(
     loss). Returns (loss, H_student ``[..., T]``, H_teacher ``[..., T]``): the scalar loss,
     differentiable w.r.t. the student's hidden states and head weight, and the per-token
     full-vocabulary entropies (Eq. 8, no gradient; zeros without ``return_entropies``, which
-    skips their pass). Peak extra memory is O(chunk_size x V),
-    whatever T is: full-vocabulary logits never exist for a whole sequence.
+    skips their pass). With ``return_per_token`` a fourth tensor ``[..., T]``: each token's
+    divergence ``d_t`` (no gradient; 0 where ``w_t = 0``), for logging. Peak extra memory is
+    O(chunk_size x V), whatever T is: full-vocabulary logits never exist for a whole sequence.
     """
     spec = DivergenceSpec(float(beta), topk, add_tail, float(temperature), mode)
     vocab = head_weight.shape[0]
@@ -458,7 +472,7 @@ def head_divergence(
         )
     if mode == "sampled_token" and (targets is None or tuple(targets.shape) != token_shape):
         raise ValueError(f"mode sampled_token needs targets of shape {token_shape}")
-    loss, h_s, h_t = _HeadDivergence.apply(
+    loss, h_s, h_t, per_token = _HeadDivergence.apply(
         student_hidden.reshape(-1, student_hidden.shape[-1]),
         head_weight,
         teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]),
@@ -469,7 +483,8 @@ def head_divergence(
         chunk_size,
         return_entropies,
     )
-    return loss, h_s.reshape(token_shape), h_t.reshape(token_shape)
+    out = (loss, h_s.reshape(token_shape), h_t.reshape(token_shape))
+    return (*out, per_token.reshape(token_shape)) if return_per_token else out
 
 
 def top_p_log_probs(logits: torch.Tensor, top_p: float) -> torch.Tensor:
