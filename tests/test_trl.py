@@ -19,6 +19,7 @@ if sys.version_info < (3, 11):  # TRL needs Python 3.11; everywhere else a missi
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 from datasets import Dataset  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
 from trl.experimental.sdpo import SDPOConfig, SDPOTrainer  # noqa: E402
 
 from pgpo.information import entropy_gap  # noqa: E402
@@ -97,20 +98,39 @@ def logged(t, key) -> list[float]:
     return [row[key] for row in t.state.log_history if key in row]
 
 
+def assert_close_weights(a, b, start) -> None:
+    """The same weights up to the gradients' float32 rounding: AdamW moves a weight by about
+    lr g / (|g| + eps), so a gradient near eps carries its rounding into the step almost whole;
+    the bound is 1 % of the largest move from ``start``."""
+    pa, pb = a.model.state_dict(), b.model.state_dict()
+    moved = max((pb[k] - start[k]).abs().max().item() for k in pb)
+    apart = max((pa[k] - pb[k]).abs().max().item() for k in pa)
+    assert moved > 1e-4 and apart <= 1e-2 * moved
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["trl-loss", "fused"])
 @pytest.mark.parametrize("accumulation", [1, 2])
-def test_rho_one_is_plain_sdpo_bit_for_bit(tmp_path, model_dir, accumulation):
+def test_rho_one_is_plain_sdpo(tmp_path, model_dir, accumulation, fused):
+    """With TRL's own loss, bit for bit; with the fused loss, to the gradients' rounding."""
+    from transformers import AutoModelForCausalLM
+
     args = dict(
         gradient_accumulation_steps=accumulation, per_device_train_batch_size=4 // accumulation
     )
     plain = trainer(SDPOTrainer, model_dir, config(tmp_path / "plain", **args))
     plain.train()
-    ones = PGPOSettings(kind="floored", rho_max=1.0)
+    ones = PGPOSettings(kind="floored", rho_max=1.0, fused_loss=fused)
     pgpo = trainer(PGPOSDPOTrainer, model_dir, config(tmp_path / "pgpo", **args), pgpo=ones)
     pgpo.train()
     assert logged(pgpo, "pgpo/rho") == [1.0, 1.0]
     # I_k measured (float32 noise on a 12-nat entropy is ~1e-6), and rho clipped to 1.
     assert all(abs(i) > 1e-5 for i in logged(pgpo, "pgpo/info"))
-    assert_identical(plain, pgpo)
+    if fused:
+        assert_close_weights(
+            pgpo, plain, AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
+        )
+    else:
+        assert_identical(plain, pgpo)
 
 
 class ForcedRho(PGPOSDPOTrainer):
@@ -126,7 +146,8 @@ def test_a_forced_rho_equals_plain_sdpo_at_lr_times_rho(tmp_path, model_dir):
     one = dict(max_steps=1)
     plain = trainer(SDPOTrainer, model_dir, config(tmp_path / "p", learning_rate=2.5e-3, **one))
     plain.train()
-    forced = trainer(ForcedRho, model_dir, config(tmp_path / "f", learning_rate=1e-3, **one))
+    forced = trainer(ForcedRho, model_dir, config(tmp_path / "f", learning_rate=1e-3, **one),
+                     pgpo=PGPOSettings(fused_loss=False))  # fmt: skip
     forced.train()
     assert logged(forced, "pgpo/rho") == [2.5]
     assert logged(forced, "learning_rate") == [1e-3]  # the logged rate is the unscaled one
@@ -156,7 +177,8 @@ def _joined(parts):
 @pytest.mark.parametrize("reduction", ["token_mean", "seq_mean"])
 def test_logged_info_is_eq8_on_trls_logits_pooled_over_accumulation(tmp_path, model_dir, reduction):
     args = config(tmp_path, gradient_accumulation_steps=2, per_device_train_batch_size=2)
-    t = trainer(Recording, model_dir, args, pgpo=PGPOSettings(info_reduction=reduction))
+    t = trainer(Recording, model_dir, args,
+                pgpo=PGPOSettings(info_reduction=reduction, fused_loss=False))  # fmt: skip
     t.seen = []
     t.train()
     infos, rhos = logged(t, "pgpo/info"), logged(t, "pgpo/rho")
@@ -237,3 +259,139 @@ def test_on_python_3_10_the_add_on_says_that_trl_needs_3_11(monkeypatch):
     monkeypatch.setattr(sys, "version_info", (3, 10, 14, "final", 0))
     with pytest.raises(ImportError, match=r"TRL needs Python >= 3.11; this is Python 3.10"):
         addon._check_trl()
+
+
+# The fused loss: TRL's distillation loss from hidden states through pgpo's head.
+
+
+def prepared(t, old_logps_shift: float | None = None):
+    """One training batch as TRL prepares it (rollouts, rewards, teacher context), with the
+    model in training mode; ``old_logps_shift``: rollout log-probs that differ from the current
+    ones by a seeded shift of this size, so that the IS clip acts on some tokens."""
+    t.model.train()
+    t.current_gradient_accumulation_steps = 1
+    inputs = t._prepare_inputs(next(iter(t.get_train_dataloader())))
+    if old_logps_shift is not None:
+        with torch.no_grad():
+            d = SDPOTrainer._compute_teacher_student_logits(t, t.model, t.teacher_model, inputs)
+            now = torch.log_softmax(d.student_logits, -1).gather(
+                -1, inputs["completion_ids"].unsqueeze(-1)).squeeze(-1)  # fmt: skip
+        g = torch.Generator().manual_seed(0)
+        inputs["old_per_token_logps"] = now + old_logps_shift * torch.randn(now.shape, generator=g)
+    return inputs
+
+
+def loss_and_grads(t, inputs, compute_loss):
+    t.model.zero_grad()
+    loss = compute_loss(t, t.model, inputs)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in t.model.named_parameters() if p.grad is not None}
+    metric = t._metrics["train"]["self_distillation/distillation_loss"][-1]
+    return loss.item(), grads, metric
+
+
+def assert_same_loss_and_grads(t, inputs) -> None:
+    """The fused path against TRL's own ``SDPOTrainer.compute_loss`` on the same batch and
+    weights: the loss to 1e-5 relative, each gradient to 1e-4 of its largest entry, TRL's
+    logged distillation loss to 1e-5."""
+    assert t._fused
+    fused, fused_grads, fused_metric = loss_and_grads(t, inputs, PGPOSDPOTrainer.compute_loss)
+    assert t._fused  # the first batch's check of the hidden states passed
+    stock, stock_grads, stock_metric = loss_and_grads(t, inputs, SDPOTrainer.compute_loss)
+    assert abs(stock) > 1e-4  # a loss that can differ
+    assert fused == pytest.approx(stock, rel=1e-5)
+    assert fused_metric == pytest.approx(stock_metric, rel=1e-5)
+    assert fused_grads.keys() == stock_grads.keys() and fused_grads
+    for name, g in stock_grads.items():
+        scale = g.abs().max().item()
+        assert (fused_grads[name] - g).abs().max().item() <= 1e-4 * scale + 1e-12, name
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(distillation_mode="full_logits", distillation_alpha=0.0),
+        dict(distillation_mode="full_logits", distillation_alpha=0.5),
+        dict(distillation_mode="full_logits", distillation_alpha=1.0),
+        dict(distillation_mode="topk_logits", distillation_topk=8, distillation_add_tail=True),
+        dict(
+            distillation_mode="topk_logits",
+            distillation_topk=8,
+            distillation_add_tail=False,
+            distillation_alpha=0.5,
+        ),  # fmt: skip
+        dict(distillation_mode="sampled_token"),
+        dict(distillation_mode="full_logits", temperature=0.7, loss_type="grpo"),
+    ],
+    ids=["full-a0", "full-a0.5", "full-a1", "topk-tail", "topk-no-tail-a0.5", "sampled", "temp"],
+)
+@pytest.mark.parametrize("is_clip", [None, 1.2], ids=["no-clip", "clip"])
+def test_the_fused_loss_equals_trls_loss_and_gradients(tmp_path, model_dir, overrides, is_clip):
+    args = config(tmp_path, distillation_is_clip=is_clip, **overrides)
+    t = trainer(PGPOSDPOTrainer, model_dir, args)
+    inputs = prepared(t, old_logps_shift=0.5)
+    if is_clip is not None:  # the clip binds on some tokens and not on others
+        assert inputs["old_per_token_logps"] is not None
+    assert_same_loss_and_grads(t, inputs)
+
+
+def test_the_fused_loss_equals_trls_with_lora_and_a_base_teacher(tmp_path, model_dir):
+    from peft import LoraConfig
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    args = config(tmp_path, teacher_model_kind="base", distillation_mode="full_logits")
+    t = trainer(PGPOSDPOTrainer, model_dir, args, peft_config=lora)
+    inputs = prepared(t)
+    assert_same_loss_and_grads(t, inputs)
+    assert all("lora" in n for n in loss_and_grads(t, inputs, PGPOSDPOTrainer.compute_loss)[1])
+
+
+class Events(TrainerCallback):
+    """Records TRL's self-distillation callbacks' tensors."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_teacher_context_built(self, **payload):
+        self.seen.append(("teacher", {k: v.clone() for k, v in payload.items()
+                                      if isinstance(v, torch.Tensor)}))  # fmt: skip
+
+    def on_self_distillation_batch_prepared(self, **payload):
+        self.seen.append(("batch", {k: v.clone() for k, v in payload.items()
+                                    if isinstance(v, torch.Tensor)}))  # fmt: skip
+
+
+def test_under_the_fused_loss_trls_training_is_otherwise_unchanged(tmp_path, model_dir):
+    """One optimizer step of two accumulated micro-batches, fused and TRL's own loss: the same
+    callbacks with the same tensors (teacher context, batch), the same I_k, rho and logged
+    distillation loss, and the same weights up to the gradients' float32 rounding."""
+    runs = {}
+    for fused in (True, False):
+        events = Events()
+        args = config(tmp_path / str(fused), gradient_accumulation_steps=2, max_steps=1,
+                      per_device_train_batch_size=2, distillation_mode="full_logits")  # fmt: skip
+        t = trainer(PGPOSDPOTrainer, model_dir, args, pgpo=PGPOSettings(fused_loss=fused),
+                    callbacks=[events])  # fmt: skip
+        t.train()
+        assert t._fused == fused
+        runs[fused] = (t, events.seen)
+    (fused, seen_f), (stock, seen_s) = runs[True], runs[False]
+    assert [k for k, _ in seen_f] == [k for k, _ in seen_s] and len(seen_f) >= 2
+    for (_, a), (_, b) in zip(seen_f, seen_s):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert logged(fused, "pgpo/info") == pytest.approx(logged(stock, "pgpo/info"), abs=2e-6)
+    assert logged(fused, "pgpo/rho") == pytest.approx(logged(stock, "pgpo/rho"), rel=1e-5)
+    loss_f = logged(fused, "self_distillation/distillation_loss")
+    assert loss_f == pytest.approx(logged(stock, "self_distillation/distillation_loss"), rel=1e-5)
+    from transformers import AutoModelForCausalLM
+
+    assert_close_weights(fused, stock, AutoModelForCausalLM.from_pretrained(model_dir).state_dict())
+
+
+def test_a_setting_without_a_fused_path_warns_and_runs_trls_loss(tmp_path, model_dir):
+    args = config(tmp_path, distillation_weight=0.5, max_steps=1)
+    with pytest.warns(UserWarning, match=r"TRL's own distillation loss: distillation_weight=0.5"):
+        t = trainer(PGPOSDPOTrainer, model_dir, args)
+    assert not t._fused
+    t.train()
+    assert len(logged(t, "pgpo/rho")) == 1

@@ -16,6 +16,19 @@ Logged into TRL's logs: ``pgpo/info``, ``pgpo/rho``, ``pgpo/alpha``, ``pgpo/entr
 ``rho = 1``, an unmodulated step, since the callback cannot undo TRL's own step). A step with no
 distilled token (TRL returns a zero loss) has no signal: ``I_k = 0`` and ``rho = rho(0)``.
 
+The distillation loss itself runs through pgpo's fused head (:func:`pgpo.distill.head_divergence`)
+by default: both models return their last hidden states, the LM head is applied a few tokens at a
+time inside the loss, and ``[B, T, V]`` logits never exist for the student or the teacher. The
+same pass gives Eq. 8's entropies. It computes TRL's loss for every ``distillation_mode``
+(``full_logits``, ``topk_logits`` with or without ``distillation_add_tail``, ``sampled_token``),
+every ``distillation_alpha``, the IS clip (``distillation_is_clip``) and TRL's reduction (token
+mean per sequence, then the batch mean), with TRL's logged ``self_distillation/distillation_loss``.
+Where it cannot (``distillation_weight`` below 1, whose policy loss needs the student's logits; a
+model that takes no ``logits_to_keep``; an LM head with a bias or adapter; a model whose last
+hidden state is not its head's input, found by a check on the first batch) the trainer says so in
+one warning that names the reason and runs TRL's own loss. ``PGPOSettings(fused_loss=False)``
+turns it off.
+
 Refused in one line, where PGPO cannot work: DeepSpeed (its optimizer steps inside the backward
 call), ``use_teacher_server`` (no teacher logits), ``distillation_weight == 0`` (no teacher
 logits are formed).
@@ -28,10 +41,12 @@ from __future__ import annotations
 
 import math
 import sys
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 
+from pgpo.distill import head_divergence, head_token_logprobs
 from pgpo.information import token_entropy, weighted_entropy_gap
 from pgpo.modulation import AlphaSchedule, Modulation
 from pgpo.multiplier import DEFAULT_SHARPNESS, Kind
@@ -79,7 +94,8 @@ class PGPOSettings:
     sharpness: float = DEFAULT_SHARPNESS
     info_reduction: str = "token_mean"
     schedule: AlphaSchedule | None = None
-    chunk_size: int = 16  # tokens per chunk of the entropy pass
+    chunk_size: int = 16  # tokens per chunk of the entropy pass and of the fused loss
+    fused_loss: bool = True  # TRL's distillation loss from hidden states (see the module)
     _modulation: Modulation = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -106,6 +122,10 @@ class _GapSums:
         keep = mask != 0
         h_s = token_entropy(student_logits, keep, chunk_size=chunk_size)
         h_t = token_entropy(teacher_logits, keep, chunk_size=chunk_size)
+        self.add_entropies(h_s, h_t, keep, reduction)
+
+    def add_entropies(self, h_s, h_t, keep, reduction: str) -> None:
+        """Eq. 8's sums from per-token entropies ``[B, T]`` of the tokens with ``keep``."""
         weights = reduction_weights(keep, reduction, empty_sequences_count=False, denominator=1.0)
         gap = weighted_entropy_gap(h_s, h_t, weights)
         den = reduction_denominator(keep, reduction, empty_sequences_count=False)
@@ -134,10 +154,120 @@ class PGPOSDPOTrainer(SDPOTrainer):
         if self.is_deepspeed_enabled:
             raise ValueError(_DEEPSPEED)
         self.add_callback(_ModulatedStep(self))
+        self._fused = False
+        if self.pgpo.fused_loss:
+            why = self._why_not_fused()
+            if why is None:
+                self._fused, self._fused_checked = True, False
+            else:
+                self._fall_back(why)
 
     def step_multiplier(self, info: float) -> tuple[float, float]:
         """(alpha, rho) of this optimizer step from its ``I_k`` (Eq. 9 with the schedule)."""
         return self.pgpo._modulation.rho(info)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not self._fused or return_outputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss = self._fused_self_distillation_loss(model, inputs)
+        if loss is None:  # the first batch's check failed: TRL's loss from now on
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        # TRL's scaling for gradient accumulation, as in its compute_loss.
+        scale = self.current_gradient_accumulation_steps if self.model.training else 1.0
+        return loss / scale
+
+    def _why_not_fused(self) -> str | None:
+        """Why TRL's loss cannot run through the fused head here, or None."""
+        if self.args.distillation_weight != 1.0:
+            return (f"distillation_weight={self.args.distillation_weight} (the policy loss needs "
+                    "the student's logits)")  # fmt: skip
+        if self.args.distillation_mode not in ("full_logits", "topk_logits", "sampled_token"):
+            return f"distillation_mode={self.args.distillation_mode!r}"
+        if self.args.distillation_mode == "topk_logits" and self.args.distillation_topk is None:
+            return "distillation_mode='topk_logits' without distillation_topk"
+        if "logits_to_keep" not in self.model_kwarg_keys:
+            return "the model takes no logits_to_keep"
+        for role, m in (("student", self.model), ("teacher", self.teacher_model)):
+            head = self.accelerator.unwrap_model(m).get_output_embeddings()
+            if type(head) is not torch.nn.Linear or head.bias is not None:
+                kind = type(head).__name__
+                return f"the {role}'s LM head is not a plain Linear without bias ({kind})"
+        return None
+
+    def _fall_back(self, why: str) -> None:
+        self._fused = False
+        warnings.warn(f"PGPOSDPOTrainer runs TRL's own distillation loss: {why}", stacklevel=3)
+
+    def _completion_hidden(self, model, input_ids, attention_mask, width: int, check: bool):
+        """The last hidden states ``[B, width, H]`` that predict the completion's tokens (TRL's
+        alignment: the ``width`` positions before the last). The model computes logits for its
+        last position only; with ``check``, those logits are compared with the hidden state
+        through the head, and False is returned where they differ."""
+        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                    output_hidden_states=True, logits_to_keep=1)  # fmt: skip
+        last = out.hidden_states[-1]
+        if check:
+            head = self.accelerator.unwrap_model(model).get_output_embeddings().weight
+            direct = (last[:, -1] @ head.T).float()
+            if not torch.allclose(direct, out.logits[:, -1].float(), rtol=1e-3, atol=1e-3):
+                return False
+        return last[:, -width - 1 : -1]
+
+    def _fused_self_distillation_loss(self, model, inputs):
+        """TRL's distillation loss (``_compute_teacher_student_logits`` and
+        ``_compute_self_distillation_loss``) from hidden states: per sequence the token mean of
+        the masked per-token divergence (times the clipped IS ratio), then the mean over the
+        batch, as token weights into :func:`pgpo.distill.head_divergence`. None where the first
+        batch's check of the hidden states fails."""
+        args, mode = self.args, ("train" if model.training else "eval")
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        width = completion_ids.size(1)
+        sd_mask = inputs.get("self_distillation_mask")
+        loss_mask = completion_mask if sd_mask is None else completion_mask * sd_mask.unsqueeze(1)
+        check = not self._fused_checked
+        student = self._completion_hidden(
+            model,
+            torch.cat([inputs["prompt_ids"], completion_ids], dim=1),
+            torch.cat([inputs["prompt_mask"], completion_mask], dim=1),
+            width,
+            check,
+        )
+        if student is False:
+            self._fall_back("the model's last hidden state is not its LM head's input")
+            return None
+        self._fused_checked = True
+        head = self.accelerator.unwrap_model(model).get_output_embeddings().weight
+        if loss_mask.sum() == 0:  # as TRL: a zero loss on the student's graph, zero gradients
+            self._log_self_distillation_metric(mode, 0.0)
+            return (student.sum() + head.sum()) * 0.0
+        with torch.no_grad(), self._get_teacher_context_for_self_distillation():
+            teacher_model, ids = self.teacher_model, inputs["teacher_input_ids"]
+            mask = inputs["teacher_attention_mask"]
+            teacher = self._completion_hidden(teacher_model, ids, mask, width, False)
+            teacher_head = self.accelerator.unwrap_model(teacher_model).get_output_embeddings()
+        keep = loss_mask.float()
+        weights = keep / keep.sum(-1, keepdim=True).clamp(min=1.0) / keep.shape[0]
+        old = inputs.get("old_per_token_logps")
+        if args.distillation_is_clip is not None and old is not None:
+            logps = head_token_logprobs(student.detach(), head, completion_ids,
+                                        self.pgpo.chunk_size, self.temperature)  # fmt: skip
+            # TRL's clipped importance ratio: a constant factor on each token's loss.
+            ratio = (logps - old).clamp(min=-20.0, max=20.0).exp()
+            ratio = ratio.clamp(max=args.distillation_is_clip)
+            keep, weights = keep * ratio, weights * ratio
+        sampled = args.distillation_mode == "sampled_token"
+        topk = args.distillation_topk if args.distillation_mode == "topk_logits" else None
+        loss, h_s, h_t, per_token = head_divergence(
+            student, head, teacher, teacher_head.weight, weights, args.distillation_alpha, topk,
+            args.distillation_add_tail, self.temperature, self.pgpo.chunk_size,
+            mode="sampled_token" if sampled else "logits",
+            targets=completion_ids if sampled else None, return_per_token=True,
+        )  # fmt: skip
+        if model.training:  # evaluation passes do not feed I_k
+            self._gap.add_entropies(h_s, h_t, loss_mask != 0, self.pgpo.info_reduction)
+        mean = (per_token * keep).sum() / loss_mask.sum().clamp(min=1.0)  # TRL's logged loss
+        self._log_self_distillation_metric(mode, self.accelerator.gather(mean).mean().item())
+        return loss
 
     def _compute_self_distillation_loss(self, model, inputs, distillation_logits):
         if model.training:  # evaluation passes do not feed I_k
