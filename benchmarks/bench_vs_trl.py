@@ -15,9 +15,11 @@ sibling's response as the demonstration (its own success is not reused) and ever
 
 Prints, per response length: median seconds per step and its split into generation and the rest,
 peak RSS of each process, and the pgpo / TRL ratios. Also measured (``pgpo-defaults``): pgpo with
-I_k tracked (``pgpo.track_info=true``) and its default top-100 loss. Targets: pgpo / TRL time
-<= 0.7 at 128 tokens, peak memory <= 0.1 at 512 tokens. Writes benchmarks/results/vs_trl.json.
-Needs ``pip install -e ".[trl]"``.
+I_k tracked (``pgpo.track_info=true``) and its default top-100 loss; and ``trl+pgpo``, TRL's
+trainer with pgpo's add-on as shipped (``PGPOSDPOTrainer``: TRL's loss through the fused head,
+I_k, alpha 1). Targets: pgpo / TRL time <= 0.7 at 128 tokens, peak memory <= 0.1 at 512 tokens;
+the add-on / TRL time <= 0.8 and peak memory <= 0.15 at 512 tokens. Writes
+benchmarks/results/vs_trl.json. Needs ``pip install -e ".[trl]"``.
 """
 
 from __future__ import annotations
@@ -134,7 +136,7 @@ def pgpo_worker(model: Path, tokens: int, responses: int, defaults: bool) -> Non
         )
 
 
-def trl_worker(model: Path, tokens: int, responses: int, steps: int) -> None:
+def trl_worker(model: Path, tokens: int, responses: int, steps: int, add_on: bool) -> None:
     import warnings
 
     import torch
@@ -145,13 +147,15 @@ def trl_worker(model: Path, tokens: int, responses: int, steps: int) -> None:
     from transformers import AutoTokenizer, TrainerCallback
     from trl.experimental.sdpo import SDPOConfig, SDPOTrainer
 
+    from pgpo.integrations.trl import PGPOSDPOTrainer
     from pgpo.train.data import QuestionSampler, load_split
     from pgpo.train.prompts import messages
 
     torch.set_num_threads(1)
 
-    class Timed(SDPOTrainer):
-        """TRL's trainer as it is, with the time spent in generation added up."""
+    class Timed(PGPOSDPOTrainer if add_on else SDPOTrainer):
+        """TRL's trainer (or pgpo's add-on to it, as shipped: the fused loss and I_k) as it is,
+        with the time spent in generation added up."""
 
         generation = 0.0
 
@@ -266,6 +270,7 @@ def compare(model: Path, tokens: int, responses: int, steps: int) -> dict:
         Worker("pgpo", ["--worker", "pgpo", *common]),
         Worker("pgpo-defaults", ["--worker", "pgpo-defaults", *common]),
         Worker("trl", ["--worker", "trl", *common, "--steps", str(steps + 1)]),
+        Worker("trl+pgpo", ["--worker", "trl+pgpo", *common, "--steps", str(steps + 1)]),
     ]
     rows = {w.name: [] for w in workers}
     for step in range(steps + 1):
@@ -300,12 +305,13 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, nargs="+", default=[128, 512],
                    help=f"response lengths, from {sorted(RESPONSES)}")  # fmt: skip
     p.add_argument("--steps", type=int, default=2, help="timed steps per system (after 1 warm-up)")
-    p.add_argument("--worker", choices=["pgpo", "pgpo-defaults", "trl"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["pgpo", "pgpo-defaults", "trl", "trl+pgpo"],
+                   help=argparse.SUPPRESS)  # fmt: skip
     p.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--responses", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.worker == "trl":
-        trl_worker(args.model, args.tokens[0], args.responses, args.steps)
+    if args.worker in ("trl", "trl+pgpo"):
+        trl_worker(args.model, args.tokens[0], args.responses, args.steps, args.worker != "trl")
         return 0
     if args.worker:
         pgpo_worker(args.model, args.tokens[0], args.responses, args.worker == "pgpo-defaults")
@@ -329,7 +335,7 @@ def main(argv=None) -> int:
     print(f"\n{'tokens':>6s} {'system':14s} {'s/step':>7s} {'generate':>9s} {'rest':>6s} "
           f"{'peak GiB':>9s}")  # fmt: skip
     for tokens, r in results.items():
-        for name in ("pgpo", "pgpo-defaults", "trl"):
+        for name in ("pgpo", "pgpo-defaults", "trl", "trl+pgpo"):
             x = r[name]
             print(f"{tokens:6d} {name:14s} {x['seconds']:7.2f} {x['generation']:9.2f} "
                   f"{x['rest']:6.2f} {x['peak_gib']:9.2f}")  # fmt: skip
@@ -338,7 +344,10 @@ def main(argv=None) -> int:
         time_ratio = r["pgpo"]["seconds"] / r["trl"]["seconds"]
         rest_ratio = r["pgpo"]["rest"] / r["trl"]["rest"]
         memory_ratio = r["pgpo"]["peak_gib"] / r["trl"]["peak_gib"]
-        r["ratios"] = {"time": time_ratio, "rest": rest_ratio, "memory": memory_ratio}
+        add_on_time = r["trl+pgpo"]["seconds"] / r["trl"]["seconds"]
+        add_on_memory = r["trl+pgpo"]["peak_gib"] / r["trl"]["peak_gib"]
+        r["ratios"] = {"time": time_ratio, "rest": rest_ratio, "memory": memory_ratio,
+                       "add_on_time": add_on_time, "add_on_memory": add_on_memory}  # fmt: skip
         line = (f"{tokens} tokens ({RESPONSES[tokens]} responses): pgpo / TRL time "
                 f"{time_ratio:.2f} (without generation {rest_ratio:.2f}), peak memory "
                 f"{memory_ratio:.3f}")  # fmt: skip
@@ -346,6 +355,12 @@ def main(argv=None) -> int:
             line += f"; time target <= 0.7 {'OK' if time_ratio <= 0.7 else 'MISSED'}"
         if tokens == 512:
             line += f"; memory target <= 0.1 {'OK' if memory_ratio <= 0.1 else 'MISSED'}"
+        print(line)
+        line = (f"{tokens} tokens: TRL + pgpo's add-on / TRL time {add_on_time:.2f}, peak memory "
+                f"{add_on_memory:.3f}")  # fmt: skip
+        if tokens == 512:
+            ok = add_on_time <= 0.8 and add_on_memory <= 0.15
+            line += f"; targets time <= 0.8, memory <= 0.15 {'OK' if ok else 'MISSED'}"
         print(line)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json_text({"equal": EQUAL, "results": results}, indent=2))
