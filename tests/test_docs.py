@@ -50,13 +50,27 @@ def test_the_docs_show_commands_of_every_program():
     assert len(COMMANDS) > 25
 
 
+def _written_configs() -> dict[str, str]:
+    """{run folder: preset} for every documented command that names both (output.dir=...)."""
+    found = {}
+    for _, command in COMMANDS:
+        argv = shlex.split(command)
+        if "--config" in argv:
+            folder = [a.split("=", 1)[1] for a in argv if a.startswith("output.dir=")]
+            if folder:
+                found[folder[-1]] = argv[argv.index("--config") + 1]
+    return found
+
+
 def _check_train_config(args) -> None:
     """A preset's or an existing file's config with the overrides, as `pgpo train` checks it.
     A config file that a previous command writes (runs/...) is checked as the preset it
-    came from."""
+    came from: the one named with that output.dir, else the folder's name."""
     config = args.config
     if not (PRESETS / f"{config}.yaml").exists() and not Path(config).exists():
-        config = Path(config).parent.name  # runs/tiny-cpu/config.yaml -> tiny-cpu
+        folder = str(Path(config).parent)
+        # runs/mine/config.yaml -> the preset of output.dir=runs/mine; runs/tiny-cpu -> tiny-cpu
+        config = _written_configs().get(folder, Path(folder).name)
     load_config(config, args.overrides)
 
 
@@ -86,3 +100,38 @@ def test_a_documented_command_is_accepted(where, command):
         expand(ROOT / args.grid)  # every run of the shipped grid validates
     elif argv[1] == "demo":
         load_config("demo", args.overrides)
+
+
+def test_your_model_and_data_page_runs_as_written(tmp_path, monkeypatch, capsys):
+    """docs/your-model-and-data.md's CPU cycle, its four commands as the page writes them, on a
+    20-row file of one's own: train, resume to more steps, evaluate, export."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from pgpo.cli import main
+
+    page = (ROOT / "docs" / "your-model-and-data.md").read_text()
+    block = page.split("## Try it on a CPU")[1].split("```bash\n")[1].split("```")[0]
+    commands = [shlex.split(line) for line in block.splitlines() if line.strip()]
+    assert [c[:2] for c in commands] == [["pgpo", "train"], ["pgpo", "train"], ["pgpo", "eval"],
+                                         ["pgpo", "export"]]  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my_data").mkdir()
+    question = "Which number is largest?\n\nA: {}\nB: {}\nC: {}"
+    rows = [{"idx": f"q{i}", "prompt": question.format(i, i + 7, i + 3), "answer": "B"}
+            for i in range(20)]  # fmt: skip
+    for name, part in (("train", rows[:15]), ("test", rows[15:])):
+        text = "".join(json.dumps(r) + "\n" for r in part)
+        (tmp_path / "my_data" / f"{name}.jsonl").write_text(text)
+    for argv in commands:
+        assert main(argv[1:]) == 0, argv
+    run = tmp_path / "runs" / "mine"
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 6 and {2, 4, 6} <= {p.name for p in (run / "checkpoints").iterdir()} | {
+        int(p.name.split("_")[1]) for p in (run / "checkpoints").iterdir()
+    }
+    scores = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line[:1] == "{"]
+    assert len(scores) == 1 and scores[0]["questions"] > 0 and 0 <= scores[0]["avg_at_k"] <= 1
+    model = AutoModelForCausalLM.from_pretrained(run / "model")
+    assert model.config.vocab_size == 151_936 and (run / "model" / "README.md").exists()
