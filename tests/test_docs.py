@@ -135,3 +135,17 @@ def test_your_model_and_data_page_runs_as_written(tmp_path, monkeypatch, capsys)
     assert len(scores) == 1 and scores[0]["questions"] > 0 and 0 <= scores[0]["avg_at_k"] <= 1
     model = AutoModelForCausalLM.from_pretrained(run / "model")
     assert model.config.vocab_size == 151_936 and (run / "model" / "README.md").exists()
+
+
+def test_the_pages_speak_of_the_project_only():
+    """README, CONTRIBUTING, docs/ and results/ describe the project and its measurements, not
+    how the work on it was organised: no word of sessions or issues."""
+    pages = [*PAGES, *sorted((ROOT / "results").glob("*/README.md"))]
+    words = re.compile(r"\b(sessions?|issues?)\b", re.IGNORECASE)
+    found = [
+        f"{p.name}:{n}: {line.strip()[:80]}"
+        for p in pages
+        for n, line in enumerate(p.read_text().splitlines(), 1)
+        if words.search(line)
+    ]
+    assert not found, found
