@@ -149,3 +149,33 @@ def test_the_pages_speak_of_the_project_only():
         if words.search(line)
     ]
     assert not found, found
+
+
+def test_every_results_block_matches_its_summary_file():
+    """The docs' generated result blocks equal what their committed summaries make
+    (`python -m pgpo.demo.results` rewrites them), and every block is on some page."""
+    from pgpo.demo import results
+
+    assert results.update(write=False) == []
+    text = "".join(p.read_text() for p in results.pages())
+    assert all(f"<!-- results: {name} -->" in text for name in results.BLOCKS)
+
+
+def test_a_results_block_that_drifts_from_its_file_is_found(tmp_path):
+    """A number edited by hand in a block, or a summary changed under it, is reported."""
+    import shutil
+
+    from pgpo.demo import results
+
+    for path, _ in results.BLOCKS.values():
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / path, tmp_path / path)
+    (tmp_path / "docs").mkdir()
+    page = (ROOT / "docs" / "study.md").read_text()
+    (tmp_path / "docs" / "study.md").write_text(
+        page.replace("+0.0049 +- 0.0007", "+0.0050 +- 0.0007")
+    )
+    assert results.update(tmp_path, write=False) == ["docs/study.md:premise-noisy"]
+    assert results.update(tmp_path) == ["docs/study.md:premise-noisy"]  # rewritten from the file
+    assert results.update(tmp_path, write=False) == []
+    assert "+0.0049 +- 0.0007" in (tmp_path / "docs" / "study.md").read_text()

@@ -234,14 +234,14 @@ def test_settings_where_pgpo_cannot_work_are_refused(tmp_path, model_dir, overri
 
 
 def test_the_documented_example_runs_as_written(tmp_path, monkeypatch, capsys):
-    """The README's TRL example, executed verbatim (in a scratch folder)."""
+    """docs/trl.md's example, executed verbatim (in a scratch folder)."""
     from pathlib import Path
 
-    page = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    section = page.split("## PGPO for TRL users")[1]
+    page = (Path(__file__).resolve().parent.parent / "docs" / "trl.md").read_text()
+    section = page.split("## Example")[1]
     code = section.split("```python\n")[1].split("```")[0]
     monkeypatch.chdir(tmp_path)
-    exec(compile(code, "README.md", "exec"), {"__name__": "example"})
+    exec(compile(code, "docs/trl.md", "exec"), {"__name__": "example"})
     printed = capsys.readouterr().out.strip().splitlines()[-1]
     rows = ast.literal_eval(printed)  # the example prints [(info, rho), ...]
     assert len(rows) == 2

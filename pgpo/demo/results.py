@@ -1,0 +1,118 @@
+"""The docs' result blocks, generated from the summaries committed under ``results/``.
+
+A block is the text of a page between ``<!-- results: NAME -->`` and ``<!-- results: end -->``.
+:data:`BLOCKS` names, for each, the summary file that makes it and the function that writes it,
+so that a number in such a block comes from a file and a command (each results folder's README
+says which command and commit made its summary).
+
+    python -m pgpo.demo.results            # rewrite every block from its file
+    python -m pgpo.demo.results --check    # exit 1, naming each block that differs from its file
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+PAGES = ("README.md", "docs/*.md")
+_BLOCK = re.compile(r"(<!-- results: ([\w-]+) -->\n)(.*?)(<!-- results: end -->)", re.DOTALL)
+
+
+def study_real(summary: dict) -> str:
+    """``pgpo study --real``'s report without its title: the table, the verdict, the premise."""
+    from pgpo.demo.real_study import markdown
+
+    return markdown(summary).split("\n", 2)[2]
+
+
+def premise_noisy(summary: dict) -> str:
+    """The premise's numbers under ``noisy``, centred and detrended (first differences)."""
+    p = summary["settings"]["noisy"]["premise"]
+
+    def r(key: str) -> str:
+        c = p[key]
+        return f"{c['r']:+.2f} [{c['ci_low']:+.2f}, {c['ci_high']:+.2f}]"
+
+    def gap(d: dict, difference: str = "difference", se: str = "se") -> str:
+        return f"{d[difference]:+.4f} +- {d[se]:.4f}"
+
+    by = p["gap_difference_by_rollout"]
+    rows = [
+        ("runs (trained samples, questions)",
+         f"{p['runs']} ({p['samples']:,}, {p['questions']:,})"),
+        ("wrong demonstrations", f"{p['wrong_share']:.1%}"),
+        ("gap(right) - gap(wrong), nats (SE clustered by question)",
+         gap(p, "gap_difference", "gap_difference_se")),
+        ("... within correct rollouts", gap(by["correct"])),
+        ("... within incorrect rollouts", gap(by["incorrect"])),
+        ("r(I_k, share right), centred per run", r("r_share_right")),
+        ("r(I_k, share right), first differences", r("r_share_right_detrended")),
+        ("r(I_k, batch accuracy), centred per run", r("r_accuracy")),
+        ("r(I_k, batch accuracy), first differences", r("r_accuracy_detrended")),
+    ]  # fmt: skip
+    lines = ["| measured | `noisy` |", "|---|---|"] + [f"| {a} | {b} |" for a, b in rows]
+    return "\n".join(lines) + "\n"
+
+
+# name: (summary file, relative to the repository, and the function that writes the block)
+BLOCKS: dict[str, tuple[str, Callable[[dict], str]]] = {
+    "premise-noisy": ("results/premise-noisy/summary.json", premise_noisy),
+}
+
+
+def render(name: str, root: Path = ROOT) -> str:
+    """Block ``name`` as its file makes it."""
+    path, write = BLOCKS[name]
+    return write(json.loads((root / path).read_text()))
+
+
+def pages(root: Path = ROOT) -> list[Path]:
+    return [p for pattern in PAGES for p in sorted(root.glob(pattern))]
+
+
+def _filled(page: Path, root: Path, differed: list[str]) -> str:
+    """``page``'s text with every block rendered from its file; ``page:NAME`` of each block
+    that differed appended to ``differed``."""
+
+    def fill(m: re.Match) -> str:
+        name = m.group(2)
+        if name not in BLOCKS:
+            raise ValueError(f"{page.name}: no results block named {name!r}")
+        new = render(name, root)
+        if new != m.group(3):
+            differed.append(f"{page.relative_to(root)}:{name}")
+        return m.group(1) + new + m.group(4)
+
+    return _BLOCK.sub(fill, page.read_text())
+
+
+def update(root: Path = ROOT, write: bool = True) -> list[str]:
+    """Every block of every page from its file: ``page:NAME`` of each block that differed
+    (rewritten with ``write``). A block with no entry in :data:`BLOCKS` is an error."""
+    differed: list[str] = []
+    for page in pages(root):
+        text = _filled(page, root, differed)
+        if write and text != page.read_text():
+            page.write_text(text)
+    return differed
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--check", action="store_true", help="change nothing; exit 1 where a block differs"
+    )
+    args = p.parse_args(argv)
+    differed = update(write=not args.check)
+    for name in differed:
+        print(f"{'differs' if args.check else 'rewrote'}: {name}")
+    return 1 if (args.check and differed) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
