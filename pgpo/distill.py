@@ -58,17 +58,21 @@ __all__ = [
 ]
 
 
-def _tail(log_p: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """log of the probability mass outside ``index``: ``[n, V], [n, k] -> [n, 1]`` (k < V).
+def _tail(log_p: torch.Tensor, index: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
+    """log of the probability mass outside ``index``: ``[n, V], [n, k], [n, 1] -> [n, 1]``
+    (k < V), where ``inside`` is the log-sum-exp of ``log_p`` at ``index``.
 
     Each row from whichever form does not cancel: ``log1p(-P_k)`` where the top-k hold less
     than half the mass (a sum of the ~V small terms outside would carry float32's error ~V
     times), the log-sum-exp of the log-probs outside where they hold more (``1 - P_k`` cancels
-    there, and is 0 where P_k rounds to 1)."""
-    inside = log_p.gather(-1, index).logsumexp(-1, keepdim=True)
-    outside = log_p.scatter(-1, index, float("-inf")).logsumexp(-1, keepdim=True)
-    # The clamp keeps the branch not taken finite, so that its zero gradient is not NaN.
+    there, and is 0 where P_k rounds to 1). For that sum the top-k entries of ``log_p`` (no
+    gradient) are set to -inf in place and restored after: no ``[n, V]`` copy."""
     small = torch.log1p(-inside.clamp(max=-math.log(2.0)).exp())
+    if not bool((inside >= -math.log(2.0)).any()):
+        return small
+    kept = log_p.gather(-1, index)
+    outside = log_p.scatter_(-1, index, float("-inf")).logsumexp(-1, keepdim=True)
+    log_p.scatter_(-1, index, kept)
     return torch.where(inside < -math.log(2.0), small, outside)
 
 
@@ -111,6 +115,96 @@ def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def _has_closed_form(spec: DivergenceSpec) -> bool:
     """Full-vocabulary KL (beta 1 or 0) on logits: its gradient is written out, no autograd."""
     return spec.mode == "logits" and spec.topk is None and spec.beta in (0.0, 1.0)
+
+
+def _bucket_gradient(
+    a: torch.Tensor, b: torch.Tensor, beta: float, per_mass: bool = False
+) -> torch.Tensor:
+    """``dD/da`` ``[n, K]`` of the divergence D over K buckets of student log-probs ``a`` and
+    teacher log-probs ``b`` (:func:`_generalized_jsd`), each bucket's log-prob taken as its own
+    variable, with p = exp(a), q = exp(b), m = log((1 - beta) p + beta q):
+
+    - 0 < beta < 1: ``(1 - beta) p (a - m)`` (the terms through m cancel);
+    - beta = 1, ``KL(p || q)``: ``p (a - b + 1)``;
+    - beta = 0, ``KL(q || p)``: ``-q``.
+
+    ``per_mass``: divided by p (beta > 0 only), finite where p underflows to 0."""
+    if beta == 0.0:
+        if per_mass:
+            raise ValueError("beta 0's gradient per unit of mass is -q / p: take it in log space")
+        return -b.exp()
+    if beta == 1.0:
+        factor = a - b + 1.0
+    else:
+        factor = (1.0 - beta) * (a - torch.logaddexp(a + math.log1p(-beta), b + math.log(beta)))
+    return factor if per_mass else a.exp() * factor
+
+
+def _closed_form_topk(
+    x_s: torch.Tensor,
+    x_t: torch.Tensor,
+    spec: DivergenceSpec,
+    with_entropy: bool,
+    weights: torch.Tensor | None,
+    need_grad: bool,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor | None]:
+    """Per-row divergence on the student's top-k (float32 temperature-scaled logits ``[n, V]
+    -> [n]``: the tail bucket or the renormalised top-k, as the spec says), both entropies (with
+    ``with_entropy``), and the gradient ``[n, V]`` of ``sum_i w_i d_i`` w.r.t. ``x_s`` written
+    out: no autograd graph over ``[n, V]``, and the student's probabilities' buffer becomes it.
+    With s = softmax(x_s), I the top-k, g the bucket gradient (:func:`_bucket_gradient`, times
+    w) and G its sum over the buckets:
+
+    - with the tail bucket (log-prob ``a_tail = log sum_{v not in I} s_v``):
+      ``g_v - s_v G`` for v in I, ``s_v (g_tail / s_tail - G)`` outside;
+    - renormalised top-k (r = the top-k's renormalised probabilities): ``g_v - r_v G`` in I,
+      0 outside.
+
+    The tests check it against float64 autograd of the direct formula."""
+    log_s = torch.log_softmax(x_s, dim=-1)
+    log_t = torch.log_softmax(x_t, dim=-1)
+    p_s = log_s.exp()  # for the student's entropy and, in place, the gradient
+    entropies = None
+    if with_entropy:
+        entropies = (entropy_from_log_probs(log_s, p_s), entropy_from_log_probs(log_t))
+    index = x_s.topk(spec.topk, dim=-1).indices
+    a, b = log_s.gather(-1, index), log_t.gather(-1, index)
+    # With k = V the tail is empty (mass 0): no bucket, and nothing outside the top-k.
+    tail = spec.add_tail and spec.topk < x_s.shape[-1]
+    if tail:
+        a_tail = _tail(log_s, index, a.logsumexp(-1, keepdim=True))
+        b_tail = _tail(log_t, index, b.logsumexp(-1, keepdim=True))
+        a_all, b_all = torch.cat([a, a_tail], dim=-1), torch.cat([b, b_tail], dim=-1)
+    elif not spec.add_tail:
+        a_all = a - a.logsumexp(-1, keepdim=True)
+        b_all = b - b.logsumexp(-1, keepdim=True)
+    else:
+        a_all, b_all = a, b
+    d = _generalized_jsd(a_all, b_all, spec.beta)
+    if not need_grad:
+        return d, entropies, None
+    g = _bucket_gradient(a_all, b_all, spec.beta)
+    if weights is not None:
+        g = g * weights.unsqueeze(-1)
+    total = g.sum(-1, keepdim=True)  # G
+    k = spec.topk
+    if not spec.add_tail:
+        grad = p_s.zero_()  # nothing outside the top-k
+        return d, entropies, grad.scatter_(-1, index, g - a_all.exp() * total)
+    if not tail:
+        outside = torch.zeros_like(total)
+    elif spec.beta == 0.0:
+        # g_tail / s_tail = -w q_tail / s_tail: in log space, as s_tail may underflow.
+        w = 1.0 if weights is None else weights.unsqueeze(-1)
+        grad = torch.add(log_s, b_tail - a_tail, out=log_t).exp_().mul_(-w)
+        grad.sub_(p_s.mul_(total))
+        return d, entropies, grad.scatter_(-1, index, g[:, :k] - a.exp() * total)
+    else:  # g_tail / s_tail, computed without the division (s_tail may underflow)
+        outside = _bucket_gradient(a_tail, b_tail, spec.beta, per_mass=True)
+        if weights is not None:
+            outside = outside * weights.unsqueeze(-1)
+    grad = p_s.mul_(outside - total)
+    return d, entropies, grad.scatter_(-1, index, g[:, :k] - a.exp() * total)
 
 
 def _closed_form_kl(
@@ -160,8 +254,10 @@ def _chunk_divergence(
     with_entropy: bool,
     targets: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
-    """Per-row divergence of float32 temperature-scaled logits ``[n, V] -> [n]`` and, with
-    ``with_entropy``, both rows' full-vocabulary entropies ``[n]`` (no gradient), read from the
+    """Per-row divergence of float32 temperature-scaled logits ``[n, V] -> [n]`` over the full
+    vocabulary or at the sampled token (the top-k's is :func:`_closed_form_topk`), differentiated
+    by autograd, and, with ``with_entropy``, both rows' full-vocabulary entropies ``[n]`` (no
+    gradient), read from the
     log-probs computed here anyway: Eq. 8's entropies cost no extra pass over the logits
     beyond one product and sum. ``targets`` ``[n]``: the sampled tokens (sampled_token mode)."""
     log_s = torch.log_softmax(x_s, dim=-1)
@@ -173,19 +269,6 @@ def _chunk_divergence(
         lp_s = log_s.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         lp_t = log_t.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         return (lp_s - lp_t).detach() * lp_s, entropies
-    if spec.topk is not None:
-        index = x_s.detach().topk(spec.topk, dim=-1).indices
-        # With k = V the tail is empty (mass 0): it would add exactly 0 to every term.
-        tails = (_tail(log_s, index), _tail(log_t, index)) if spec.topk < x_s.shape[-1] else None
-        log_s = log_s.gather(-1, index)
-        log_t = log_t.gather(-1, index)
-        if spec.add_tail:
-            if tails is not None:
-                log_s = torch.cat([log_s, tails[0]], dim=-1)
-                log_t = torch.cat([log_t, tails[1]], dim=-1)
-        else:
-            log_s = log_s - log_s.logsumexp(-1, keepdim=True)
-            log_t = log_t - log_t.logsumexp(-1, keepdim=True)
     return _generalized_jsd(log_s, log_t, spec.beta), entropies
 
 
@@ -232,9 +315,13 @@ def _divergence_chunks(
         x_s = (student_rows if student_head is None else student_rows @ student_head.T).detach()
         w = None if weights is None else weights.index_select(0, rows).float()
         y = None if targets is None else targets.index_select(0, rows)
-        if _has_closed_form(spec):
+        if _has_closed_form(spec) or (spec.mode == "logits" and spec.topk is not None):
             x_s = _scaled(x_s, spec.temperature)
-            d, entropies, grad = _closed_form_kl(x_s, x_t, spec.beta, with_entropy, w, need_grad)
+            if spec.topk is None:
+                d, entropies, grad = _closed_form_kl(x_s, x_t, spec.beta, with_entropy, w,
+                                                     need_grad)  # fmt: skip
+            else:
+                d, entropies, grad = _closed_form_topk(x_s, x_t, spec, with_entropy, w, need_grad)
             if grad is not None and spec.temperature != 1.0:
                 grad.div_(spec.temperature)  # d/dx of f(x / T)
             total = d.sum() if w is None else (w * d).sum()

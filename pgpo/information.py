@@ -42,11 +42,12 @@ __all__ = [
 ]
 
 
-def entropy_from_log_probs(log_p: torch.Tensor) -> torch.Tensor:
+def entropy_from_log_probs(log_p: torch.Tensor, p: torch.Tensor | None = None) -> torch.Tensor:
     """``-sum p log p`` over the last axis from log-probabilities, no gradient: ``[n, V] -> [n]``
-    (nats). Finite log-probs only (a -inf would give 0 * -inf)."""
+    (nats); ``p``: ``exp(log_p)``, where the caller has it already. Finite log-probs only (a
+    -inf would give 0 * -inf)."""
     log_p = log_p.detach()
-    return -(log_p.exp() * log_p).sum(-1)
+    return -((log_p.exp() if p is None else p.detach()) * log_p).sum(-1)
 
 
 @torch.no_grad()

@@ -52,20 +52,24 @@ def test_per_token_divergence_matches_direct_formula(
     batch=batches(),
     beta=betas,
     topk_frac=st.sampled_from([None, 0.3, 1.0]),
+    add_tail=st.booleans(),
     reduction=st.sampled_from(["token_mean", "seq_mean", "sum"]),
 )
-def test_gradient_matches_float64_autograd_of_direct_formula(batch, beta, topk_frac, reduction):
+def test_gradient_matches_float64_autograd_of_direct_formula(
+    batch, beta, topk_frac, add_tail, reduction
+):
     s, t, mask = batch
     v = s.shape[-1]
     topk = None if topk_frac is None else max(1, int(topk_frac * v))
     student = s.clone().requires_grad_(True)
     teacher = t.clone().requires_grad_(True)
-    loss = divergence(student, teacher, mask, beta, topk, reduction=reduction, chunk_size=3)
+    loss = divergence(student, teacher, mask, beta, topk, add_tail, reduction=reduction,
+                      chunk_size=3)  # fmt: skip
     loss.backward()
     assert teacher.grad is None  # stop-gradient on the teacher
 
     s64 = s.double().requires_grad_(True)
-    per_token = ref.torch_divergence_float64(s64, t.double(), beta, topk)
+    per_token = ref.torch_divergence_float64(s64, t.double(), beta, topk, add_tail)
     m = mask.double()
     if reduction == "sum":
         exp_loss = (per_token * m).sum()
@@ -203,11 +207,24 @@ def test_fused_entropies_match_the_direct_formula(topk):
     assert torch.isfinite(s.grad).all()
 
 
-# (1.0, None) and (0.0, None) take the closed-form gradient (pgpo.distill._closed_form_kl), the
-# others autograd inside each chunk: both against float64 autograd of the direct formula.
-@pytest.mark.parametrize("beta,topk", [(0.5, 5), (1.0, None), (0.0, None), (0.0, 30)])
+# Full-vocabulary KL (1.0 / 0.0, None) and every top-k take a closed-form gradient
+# (pgpo.distill._closed_form_kl, _closed_form_topk), the full JSD autograd inside each chunk: all
+# against float64 autograd of the direct formula.
+@pytest.mark.parametrize(
+    "beta,topk,add_tail",
+    [
+        (0.5, 5, True),
+        (1.0, None, True),
+        (0.0, None, True),
+        (0.0, 30, True),
+        (0.0, 5, True),
+        (1.0, 5, True),
+        (0.5, 5, False),
+        (1.0, 5, False),
+    ],  # fmt: skip
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_head_divergence_equals_logits_then_divergence(beta, topk, dtype):
+def test_head_divergence_equals_logits_then_divergence(beta, topk, add_tail, dtype):
     from pgpo.distill import head_divergence
 
     g = torch.Generator().manual_seed(11)
@@ -219,14 +236,14 @@ def test_head_divergence_equals_logits_then_divergence(beta, topk, dtype):
     mask = torch.rand(b, t, generator=g) < 0.7
     weights = mask.double() / mask.sum()
     loss, h_s, h_t = head_divergence(
-        hs, w, ht, wt, weights.float(), beta, topk, temperature=0.8, chunk_size=4
+        hs, w, ht, wt, weights.float(), beta, topk, add_tail, temperature=0.8, chunk_size=4
     )
     loss.backward()
     # Direct: logits for every token in float64, the divergence, autograd.
     hs64, w64 = hs.detach().double().requires_grad_(True), w.detach().double().requires_grad_(True)
     logits = hs64 @ w64.T
     per = ref.torch_divergence_float64(
-        logits, ht.double() @ wt.double().T, beta, topk, temperature=0.8
+        logits, ht.double() @ wt.double().T, beta, topk, add_tail, temperature=0.8
     )
     (per * weights).sum().backward()
     tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
@@ -316,5 +333,9 @@ def test_the_tail_bucket_is_accurate_to_float32_over_a_real_vocabulary(scale):
     index = logits.topk(8, dim=-1).indices
     log_p = torch.log_softmax(logits, -1)
     exact = log_p.scatter(-1, index, -math.inf).logsumexp(-1)  # float64: no cancellation here
-    got = _tail(torch.log_softmax(logits.float(), -1), index).squeeze(-1).double()
+    log_p32 = torch.log_softmax(logits.float(), -1)
+    before = log_p32.clone()
+    inside = log_p32.gather(-1, index).logsumexp(-1, keepdim=True)
+    got = _tail(log_p32, index, inside).squeeze(-1).double()
+    assert torch.equal(log_p32, before)  # masked in place for the sum, and restored
     assert ((got - exact).abs() / exact.abs()).max().item() <= 1e-4
