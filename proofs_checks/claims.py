@@ -351,26 +351,50 @@ def claim_c7_stability(study_file: Path | None) -> Check:
 PREMISE_SETTINGS = ("noisy", "wrong-demo")
 
 
-def claim_c9_premise(premise_file: Path | None) -> Check:
-    """C9 read from the summary.json of ``pgpo study --settings noisy,wrong-demo``: in each
-    setting, whether samples with a right demonstration have a larger entropy gap than those
-    with a wrong one (by more than 2 standard errors clustered by question) and whether the
-    batch's ``I_k`` rises with its share of right demonstrations (the 95 % interval of the
+REAL_SETTING = "smollm2-noisy"  # pgpo study --real's premise runs: SmolLM2, a noisy verifier
+
+
+def _real_premise(real_file: Path | None) -> tuple[dict, str]:
+    """``{REAL_SETTING: premise}`` from ``pgpo study --real``'s summary.json where it measured
+    the premise, and a note where a file was given but holds none."""
+    if real_file is None or not Path(real_file).exists():
+        return {}, ""
+    data = json.loads(Path(real_file).read_text())
+    p = data.get("premise", {})
+    if data.get("quick") or "gap_difference" not in p:
+        why = "a --quick study" if data.get("quick") else p.get("not_measured", "no premise runs")
+        return {}, f"; SmolLM2 ({real_file}): not measured ({why})"
+    return {REAL_SETTING: p}, ""
+
+
+def claim_c9_premise(premise_file: Path | None, real_file: Path | None = None) -> Check:
+    """C9 read from the summary.json of ``pgpo study --settings noisy,wrong-demo`` and, where
+    given, of ``pgpo study --real`` (SmolLM2 with a noisy verifier: :data:`REAL_SETTING`): in
+    each setting, whether samples with a right demonstration have a larger entropy gap than
+    those with a wrong one (by more than 2 standard errors clustered by question) and whether
+    the batch's ``I_k`` rises with its share of right demonstrations (the 95 % interval of the
     within-run correlation above 0; detrended by first differences where the study reports it,
     since a drift that both series share over training alone correlates them). Holds where both
     do in every setting; fails where neither does in any; conditional otherwise."""
     cid, title = "C9.premise", "C9: I_k marks informative feedback"
-    if premise_file is None or not Path(premise_file).exists():
+    real, real_note = _real_premise(real_file)
+    found: dict = {}
+    if premise_file is not None and Path(premise_file).exists():
+        data = json.loads(Path(premise_file).read_text())
+        if data.get("quick"):
+            return Check(cid, title, NOT_MEASURED, f"{premise_file}: a --quick study")
+        found = {s: data["settings"][s].get("premise", {}) for s in PREMISE_SETTINGS
+                 if s in data.get("settings", {})}  # fmt: skip
+        found = {s: p for s, p in found.items() if "gap_difference" in p}
+        if not found and not real:
+            return Check(
+                cid, title, NOT_MEASURED, f"{premise_file}: no noisy or wrong-demo setting"
+            )
+    found |= real
+    if not found:
         missing = ("no premise study found (pgpo study --settings noisy,wrong-demo --out "
                    "runs/premise writes runs/premise/summary.json)")  # fmt: skip
-        return Check(cid, title, NOT_MEASURED, missing)
-    data = json.loads(Path(premise_file).read_text())
-    found = {s: data["settings"][s].get("premise", {}) for s in PREMISE_SETTINGS
-             if s in data.get("settings", {})}  # fmt: skip
-    found = {s: p for s, p in found.items() if "gap_difference" in p}
-    if data.get("quick") or not found:
-        why = "a --quick study" if data.get("quick") else "no noisy or wrong-demo setting"
-        return Check(cid, title, NOT_MEASURED, f"{premise_file}: {why}")
+        return Check(cid, title, NOT_MEASURED, missing + real_note)
     parts, marks, numbers = [], [], {}
     for setting, p in found.items():
         diff, se, r = p["gap_difference"], p["gap_difference_se"], p["r_share_right"]
@@ -393,7 +417,9 @@ def claim_c9_premise(premise_file: Path | None) -> Check:
             + f" over {r['runs']} runs"
         )
     verdict = HOLDS if all(marks) else (CONDITIONAL if any(marks) else FAILS)
-    text = "; ".join(parts) + f" (from {premise_file})"
+    sources = [str(f) for f, part in ((premise_file, set(found) - set(real)), (real_file, real))
+               if part]  # fmt: skip
+    text = "; ".join(parts) + real_note + f" (from {', '.join(sources)})"
     return Check(cid, title, verdict, text, numbers)
 
 
@@ -489,6 +515,7 @@ def all_claims(
     study_file=None,
     workers: int = 1,
     premise_file=None,
+    real_study_file=None,
 ) -> list[Check]:
     effort = Effort.of(quick, workers)
     studies = Studies(effort)
@@ -501,7 +528,7 @@ def all_claims(
         lambda: claim_c5_rho_ge_1(mult, effort, out, log_infos, log_source),
         lambda: claim_c6_overhead(bench_file),
         lambda: claim_c7_stability(study_file),
-        lambda: claim_c9_premise(premise_file),
+        lambda: claim_c9_premise(premise_file, real_study_file),
         *(lambda r=regime: claim_c8_adamw(mult, effort, out, r) for regime, _ in effort.adamw_etas),
     ]
     results = []

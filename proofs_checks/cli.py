@@ -25,6 +25,7 @@ from sde.problems import make_problem
 DEFAULT_BENCH = Path("benchmarks/results/train_step.json")
 DEFAULT_STUDY = Path("runs/study/summary.json")
 DEFAULT_PREMISE = Path("runs/premise/summary.json")
+DEFAULT_REAL_STUDY = Path("runs/study-real/summary.json")
 
 
 def multiplier_checks(mult: MultiplierConfig) -> list[Check]:
@@ -86,6 +87,7 @@ def _cmd_report(args) -> int:
                 progress=lambda label: (bar.set_postfix_str(label), bar.update()),
                 study_file=Path(args.study) if args.study else DEFAULT_STUDY,
                 premise_file=Path(args.premise) if args.premise else DEFAULT_PREMISE,
+                real_study_file=Path(args.real_study) if args.real_study else DEFAULT_REAL_STUDY,
                 workers=args.workers,
             )
         seconds = time.perf_counter() - start
@@ -168,6 +170,12 @@ def build_parser() -> ArgumentParser:
                 "--premise",
                 default=None,
                 help="summary.json of pgpo study --settings noisy,wrong-demo (for C9)",
+            )
+            p.add_argument(
+                "--real-study",
+                default=None,
+                help="summary.json of pgpo study --real (for C9 on SmolLM2; "
+                f"default {DEFAULT_REAL_STUDY})",
             )
             p.add_argument("--workers", type=positive_int, default=1, help="processes")
             p.add_argument("--out", default="runs/report")

@@ -266,3 +266,26 @@ def test_c9_reads_the_premise_study_and_needs_both_signs_in_every_setting(tmp_pa
     path.write_text(json.dumps(data))
     c = claim_c9_premise(path)
     assert c.verdict == CONDITIONAL and "detrended +0.01 [-0.04, +0.06]" in c.summary
+
+
+def test_c9_reads_the_real_models_premise_beside_the_toys(tmp_path):
+    """pgpo study --real's premise (SmolLM2, a noisy verifier) is one more setting of C9: read
+    alone, or with the toy's; a real study without premise runs says so."""
+    from proofs_checks.claims import REAL_SETTING, claim_c9_premise
+
+    def premise(diff, low):
+        r = {"r": low + 0.1, "ci_low": low, "ci_high": low + 0.2, "runs": 3}
+        return {"gap_difference": diff, "gap_difference_se": 0.001, "samples": 50, "runs": 3,
+                "r_share_right": r, "r_share_right_detrended": r}  # fmt: skip
+
+    real = tmp_path / "real.json"
+    real.write_text(json.dumps({"steps": 24, "premise": premise(0.01, 0.05)}))
+    alone = claim_c9_premise(None, real)
+    assert alone.verdict == HOLDS and REAL_SETTING in alone.numbers and str(real) in alone.summary
+    toys = tmp_path / "toys.json"
+    toys.write_text(json.dumps({"settings": {"noisy": {"premise": premise(0.0, -0.3)}}}))
+    both = claim_c9_premise(toys, real)
+    assert both.verdict == CONDITIONAL and set(both.numbers) == {"noisy", REAL_SETTING}
+    real.write_text(json.dumps({"premise": {"not_measured": "no wrong demonstration"}}))
+    c = claim_c9_premise(toys, real)
+    assert c.verdict == FAILS and "not measured (no wrong demonstration)" in c.summary
