@@ -65,8 +65,8 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_the_graph_sees_imports_inside_functions():
     graph = import_graph()
-    # loop.make_engine imports the vLLM engine lazily, inside the function.
-    assert "pgpo.train.rollout_vllm" in graph["pgpo.train.loop"]
+    # engines.make_engine imports the vLLM engine lazily, inside the function.
+    assert "pgpo.train.rollout_vllm" in graph["pgpo.train.engines"]
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]
 
 

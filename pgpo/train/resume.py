@@ -1,4 +1,5 @@
-"""What ``pgpo train --resume`` may change, and the run's record of it.
+"""What ``pgpo train --resume`` continues from (:func:`resume_point`), what it may change, and
+the run's record of it (:func:`run_record`).
 
 A resume compares its settings with those the checkpoint was trained under (the checkpoint's own
 ``config``). A changed setting of :data:`~pgpo.train.config.RESUMABLE` (the learning rate and its
@@ -16,7 +17,14 @@ again.
 
 from __future__ import annotations
 
-from pgpo.train.config import RESUMABLE, TrainConfig, to_dict, with_defaults
+import sys
+from pathlib import Path
+
+import yaml
+
+from pgpo.train import checkpoint
+from pgpo.train.config import RESUMABLE, RUN_RECORD, TrainConfig, to_dict, with_defaults
+from pgpo.train.run_dir import RunDir
 from pgpo.train.trackers import flat
 
 
@@ -76,3 +84,34 @@ def changes_text(changed: dict[str, list]) -> str:
 def describe(resumes: list[dict]) -> list[str]:
     """One line per resume that changed something: ``step 2: optim.lr 0.001 -> 0.0005``."""
     return [f"step {r['step']}: {changes_text(r['changed'])}" for r in resumes if r["changed"]]
+
+
+def resume_point(folder: RunDir, steps: int) -> tuple[Path, dict]:
+    """The newest intact checkpoint to continue from (damaged newer ones are skipped)."""
+    path, state, skipped = checkpoint.newest_intact(folder.checkpoints)
+    if path is None:
+        why = f": {'; '.join(skipped)}" if skipped else ""
+        raise ValueError(f"--resume: no usable checkpoint in {folder.checkpoints}{why}")
+    for reason in skipped:  # the run goes on from an older checkpoint: say which were left
+        print(f"pgpo: --resume skips damaged checkpoint {reason}", file=sys.stderr)
+    if state["step"] >= steps:
+        raise ValueError(
+            f"--resume: {path} is at step {state['step']} and steps={steps}: nothing to do "
+            "(raise steps to train further)"
+        )
+    return path, state
+
+
+def run_record(
+    folder: RunDir, cfg: TrainConfig, fingerprint: str, resumes: list, start: tuple | None
+) -> str:
+    """config.yaml: the settings the run was started with (a resume keeps the saved ones), the
+    fingerprint of its questions, and its resumes."""
+    settings = to_dict(cfg)
+    if start is not None:
+        saved = folder.saved_config() or start[1]["config"]
+        settings = {k: v for k, v in saved.items() if k not in RUN_RECORD}
+    record = {**settings, "data_fingerprint": fingerprint}
+    if resumes:
+        record["resumes"] = resumes
+    return yaml.safe_dump(record, sort_keys=False, default_flow_style=None)

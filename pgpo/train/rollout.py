@@ -5,7 +5,7 @@ The trainer calls :meth:`RolloutEngine.generate`, after every optimizer step
 calls :meth:`RolloutEngine.close` when the run ends. The engines live in their own modules and
 know this one, never each other: :mod:`pgpo.train.rollout_hf` (transformers ``generate``) and
 :mod:`pgpo.train.rollout_vllm` (a colocated vLLM). Whoever builds the run picks one
-(:func:`pgpo.train.loop.make_engine`).
+(:func:`pgpo.train.engines.make_engine`).
 """
 
 from __future__ import annotations

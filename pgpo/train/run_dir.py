@@ -1,4 +1,5 @@
-"""The run folder (``output.dir``): what a run writes there, and the only things it ever removes.
+"""The run folder (``output.dir``): what a run writes there (its logs: :class:`RunLogs`), and the
+only things it ever removes.
 
 A run owns the entries in :data:`OWN` and nothing else in the folder. Rules:
 - a fresh run refuses a folder that holds an earlier run, unless ``output.overwrite`` is set, and
@@ -26,8 +27,11 @@ from pathlib import Path
 import yaml
 
 from pgpo.locking import exclusive
+from pgpo.outputs import json_text
 from pgpo.train.checkpoint import remove_temporaries
-from pgpo.train.trackers import TRACKER_DIRS
+from pgpo.train.config import TrainConfig, to_dict
+from pgpo.train.feedback import misleading_feedback
+from pgpo.train.trackers import TRACKER_DIRS, Trackers
 
 METRICS, SAMPLES, CONFIG = "metrics.jsonl", "samples.jsonl", "config.yaml"
 FEEDBACK = "feedback.jsonl"  # misleading feedback only: per-sample records (pgpo.train.feedback)
@@ -198,3 +202,43 @@ def cut_log(path: Path, step: int) -> list[str]:
             "(those steps are trained again)"
         )
     return said
+
+
+class RunLogs:
+    """The run's JSON-lines logs and its trackers (``output.report_to``); main process only,
+    no-ops elsewhere."""
+
+    def __init__(self, folder: RunDir, cfg: TrainConfig, first: dict | None = None) -> None:
+        self.first = dict(first or {})  # added to the first row this process logs
+        main = folder.main
+        self.metrics = open(folder.path / METRICS, "a") if main else None
+        self.samples = open(folder.path / SAMPLES, "a") if main else None
+        # misleading feedback: a row of per-sample records each step (pgpo.train.feedback)
+        misled = main and misleading_feedback(cfg)
+        self.feedback = open(folder.path / FEEDBACK, "a") if misled else None
+        out = cfg.output
+        name = out.run_name or folder.path.absolute().name
+        self.trackers = Trackers(
+            out.report_to if main else [], folder.path, out.project, name, to_dict(cfg)
+        )
+
+    @staticmethod
+    def _write(file, row: dict) -> None:
+        if file is not None:
+            file.write(json_text(row) + "\n")
+            file.flush()
+
+    def step(self, row: dict, samples: list | None, feedback: list | None = None) -> None:
+        row, self.first = {**row, **self.first}, {}
+        self._write(self.metrics, row)
+        if samples is not None:
+            self._write(self.samples, {"step": row["step"], "samples": samples})
+        if feedback is not None:
+            self._write(self.feedback, {"step": row["step"], "samples": feedback})
+        self.trackers.log(row)
+
+    def close(self) -> None:
+        for file in (self.metrics, self.samples, self.feedback):
+            if file is not None:
+                file.close()
+        self.trackers.close()
