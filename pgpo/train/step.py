@@ -35,7 +35,6 @@ import functools
 import math
 import random
 import time
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -45,6 +44,14 @@ from pgpo.modulation import Modulation
 from pgpo.multiplier import MultiplierConfig
 from pgpo.optim import ModulatedOptimizer
 from pgpo.reduction import reduction_denominator, reduction_weights
+from pgpo.train.batch import (
+    Rollouts,
+    Sample,
+    StepSums,
+    engine_logprobs,
+    response_mask,
+    samples_to_run,
+)
 from pgpo.train.config import TrainConfig
 from pgpo.train.data import Question
 from pgpo.train.distributed import World, full
@@ -60,9 +67,10 @@ from pgpo.train.feedback import (
 )
 from pgpo.train.forward import Policy
 from pgpo.train.loss import distill_loss, old_logprobs
+from pgpo.train.metrics import step_metrics
 from pgpo.train.prompts import student_prompt, teacher_prompt, trained_tokens
-from pgpo.train.rewards import extract_answer, strip_thinking, with_false_positives
-from pgpo.train.rollout import Completion, RolloutEngine
+from pgpo.train.rewards import strip_thinking, with_false_positives
+from pgpo.train.rollout import RolloutEngine
 from pgpo.train.tasks import Scored, Task, task_of
 from pgpo.train.teacher import Teacher, choose_demonstrations
 
@@ -219,65 +227,6 @@ def mean_over_updates(updates: list[Update], sums: StepSums) -> dict:
     return metrics
 
 
-@dataclass(frozen=True)
-class Rollouts:
-    """Step 1's result: the student prompts, n completions per question and their texts."""
-
-    prompts: list[list[int]]
-    completions: list[list[Completion]]
-    texts: list[list[str]]
-    seconds: float
-
-
-@dataclass
-class Sample:
-    """One rollout prepared for the loss: prompts for both roles and the shared response."""
-
-    student_prompt: list[int]
-    teacher_prompt: list[int]
-    response: list[int]
-    trained: bool  # False: no demonstration, masked out of loss and I_k
-    engine_logprobs: list[float] | None = None  # the rollout engine's, per response token
-    demo_right: bool | None = None  # its demonstration states the gold answer; None: no demo
-    shown: str | None = None  # the answer its demonstration states ("": none); None: no demo
-    agreement: float | None = None  # the share of its group's successes stating ``shown``
-    positions: tuple[int, int] | None = None  # the response tokens [first, last) trained; None: all
-    feedback: str | None = None  # the feedback on its attempt its teacher is shown; None: none
-
-
-class StepSums(NamedTuple):
-    """Step 4's sums over all ranks: the loss, Eq. 8's weighted sums (I_k and the two mean
-    entropies), the truncated-IS ratio sum and clipped count, and the trained tokens."""
-
-    loss: float
-    info: float
-    entropy_student: float
-    entropy_teacher: float
-    tis_ratio_sum: float
-    tis_clipped: float
-    weight_sum: float  # token / sequence granularity: sum of the loss weights w_t ...
-    modulated_sum: float  # ... and of w_t rho(I_t), whose ratio renormalised the gradient
-    is_ratio_sum: float  # several updates per batch: the clipped IS weights' ratio sum ...
-    is_clipped: float  # ... and how many were clipped
-    # Eq. 8's weighted gap sum and weight sum over samples whose demonstration states the gold
-    # answer, and over those whose demonstration states a wrong one (the premise's diagnostic)
-    info_right: float
-    weight_right: float
-    info_wrong: float
-    weight_wrong: float
-    trained_tokens: float
-
-    MEANS = ("loss", "info", "entropy_student", "entropy_teacher")  # the rest are counts
-
-    @classmethod
-    def zero(cls) -> StepSums:
-        return cls(*([0.0] * len(cls._fields)))
-
-    def plus(self, other: StepSums) -> StepSums:
-        """Field by field, ``self + other`` (each as a float)."""
-        return StepSums(*(a + float(b) for a, b in zip(self, other)))
-
-
 def sample_rollouts(
     questions: list[Question], tokenizer, engine: RolloutEngine, cfg: TrainConfig, seeds
 ) -> Rollouts:
@@ -367,41 +316,6 @@ def with_demonstrations(
                 feedback=told,
             ))  # fmt: skip
     return samples
-
-
-def samples_to_run(samples: list[Sample], world: World) -> list[int]:
-    """The indices of the samples step 4 runs forward and backward, in order: the trained ones
-    (a masked sample adds 0 to the loss, its gradient and Eq. 8's sums), and under several ranks
-    as many masked ones as it takes for every rank to run as many micro-batches as the busiest
-    (FSDP2's forwards are collectives)."""
-    trained = [i for i, s in enumerate(samples) if s.trained]
-    extra = int(world.max(len(trained))) - len(trained)
-    masked = [i for i, s in enumerate(samples) if not s.trained]
-    return sorted(trained + masked[:extra])
-
-
-def response_mask(samples: list[Sample]) -> torch.Tensor:
-    """``[B, T]``: 1 on the trained response tokens of trained samples (all, or
-    ``Sample.positions``)."""
-    t_max = max(len(s.response) for s in samples)
-    mask = torch.zeros((len(samples), t_max))
-    for i, s in enumerate(samples):
-        if s.trained:
-            first, last = s.positions or (0, len(s.response))
-            mask[i, first:last] = 1.0
-    return mask
-
-
-def engine_logprobs(samples: list[Sample]) -> torch.Tensor | None:
-    """``[B, T]``: the rollout engine's log-probs of the response tokens (0 where padded), or
-    None when the engine gave none (it samples from the trained weights themselves)."""
-    if any(s.engine_logprobs is None for s in samples):
-        return None
-    t_max = max(len(s.response) for s in samples)
-    out = torch.zeros((len(samples), t_max))
-    for i, s in enumerate(samples):
-        out[i, : len(s.engine_logprobs)] = torch.tensor(s.engine_logprobs)
-    return out
 
 
 def loss_and_entropies(
@@ -521,61 +435,3 @@ def modulated_step(
         teacher.update(policy)
     optimizer.zero_grad()
     return grad_norm, stepped
-
-
-def step_metrics(
-    questions: list[Question],
-    rollouts: Rollouts,
-    rewards: list[list[float]],
-    samples: list[Sample],
-    sums: StepSums,
-    world: World,
-    cfg: TrainConfig,
-) -> dict:
-    """The step's rollout and reward metrics over all ranks (the loss side is added by the
-    caller)."""
-    lengths = [len(c.tokens) for group in rollouts.completions for c in group]
-    flat_rewards = [r for group in rewards for r in group]
-    formatted = [extract_answer(t).has_answer_tag for group in rollouts.texts for t in group]
-    threshold = cfg.teacher.success_threshold
-    (count, reward_sum, correct, formatted_sum, length_sum, trained, groups, success_groups) = (
-        world.sum(
-            [
-                len(flat_rewards),
-                sum(flat_rewards),
-                sum(r >= threshold for r in flat_rewards),
-                sum(formatted),
-                sum(lengths),
-                sum(s.trained for s in samples),
-                len(rewards),
-                sum(any(r >= threshold for r in g) for g in rewards),
-            ]
-        )
-    )
-    metrics = {
-        "reward": reward_sum / count,
-        "accuracy": correct / count,
-        "format_rate": formatted_sum / count,
-        "response_length_mean": length_sum / count,
-        "response_length_max": int(world.max(max(lengths))),
-        "masked_share": 1.0 - trained / count,
-        "success_group_fraction": success_groups / groups,
-        "tokens_per_second": sum(lengths) / max(rollouts.seconds, 1e-9),
-        "samples": [
-            {
-                "question": q.prompt[:200],
-                "answer": q.answer,
-                "response": rollouts.texts[i][0],
-                "reward": rewards[i][0],
-            }
-            for i, q in enumerate(questions[:2])
-        ],
-    }
-    if torch.cuda.is_available():  # the step's peak, then start the next step's count afresh
-        metrics["gpu_peak_gib"] = world.max(torch.cuda.max_memory_allocated() / 2**30)
-        torch.cuda.reset_peak_memory_stats()
-    corrected = cfg.rollout.tis_cap is not None and engine_logprobs(samples) is not None
-    if corrected and sums.trained_tokens > 0:
-        metrics["tis_ratio_mean"] = sums.tis_ratio_sum / sums.trained_tokens
-        metrics["tis_clipped_share"] = sums.tis_clipped / sums.trained_tokens
-    return metrics
