@@ -49,15 +49,7 @@ def step_metrics(
         "masked_share": 1.0 - trained / count,
         "success_group_fraction": success_groups / groups,
         "tokens_per_second": sum(lengths) / max(rollouts.seconds, 1e-9),
-        "samples": [
-            {
-                "question": q.prompt[:200],
-                "answer": q.answer,
-                "response": rollouts.texts[i][0],
-                "reward": rewards[i][0],
-            }
-            for i, q in enumerate(questions[:2])
-        ],
+        "samples": logged_samples(questions, rollouts, rewards),
     }
     if torch.cuda.is_available():  # the step's peak, then start the next step's count afresh
         metrics["gpu_peak_gib"] = world.max(torch.cuda.max_memory_allocated() / 2**30)
@@ -67,3 +59,14 @@ def step_metrics(
         metrics["tis_ratio_mean"] = sums.tis_ratio_sum / sums.trained_tokens
         metrics["tis_clipped_share"] = sums.tis_clipped / sums.trained_tokens
     return metrics
+
+
+def logged_samples(
+    questions: list[Question], rollouts: Rollouts, rewards: list[list[float]]
+) -> list[dict]:
+    """The first rollout of the step's first two questions, for ``samples.jsonl``."""
+    return [
+        {"question": q.prompt[:200], "answer": q.answer, "response": rollouts.texts[i][0],
+         "reward": rewards[i][0]}
+        for i, q in enumerate(questions[:2])
+    ]  # fmt: skip

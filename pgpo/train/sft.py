@@ -27,6 +27,7 @@ from pgpo.train.data import Question
 from pgpo.train.distributed import World
 from pgpo.train.exact import gold_demonstration
 from pgpo.train.forward import Policy
+from pgpo.train.metrics import logged_samples
 from pgpo.train.prompts import student_prompt, trained_tokens
 from pgpo.train.rollout import RolloutEngine
 from pgpo.train.step import modulated_step, sample_rollouts, score
@@ -130,13 +131,5 @@ def sft_step(
         "rollout_seconds": rollouts.seconds,
         "train_seconds": seconds - rollouts.seconds,
         "step_seconds": seconds,
-        "samples": [
-            {
-                "question": q.prompt[:200],
-                "answer": q.answer,
-                "response": rollouts.texts[i][0],
-                "reward": rewards[i][0],
-            }
-            for i, q in enumerate(questions[:2])
-        ],  # fmt: skip
+        "samples": logged_samples(questions, rollouts, rewards),
     }
