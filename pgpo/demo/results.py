@@ -59,9 +59,52 @@ def premise_noisy(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def bench_vs_trl(summary: dict) -> str:
+    """``benchmarks/bench_vs_trl.py``'s table: seconds per step and peak memory of each system,
+    and the ratios to stock TRL."""
+    names = {"pgpo": "pgpo (same loss, rho = 1)", "pgpo-defaults": "pgpo (its defaults)",
+             "trl": "TRL `SDPOTrainer`", "trl+pgpo": "TRL + pgpo's add-on"}  # fmt: skip
+    lines = ["| response tokens | system | s / step | generation | the rest | peak RSS GiB |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for tokens, r in summary["results"].items():
+        for i, (key, label) in enumerate(names.items()):
+            if key not in r:
+                continue
+            x = r[key]
+            first = tokens if i == 0 else ""
+            lines.append(f"| {first} | {label} | {x['seconds']:.1f} | {x['generation']:.1f} | "
+                         f"{x['rest']:.1f} | {x['peak_gib']:.2f} |")  # fmt: skip
+    lines.append("")
+    for tokens, r in summary["results"].items():
+        q = r["ratios"]
+        line = (f"- {tokens} tokens: pgpo / TRL time {q['time']:.2f}, peak memory "
+                f"{q['memory']:.3f}")  # fmt: skip
+        if "add_on_time" in q:
+            line += (f"; TRL + pgpo's add-on / TRL time {q['add_on_time']:.2f}, peak memory "
+                     f"{q['add_on_memory']:.3f}")  # fmt: skip
+        lines.append(line + ".")
+    return "\n".join(lines) + "\n"
+
+
+def head_vs_trl_kernel(summary: dict) -> str:
+    """``benchmarks/bench_head_vs_trl_kernel.py``'s rows and the pgpo / TRL ratios."""
+    lines = ["| hidden | tokens | variant | seconds | extra MiB |", "|---|---|---|---|---|"]
+    for r in summary["rows"]:
+        lines.append(f"| {r['hidden']} | {r['tokens']} | {r['variant']} | {r['seconds']:.2f} | "
+                     f"{r['extra_bytes'] / 2**20:.0f} |")  # fmt: skip
+    lines += ["", "| hidden | tokens | loss | pgpo / TRL time | pgpo / TRL extra memory | faster |",
+              "|---|---|---|---|---|---|"]  # fmt: skip
+    for q in summary["ratios"]:
+        faster = "pgpo" if q["time"] < 1 else "TRL"
+        lines.append(f"| {q['hidden']} | {q['tokens']} | {q['loss']} | {q['time']:.2f} | "
+                     f"{q['memory']:.2f} | {faster} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
 # name: (summary file, relative to the repository, and the function that writes the block)
 BLOCKS: dict[str, tuple[str, Callable[[dict], str]]] = {
     "premise-noisy": ("results/premise-noisy/summary.json", premise_noisy),
+    "study-real": ("results/study-real/summary.json", study_real),
 }
 
 
