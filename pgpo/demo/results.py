@@ -105,6 +105,8 @@ def head_vs_trl_kernel(summary: dict) -> str:
 BLOCKS: dict[str, tuple[str, Callable[[dict], str]]] = {
     "premise-noisy": ("results/premise-noisy/summary.json", premise_noisy),
     "study-real": ("results/study-real/summary.json", study_real),
+    "bench-vs-trl": ("results/bench-vs-trl/summary.json", bench_vs_trl),
+    "head-vs-trl-kernel": ("results/head-vs-trl-kernel/summary.json", head_vs_trl_kernel),
 }
 
 
@@ -151,7 +153,11 @@ def main(argv: list[str] | None = None) -> int:
         "--check", action="store_true", help="change nothing; exit 1 where a block differs"
     )
     args = p.parse_args(argv)
-    differed = update(write=not args.check)
+    try:
+        differed = update(write=not args.check)
+    except (ValueError, OSError, KeyError) as err:  # an unknown block, a missing or odd summary
+        print(f"pgpo.demo.results: {err}", file=sys.stderr)
+        return 2
     for name in differed:
         print(f"{'differs' if args.check else 'rewrote'}: {name}")
     return 1 if (args.check and differed) else 0
