@@ -41,10 +41,12 @@ import torch
 from pgpo.information import entropy_from_log_probs
 from pgpo.reduction import (
     DEFAULT_CHUNK_SIZE,
+    ChunkBuffers,
     check_temperature,
     chunks,
     flatten,
     kept_chunks,
+    log_probs_into,
     reduction_weights,
 )
 
@@ -106,10 +108,11 @@ class DivergenceSpec:
     mode: str = "logits"
 
 
-def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``sum_v a[i, v] b[i, v]``: ``[n, V], [n, V] -> [n]``, without an ``[n, V]`` product
-    (a batched matrix product measured slower on CPU)."""
-    return torch.linalg.vecdot(a, b)
+def _row_dot(a: torch.Tensor, b: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """``sum_v a[i, v] b[i, v]``: ``[n, V], [n, V] -> [n]``, the product written into
+    ``scratch`` ``[n, V]`` (on CPU, product-then-sum into a reused buffer measured about twice
+    as fast as ``linalg.vecdot``, which runs as a batched matrix product)."""
+    return torch.mul(a, b, out=scratch).sum(-1)
 
 
 def _has_closed_form(spec: DivergenceSpec) -> bool:
@@ -141,17 +144,21 @@ def _bucket_gradient(
 
 
 def _closed_form_topk(
-    x_s: torch.Tensor,
-    x_t: torch.Tensor,
+    log_s: torch.Tensor,
+    log_t: torch.Tensor,
+    p_s: torch.Tensor,
+    p_t: torch.Tensor | None,
     spec: DivergenceSpec,
     with_entropy: bool,
     weights: torch.Tensor | None,
     need_grad: bool,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor | None]:
-    """Per-row divergence on the student's top-k (float32 temperature-scaled logits ``[n, V]
-    -> [n]``: the tail bucket or the renormalised top-k, as the spec says), both entropies (with
-    ``with_entropy``), and the gradient ``[n, V]`` of ``sum_i w_i d_i`` w.r.t. ``x_s`` written
-    out: no autograd graph over ``[n, V]``, and the student's probabilities' buffer becomes it.
+    """Per-row divergence on the student's top-k (float32 log-probs of the temperature-scaled
+    logits x_s, x_t ``[n, V] -> [n]`` and their probabilities, ``p_t`` needed with
+    ``with_entropy``: the tail bucket or the renormalised top-k, as the spec says), both
+    entropies (with ``with_entropy``), and the gradient ``[n, V]`` of
+    ``sum_i w_i d_i`` w.r.t. ``x_s`` written out: no autograd graph over ``[n, V]``, and the
+    student's probabilities' buffer becomes it. ``log_s`` and ``log_t`` are overwritten.
     With s = softmax(x_s), I the top-k, g the bucket gradient (:func:`_bucket_gradient`, times
     w) and G its sum over the buckets:
 
@@ -161,16 +168,16 @@ def _closed_form_topk(
       0 outside.
 
     The tests check it against float64 autograd of the direct formula."""
-    log_s = torch.log_softmax(x_s, dim=-1)
-    log_t = torch.log_softmax(x_t, dim=-1)
-    p_s = log_s.exp()  # for the student's entropy and, in place, the gradient
     entropies = None
     if with_entropy:
-        entropies = (entropy_from_log_probs(log_s, p_s), entropy_from_log_probs(log_t))
-    index = x_s.topk(spec.topk, dim=-1).indices
+        # p_T serves nothing else: the teacher's product overwrites it, then the student's.
+        h_t = entropy_from_log_probs(log_t, p_t, p_t)
+        entropies = (entropy_from_log_probs(log_s, p_s, p_t), h_t)
+    # log-softmax shifts each row by a constant: the same top-k as the logits'.
+    index = log_s.topk(spec.topk, dim=-1).indices
     a, b = log_s.gather(-1, index), log_t.gather(-1, index)
     # With k = V the tail is empty (mass 0): no bucket, and nothing outside the top-k.
-    tail = spec.add_tail and spec.topk < x_s.shape[-1]
+    tail = spec.add_tail and spec.topk < log_s.shape[-1]
     if tail:
         a_tail = _tail(log_s, index, a.logsumexp(-1, keepdim=True))
         b_tail = _tail(log_t, index, b.logsumexp(-1, keepdim=True))
@@ -208,34 +215,41 @@ def _closed_form_topk(
 
 
 def _closed_form_kl(
-    x_s: torch.Tensor,
-    x_t: torch.Tensor,
-    beta: float,
+    log_s: torch.Tensor,
+    log_t: torch.Tensor,
+    p_s: torch.Tensor,
+    p_t: torch.Tensor | None,
+    spec: DivergenceSpec,
     with_entropy: bool,
     weights: torch.Tensor | None,
     need_grad: bool,
+    scratch: torch.Tensor | None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor | None]:
-    """Per-row full-vocabulary KL of float32 temperature-scaled logits ``[n, V] -> [n]``, both
-    entropies (with ``with_entropy``) and the gradient ``[n, V]`` of ``sum_i w_i d_i`` w.r.t.
-    ``x_s``, written out instead of differentiated, with p = softmax:
+    """Per-row full-vocabulary KL from float32 log-probs of the temperature-scaled logits x_s,
+    x_t ``[n, V] -> [n]`` and their probabilities (``p_t`` needed with ``with_entropy`` or beta
+    0), both entropies (with ``with_entropy``) and the gradient ``[n, V]`` of
+    ``sum_i w_i d_i`` w.r.t. ``x_s``, written out instead of differentiated, with p = softmax:
 
-    - beta = 1, ``d = KL(p_S || p_T)``: ``dd/dx_s = p_S (log p_S - log p_T - d)``;
-    - beta = 0, ``d = KL(p_T || p_S)``: ``dd/dx_s = p_S - p_T``.
+    - ``spec.beta`` 1, ``d = KL(p_S || p_T)``: ``dd/dx_s = p_S (log p_S - log p_T - d)``;
+    - ``spec.beta`` 0, ``d = KL(p_T || p_S)``: ``dd/dx_s = p_S - p_T``.
 
     The same values as :func:`_chunk_divergence` (the tests check both against float64
-    autograd), without an autograd graph over ``[n, V]`` and with its buffers reused in place."""
-    log_s = torch.log_softmax(x_s, dim=-1)
-    log_t = torch.log_softmax(x_t, dim=-1)
-    p_s = log_s.exp()
-    p_t = log_t.exp() if (with_entropy or beta == 0.0) else None
-    entropies = (-_row_dot(p_s, log_s), -_row_dot(p_t, log_t)) if with_entropy else None
+    autograd), without an autograd graph over ``[n, V]``: every ``[n, V]`` array is an input
+    (overwritten) or ``scratch``, needed only for beta 0's entropies (all four inputs are still
+    in use there)."""
+    beta, entropies = spec.beta, None
+    if with_entropy:
+        # Beta 1 needs p_T for nothing else: the products overwrite it.
+        spare = p_t if beta == 1.0 else scratch
+        h_t = entropy_from_log_probs(log_t, p_t, spare)
+        entropies = (entropy_from_log_probs(log_s, p_s, spare), h_t)
     if beta == 1.0:
         diff = log_s.sub_(log_t)  # log p_S - log p_T, in log_s's buffer
-        d = _row_dot(p_s, diff)
+        d = _row_dot(p_s, diff, log_t)  # the product in log_t's buffer, which is done with
         grad = diff.sub_(d.unsqueeze(-1)).mul_(p_s) if need_grad else None
     else:
         diff = log_t.sub_(log_s)  # log p_T - log p_S, in log_t's buffer
-        d = _row_dot(p_t, diff)
+        d = _row_dot(p_t, diff, log_s)  # the product in log_s's buffer, which is done with
         grad = p_s.sub_(p_t) if need_grad else None
     if grad is not None and weights is not None:
         grad.mul_(weights.unsqueeze(-1))
@@ -306,28 +320,38 @@ def _divergence_chunks(
     at a time, so logits never exist for more than ``chunk_size`` rows. Only rows with ``keep``
     ``[N]`` are computed; ``weights`` ``[N]`` (None: all 1) weight the sum whose gradient is
     taken; ``targets`` ``[N]`` are the sampled tokens (sampled_token mode)."""
+    vocab = student.shape[1] if student_head is None else student_head.shape[0]
+    workspace = ChunkBuffers(min(chunk_size, student.shape[0]), vocab, student.device)
     for rows in kept_chunks(keep, chunk_size):
-        x_t = teacher.index_select(0, rows)
-        if teacher_head is not None:
-            x_t = x_t @ teacher_head.T
-        x_t = _scaled(x_t, spec.temperature)
         student_rows = student.index_select(0, rows)
-        # Outside grad mode: the gradient is taken w.r.t. these logits, not through the head.
-        x_s = (student_rows if student_head is None else student_rows @ student_head.T).detach()
+        teacher_rows = teacher.index_select(0, rows)
         w = None if weights is None else weights.index_select(0, rows).float()
         y = None if targets is None else targets.index_select(0, rows)
         if _has_closed_form(spec) or (spec.mode == "logits" and spec.topk is not None):
-            x_s = _scaled(x_s, spec.temperature)
+            n, t = rows.shape[0], spec.temperature
+            # The student's probabilities always (they become the gradient); the teacher's for
+            # its entropy and for KL(p_T || p_S).
+            p_s = workspace("p_s", n)
+            p_t = workspace("p_t", n) if with_entropy or spec.beta == 0.0 else None
+            # Outside grad mode: the gradient is taken w.r.t. these logits, not through the head.
+            log_s = log_probs_into(workspace("log_s", n), student_rows.detach(), student_head, t,
+                                    p_s)  # fmt: skip
+            log_t = log_probs_into(workspace("log_t", n), teacher_rows, teacher_head, t, p_t)
             if spec.topk is None:
-                d, entropies, grad = _closed_form_kl(x_s, x_t, spec.beta, with_entropy, w,
-                                                     need_grad)  # fmt: skip
+                scratch = workspace("scratch", n) if with_entropy and spec.beta == 0.0 else None
+                d, entropies, grad = _closed_form_kl(log_s, log_t, p_s, p_t, spec, with_entropy,
+                                                     w, need_grad, scratch)  # fmt: skip
             else:
-                d, entropies, grad = _closed_form_topk(x_s, x_t, spec, with_entropy, w, need_grad)
-            if grad is not None and spec.temperature != 1.0:
-                grad.div_(spec.temperature)  # d/dx of f(x / T)
+                d, entropies, grad = _closed_form_topk(log_s, log_t, p_s, p_t, spec, with_entropy,
+                                                       w, need_grad)  # fmt: skip
+            if grad is not None and t != 1.0:
+                grad.div_(t)  # d/dx of f(x / T)
             total = d.sum() if w is None else (w * d).sum()
             yield _Chunk(rows, student_rows, d, total, grad, entropies)
             continue
+        x_t = teacher_rows if teacher_head is None else teacher_rows @ teacher_head.T
+        x_t = _scaled(x_t, spec.temperature)
+        x_s = (student_rows if student_head is None else student_rows @ student_head.T).detach()
         with torch.enable_grad():
             x_s = x_s.float().requires_grad_(need_grad)
             d, entropies = _chunk_divergence(x_s / spec.temperature, x_t, spec, with_entropy, y)
@@ -513,7 +537,11 @@ class _HeadDivergence(torch.autograd.Function):
     def backward(ctx, grad_out, _grad_h_stu, _grad_h_tea, _grad_per_token):
         grad_h, grad_w = ctx.saved_tensors
         # One gradient per forward input: hidden states and head weight; the rest are constants.
-        return (grad_out * grad_h, (grad_out * grad_w).to(ctx.weight_dtype)) + (None,) * 7
+        # Scaled in place: the stored buffers become the gradients (no second [V, H] array; a
+        # second backward through the same graph fails loudly on the version counter).
+        grad_out = grad_out.to(grad_w.dtype)
+        return (grad_h.mul_(grad_out.to(grad_h.dtype)), grad_w.mul_(grad_out).to(ctx.weight_dtype),
+                *(None,) * 7)  # fmt: skip
 
 
 def head_divergence(
@@ -609,12 +637,11 @@ def head_token_logprobs(
     h = hidden.reshape(-1, hidden.shape[-1])
     t = targets.reshape(-1).to(h.device)
     out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+    buffers = ChunkBuffers(min(chunk_size, h.shape[0]), head_weight.shape[0], h.device)
     for start, stop in chunks(h.shape[0], chunk_size):
-        logits = (h[start:stop] @ head_weight.T).float()
-        if temperature != 1.0 or top_p < 1.0:
-            log_p = top_p_log_probs(logits / temperature, top_p)
-            out[start:stop] = log_p.gather(-1, t[start:stop].unsqueeze(-1)).squeeze(-1)
-            continue
-        picked = logits.gather(-1, t[start:stop].unsqueeze(-1)).squeeze(-1)
-        out[start:stop] = picked - logits.logsumexp(-1)
+        log_p = log_probs_into(buffers("log_p", stop - start), h[start:stop], head_weight,
+                               temperature)  # fmt: skip
+        if top_p < 1.0:
+            log_p = top_p_log_probs(log_p, top_p)  # log-softmax leaves log-probs as they are
+        out[start:stop] = log_p.gather(-1, t[start:stop].unsqueeze(-1)).squeeze(-1)
     return out.reshape(targets.shape)

@@ -26,9 +26,11 @@ import torch
 
 from pgpo.reduction import (
     DEFAULT_CHUNK_SIZE,
+    ChunkBuffers,
     check_temperature,
     flatten,
     kept_chunks,
+    log_probs_into,
     reduction_weights,
 )
 
@@ -42,12 +44,16 @@ __all__ = [
 ]
 
 
-def entropy_from_log_probs(log_p: torch.Tensor, p: torch.Tensor | None = None) -> torch.Tensor:
+def entropy_from_log_probs(
+    log_p: torch.Tensor, p: torch.Tensor | None = None, scratch: torch.Tensor | None = None
+) -> torch.Tensor:
     """``-sum p log p`` over the last axis from log-probabilities, no gradient: ``[n, V] -> [n]``
-    (nats); ``p``: ``exp(log_p)``, where the caller has it already. Finite log-probs only (a
-    -inf would give 0 * -inf)."""
+    (nats); ``p``: ``exp(log_p)``, where the caller has it already; ``scratch`` ``[n, V]``: a
+    buffer for the product, where the caller reuses one. Finite log-probs only (a -inf would
+    give 0 * -inf)."""
     log_p = log_p.detach()
-    return -((log_p.exp() if p is None else p.detach()) * log_p).sum(-1)
+    p = log_p.exp() if p is None else p.detach()
+    return -torch.mul(p, log_p, out=scratch).sum(-1)
 
 
 @torch.no_grad()
@@ -64,13 +70,7 @@ def token_entropy(
     """
     check_temperature(temperature)
     flat, keep, token_shape = flatten(logits, mask)
-    out = torch.zeros(flat.shape[0], dtype=torch.float32, device=flat.device)
-    for rows in kept_chunks(keep, chunk_size):
-        x = flat.index_select(0, rows).float()
-        if temperature != 1.0:
-            x.div_(temperature)
-        out[rows] = entropy_from_log_probs(torch.log_softmax(x, dim=-1))
-    return out.reshape(token_shape)
+    return _chunked_entropy(flat, None, keep, temperature, chunk_size).reshape(token_shape)
 
 
 @torch.no_grad()
@@ -88,11 +88,29 @@ def head_token_entropy(
     token_shape = tuple(hidden.shape[:-1])
     flat = hidden.reshape(-1, hidden.shape[-1])
     keep = (mask != 0).reshape(-1).to(flat.device)
+    return _chunked_entropy(flat, head_weight, keep, temperature, chunk_size).reshape(token_shape)
+
+
+def _chunked_entropy(
+    flat: torch.Tensor,
+    head: torch.Tensor | None,
+    keep: torch.Tensor,
+    temperature: float,
+    chunk_size: int,
+) -> torch.Tensor:
+    """float32 ``[N]``: the entropy of ``softmax(flat @ head.T / temperature)`` (``flat`` are
+    logits ``[N, V]`` without a head, hidden states ``[N, H]`` with one) at the rows kept by
+    ``keep`` ``[N]``, 0 elsewhere, ``chunk_size`` rows at a time in reused buffers."""
+    vocab = flat.shape[1] if head is None else head.shape[0]
     out = torch.zeros(flat.shape[0], dtype=torch.float32, device=flat.device)
+    buffers = ChunkBuffers(min(chunk_size, flat.shape[0]), vocab, flat.device)
     for rows in kept_chunks(keep, chunk_size):
-        x = (flat.index_select(0, rows) @ head_weight.T).float() / temperature
-        out[rows] = entropy_from_log_probs(torch.log_softmax(x, dim=-1))
-    return out.reshape(token_shape)
+        n = rows.shape[0]
+        p = buffers("p", n)
+        log_p = log_probs_into(buffers("log_p", n), flat.index_select(0, rows), head,
+                               temperature, p)  # fmt: skip
+        out[rows] = entropy_from_log_probs(log_p, p, buffers("scratch", n))
+    return out
 
 
 @torch.no_grad()

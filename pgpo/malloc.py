@@ -13,9 +13,9 @@ def keep_freed_memory() -> None:
     such a block with a fresh ``mmap`` and unmaps it when it is freed, so every temporary pays
     page faults for all of its pages. Raising the mmap threshold (to glibc's 32 MiB maximum) and
     the trim threshold keeps them on the heap: C8's ballistic cells take 0.45 of the time
-    (``benchmarks/bench_report.py``). The trainer's LM head allocates ``[chunk, V]`` float32
-    temporaries of 19 MB per chunk of 32 tokens at Qwen3's vocabulary, which stay on the heap
-    the same way. Results are unchanged; elsewhere than glibc, a no-op.
+    (``benchmarks/bench_report.py``). The LM head's ``[chunk, V]`` arrays, larger than the
+    ceiling at Qwen3's vocabulary, are buffers allocated once per call instead
+    (:class:`pgpo.reduction.ChunkBuffers`). Results are unchanged; elsewhere than glibc, a no-op.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")

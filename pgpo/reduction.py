@@ -14,12 +14,12 @@ import torch
 # What a per-token quantity is reduced to: the mean over masked tokens, the mean over sequences
 # of each sequence's token mean, or the plain masked sum.
 Reduction = Literal["token_mean", "seq_mean", "sum"]
-# Tokens per chunk. 32 x 151,936 float32 is 19 MB per buffer: under glibc's 32 MiB mmap
-# ceiling, so the allocator reuses it (no page faults per chunk; see keep_freed_memory), while
-# CPU matmuls of 32 rows run at about 1.5x the cost per token of whole-matrix ones (16 rows: 2x;
-# benchmarks/bench_core.py --head). On a GPU, larger chunks (128-512) amortise kernel launches;
-# peak extra memory is about 10 buffers of chunk_size x V float32.
-DEFAULT_CHUNK_SIZE = 32
+# Tokens per chunk. Each pass over the vocabulary computes its [chunk_size, V] float32 arrays in
+# buffers allocated once per call (ChunkBuffers), so chunks may be as large as CPU matmuls want:
+# 128 rows run the head's products at about the cost per token of whole-matrix ones (32 rows:
+# about 1.4x; benchmarks/bench_core.py --head). At 151,936 tokens of vocabulary one buffer is
+# 78 MB; the fused head loss holds five. On a GPU, 256-512 amortise kernel launches.
+DEFAULT_CHUNK_SIZE = 128
 
 
 def flatten(
@@ -106,6 +106,45 @@ def kept_chunks(keep: torch.Tensor, chunk_size: int) -> Iterator[torch.Tensor]:
         rows = keep[start:stop].nonzero().squeeze(-1)
         if rows.numel() > 0:
             yield start + rows
+
+
+class ChunkBuffers:
+    """Float32 ``[chunk_size, V]`` buffers shared by every chunk of one pass, each allocated on
+    first use and sliced to the chunk's rows: a chunk's temporaries then cost no allocation,
+    so chunks above glibc's 32 MiB mmap ceiling do not fault fresh pages in each time."""
+
+    def __init__(self, rows: int, vocab: int, device: torch.device) -> None:
+        self._shape, self._device = (rows, vocab), device
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def __call__(self, name: str, n: int) -> torch.Tensor:
+        if name not in self._buffers:
+            self._buffers[name] = torch.empty(self._shape, dtype=torch.float32, device=self._device)
+        return self._buffers[name][:n]
+
+
+def log_probs_into(
+    buffer: torch.Tensor,
+    rows: torch.Tensor,
+    head: torch.Tensor | None,
+    temperature: float,
+    probs: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``log_softmax(rows @ head.T / temperature)`` ``[n, V]`` (``rows`` are logits without a
+    head), float32, computed in ``buffer`` ``[n, V]``: the matrix product, the scaling and the
+    log-softmax all write into it. With ``probs`` ``[n, V]``, the softmax is written there too
+    (from the logits: a softmax pass measured faster on CPU than ``exp`` of the log-probs)."""
+    if head is None:
+        buffer.copy_(rows)
+    elif rows.dtype == head.dtype == torch.float32:
+        torch.mm(rows, head.T, out=buffer)
+    else:
+        buffer.copy_(rows @ head.T)
+    if temperature != 1.0:
+        buffer.div_(temperature)
+    if probs is not None:
+        torch.softmax(buffer, dim=-1, out=probs)
+    return torch.log_softmax(buffer, dim=-1, out=buffer)
 
 
 def check_temperature(temperature: float) -> None:

@@ -202,7 +202,7 @@ class LossConfig:
     # reading; a response that commits to none: its answer's tokens, as with answer); with task
     # numeric, the number's.
     positions: Literal["response", "answer", "letter"] = "response"
-    chunk_size: Count = 32  # tokens per LM-head chunk (memory, and speed: see docs/trainer.md)
+    chunk_size: Count = 128  # tokens per LM-head chunk (memory, and speed: see docs/trainer.md)
     micro_batch: Count = 1  # sequences per forward pass
     # With optim.updates_per_batch > 1: each token's loss times min(p_now / p_old, is_cap),
     # detached, p_old the policy's probability of the token before the batch's first update
