@@ -108,16 +108,15 @@ class DivergenceSpec:
     mode: str = "logits"
 
 
+# A chunk's per-row divergence [n] and its gradient [n, V] w.r.t. the student's logits (or None).
+_Rowwise = tuple[torch.Tensor, torch.Tensor | None]
+
+
 def _row_dot(a: torch.Tensor, b: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
     """``sum_v a[i, v] b[i, v]``: ``[n, V], [n, V] -> [n]``, the product written into
     ``scratch`` ``[n, V]`` (on CPU, product-then-sum into a reused buffer measured about twice
     as fast as ``linalg.vecdot``, which runs as a batched matrix product)."""
     return torch.mul(a, b, out=scratch).sum(-1)
-
-
-def _has_closed_form(spec: DivergenceSpec) -> bool:
-    """Full-vocabulary KL (beta 1 or 0) on logits: its gradient is written out, no autograd."""
-    return spec.mode == "logits" and spec.topk is None and spec.beta in (0.0, 1.0)
 
 
 def _bucket_gradient(
@@ -143,22 +142,31 @@ def _bucket_gradient(
     return factor if per_mass else a.exp() * factor
 
 
-def _closed_form_topk(
-    log_s: torch.Tensor,
-    log_t: torch.Tensor,
-    p_s: torch.Tensor,
-    p_t: torch.Tensor | None,
-    spec: DivergenceSpec,
-    with_entropy: bool,
-    weights: torch.Tensor | None,
-    need_grad: bool,
-) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor | None]:
-    """Per-row divergence on the student's top-k (float32 log-probs of the temperature-scaled
-    logits x_s, x_t ``[n, V] -> [n]`` and their probabilities, ``p_t`` needed with
-    ``with_entropy``: the tail bucket or the renormalised top-k, as the spec says), both
-    entropies (with ``with_entropy``), and the gradient ``[n, V]`` of
-    ``sum_i w_i d_i`` w.r.t. ``x_s`` written out: no autograd graph over ``[n, V]``, and the
-    student's probabilities' buffer becomes it. ``log_s`` and ``log_t`` are overwritten.
+@dataclass
+class _LogProbs:
+    """One chunk's float32 ``[n, V]`` arrays of the temperature-scaled logits x_s, x_t: both
+    roles' log-probs and the probabilities (``p_t``: None where nothing reads it). The closed
+    forms overwrite them in place."""
+
+    log_s: torch.Tensor
+    log_t: torch.Tensor
+    p_s: torch.Tensor
+    p_t: torch.Tensor | None
+
+
+def _entropies(x: _LogProbs, scratch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both roles' full-vocabulary entropies ``[n]`` (Eq. 8), the products written into
+    ``scratch`` ``[n, V]``, which may be ``x.p_t`` where nothing reads it afterwards (the
+    teacher's entropy is taken first)."""
+    h_t = entropy_from_log_probs(x.log_t, x.p_t, scratch)
+    return entropy_from_log_probs(x.log_s, x.p_s, scratch), h_t
+
+
+def _closed_form_topk(x: _LogProbs, spec: DivergenceSpec, weights, need_grad: bool) -> _Rowwise:
+    """Per-row divergence ``[n]`` on the student's top-k (the tail bucket or the renormalised
+    top-k, as the spec says) and the gradient ``[n, V]`` of ``sum_i w_i d_i`` w.r.t. ``x_s``
+    (None without ``need_grad``), written out: no autograd graph over ``[n, V]``, and the
+    student's probabilities' buffer becomes it. ``weights`` ``[n]`` (None: all 1).
     With s = softmax(x_s), I the top-k, g the bucket gradient (:func:`_bucket_gradient`, times
     w) and G its sum over the buckets:
 
@@ -168,19 +176,14 @@ def _closed_form_topk(
       0 outside.
 
     The tests check it against float64 autograd of the direct formula."""
-    entropies = None
-    if with_entropy:
-        # p_T serves nothing else: the teacher's product overwrites it, then the student's.
-        h_t = entropy_from_log_probs(log_t, p_t, p_t)
-        entropies = (entropy_from_log_probs(log_s, p_s, p_t), h_t)
     # log-softmax shifts each row by a constant: the same top-k as the logits'.
-    index = log_s.topk(spec.topk, dim=-1).indices
-    a, b = log_s.gather(-1, index), log_t.gather(-1, index)
+    index = x.log_s.topk(spec.topk, dim=-1).indices
+    a, b = x.log_s.gather(-1, index), x.log_t.gather(-1, index)
     # With k = V the tail is empty (mass 0): no bucket, and nothing outside the top-k.
-    tail = spec.add_tail and spec.topk < log_s.shape[-1]
+    tail = spec.add_tail and spec.topk < x.log_s.shape[-1]
     if tail:
-        a_tail = _tail(log_s, index, a.logsumexp(-1, keepdim=True))
-        b_tail = _tail(log_t, index, b.logsumexp(-1, keepdim=True))
+        a_tail = _tail(x.log_s, index, a.logsumexp(-1, keepdim=True))
+        b_tail = _tail(x.log_t, index, b.logsumexp(-1, keepdim=True))
         a_all, b_all = torch.cat([a, a_tail], dim=-1), torch.cat([b, b_tail], dim=-1)
     elif not spec.add_tail:
         a_all = a - a.logsumexp(-1, keepdim=True)
@@ -189,102 +192,131 @@ def _closed_form_topk(
         a_all, b_all = a, b
     d = _generalized_jsd(a_all, b_all, spec.beta)
     if not need_grad:
-        return d, entropies, None
+        return d, None
     g = _bucket_gradient(a_all, b_all, spec.beta)
     if weights is not None:
         g = g * weights.unsqueeze(-1)
     total = g.sum(-1, keepdim=True)  # G
     k = spec.topk
     if not spec.add_tail:
-        grad = p_s.zero_()  # nothing outside the top-k
-        return d, entropies, grad.scatter_(-1, index, g - a_all.exp() * total)
+        grad = x.p_s.zero_()  # nothing outside the top-k
+        return d, grad.scatter_(-1, index, g - a_all.exp() * total)
     if not tail:
         outside = torch.zeros_like(total)
     elif spec.beta == 0.0:
         # g_tail / s_tail = -w q_tail / s_tail: in log space, as s_tail may underflow.
         w = 1.0 if weights is None else weights.unsqueeze(-1)
-        grad = torch.add(log_s, b_tail - a_tail, out=log_t).exp_().mul_(-w)
-        grad.sub_(p_s.mul_(total))
-        return d, entropies, grad.scatter_(-1, index, g[:, :k] - a.exp() * total)
+        grad = torch.add(x.log_s, b_tail - a_tail, out=x.log_t).exp_().mul_(-w)
+        grad.sub_(x.p_s.mul_(total))
+        return d, grad.scatter_(-1, index, g[:, :k] - a.exp() * total)
     else:  # g_tail / s_tail, computed without the division (s_tail may underflow)
         outside = _bucket_gradient(a_tail, b_tail, spec.beta, per_mass=True)
         if weights is not None:
             outside = outside * weights.unsqueeze(-1)
-    grad = p_s.mul_(outside - total)
-    return d, entropies, grad.scatter_(-1, index, g[:, :k] - a.exp() * total)
+    grad = x.p_s.mul_(outside - total)
+    return d, grad.scatter_(-1, index, g[:, :k] - a.exp() * total)
 
 
-def _closed_form_kl(
-    log_s: torch.Tensor,
-    log_t: torch.Tensor,
-    p_s: torch.Tensor,
-    p_t: torch.Tensor | None,
-    spec: DivergenceSpec,
-    with_entropy: bool,
-    weights: torch.Tensor | None,
-    need_grad: bool,
-    scratch: torch.Tensor | None,
-) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor | None]:
-    """Per-row full-vocabulary KL from float32 log-probs of the temperature-scaled logits x_s,
-    x_t ``[n, V] -> [n]`` and their probabilities (``p_t`` needed with ``with_entropy`` or beta
-    0), both entropies (with ``with_entropy``) and the gradient ``[n, V]`` of
-    ``sum_i w_i d_i`` w.r.t. ``x_s``, written out instead of differentiated, with p = softmax:
+def _closed_form_full(
+    x: _LogProbs, beta: float, weights, need_grad: bool, scratch: torch.Tensor | None
+) -> _Rowwise:
+    """Per-row full-vocabulary divergence ``[n]`` and the gradient ``[n, V]`` of
+    ``sum_i w_i d_i`` w.r.t. ``x_s`` (None without ``need_grad``), written out instead of
+    differentiated, with p = softmax and ``weights`` ``[n]`` (None: all 1):
 
-    - ``spec.beta`` 1, ``d = KL(p_S || p_T)``: ``dd/dx_s = p_S (log p_S - log p_T - d)``;
-    - ``spec.beta`` 0, ``d = KL(p_T || p_S)``: ``dd/dx_s = p_S - p_T``.
+    - beta 1, ``d = KL(p_S || p_T)``: ``dd/dx_s = p_S (log p_S - log p_T - d)``;
+    - beta 0, ``d = KL(p_T || p_S)``: ``dd/dx_s = p_S - p_T``;
+    - 0 < beta < 1, the JSD of :func:`_generalized_jsd` with ``m = log((1 - beta) p_S +
+      beta p_T)``: ``g = (1 - beta) p_S (log p_S - m)`` (:func:`_bucket_gradient`, one bucket
+      a token) through the softmax, ``dd/dx_s = g - p_S sum_v g_v``.
 
-    The same values as :func:`_chunk_divergence` (the tests check both against float64
-    autograd), without an autograd graph over ``[n, V]``: every ``[n, V]`` array is an input
-    (overwritten) or ``scratch``, needed only for beta 0's entropies (all four inputs are still
-    in use there)."""
-    beta, entropies = spec.beta, None
-    if with_entropy:
-        # Beta 1 needs p_T for nothing else: the products overwrite it.
-        spare = p_t if beta == 1.0 else scratch
-        h_t = entropy_from_log_probs(log_t, p_t, spare)
-        entropies = (entropy_from_log_probs(log_s, p_s, spare), h_t)
+    ``x.p_t`` is needed for beta < 1, ``scratch`` ``[n, V]`` for 0 < beta < 1. The same values as
+    the direct formula (the tests check them against float64 autograd), without an autograd
+    graph over ``[n, V]`` and with no array beyond ``x``'s and ``scratch``."""
     if beta == 1.0:
-        diff = log_s.sub_(log_t)  # log p_S - log p_T, in log_s's buffer
-        d = _row_dot(p_s, diff, log_t)  # the product in log_t's buffer, which is done with
-        grad = diff.sub_(d.unsqueeze(-1)).mul_(p_s) if need_grad else None
+        diff = x.log_s.sub_(x.log_t)  # log p_S - log p_T, in log_s's buffer
+        d = _row_dot(x.p_s, diff, x.log_t)  # the product in log_t's buffer, which is done with
+        grad = diff.sub_(d.unsqueeze(-1)).mul_(x.p_s) if need_grad else None
+    elif beta == 0.0:
+        diff = x.log_t.sub_(x.log_s)  # log p_T - log p_S, in log_t's buffer
+        d = _row_dot(x.p_t, diff, x.log_s)  # the product in log_s's buffer, which is done with
+        grad = x.p_s.sub_(x.p_t) if need_grad else None
     else:
-        diff = log_t.sub_(log_s)  # log p_T - log p_S, in log_t's buffer
-        d = _row_dot(p_t, diff, log_s)  # the product in log_s's buffer, which is done with
-        grad = p_s.sub_(p_t) if need_grad else None
+        # m = logaddexp(log p_S + log(1 - beta), log p_T + log beta), in scratch; log p_T is
+        # shifted by log beta in place for it and the shift taken off again below.
+        shift_s, shift_t = math.log1p(-beta), math.log(beta)
+        m = torch.logaddexp(torch.add(x.log_s, shift_s, out=scratch), x.log_t.add_(shift_t),
+                            out=scratch)  # fmt: skip
+        s_term = x.log_s.sub_(m)  # log p_S - m
+        t_term = x.log_t.sub_(m).sub_(shift_t)  # log p_T - m
+        kl_s = _row_dot(x.p_s, s_term, scratch)  # KL(p_S || M), m no longer needed
+        d = (1.0 - beta) * kl_s + beta * _row_dot(x.p_t, t_term, scratch)
+        grad = None
+        if need_grad:
+            g = s_term.mul_(x.p_s).mul_(1.0 - beta)  # the per-token term, in log_s's buffer
+            grad = g.sub_(x.p_s.mul_(((1.0 - beta) * kl_s).unsqueeze(-1)))
     if grad is not None and weights is not None:
         grad.mul_(weights.unsqueeze(-1))
-    return d, entropies, grad
+    return d, grad
 
 
-def _scaled(x: torch.Tensor, temperature: float) -> torch.Tensor:
-    """float32 logits over the temperature (no copy at temperature 1 for float32 input)."""
-    x = x.float()
-    return x if temperature == 1.0 else x / temperature
+def _closed_form_sampled(x: _LogProbs, targets: torch.Tensor, weights, need_grad: bool) -> _Rowwise:
+    """The sampled-token surrogate ``d = sg(c) log p_S(y)`` per row ``[n]``, ``c = log p_S(y) -
+    log p_T(y)`` at the sampled tokens ``targets`` ``[n]``, and its gradient ``[n, V]`` w.r.t.
+    ``x_s`` (None without ``need_grad``): ``w c (onehot(y) - p_S)``, written out in the
+    student's probabilities' buffer. ``weights`` ``[n]`` (None: all 1)."""
+    y = targets.unsqueeze(-1)
+    lp_s = x.log_s.gather(-1, y).squeeze(-1)
+    c = lp_s - x.log_t.gather(-1, y).squeeze(-1)
+    if not need_grad:
+        return c * lp_s, None
+    cw = (c if weights is None else c * weights).unsqueeze(-1)
+    return c * lp_s, x.p_s.mul_(-cw).scatter_add_(-1, y, cw)
 
 
-def _chunk_divergence(
-    x_s: torch.Tensor,
-    x_t: torch.Tensor,
+def _closed_form_chunk(
+    student_rows: torch.Tensor,
+    teacher_rows: torch.Tensor,
+    student_head: torch.Tensor | None,
+    teacher_head: torch.Tensor | None,
     spec: DivergenceSpec,
+    weights: torch.Tensor | None,
     with_entropy: bool,
-    targets: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
-    """Per-row divergence of float32 temperature-scaled logits ``[n, V] -> [n]`` over the full
-    vocabulary or at the sampled token (the top-k's is :func:`_closed_form_topk`), differentiated
-    by autograd, and, with ``with_entropy``, both rows' full-vocabulary entropies ``[n]`` (no
-    gradient), read from the
-    log-probs computed here anyway: Eq. 8's entropies cost no extra pass over the logits
-    beyond one product and sum. ``targets`` ``[n]``: the sampled tokens (sampled_token mode)."""
-    log_s = torch.log_softmax(x_s, dim=-1)
-    log_t = torch.log_softmax(x_t, dim=-1)
+    need_grad: bool,
+    workspace: ChunkBuffers,
+    targets: torch.Tensor | None,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor | None]:
+    """One chunk of the divergence, its gradient written out (full vocabulary, top-k, sampled
+    token): the per-row divergence ``[n]``, both entropies ``[n]`` (with ``with_entropy``) and
+    the gradient ``[n, V]`` w.r.t. the student's logits, every ``[n, V]`` array one of
+    ``workspace``'s buffers. Rows are logits, or hidden states under their heads; ``targets``
+    ``[n]``: the sampled tokens (sampled_token mode)."""
+    n, t = student_rows.shape[0], spec.temperature
+    full = spec.mode == "logits" and spec.topk is None
+    full_reads_p_t = full and spec.beta < 1.0  # KL(p_T || p_S) and the JSD
+    # The student's probabilities always (they become the gradient), the teacher's where read.
+    p_s = workspace("p_s", n)
+    p_t = workspace("p_t", n) if with_entropy or full_reads_p_t else None
+    x = _LogProbs(
+        log_probs_into(workspace("log_s", n), student_rows, student_head, t, p_s),
+        log_probs_into(workspace("log_t", n), teacher_rows, teacher_head, t, p_t),
+        p_s,
+        p_t,
+    )
+    mixed = full and 0.0 < spec.beta < 1.0  # the full JSD needs a fifth buffer
+    scratch = workspace("scratch", n) if mixed or (with_entropy and full_reads_p_t) else None
     entropies = None
-    if with_entropy:
-        entropies = (entropy_from_log_probs(log_s), entropy_from_log_probs(log_t))
+    if with_entropy:  # where nothing reads p_T after, its buffer takes the products
+        entropies = _entropies(x, scratch if full_reads_p_t else p_t)
     if spec.mode == "sampled_token":
-        lp_s = log_s.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        lp_t = log_t.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        return (lp_s - lp_t).detach() * lp_s, entropies
-    return _generalized_jsd(log_s, log_t, spec.beta), entropies
+        d, grad = _closed_form_sampled(x, targets, weights, need_grad)
+    elif full:
+        d, grad = _closed_form_full(x, spec.beta, weights, need_grad, scratch)
+    else:
+        d, grad = _closed_form_topk(x, spec, weights, need_grad)
+    if grad is not None and t != 1.0:
+        grad.div_(t)  # d/dx of f(x / T)
+    return d, entropies, grad
 
 
 @dataclass
@@ -327,37 +359,12 @@ def _divergence_chunks(
         teacher_rows = teacher.index_select(0, rows)
         w = None if weights is None else weights.index_select(0, rows).float()
         y = None if targets is None else targets.index_select(0, rows)
-        if _has_closed_form(spec) or (spec.mode == "logits" and spec.topk is not None):
-            n, t = rows.shape[0], spec.temperature
-            # The student's probabilities always (they become the gradient); the teacher's for
-            # its entropy and for KL(p_T || p_S).
-            p_s = workspace("p_s", n)
-            p_t = workspace("p_t", n) if with_entropy or spec.beta == 0.0 else None
-            # Outside grad mode: the gradient is taken w.r.t. these logits, not through the head.
-            log_s = log_probs_into(workspace("log_s", n), student_rows.detach(), student_head, t,
-                                    p_s)  # fmt: skip
-            log_t = log_probs_into(workspace("log_t", n), teacher_rows, teacher_head, t, p_t)
-            if spec.topk is None:
-                scratch = workspace("scratch", n) if with_entropy and spec.beta == 0.0 else None
-                d, entropies, grad = _closed_form_kl(log_s, log_t, p_s, p_t, spec, with_entropy,
-                                                     w, need_grad, scratch)  # fmt: skip
-            else:
-                d, entropies, grad = _closed_form_topk(log_s, log_t, p_s, p_t, spec, with_entropy,
-                                                       w, need_grad)  # fmt: skip
-            if grad is not None and t != 1.0:
-                grad.div_(t)  # d/dx of f(x / T)
-            total = d.sum() if w is None else (w * d).sum()
-            yield _Chunk(rows, student_rows, d, total, grad, entropies)
-            continue
-        x_t = teacher_rows if teacher_head is None else teacher_rows @ teacher_head.T
-        x_t = _scaled(x_t, spec.temperature)
-        x_s = (student_rows if student_head is None else student_rows @ student_head.T).detach()
-        with torch.enable_grad():
-            x_s = x_s.float().requires_grad_(need_grad)
-            d, entropies = _chunk_divergence(x_s / spec.temperature, x_t, spec, with_entropy, y)
-            total = d.sum() if w is None else (w * d).sum()
-            grad = torch.autograd.grad(total, x_s)[0] if need_grad else None
-        yield _Chunk(rows, student_rows, d.detach(), total.detach(), grad, entropies)
+        d, entropies, grad = _closed_form_chunk(
+            student_rows.detach(), teacher_rows, student_head, teacher_head, spec, w,
+            with_entropy, need_grad, workspace, y,
+        )  # fmt: skip
+        total = d.sum() if w is None else (w * d).sum()
+        yield _Chunk(rows, student_rows, d, total, grad, entropies)
 
 
 class _RowwiseDivergence(torch.autograd.Function):

@@ -207,13 +207,14 @@ def test_fused_entropies_match_the_direct_formula(topk):
     assert torch.isfinite(s.grad).all()
 
 
-# Full-vocabulary KL (1.0 / 0.0, None) and every top-k take a closed-form gradient
-# (pgpo.distill._closed_form_kl, _closed_form_topk), the full JSD autograd inside each chunk: all
-# against float64 autograd of the direct formula.
+# Every divergence takes a gradient written out (pgpo.distill._closed_form_full for the full
+# vocabulary, _closed_form_topk, _closed_form_sampled): all against float64 autograd of the
+# direct formula.
 @pytest.mark.parametrize(
     "beta,topk,add_tail",
     [
         (0.5, 5, True),
+        (0.5, None, True),
         (1.0, None, True),
         (0.0, None, True),
         (0.0, 30, True),
