@@ -27,7 +27,7 @@ import torch
 from pgpo.outputs import json_text
 from pgpo.train import checkpoint
 from pgpo.train.config import load_config
-from pgpo.train.loop import Run, modulation
+from pgpo.train.run import Run, modulation
 
 RESULTS = Path(__file__).parent / "results" / "train_step.json"
 

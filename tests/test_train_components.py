@@ -363,7 +363,7 @@ def test_wrong_demo_changes_only_the_demonstrations_answers():
 
 def test_i_k_split_by_the_demonstrations_truth_is_eq8_over_each_group(tmp_path, sharp_model):
     """On the sharp model (student and teacher differ by ~1e-3 nats a token), with half the
-    demonstrations misleading, the step's sums of I_k over the samples with a
+    demonstrations misleading, the premise record's sums of I_k over the samples with a
     right demonstration and over those with a wrong one equal a direct computation: full logits
     of each sample's student and teacher sequences, entropies in float64, the token mean of the
     gap over each group's response tokens (info_reduction token_mean). So do the per-sample
@@ -375,6 +375,7 @@ def test_i_k_split_by_the_demonstrations_truth_is_eq8_over_each_group(tmp_path, 
     import torch
 
     from pgpo.train.config import load_config
+    from pgpo.train.feedback import PremiseRecord
     from pgpo.train.loop import Run
     from pgpo.train.step import loss_and_entropies, sample_rollouts, score, with_demonstrations
 
@@ -390,8 +391,13 @@ def test_i_k_split_by_the_demonstrations_truth_is_eq8_over_each_group(tmp_path, 
     truths = [s.demo_right for s in samples if s.trained]
     assert True in truths and False in truths  # both groups present
     pad = run.tokenizer.pad_token_id
-    sums, per_sample = loss_and_entropies(samples, run.policy, run.teacher, pad, cfg, run.world,
-                              with_entropies=True)  # fmt: skip
+    verified = score(questions, rollouts, cfg)
+    record = PremiseRecord(questions, verified, verified, samples, run.teacher, run.policy,
+                           run.tokenizer, cfg, run.world)  # fmt: skip
+    sums = loss_and_entropies(samples, run.policy, run.teacher, pad, cfg, run.world,
+                              with_entropies=True, record=record)  # fmt: skip
+    info_right, weight_right, info_wrong, weight_wrong = record.by_demo
+    per_sample = [record.gaps.get(id(s)) for s in samples]
 
     def entropies(prompt, response):  # at step 0 the EMA teacher is the student's weights
         with torch.no_grad():
@@ -406,15 +412,15 @@ def test_i_k_split_by_the_demonstrations_truth_is_eq8_over_each_group(tmp_path, 
             gaps[s.demo_right] += gap.tolist()
     tokens = sum(len(g) for g in gaps.values())
     assert sums.trained_tokens == tokens
-    for truth, (info, weight) in {True: (sums.info_right, sums.weight_right),
-                                  False: (sums.info_wrong, sums.weight_wrong)}.items():  # fmt: skip
+    for truth, (info, weight) in {True: (info_right, weight_right),
+                                  False: (info_wrong, weight_wrong)}.items():  # fmt: skip
         assert weight == pytest.approx(len(gaps[truth]) / tokens, rel=1e-6)
         # float32 entropies of a few nats: ~1e-6 each, against a group mean gap of ~1e-3
         expected = sum(gaps[truth]) / len(gaps[truth])
         assert abs(expected) > 1e-4 and info / weight == pytest.approx(expected, abs=2e-5)
-    assert sums.info == pytest.approx(sums.info_right + sums.info_wrong, abs=1e-9)
-    assert sums.info_right / sums.weight_right != pytest.approx(
-        sums.info_wrong / sums.weight_wrong, abs=2e-5
+    assert sums.info == pytest.approx(info_right + info_wrong, abs=1e-9)
+    assert info_right / weight_right != pytest.approx(
+        info_wrong / weight_wrong, abs=2e-5
     )  # two different groups, told apart
 
     # Per sample: its gap is the token mean of its own direct gaps.
@@ -803,8 +809,8 @@ def test_masked_samples_skip_the_forward_and_leave_loss_gradient_and_i_k_unchang
 
     def sums_and_grads():
         pad = run.tokenizer.pad_token_id
-        sums, _ = step.loss_and_entropies(samples, run.policy, run.teacher, pad, cfg, run.world,
-                                          with_entropies=True)  # fmt: skip
+        sums = step.loss_and_entropies(samples, run.policy, run.teacher, pad, cfg, run.world,
+                                       with_entropies=True)  # fmt: skip
         grads = [p.grad.clone() for p in run.policy.parameters()]
         run.optimizer.zero_grad()
         return sums, grads

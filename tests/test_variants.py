@@ -188,7 +188,7 @@ def test_two_updates_per_batch_take_two_steps_with_clipped_weights(tmp_path):
                                       run.tokenizer, cfg)  # fmt: skip
         pad = run.tokenizer.pad_token_id
         old = old_logprobs(samples, run.policy, pad, cfg)
-        first, _ = loss_and_entropies(samples, run.policy, run.teacher, pad, cfg, run.world,
+        first = loss_and_entropies(samples, run.policy, run.teacher, pad, cfg, run.world,
                                    with_entropies=False, old=old)  # fmt: skip
         run.optimizer.zero_grad()
     assert first.trained_tokens > 0 and first.is_clipped == 0

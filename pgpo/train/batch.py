@@ -52,12 +52,6 @@ class StepSums(NamedTuple):
     modulated_sum: float  # ... and of w_t rho(I_t), whose ratio renormalised the gradient
     is_ratio_sum: float  # several updates per batch: the clipped IS weights' ratio sum ...
     is_clipped: float  # ... and how many were clipped
-    # Eq. 8's weighted gap sum and weight sum over samples whose demonstration states the gold
-    # answer, and over those whose demonstration states a wrong one (the premise's diagnostic)
-    info_right: float
-    weight_right: float
-    info_wrong: float
-    weight_wrong: float
     trained_tokens: float
 
     MEANS = ("loss", "info", "entropy_student", "entropy_teacher")  # the rest are counts

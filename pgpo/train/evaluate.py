@@ -1,6 +1,6 @@
 """A run's evaluation: avg@k of sampled answers (per question the mean reward over k samples,
 then the mean over questions), or exact scores (:mod:`pgpo.train.exact`), and the teacher's
-edge. The ``run`` the functions take is a :class:`pgpo.train.loop.Run`."""
+edge. The ``run`` the functions take is a :class:`pgpo.train.run.Run`."""
 
 from __future__ import annotations
 

@@ -157,33 +157,35 @@ def feedback_records(
     return rows
 
 
-def misleading_metrics(verified, rewards, samples: list, world: World, sums) -> dict:
+def misleading_metrics(verified, rewards, samples: list, world: World, by_demo) -> dict:
     """Over all ranks: the verifier-free reward, the share of rollouts the verifier let through
     wrongly, the share of trained samples whose demonstration states a wrong answer, and I_k
     over the samples with a right demonstration and over those with a wrong one (None where a
-    group is empty or I_k was not computed). ``sums``: the step's
-    :class:`pgpo.train.step.StepSums`."""
+    group is empty or I_k was not computed). ``by_demo``: the step's
+    :func:`gap_by_demonstration` sums, over all ranks."""
     flat = [(v, r) for vs, rs in zip(verified, rewards) for v, r in zip(vs, rs)]
     demos = [s.demo_right for s in samples if s.trained]
     true_sum, flipped, count, wrong, trained = world.sum(
         [sum(v for v, _ in flat), sum(r != v for v, r in flat), len(flat),
          sum(not right for right in demos), len(demos)]
     )  # fmt: skip
+    info_right, weight_right, info_wrong, weight_wrong = by_demo
     return {
         "reward_true": true_sum / count,
         "false_positive_share": flipped / count,
         "demo_wrong_share": wrong / trained if trained else 0.0,
-        "info_demo_right": sums.info_right / sums.weight_right if sums.weight_right else None,
-        "info_demo_wrong": sums.info_wrong / sums.weight_wrong if sums.weight_wrong else None,
+        "info_demo_right": info_right / weight_right if weight_right else None,
+        "info_demo_wrong": info_wrong / weight_wrong if weight_wrong else None,
     }
 
 
 class PremiseRecord:
     """The premise study's record of one step, in runs with misleading feedback
     (:func:`misleading_feedback`): built before the update, it reads :func:`letter_signals`
-    (step 3b); after it, :meth:`metrics` gives :func:`misleading_metrics` and the step's
+    (step 3b); during it, :meth:`observe` takes each micro-batch's per-token entropies; after
+    it, :meth:`metrics` gives :func:`misleading_metrics` and the step's
     :func:`feedback_records` (gathered over ranks, under ``"feedback"``). In other runs
-    :func:`premise_record` gives :class:`NoRecord`, which adds nothing."""
+    :func:`premise_record` gives :class:`NoRecord`, which records nothing."""
 
     def __init__(self, questions, verified, rewards, samples, teacher, student, tokenizer,
                  cfg: TrainConfig, world: World) -> None:  # fmt: skip
@@ -192,11 +194,25 @@ class PremiseRecord:
         self.threshold, self.world = cfg.teacher.success_threshold, world
         self.signals = letter_signals(questions, samples, teacher, student, tokenizer,
                                       cfg.loss.micro_batch, world)  # fmt: skip
+        # This rank's (sum w gap, sum w) over right and over wrong demonstrations, and each
+        # sample's gap (by the sample's identity: an update may hold a slice of the batch).
+        self.by_demo = (0.0, 0.0, 0.0, 0.0)
+        self.gaps: dict[int, float | None] = {}
 
-    def metrics(self, updates: list, sums) -> dict:
-        """The step's premise metrics and records, from its updates (``Update.gaps``) and sums."""
-        out = misleading_metrics(self.verified, self.rewards, self.samples, self.world, sums)
-        gaps = [g for u in updates for g in u.gaps]
+    def observe(self, samples: list, h_student, h_teacher, info_weights, mask) -> None:
+        """After a micro-batch of step 4 (``samples``), from its per-token entropies, Eq. 8's
+        weights and its mask ``[B, T]``."""
+        by_demo = gap_by_demonstration(h_student, h_teacher, info_weights,
+                                       [s.demo_right for s in samples])  # fmt: skip
+        self.by_demo = tuple(a + float(b) for a, b in zip(self.by_demo, by_demo))
+        for sample, gap in zip(samples, sample_gaps(h_student, h_teacher, mask)):
+            self.gaps[id(sample)] = gap
+
+    def metrics(self) -> dict:
+        """The step's premise metrics and records."""
+        by_demo = self.world.sum(list(self.by_demo))
+        out = misleading_metrics(self.verified, self.rewards, self.samples, self.world, by_demo)
+        gaps = [self.gaps.get(id(s)) for s in self.samples]
         records = feedback_records(self.questions, self.verified, self.samples, gaps,
                                    self.signals, self.threshold)  # fmt: skip
         return {**out, "feedback": self.world.gather(records)}
@@ -205,7 +221,10 @@ class PremiseRecord:
 class NoRecord:
     """A run without misleading feedback: no premise record."""
 
-    def metrics(self, updates: list, sums) -> dict:
+    def observe(self, *args) -> None:
+        pass
+
+    def metrics(self) -> dict:
         return {}
 
 

@@ -1,7 +1,8 @@
-"""The training run: :class:`Run` (what a run holds, built from its config) and the step loop.
-Its parts live beside it: the rollout engine (:mod:`~pgpo.train.engines`), the logs and the
-folder (:mod:`~pgpo.train.run_dir`), resume (:mod:`~pgpo.train.resume`), checkpoint state
-(:mod:`~pgpo.train.run_state`) and evaluation (:mod:`~pgpo.train.evaluate`).
+"""The training loop: a :class:`~pgpo.train.run.Run` (what a run holds, built from its config)
+stepped, logged, evaluated and checkpointed. Its parts live beside it: the run
+(:mod:`~pgpo.train.run`), the logs and the folder (:mod:`~pgpo.train.run_dir`), resume
+(:mod:`~pgpo.train.resume`), checkpoint state (:mod:`~pgpo.train.run_state`) and evaluation
+(:mod:`~pgpo.train.evaluate`).
 
 ``train(cfg)`` is what ``pgpo train`` runs (and what ``pgpo demo`` calls); the step itself is
 :func:`pgpo.train.step.train_step`.
@@ -9,219 +10,25 @@ folder (:mod:`~pgpo.train.run_dir`), resume (:mod:`~pgpo.train.resume`), checkpo
 
 from __future__ import annotations
 
-import random
 import signal
 import sys
 from pathlib import Path
 
-import numpy as np
-import torch
-
 from pgpo.cli_util import Interrupted
-from pgpo.modulation import AlphaSchedule, Modulation
-from pgpo.optim import ModulatedOptimizer
-from pgpo.train import checkpoint, distributed, lora, run_state
+from pgpo.train import checkpoint, distributed
 from pgpo.train.config import TrainConfig
-from pgpo.train.data import QuestionSampler, fingerprint, load_split, split_specs
 from pgpo.train.distributed import World
-from pgpo.train.engines import make_engine, rank_seed
-from pgpo.train.evaluate import evaluate_run, teacher_edge
-from pgpo.train.forward import Policy
-from pgpo.train.guard import CollapseGuard
-from pgpo.train.model import load_model, load_tokenizer, torch_dtype
 from pgpo.train.resume import (
     changed_settings,
     changes_text,
     refuse_fixed,
-    refuse_other_data,
     resume_point,
     resumes_after,
     run_record,
 )
-from pgpo.train.rollout import prompt_seed
+from pgpo.train.run import Run
 from pgpo.train.run_dir import METRICS, RunDir, RunLogs
-from pgpo.train.sft import sft_step
-from pgpo.train.step import train_step
 from pgpo.train.stop import StopRequest
-from pgpo.train.tasks import task_of
-from pgpo.train.teacher import Teacher
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def modulation(cfg: TrainConfig) -> Modulation:
-    """The ``pgpo`` section as the step's :class:`~pgpo.modulation.Modulation`."""
-    p = cfg.pgpo
-    schedule = AlphaSchedule(
-        p.alpha_schedule,
-        p.alpha,
-        rho_target=p.rho_target,
-        rate=p.schedule_rate,
-        alpha_min=p.alpha_min,
-        alpha_max=p.alpha_max,
-        floor=p.info_floor,
-        window=p.schedule_window,
-    )
-    return Modulation(p.rho_max, p.kind, p.sharpness, p.granularity, p.combine_step, schedule)
-
-
-class Run:
-    """Everything a run holds; built from a config, optionally restored from a checkpoint.
-
-    Under ``torchrun`` (``world.distributed``) the policy and a separate teacher are sharded
-    with FSDP2, each rank takes its slice of every step's questions and of the test set, and
-    checkpoints are gathered whole by rank 0 or written per rank (``fsdp.checkpoint``)."""
-
-    def __init__(
-        self, cfg: TrainConfig, world: World | None = None, data_fingerprint: dict | None = None
-    ) -> None:
-        """``data_fingerprint``: the fingerprints of the questions a resumed run was started
-        with; other questions behind the same names are refused before any model loads."""
-        self.cfg = cfg
-        self.world = world or World()
-        q, size = cfg.questions_per_step, self.world.size
-        if q % size:
-            raise ValueError(
-                f"batch_size / rollout.n = {q} questions per step do not split over {size} ranks"
-            )
-        if (cfg.batch_size // size) % cfg.optim.updates_per_batch:
-            raise ValueError(
-                f"optim.updates_per_batch={cfg.optim.updates_per_batch} does not divide the "
-                f"{cfg.batch_size // size} samples per rank of each step"
-            )
-        seed_everything(cfg.seed)
-        # The data first: a wrong path fails before a tokenizer or model is fetched.
-        d = cfg.data
-        train_spec, test_spec = split_specs(d.train, d.test, d.sciknoweval, d.domain)
-        self.task = task_of(cfg)  # the user's reward.function is imported here, from their config
-        self.train_data = load_split(train_spec, "train", cfg.seed, d.skip_bad_rows, d.max_train,
-                                     self.task)  # fmt: skip
-        self.test_data = load_split(test_spec, "test", cfg.seed, d.skip_bad_rows, d.max_test,
-                                    self.task)  # fmt: skip
-        self.data_fingerprint = {"train": fingerprint(self.train_data.questions),
-                                 "test": fingerprint(self.test_data.questions)}  # fmt: skip
-        refuse_other_data(data_fingerprint, self.data_fingerprint, cfg)
-        self.resumes: list[dict] = []  # config.yaml's record: one entry per resume
-        for split, data in (("train", self.train_data), ("test", self.test_data)):
-            if data.skipped and self.world.main:
-                print(f"pgpo: data.{split}: skipped {data.skipped} bad row(s) of {data.source} "
-                      "(data.skip_bad_rows=true)", file=sys.stderr)  # fmt: skip
-        self.tokenizer = load_tokenizer(cfg.model.tokenizer)
-        self.lm = load_model(cfg.model, cfg.seed)  # the causal LM (same init on every rank)
-        self.uses_lora = cfg.model.lora.rank > 0
-        if self.uses_lora:  # adapters on the frozen base, seeded like the model: alike on all ranks
-            l = cfg.model.lora  # noqa: E741
-            lora.apply(self.lm, l.rank, l.alpha, l.dropout, l.target_modules)
-        if torch.cuda.is_available() and not self.world.distributed:
-            self.lm.to("cuda")  # one process on a GPU machine trains there (FSDP2 places its own)
-        self.policy = Policy(self.lm)  # what the step calls
-        if not self.uses_lora:
-            self.teacher = self._teacher()
-        if self.world.rank:  # every other rank samples from its own stream; rank 0 keeps seed's
-            seed_everything(rank_seed(cfg.seed, self.world.rank))
-        self.engine = make_engine(
-            cfg, self.lm, self.tokenizer, distributed=self.world.distributed, rank=self.world.rank
-        )
-        if self.world.distributed:
-            distributed.shard(self.policy, self.lm, cfg.fsdp, trainable=True)
-            if cfg.teacher.mode != "live" and not self.uses_lora:
-                distributed.shard(self.teacher.policy, self.teacher.lm, cfg.fsdp, trainable=False)
-        if self.uses_lora:  # adapter values cloned from the (sharded) adapters: sharded alike
-            self.teacher = self._teacher()
-        adamw = torch.optim.AdamW(
-            [p for p in self.lm.parameters() if p.requires_grad],  # all, or the adapters
-            lr=cfg.optim.lr,
-            betas=tuple(cfg.optim.betas),
-            weight_decay=cfg.optim.weight_decay,
-        )
-        self.optimizer = ModulatedOptimizer(adamw)
-        warmup = cfg.optim.warmup_steps
-        # Constant learning rate after a linear warmup (the reference's schedule).
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            adamw, lambda k: min(1.0, (k + 1) / warmup) if warmup > 0 else 1.0
-        )
-        self.modulation = modulation(cfg) if cfg.pgpo.enabled else None
-        self.sampler = QuestionSampler(self.train_data.questions, cfg.seed)
-        self.guard = CollapseGuard(cfg.collapse.window, cfg.collapse.threshold)
-        self.step = 0
-        self.skipped = 0
-        self.step_seconds_total = 0.0  # training wall-clock (rollouts and updates, no evals)
-
-    def _teacher(self) -> Teacher:
-        t = self.cfg.teacher
-        dtype = None if t.dtype is None else torch_dtype(t.dtype)
-        rate = t.trust_region_rate
-        return Teacher(self.policy, t.mode, t.ema_rate, dtype, trust_region_rate=rate,
-                       temperature=t.temperature)  # fmt: skip
-
-    def state(self) -> dict:
-        """Everything to continue from (:func:`pgpo.train.run_state.state`)."""
-        return run_state.state(self)
-
-    def load_state(self, state: dict) -> None:
-        run_state.load_state(self, state)
-
-    def restore(self, path: Path, state: dict | None = None) -> None:
-        """Continue from a checkpoint folder (:func:`pgpo.train.run_state.restore`)."""
-        run_state.restore(self, path, state)
-
-    def save(self, folder: Path) -> None:
-        """Checkpoint the current step into ``folder`` (every rank calls this)."""
-        run_state.save(self, folder)
-
-    def save_best(self, folder: Path) -> None:
-        run_state.save_best(self, folder)
-
-    def next_questions(self) -> tuple[list, list[int] | None]:
-        """This rank's slice of the next step's questions (every rank draws the same global
-        batch) and, with ``rollout.seed_per_prompt``, their rollout seeds."""
-        batch = self.sampler.next(self.cfg.questions_per_step)
-        per_rank = len(batch) // self.world.size
-        first = self.world.rank * per_rank
-        mine = batch[first : first + per_rank]
-        if not self.cfg.rollout.seed_per_prompt:
-            return mine, None
-        seeds = [prompt_seed(self.cfg.seed, self.step, first + i, 0) for i in range(per_rank)]
-        return mine, seeds
-
-    def train_step(self, questions, seeds: list[int] | None = None) -> dict:
-        """One step on ``questions`` with the run's modulation (None: SDPO), or the supervised
-        yardstick's (``objective: sft``)."""
-        if self.cfg.objective == "sft":
-            return sft_step(
-                questions, self.policy, self.teacher, self.tokenizer, self.engine,
-                self.optimizer, self.scheduler, self.cfg, self.world, seeds, self.task,
-            )  # fmt: skip
-        return train_step(
-            questions,
-            self.policy,
-            self.teacher,
-            self.tokenizer,
-            self.engine,
-            self.optimizer,
-            self.scheduler,
-            self.cfg,
-            self.modulation,
-            self.world,
-            seeds,
-            self.task,
-        )
-
-    def evaluate(self) -> dict:
-        """avg@k on the test split. Runs on its own RNG stream (seeded by seed and step), so
-        evaluating never changes the training run: a resumed run stays bit-identical."""
-        e = self.cfg.eval
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.cfg.seed * 1_000_003 + self.step)
-            return evaluate_run(self, e)
-
-    def teacher_edge(self, count: int) -> dict:
-        return teacher_edge(self, count)
-
 
 # A run whose steps are all skipped (non-finite loss, gradient or I_k) has diverged.
 MAX_SKIPPED_IN_A_ROW = 10

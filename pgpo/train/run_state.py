@@ -1,4 +1,4 @@
-"""A run's checkpoint state: what :class:`pgpo.train.loop.Run` saves and restores (every
+"""A run's checkpoint state: what :class:`pgpo.train.run.Run` saves and restores (every
 function here takes that run, ``run``).
 
 Whole tensors in one ``state.pt`` (gathered by rank 0 under FSDP2), or per-rank shards

@@ -20,19 +20,13 @@ import time
 
 import torch
 
-from pgpo.optim import ModulatedOptimizer
 from pgpo.reduction import chunks, reduction_denominator, reduction_weights
 from pgpo.train.config import TrainConfig
 from pgpo.train.data import Question
-from pgpo.train.distributed import World
 from pgpo.train.exact import gold_demonstration
-from pgpo.train.forward import Policy
 from pgpo.train.metrics import logged_samples
 from pgpo.train.prompts import student_prompt, trained_tokens
-from pgpo.train.rollout import RolloutEngine
-from pgpo.train.step import modulated_step, sample_rollouts, score
-from pgpo.train.tasks import Task, task_of
-from pgpo.train.teacher import Teacher
+from pgpo.train.step import RunParts, modulated_step, sample_rollouts, score
 
 
 def gold_response(tokenizer, question: Question, response_prefix: str) -> list[int]:
@@ -69,25 +63,14 @@ def cross_entropy(
 
 
 def sft_step(
-    questions: list[Question],
-    policy: Policy,
-    teacher: Teacher,
-    tokenizer,
-    engine: RolloutEngine,
-    optimizer: ModulatedOptimizer,
-    scheduler,
-    cfg: TrainConfig,
-    world: World | None = None,
-    seeds: list[int] | None = None,
-    task: Task | None = None,
+    questions: list[Question], run: RunParts, cfg: TrainConfig, seeds: list[int] | None = None
 ) -> dict:
-    """One supervised step on this rank's ``questions``; the metrics a self-distillation step
-    logs that apply (rho is 1; no I_k). ``task``: the run's (None: the config's)."""
+    """One supervised step on this rank's ``questions`` with ``run``'s parts; the metrics a
+    self-distillation step logs that apply (rho is 1; no I_k)."""
     t0 = time.perf_counter()
-    world = world or World()
-    task = task or task_of(cfg)
+    policy, tokenizer, world, task = run.policy, run.tokenizer, run.world, run.task
     prefix, pad = cfg.rollout.response_prefix, tokenizer.pad_token_id
-    rollouts = sample_rollouts(questions, tokenizer, engine, cfg, seeds)  # the training reward
+    rollouts = sample_rollouts(questions, tokenizer, run.engine, cfg, seeds)  # the training reward
     rewards = score(questions, rollouts, cfg, task)
     prompts = [student_prompt(tokenizer, q, cfg.rollout.max_prompt_tokens, prefix)
                for q in questions]  # fmt: skip
@@ -115,8 +98,8 @@ def sft_step(
         (loss * world.size).backward()  # FSDP2 averages over ranks; the loss is this rank's share
         loss_sum += float(loss.detach())
     (loss_sum,) = world.sum([loss_sum])
-    grad_norm, stepped = modulated_step(policy, teacher, optimizer, scheduler, cfg, rho=1.0,
-                                        finite_so_far=math.isfinite(loss_sum))  # fmt: skip
+    grad_norm, stepped = modulated_step(policy, run.teacher, run.optimizer, run.scheduler, cfg,
+                                        rho=1.0, finite_so_far=math.isfinite(loss_sum))  # fmt: skip
     flat = [r for group in rewards for r in group]
     count, reward_sum = world.sum([len(flat), sum(flat)])
     seconds = time.perf_counter() - t0
@@ -127,7 +110,7 @@ def sft_step(
         "rho": 1.0,
         "grad_norm": grad_norm,
         "skipped": not stepped,
-        "lr": optimizer.param_groups[0]["lr"],
+        "lr": run.optimizer.param_groups[0]["lr"],
         "rollout_seconds": rollouts.seconds,
         "train_seconds": seconds - rollouts.seconds,
         "step_seconds": seconds,

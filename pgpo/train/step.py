@@ -35,7 +35,7 @@ import functools
 import math
 import random
 import time
-from typing import NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import torch
 
@@ -57,12 +57,11 @@ from pgpo.train.data import Question
 from pgpo.train.distributed import World, full
 from pgpo.train.exact import gold_demonstration
 from pgpo.train.feedback import (
+    NoRecord,
+    PremiseRecord,
     agreement_signal,
-    gap_by_demonstration,
     misleading,
-    misleading_feedback,
     premise_record,
-    sample_gaps,
     success_agreement,
 )
 from pgpo.train.forward import Policy
@@ -75,27 +74,35 @@ from pgpo.train.tasks import Scored, Task, task_of
 from pgpo.train.teacher import Teacher, choose_demonstrations
 
 
+class RunParts(Protocol):
+    """What a step uses of its run (:class:`pgpo.train.run.Run` is one): the policy and its
+    teacher, the tokenizer, the rollout engine, the optimizer and its learning-rate schedule,
+    this process's place among the ranks, and the task."""
+
+    policy: Policy
+    teacher: Teacher
+    tokenizer: Any
+    engine: RolloutEngine
+    optimizer: ModulatedOptimizer
+    scheduler: Any
+    world: World
+    task: Task
+
+
 def train_step(
     questions: list[Question],
-    policy: Policy,
-    teacher: Teacher,
-    tokenizer,
-    engine: RolloutEngine,
-    optimizer: ModulatedOptimizer,
-    scheduler,
+    run: RunParts,
     cfg: TrainConfig,
     modulation: Modulation | None,
-    world: World | None = None,
     seeds: list[int] | None = None,
-    task: Task | None = None,
 ) -> dict:
     """One step on this rank's ``questions``; returns the step's metrics (over all ranks).
     ``modulation=None`` is SDPO (rho = 1). ``seeds``: one RNG seed per question for its
-    rollouts (``rollout.seed_per_prompt``). ``task``: the run's (None: the config's)."""
+    rollouts (``rollout.seed_per_prompt``)."""
     t0 = time.perf_counter()
-    world = world or World()
-    task = task or task_of(cfg)
-    rollouts = sample_rollouts(questions, tokenizer, engine, cfg, seeds)  # 1.
+    policy, teacher, tokenizer, world, task = (run.policy, run.teacher, run.tokenizer, run.world,
+                                               run.task)  # fmt: skip
+    rollouts = sample_rollouts(questions, tokenizer, run.engine, cfg, seeds)  # 1.
     verdicts = judge(questions, rollouts, task)  # 2.
     verified = [[v.score for v in group] for group in verdicts]
     # 2b. a verifier with false positives (reward.false_positive_rate; Python's seeded generator)
@@ -114,7 +121,7 @@ def train_step(
     updates = [
         update(samples[i * size : (i + 1) * size],
                None if old is None else old[i * size : (i + 1) * size],
-               policy, teacher, optimizer, scheduler, cfg, modulation, world, pad)
+               run, cfg, modulation, premise)
         for i in range(parts)
     ]  # fmt: skip
     seconds = time.perf_counter() - t0
@@ -126,9 +133,9 @@ def train_step(
         metrics["feedback_share"] = told / count
     if cfg.pgpo.signal != "entropy_gap":  # info is that signal; Eq. 8 is logged beside it
         metrics["entropy_gap"] = sums.info
-    metrics.update(premise.metrics(updates, sums))
+    metrics.update(premise.metrics())
     metrics.update(
-        lr=optimizer.param_groups[0]["lr"],
+        lr=run.optimizer.param_groups[0]["lr"],
         rollout_seconds=rollouts.seconds,
         train_seconds=seconds - rollouts.seconds,
         step_seconds=seconds,
@@ -148,30 +155,26 @@ class Update(NamedTuple):
     grad_norm: float
     stepped: bool
     has_signal: bool
-    gaps: list  # each sample's entropy gap (misleading feedback only; else None each)
 
 
 def update(
     samples: list[Sample],
     old: torch.Tensor | None,
-    policy: Policy,
-    teacher: Teacher,
-    optimizer: ModulatedOptimizer,
-    scheduler,
+    run: RunParts,
     cfg: TrainConfig,
     modulation: Modulation | None,
-    world: World,
-    pad: int,
+    record: PremiseRecord | NoRecord,
 ) -> Update:
     """Steps 4-6 on ``samples`` (the whole batch, or one of its mini-batches). ``old``: their
     log-probs before the batch's first update ``[B, T]`` (None: one update per batch)."""
+    policy, teacher, world = run.policy, run.teacher, run.world
     need_info = modulation is not None or cfg.pgpo.track_info
     reweight = None  # token / sequence: (granularity, rho of this step's alpha) for the weights
     if modulation is not None and modulation.granularity != "step":
         reweight = modulation.granularity, modulation.multiplier(modulation.schedule.current())
-    sums, gaps = loss_and_entropies(  # 4.: gradients accumulate in .grad
-        samples, policy, teacher, pad, cfg, world, with_entropies=need_info, reweight=reweight,
-        old=old,
+    sums = loss_and_entropies(  # 4.: gradients accumulate in .grad
+        samples, policy, teacher, run.tokenizer.pad_token_id, cfg, world,
+        with_entropies=need_info, reweight=reweight, old=old, record=record,
     )  # fmt: skip
     has_signal = need_info and sums.trained_tokens > 0
     info = sums.info if has_signal else 0.0  # Eq. 8: I_k (0 without a trained token)
@@ -181,11 +184,11 @@ def update(
     rho = rho_k if modulation is not None and modulation.scales_step else 1.0
     finite = math.isfinite(sums.loss) and math.isfinite(info)
     grad_norm, stepped = modulated_step(  # 6.
-        policy, teacher, optimizer, scheduler, cfg, rho=rho, finite_so_far=finite
+        policy, teacher, run.optimizer, run.scheduler, cfg, rho=rho, finite_so_far=finite
     )
     if modulation is not None and stepped:
         modulation.observe(info, rho_k)  # adaptive alpha: state for the next step
-    return Update(sums, info, alpha, rho_k, rho, grad_norm, stepped, has_signal, gaps)
+    return Update(sums, info, alpha, rho_k, rho, grad_norm, stepped, has_signal)
 
 
 def sum_updates(updates: list[Update]) -> StepSums:
@@ -329,16 +332,18 @@ def loss_and_entropies(
     with_entropies: bool,
     reweight: tuple[str, MultiplierConfig] | None = None,
     old: torch.Tensor | None = None,
-) -> tuple[StepSums, list]:
+    record: PremiseRecord | NoRecord | None = None,
+) -> StepSums:
     """Step 4: forward and backward in micro-batches, gradients accumulated in ``.grad``.
-    Returns the step's sums and, with misleading feedback (:mod:`pgpo.train.feedback`), each
-    sample's entropy gap (None elsewhere and for untrained samples).
+    Returns the step's sums; ``record`` (misleading feedback, :mod:`pgpo.train.feedback`)
+    observes each micro-batch's per-token entropies (None: nothing does).
 
     The loss weights and Eq. 8's weights are those of the whole step (denominators summed over
     ranks), so neither micro-batching nor the number of ranks changes the sums. With
     ``reweight`` (token or sequence granularity) each micro-batch trains on ``w_t rho(I_t)``,
     and the summed gradient (and loss) is then scaled by ``sum w / sum w rho`` over the whole
     step: exactly the renormalised weights of :func:`pgpo.modulation.reallocated_weights`."""
+    record = record or NoRecord()
     mask = response_mask(samples)
     loss_den, info_den, trained_tokens = world.sum(
         [
@@ -356,7 +361,6 @@ def loss_and_entropies(
     # The engine's log-probs, for the truncated importance-sampling correction (vLLM).
     behaviour = engine_logprobs(samples) if cfg.rollout.tis_cap is not None else None
     totals = StepSums.zero()
-    gaps: list = [None] * len(samples)
     run = samples_to_run(samples, world)  # a masked sample's loss and Eq. 8 weights are 0
     for start in range(0, len(run), cfg.loss.micro_batch):
         picked = run[start : start + cfg.loss.micro_batch]
@@ -382,21 +386,17 @@ def loss_and_entropies(
         out = policy([s.student_prompt for s in mb], responses, pad, student_loss)
         # FSDP2 averages gradients over ranks; this rank's loss is its share of the batch's.
         (out.loss * world.size).backward()
-        gap, by_demo = (0.0, 0.0, 0.0), (0.0,) * 4
+        gap = (0.0, 0.0, 0.0)
         if with_entropies:
             gap = weighted_entropy_gap(out.h_student, out.h_teacher, info_w[rows, :t_mb])
-        if with_entropies and misleading_feedback(cfg):  # only such runs log the split
-            by_demo = gap_by_demonstration(out.h_student, out.h_teacher, info_w[rows, :t_mb],
-                                           [s.demo_right for s in mb])  # fmt: skip
-            for i, g in zip(picked, sample_gaps(out.h_student, out.h_teacher, mask[rows, :t_mb])):
-                gaps[i] = g
+            record.observe(mb, out.h_student, out.h_teacher, info_w[rows, :t_mb],
+                           mask[rows, :t_mb])  # fmt: skip
         totals = totals.plus(StepSums(
             loss=out.loss.item(), info=gap[0], entropy_student=gap[1], entropy_teacher=gap[2],
             tis_ratio_sum=out.tis_ratio_sum, tis_clipped=out.tis_clipped,
             weight_sum=out.weight_sums[0], modulated_sum=out.weight_sums[1],
             is_ratio_sum=out.is_ratio_sum, is_clipped=out.is_clipped,
-            info_right=by_demo[0], weight_right=by_demo[1], info_wrong=by_demo[2],
-            weight_wrong=by_demo[3], trained_tokens=0.0,
+            trained_tokens=0.0,
         ))  # fmt: skip
         del teacher_hidden, teacher_head
     for p in policy.parameters():  # nothing trained here: a zero gradient, as a masked pass gives
@@ -409,7 +409,7 @@ def loss_and_entropies(
             if p.grad is not None:
                 p.grad.mul_(scale)
         totals = totals._replace(loss=totals.loss * scale)
-    return totals, gaps
+    return totals
 
 
 def modulated_step(
