@@ -16,9 +16,10 @@ import torch
 Reduction = Literal["token_mean", "seq_mean", "sum"]
 # Tokens per chunk. Each pass over the vocabulary computes its [chunk_size, V] float32 arrays in
 # buffers allocated once per call (ChunkBuffers), so chunks may be as large as CPU matmuls want:
-# 128 rows run the head's products at about the cost per token of whole-matrix ones (32 rows:
-# about 1.4x; benchmarks/bench_core.py --head). At 151,936 tokens of vocabulary one buffer is
-# 78 MB; the fused head loss holds five. On a GPU, 256-512 amortise kernel launches.
+# products of 32 rows are thin and slower per token than those of 128 (the head against its
+# floor: benchmarks/bench_core.py --head, docs/trainer.md). At 151,936 tokens of vocabulary one
+# buffer is 78 MB; the fused head loss holds four (five for the full JSD). On a GPU, 256-512
+# amortise kernel launches.
 DEFAULT_CHUNK_SIZE = 128
 
 
