@@ -18,8 +18,8 @@ Reduction = Literal["token_mean", "seq_mean", "sum"]
 # buffers allocated once per call (ChunkBuffers), so chunks may be as large as CPU matmuls want:
 # products of 32 rows are thin and slower per token than those of 128 (the head against its
 # floor: benchmarks/bench_core.py --head, docs/trainer.md). At 151,936 tokens of vocabulary one
-# buffer is 78 MB; the fused head loss holds four (five for the full JSD). On a GPU, 256-512
-# amortise kernel launches.
+# buffer is 78 MB; the fused head loss holds four (five for the full JSD, and for forward KL
+# with entropies). On a GPU, 256-512 amortise kernel launches.
 DEFAULT_CHUNK_SIZE = 128
 
 
