@@ -81,20 +81,12 @@ def naive(student, teacher, mask):
 
 
 def chunked(student, teacher, mask, chunk_size):
-    from pgpo.distill import divergence
+    from pgpo.distill import DivergenceSpec, divergence
     from pgpo.information import entropy_gap
 
     gap = entropy_gap(student, teacher, mask, TEMPERATURE, chunk_size=chunk_size)
-    loss = divergence(
-        student,
-        teacher,
-        mask,
-        BETA,
-        topk=TOPK,
-        add_tail=True,
-        temperature=TEMPERATURE,
-        chunk_size=chunk_size,
-    )
+    spec = DivergenceSpec(BETA, TOPK, add_tail=True, temperature=TEMPERATURE)
+    loss = divergence(student, teacher, mask, spec, chunk_size=chunk_size)
     loss.backward()
     return loss.detach(), gap.info
 
@@ -113,7 +105,7 @@ def head_worker(
     load on the machine slows every variant alike or none."""
     import torch
 
-    from pgpo.distill import head_divergence
+    from pgpo.distill import DivergenceSpec, head_divergence
     from pgpo.malloc import keep_freed_memory
 
     if not glibc_defaults:
@@ -131,8 +123,9 @@ def head_worker(
 
     def loss_pass(variant):
         beta, topk = HEAD_LOSSES[variant]
-        loss, ent_s, ent_t = head_divergence(h_s, weight, h_t, weight.detach(), token_w, beta,
-                                             topk, chunk_size=chunk_size)  # fmt: skip
+        spec = DivergenceSpec(beta, topk)
+        loss, ent_s, ent_t = head_divergence(h_s, weight, h_t, weight.detach(), token_w, spec,
+                                             chunk_size=chunk_size)  # fmt: skip
         loss.backward()
         return float(loss), float((ent_s - ent_t).mean())
 

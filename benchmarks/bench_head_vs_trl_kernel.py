@@ -73,12 +73,13 @@ def worker(variant: str, tokens: int, hidden: int, reps: int) -> dict:
     h_t = torch.randn(tokens, hidden, generator=g)
 
     if system == "pgpo":
-        from pgpo.distill import head_divergence
+        from pgpo.distill import DivergenceSpec, head_divergence
 
         ones = torch.ones(tokens)
 
         def one_pass() -> float:
-            loss, _, _ = head_divergence(h_s, weight, h_t, teacher_weight, ones, beta, topk,
+            spec = DivergenceSpec(beta, topk)
+            loss, _, _ = head_divergence(h_s, weight, h_t, teacher_weight, ones, spec,
                                          return_entropies=entropies)  # fmt: skip
             loss.backward()
             return float(loss)

@@ -107,6 +107,20 @@ class DivergenceSpec:
     temperature: float = 1.0
     mode: str = "logits"
 
+    def __post_init__(self) -> None:
+        """One-line ValueErrors for settings no vocabulary makes valid."""
+        if not (0.0 <= self.beta <= 1.0):
+            raise ValueError(f"beta must be in [0, 1], got {self.beta!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.mode == "sampled_token" and self.beta != 1.0:
+            raise ValueError(
+                f"mode sampled_token is reverse KL only: beta must be 1, got {self.beta}"
+            )
+        if self.topk is not None and not (isinstance(self.topk, int) and self.topk >= 1):
+            raise ValueError(f"topk must be a positive integer or None, got {self.topk!r}")
+        check_temperature(self.temperature)
+
 
 # A chunk's per-row divergence [n] and its gradient [n, V] w.r.t. the student's logits (or None).
 _Rowwise = tuple[torch.Tensor, torch.Tensor | None]
@@ -415,37 +429,30 @@ def _check_arguments(
     what, student, teacher, spec: DivergenceSpec, vocab, same_width: bool = True
 ) -> None:
     """One-line ValueErrors for the shared arguments of the divergence functions
-    (``same_width=False``: only the token axes must agree, as for hidden states of two widths)."""
+    (``same_width=False``: only the token axes must agree, as for hidden states of two widths);
+    the spec checked its own settings when it was made."""
     n = None if same_width else -1
     if student.shape[:n] != teacher.shape[:n]:
         raise ValueError(
             f"student and teacher {what} differ in shape: "
             f"{tuple(student.shape)} vs {tuple(teacher.shape)}"
         )
-    if not (0.0 <= spec.beta <= 1.0):
-        raise ValueError(f"beta must be in [0, 1], got {spec.beta!r}")
-    if spec.mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {spec.mode!r}")
-    if spec.mode == "sampled_token" and spec.beta != 1.0:
-        raise ValueError(f"mode sampled_token is reverse KL only: beta must be 1, got {spec.beta}")
-    topk = spec.topk
-    if topk is not None and not (isinstance(topk, int) and 1 <= topk <= vocab):
-        raise ValueError(f"topk must be an integer in [1, {vocab}] or None, got {topk!r}")
-    check_temperature(spec.temperature)
+    if not isinstance(spec, DivergenceSpec):
+        raise TypeError(f"spec must be a DivergenceSpec, got {type(spec).__name__}")
+    if spec.topk is not None and spec.topk > vocab:
+        raise ValueError(f"topk must be an integer in [1, {vocab}] or None, got {spec.topk!r}")
 
 
 def token_divergence(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     mask: torch.Tensor | None,
-    beta: float,
-    topk: int | None = None,
-    add_tail: bool = True,
-    temperature: float = 1.0,
+    spec: DivergenceSpec,
+    *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     return_entropies: bool = False,
 ):
-    """Per-token divergence, float32 ``[..., T]`` (0 where the mask is 0), in nats.
+    """Per-token divergence ``spec``, float32 ``[..., T]`` (0 where the mask is 0), in nats.
 
     Differentiable with respect to ``student_logits`` only; ``teacher_logits`` is treated as a
     constant (stop-gradient). Shapes: logits ``[..., T, V]``, mask ``[..., T]``.
@@ -453,8 +460,9 @@ def token_divergence(
     over the full vocabulary of the same temperature-scaled logits (what Eq. 8 averages), from
     the same pass.
     """
-    spec = DivergenceSpec(float(beta), topk, add_tail, float(temperature))
     _check_arguments("logits", student_logits, teacher_logits, spec, student_logits.shape[-1])
+    if spec.mode != "logits":
+        raise ValueError("mode sampled_token needs the sampled tokens: use head_divergence")
     vocab = student_logits.shape[-1]
     student, keep, token_shape = flatten(student_logits, mask)
     teacher = teacher_logits.detach().reshape(-1, vocab)
@@ -470,23 +478,19 @@ def divergence(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     mask: torch.Tensor | None,
-    beta: float,
-    topk: int | None = None,
-    add_tail: bool = True,
-    temperature: float = 1.0,
+    spec: DivergenceSpec,
+    *,
     reduction: str = "token_mean",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> torch.Tensor:
-    """Masked, reduced divergence between student and teacher (the distillation loss).
+    """Masked, reduced divergence ``spec`` between student and teacher (the distillation loss).
 
     ``reduction``: ``token_mean`` (over all masked tokens), ``seq_mean`` (the SDPO reference:
     token mean within each sequence, then mean over *all* sequences, empty ones adding 0),
     ``sum``, or ``none`` (the per-token tensor of :func:`token_divergence`).
     Returns a 0-dim float32 tensor (or ``[..., T]`` for ``none``).
     """
-    per_token = token_divergence(
-        student_logits, teacher_logits, mask, beta, topk, add_tail, temperature, chunk_size
-    )
+    per_token = token_divergence(student_logits, teacher_logits, mask, spec, chunk_size=chunk_size)
     if reduction == "none":
         return per_token
     keep = per_token.new_ones(per_token.shape, dtype=torch.bool) if mask is None else mask != 0
@@ -557,21 +561,19 @@ def head_divergence(
     teacher_hidden: torch.Tensor,
     teacher_head_weight: torch.Tensor,
     token_weights: torch.Tensor,
-    beta: float,
-    topk: int | None = None,
-    add_tail: bool = True,
-    temperature: float = 1.0,
+    spec: DivergenceSpec,
+    *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     return_entropies: bool = True,
-    mode: str = "logits",
     targets: torch.Tensor | None = None,
     return_per_token: bool = False,
 ) -> tuple[torch.Tensor, ...]:
-    """The weighted divergence ``sum_t w_t d_t`` from hidden states, the LM head fused in.
+    """The weighted divergence ``sum_t w_t d_t`` (``spec``) from hidden states, the LM head
+    fused in.
 
     student_hidden ``[..., T, H]`` and head ``[V, H]`` (no bias); teacher_hidden
     ``[..., T, H']`` and its head ``[V, H']`` (H' may differ: a trust-region teacher is one pair
-    of width 2H); ``targets`` ``[..., T]``: the sampled tokens, for ``mode="sampled_token"``;
+    of width 2H); ``targets`` ``[..., T]``: the sampled tokens, for ``spec.mode`` ``sampled_token``;
     token_weights ``[..., T]`` (0 = not trained; the reduction's weights, so the result is the
     loss). Returns (loss, H_student ``[..., T]``, H_teacher ``[..., T]``): the scalar loss,
     differentiable w.r.t. the student's hidden states and head weight, and the per-token
@@ -580,7 +582,6 @@ def head_divergence(
     divergence ``d_t`` (no gradient; 0 where ``w_t = 0``), for logging. Peak extra memory is
     O(chunk_size x V), whatever T is: full-vocabulary logits never exist for a whole sequence.
     """
-    spec = DivergenceSpec(float(beta), topk, add_tail, float(temperature), mode)
     vocab = head_weight.shape[0]
     _check_arguments("hidden states", student_hidden, teacher_hidden, spec, vocab, False)
     if tuple(teacher_head_weight.shape) != (vocab, teacher_hidden.shape[-1]):
@@ -593,7 +594,7 @@ def head_divergence(
         raise ValueError(
             f"token_weights shape {tuple(token_weights.shape)} does not match {token_shape}"
         )
-    if mode == "sampled_token" and (targets is None or tuple(targets.shape) != token_shape):
+    if spec.mode == "sampled_token" and (targets is None or tuple(targets.shape) != token_shape):
         raise ValueError(f"mode sampled_token needs targets of shape {token_shape}")
     loss, h_s, h_t, per_token = _HeadDivergence.apply(
         student_hidden.reshape(-1, student_hidden.shape[-1]),

@@ -71,8 +71,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from pgpo.multiplier import MultiplierConfig
-from sde.chains import minibatch_signals
-from sde.integrate import BrownianPath, Solution, _mark_diverged, euler_maruyama
+from sde.chains import Draws, run_chain
+from sde.integrate import BrownianPath, Solution, euler_maruyama
 from sde.models import (
     ADAMW_INFO_SOURCES,
     Multiplier,
@@ -188,29 +188,24 @@ def adamw_chain(
 ) -> Solution:
     """Modulated AdamW on ``paths`` paths for ``round(horizon / time_step(eta))`` steps."""
     check_info_source(info_source, ADAMW_INFO_SOURCES)
-    rho = as_multiplier(multiplier)
     hp = scaling.hyper(eta)
     steps = max(1, round(horizon / scaling.time_step(eta)))
-    rng = np.random.default_rng(seed)
-    theta = np.array(np.broadcast_to(np.asarray(problem.theta0, float), (paths, problem.d)))
-    m, v = np.zeros_like(theta), np.zeros_like(theta)
+    m = v = np.zeros((paths, problem.d))
     if scaling.start == "warm":
         m0, v0 = _warm_moments(problem, problem.theta0, batch_size, replace_, hp["noise"])
         m, v = m + m0, v + v0
-    diverged = np.zeros(paths, dtype=bool)
-    with np.errstate(all="ignore"):
-        for k in range(1, steps + 1):
-            fields, g_hat, info = minibatch_signals(problem, theta, rng, batch_size, replace_,
-                                                    info_source)  # fmt: skip
-            grad = example_mean(fields)
-            g = grad + hp["noise"] * (g_hat - grad)  # the regime's gradient-noise scale
-            theta, m, v = adamw_update(
-                theta, m, v, g, rho(info), k, eta, hp["beta1"], hp["beta2"], hp["eps"],
-                hp["weight_decay"], bias_correction=scaling.start == "cold",
-            )  # fmt: skip
-            if k % 8 == 0 or k == steps:
-                _mark_diverged(theta, diverged)
-    return Solution(theta, diverged)
+
+    def adamw(theta, state, fields, g_hat, rho, k):
+        grad = example_mean(fields)
+        g = grad + hp["noise"] * (g_hat - grad)  # the regime's gradient-noise scale
+        theta, m, v = adamw_update(
+            theta, *state, g, rho, k, eta, hp["beta1"], hp["beta2"], hp["eps"],
+            hp["weight_decay"], bias_correction=scaling.start == "cold",
+        )  # fmt: skip
+        return theta, (m, v)
+
+    draws = Draws(batch_size, paths, seed, info_source, replace_)
+    return run_chain(problem, multiplier, adamw, steps, draws, state=(m, v), check_every=8)
 
 
 def adamw_sde(

@@ -16,6 +16,9 @@ from a :class:`~sde.integrate.BrownianPath` so that it can share increments with
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import numpy as np
 
 from pgpo.multiplier import MultiplierConfig
@@ -58,6 +61,60 @@ def minibatch_signals(
     return fields, g_hat, info
 
 
+# One step of a chain's optimizer on every path: (theta, state, fields, g_hat, rho, k) -> (theta,
+# state), with theta and g_hat [paths, d], the per-example fields [paths, n, d], rho [paths] and
+# k the 1-based step; state holds the optimizer's other arrays (AdamW's moments), or ().
+ChainUpdate = Callable[
+    [np.ndarray, tuple, np.ndarray, np.ndarray, np.ndarray, int], tuple[np.ndarray, tuple]
+]
+
+
+@dataclass(frozen=True)
+class Draws:
+    """How a chain draws its noise: ``batch_size`` examples a step (with or without
+    replacement) for each of ``paths`` paths from generator ``seed``, I from ``info_source``."""
+
+    batch_size: int
+    paths: int
+    seed: int | list[int]
+    info_source: str = "same-batch"
+    replace: bool = True
+
+
+def run_chain(
+    problem: Problem,
+    multiplier: MultiplierConfig | Multiplier | None,
+    update: ChainUpdate,
+    steps: int,
+    draws: Draws,
+    theta0: np.ndarray | None = None,
+    state: tuple = (),
+    record: bool = False,
+    check_every: int = 1,
+) -> Solution:
+    """The loop every discrete chain shares, on ``paths`` independent paths: each step draws a
+    batch and I (:func:`minibatch_signals`), then ``update`` moves theta by ``rho(I)``. A path
+    whose theta stops being finite or passes the blow-up bound is marked diverged and frozen at
+    NaN (checked every ``check_every`` steps and at the last). ``state``: the optimizer's
+    arrays beside theta at the start, each ``[paths, d]``."""
+    rho = as_multiplier(multiplier)
+    rng = np.random.default_rng(draws.seed)
+    start = problem.theta0 if theta0 is None else theta0
+    theta = np.array(np.broadcast_to(np.asarray(start, float), (draws.paths, problem.d)))
+    diverged = np.zeros(draws.paths, dtype=bool)
+    path = [theta.copy()] if record else None
+    with np.errstate(all="ignore"):
+        for k in range(1, steps + 1):
+            fields, g_hat, info = minibatch_signals(problem, theta, rng, draws.batch_size,
+                                                    draws.replace, draws.info_source)  # fmt: skip
+            theta, state = update(theta, state, fields, g_hat, rho(info), k)
+            if k % check_every == 0 or k == steps:
+                _mark_diverged(theta, diverged)
+            if record:
+                path.append(theta.copy())
+    return Solution(theta, diverged, np.stack(path) if record else None)
+
+
 def minibatch_chain(
     problem: Problem,
     multiplier: MultiplierConfig | Multiplier | None,
@@ -71,23 +128,15 @@ def minibatch_chain(
     theta0: np.ndarray | None = None,
     record: bool = False,
 ) -> Solution:
-    """Run discrete PGPO (or SGD) for ``steps`` steps on ``paths`` independent paths."""
+    """Run discrete PGPO (or SGD) for ``steps`` steps on ``paths`` independent paths:
+    ``theta <- theta - eta * rho(I) * g_hat``."""
     check_info_source(info_source)
-    rho = as_multiplier(multiplier)
-    rng = np.random.default_rng(seed)
-    start = problem.theta0 if theta0 is None else theta0
-    theta = np.array(np.broadcast_to(np.asarray(start, float), (paths, problem.d)))
-    diverged = np.zeros(paths, dtype=bool)
-    path = [theta.copy()] if record else None
-    with np.errstate(all="ignore"):
-        for _ in range(steps):
-            _, g_hat, info = minibatch_signals(problem, theta, rng, batch_size, replace,
-                                               info_source)  # fmt: skip
-            theta -= eta * rho(info)[:, None] * g_hat
-            _mark_diverged(theta, diverged)
-            if record:
-                path.append(theta.copy())
-    return Solution(theta, diverged, np.stack(path) if record else None)
+
+    def sgd(theta, state, _fields, g_hat, rho, _k):
+        return theta - eta * rho[:, None] * g_hat, state
+
+    draws = Draws(batch_size, paths, seed, info_source, replace)
+    return run_chain(problem, multiplier, sgd, steps, draws, theta0, record=record)
 
 
 def gaussian_chain(

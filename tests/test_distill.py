@@ -6,6 +6,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from pgpo.distill import DivergenceSpec as Spec
 from pgpo.distill import divergence, head_token_logprobs, token_divergence
 from pgpo.reduction import reduction_denominator, reduction_weights
 from tests import reference as ref
@@ -42,7 +43,7 @@ def test_per_token_divergence_matches_direct_formula(
     s, t, mask = batch
     v = s.shape[-1]
     topk = None if topk_frac is None else max(1, int(topk_frac * v))
-    got = token_divergence(s, t, mask, beta, topk, add_tail, temperature, chunk_size=chunk)
+    got = token_divergence(s, t, mask, Spec(beta, topk, add_tail, temperature), chunk_size=chunk)
     exp = ref.token_divergence(s.numpy(), t.numpy(), beta, topk, add_tail, temperature)
     np.testing.assert_allclose(got.numpy(), exp * mask.numpy(), atol=ATOL, rtol=RTOL)
     assert (got[~mask] == 0).all()
@@ -63,7 +64,7 @@ def test_gradient_matches_float64_autograd_of_direct_formula(
     topk = None if topk_frac is None else max(1, int(topk_frac * v))
     student = s.clone().requires_grad_(True)
     teacher = t.clone().requires_grad_(True)
-    loss = divergence(student, teacher, mask, beta, topk, add_tail, reduction=reduction,
+    loss = divergence(student, teacher, mask, Spec(beta, topk, add_tail), reduction=reduction,
                       chunk_size=3)  # fmt: skip
     loss.backward()
     assert teacher.grad is None  # stop-gradient on the teacher
@@ -89,10 +90,10 @@ def test_reductions_match_reference_loops():
     mask[2] = False
     per = ref.token_divergence(s.numpy(), t.numpy(), 0.5)
     for reduction in ("token_mean", "seq_mean", "sum"):
-        got = divergence(s, t, mask, 0.5, reduction=reduction).item()
+        got = divergence(s, t, mask, Spec(0.5), reduction=reduction).item()
         exp = ref.reduce(per, mask.numpy(), reduction, empty_sequences_count=True)
         assert got == pytest.approx(exp, abs=ATOL), reduction
-    none = divergence(s, t, mask, 0.5, reduction="none")
+    none = divergence(s, t, mask, Spec(0.5), reduction="none")
     assert none.shape == (4, 5)
 
 
@@ -102,9 +103,9 @@ def test_topk_equal_to_vocabulary_is_the_full_vocabulary_result(beta, add_tail):
     g = torch.Generator().manual_seed(4)
     s = torch.randn(3, 4, 257, generator=g, requires_grad=True)
     t = torch.randn(3, 4, 257, generator=g)
-    full = divergence(s, t, None, beta)
+    full = divergence(s, t, None, Spec(beta))
     (g_full,) = torch.autograd.grad(full, s)
-    top = divergence(s, t, None, beta, topk=257, add_tail=add_tail)
+    top = divergence(s, t, None, Spec(beta, 257, add_tail))
     (g_top,) = torch.autograd.grad(top, s)
     assert top.item() == pytest.approx(full.item(), abs=ATOL)
     torch.testing.assert_close(g_top, g_full, atol=1e-6, rtol=1e-4)
@@ -114,7 +115,7 @@ def test_bfloat16_logits():
     g = torch.Generator().manual_seed(5)
     s = (torch.randn(2, 5, 300, generator=g) * 3).bfloat16().requires_grad_(True)
     t = (torch.randn(2, 5, 300, generator=g) * 3).bfloat16()
-    loss = divergence(s, t, torch.ones(2, 5), 0.5, topk=300)
+    loss = divergence(s, t, torch.ones(2, 5), Spec(0.5, 300))
     loss.backward()
     assert loss.dtype == torch.float32 and s.grad.dtype == torch.bfloat16
     exp = ref.token_divergence(s.detach().float().numpy(), t.float().numpy(), 0.5).mean()
@@ -134,7 +135,7 @@ def test_extreme_logits_give_finite_loss_and_gradient():
     for beta in (0.0, 0.5, 1.0):
         for topk in (None, 5):
             student = s.clone().requires_grad_(True)
-            loss = divergence(student, t, None, beta, topk=topk)
+            loss = divergence(student, t, None, Spec(beta, topk))
             loss.backward()
             assert torch.isfinite(loss) and torch.isfinite(student.grad).all()
             exp = ref.token_divergence(s.numpy(), t.numpy(), beta, topk).mean()
@@ -144,13 +145,15 @@ def test_extreme_logits_give_finite_loss_and_gradient():
 def test_single_token_identical_distributions_is_zero():
     s = torch.randn(1, 1, 9)
     for beta in (0.0, 0.5, 1.0):
-        assert divergence(s, s.clone(), None, beta).item() == pytest.approx(0.0, abs=1e-7)
+        assert divergence(s, s.clone(), None, Spec(beta)).item() == pytest.approx(0.0, abs=1e-7)
 
 
 def test_empty_mask_gives_zero_loss_and_zero_gradient():
     s = torch.randn(2, 3, 9, requires_grad=True)
     for reduction in ("token_mean", "seq_mean"):
-        loss = divergence(s, torch.randn(2, 3, 9), torch.zeros(2, 3), 0.5, reduction=reduction)
+        loss = divergence(
+            s, torch.randn(2, 3, 9), torch.zeros(2, 3), Spec(0.5), reduction=reduction
+        )
         loss.backward()
         assert loss.item() == 0.0 and (s.grad == 0).all()
         s.grad = None
@@ -158,7 +161,7 @@ def test_empty_mask_gives_zero_loss_and_zero_gradient():
 
 def test_second_backward_fails_loudly():
     s = torch.randn(2, 3, 9, requires_grad=True)
-    loss = divergence(s, torch.randn(2, 3, 9), None, 0.5)
+    loss = divergence(s, torch.randn(2, 3, 9), None, Spec(0.5))
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError):
         loss.backward()
@@ -167,23 +170,31 @@ def test_second_backward_fails_loudly():
 def test_no_grad_mode_stores_nothing():
     s = torch.randn(2, 3, 9, requires_grad=True)
     with torch.no_grad():
-        loss = divergence(s, torch.randn(2, 3, 9), None, 0.5)
+        loss = divergence(s, torch.randn(2, 3, 9), None, Spec(0.5))
     assert not loss.requires_grad
 
 
 @pytest.mark.parametrize(
-    "kwargs,match",
+    "spec,kwargs,match",
     [
-        (dict(beta=1.5), "beta"),
-        (dict(beta=0.5, topk=0), "topk"),
-        (dict(beta=0.5, topk=10), "topk"),
-        (dict(beta=0.5, temperature=-1.0), "temperature"),
-        (dict(beta=0.5, reduction="avg"), "reduction"),
+        (dict(beta=1.5), {}, "beta"),
+        (dict(beta=0.5, topk=0), {}, "topk"),
+        (dict(beta=0.5, topk=10), {}, "topk"),  # over the vocabulary of 9
+        (dict(beta=0.5, temperature=-1.0), {}, "temperature"),
+        (dict(beta=0.5, mode="tokens"), {}, "mode"),
+        (dict(beta=0.5, mode="sampled_token"), {}, "reverse KL only"),
+        (dict(beta=1.0, mode="sampled_token"), {}, "head_divergence"),  # no sampled tokens here
+        (dict(beta=0.5), dict(reduction="avg"), "reduction"),
     ],
 )
-def test_bad_arguments(kwargs, match):
+def test_bad_arguments(spec, kwargs, match):
     with pytest.raises(ValueError, match=match):
-        divergence(torch.randn(2, 3, 9), torch.randn(2, 3, 9), None, **kwargs)
+        divergence(torch.randn(2, 3, 9), torch.randn(2, 3, 9), None, Spec(**spec), **kwargs)
+
+
+def test_loose_settings_in_place_of_a_spec_are_refused():
+    with pytest.raises(TypeError, match="DivergenceSpec"):
+        divergence(torch.randn(2, 3, 9), torch.randn(2, 3, 9), None, 0.5)
 
 
 @pytest.mark.parametrize("topk", [None, 7])
@@ -194,14 +205,14 @@ def test_fused_entropies_match_the_direct_formula(topk):
     mask = torch.ones(2, 5)
     mask[1, 3:] = 0
     d, h_s, h_t = token_divergence(
-        s, t, mask, 0.5, topk, temperature=0.7, chunk_size=3, return_entropies=True
+        s, t, mask, Spec(0.5, topk, temperature=0.7), chunk_size=3, return_entropies=True
     )
     assert not h_s.requires_grad and d.requires_grad
     np.testing.assert_allclose(
         h_s.numpy(), ref.entropy(s.detach().numpy(), 0.7) * mask.numpy(), atol=1e-5
     )
     np.testing.assert_allclose(h_t.numpy(), ref.entropy(t.numpy(), 0.7) * mask.numpy(), atol=1e-5)
-    plain = token_divergence(s, t, mask, 0.5, topk, temperature=0.7, chunk_size=3)
+    plain = token_divergence(s, t, mask, Spec(0.5, topk, temperature=0.7), chunk_size=3)
     assert torch.equal(plain, d)
     (d * torch.rand(2, 5, generator=g)).sum().backward()  # the gradient path still works
     assert torch.isfinite(s.grad).all()
@@ -237,7 +248,7 @@ def test_head_divergence_equals_logits_then_divergence(beta, topk, add_tail, dty
     mask = torch.rand(b, t, generator=g) < 0.7
     weights = mask.double() / mask.sum()
     loss, h_s, h_t = head_divergence(
-        hs, w, ht, wt, weights.float(), beta, topk, add_tail, temperature=0.8, chunk_size=4
+        hs, w, ht, wt, weights.float(), Spec(beta, topk, add_tail, 0.8), chunk_size=4
     )
     loss.backward()
     # Direct: logits for every token in float64, the divergence, autograd.

@@ -7,13 +7,15 @@ import json
 import pytest
 import torch
 
-from pgpo.distill import head_divergence
+from pgpo.distill import DivergenceSpec, head_divergence
 from pgpo.train import checkpoint
 from pgpo.train.config import ConfigError, load_config
 from pgpo.train.forward import Policy
 from pgpo.train.loop import Run, train
 from pgpo.train.model import small_qwen3
 from pgpo.train.teacher import Teacher
+
+SAMPLED = DivergenceSpec(1.0, mode="sampled_token")
 
 B, T, H, H_T, V = 2, 5, 8, 16, 11
 
@@ -34,8 +36,9 @@ def test_sampled_token_loss_and_gradient_are_the_formula(temperature):
     """sum_t w_t (lp_S - lp_T).detach() lp_S at the sampled tokens, from full logits and
     autograd; the teacher has another width (a trust-region pair is 2H wide)."""
     h_s, w_s, h_t, w_t, weights, targets = _inputs()
-    loss, _, _ = head_divergence(h_s, w_s, h_t, w_t, weights, 1.0, topk=3, temperature=temperature,
-                                 chunk_size=3, mode="sampled_token", targets=targets)  # fmt: skip
+    spec = DivergenceSpec(1.0, topk=3, temperature=temperature, mode="sampled_token")
+    loss, _, _ = head_divergence(h_s, w_s, h_t, w_t, weights, spec, chunk_size=3,
+                                 targets=targets)  # fmt: skip
     grads = torch.autograd.grad(loss, (h_s, w_s))
     lp_s = torch.log_softmax(h_s @ w_s.T / temperature, -1).gather(-1, targets[..., None])[..., 0]
     lp_t = torch.log_softmax(h_t @ w_t.T / temperature, -1).gather(-1, targets[..., None])[..., 0]
@@ -56,10 +59,10 @@ def test_sampled_token_gradient_is_unbiased_for_reverse_kl():
     p_s = torch.softmax(h_s @ w_s.T, -1)[0, 0].detach()
     expected = torch.zeros_like(h_s)
     for y in range(V):
-        loss, _, _ = head_divergence(h_s, w_s, h_t, w_t, torch.ones(1, 1), 1.0,
-                                     mode="sampled_token", targets=torch.tensor([[y]]))  # fmt: skip
+        loss, _, _ = head_divergence(h_s, w_s, h_t, w_t, torch.ones(1, 1), SAMPLED,
+                                     targets=torch.tensor([[y]]))  # fmt: skip
         expected += p_s[y] * torch.autograd.grad(loss, h_s)[0]
-    kl, _, _ = head_divergence(h_s, w_s, h_t, w_t, torch.ones(1, 1), 1.0)
+    kl, _, _ = head_divergence(h_s, w_s, h_t, w_t, torch.ones(1, 1), DivergenceSpec(1.0))
     # the chunk loop computes in float32: agreement to float32 rounding
     torch.testing.assert_close(expected, torch.autograd.grad(kl, h_s)[0], rtol=1e-5, atol=1e-6)
 
@@ -67,9 +70,9 @@ def test_sampled_token_gradient_is_unbiased_for_reverse_kl():
 def test_sampled_token_needs_reverse_kl_and_targets():
     h_s, w_s, h_t, w_t, weights, targets = _inputs()
     with pytest.raises(ValueError, match="beta must be 1"):
-        head_divergence(h_s, w_s, h_t, w_t, weights, 0.5, mode="sampled_token", targets=targets)
+        DivergenceSpec(0.5, mode="sampled_token")
     with pytest.raises(ValueError, match="needs targets"):
-        head_divergence(h_s, w_s, h_t, w_t, weights, 1.0, mode="sampled_token")
+        head_divergence(h_s, w_s, h_t, w_t, weights, SAMPLED)
     with pytest.raises(ConfigError, match="loss.beta"):
         load_config("tiny-cpu", ["loss.mode=sampled_token"])  # the preset's beta is 0.5
 
@@ -154,13 +157,14 @@ def test_clipped_importance_weight_on_old_logprobs_is_the_formula(rollout_temper
     lp_now = torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0]
     shift = torch.linspace(-1.5, 1.5, B * T).reshape(B, T)  # ratios e^shift in [0.22, 4.5]
     out = distill_loss(h_s, w_s, teacher_hidden=h_t, teacher_head=w_t, weights=weights,
-                       targets=targets, behaviour=None, cfg=cfg, with_entropies=False,
+                       targets=targets, behaviour=None, spec=cfg.loss.divergence(), cfg=cfg,
+                       with_entropies=False,
                        old=lp_now - shift)  # fmt: skip
     grads = torch.autograd.grad(out.loss, (h_s, w_s))
     capped = weights * shift.exp().clamp(max=2.0)
-    l = cfg.loss  # noqa: E741
-    direct, _, _ = head_divergence(h_s, w_s, h_t, w_t, capped, l.beta, l.topk, l.add_tail,
-                                   l.temperature, l.chunk_size)  # fmt: skip
+    spec = DivergenceSpec(cfg.loss.beta, cfg.loss.topk, cfg.loss.add_tail, cfg.loss.temperature)
+    direct, _, _ = head_divergence(h_s, w_s, h_t, w_t, capped, spec,
+                                   chunk_size=cfg.loss.chunk_size)  # fmt: skip
     direct_grads = torch.autograd.grad(direct, (h_s, w_s))
     torch.testing.assert_close(out.loss, direct, rtol=1e-5, atol=1e-6)  # float32 rounding
     for got, want in zip(grads, direct_grads):

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pgpo.distill import head_divergence, head_token_logprobs
+from pgpo.distill import DivergenceSpec, head_divergence, head_token_logprobs
 from pgpo.information import token_entropy, weighted_entropy_gap
 from pgpo.modulation import AlphaSchedule, Modulation
 from pgpo.multiplier import DEFAULT_SHARPNESS, Kind
@@ -159,6 +159,7 @@ class PGPOSDPOTrainer(SDPOTrainer):
             why = self._why_not_fused()
             if why is None:
                 self._fused, self._fused_checked = True, False
+                self._divergence = self._divergence_spec()
             else:
                 self._fall_back(why)
 
@@ -183,6 +184,8 @@ class PGPOSDPOTrainer(SDPOTrainer):
                     "the student's logits)")  # fmt: skip
         if self.args.distillation_mode not in ("full_logits", "topk_logits", "sampled_token"):
             return f"distillation_mode={self.args.distillation_mode!r}"
+        if self.args.distillation_mode == "sampled_token" and self.args.distillation_alpha != 1.0:
+            return "distillation_mode='sampled_token' is reverse KL only (distillation_alpha 1)"
         if self.args.distillation_mode == "topk_logits" and self.args.distillation_topk is None:
             return "distillation_mode='topk_logits' without distillation_topk"
         if "logits_to_keep" not in self.model_kwarg_keys:
@@ -193,6 +196,15 @@ class PGPOSDPOTrainer(SDPOTrainer):
                 kind = type(head).__name__
                 return f"the {role}'s LM head is not a plain Linear without bias ({kind})"
         return None
+
+    def _divergence_spec(self) -> DivergenceSpec:
+        """TRL's distillation settings as the fused loss takes them (made once)."""
+        a = self.args
+        sampled = a.distillation_mode == "sampled_token"
+        topk = a.distillation_topk if a.distillation_mode == "topk_logits" else None
+        mode = "sampled_token" if sampled else "logits"
+        return DivergenceSpec(a.distillation_alpha, topk, a.distillation_add_tail,
+                              self.temperature, mode)  # fmt: skip
 
     def _fall_back(self, why: str) -> None:
         self._fused = False
@@ -255,13 +267,11 @@ class PGPOSDPOTrainer(SDPOTrainer):
             ratio = (logps - old).clamp(min=-20.0, max=20.0).exp()
             ratio = ratio.clamp(max=args.distillation_is_clip)
             keep, weights = keep * ratio, weights * ratio
-        sampled = args.distillation_mode == "sampled_token"
-        topk = args.distillation_topk if args.distillation_mode == "topk_logits" else None
+        sampled = self._divergence.mode == "sampled_token"
         loss, h_s, h_t, per_token = head_divergence(
-            student, head, teacher, teacher_head.weight, weights, args.distillation_alpha, topk,
-            args.distillation_add_tail, self.temperature, self.pgpo.chunk_size,
-            mode="sampled_token" if sampled else "logits",
-            targets=completion_ids if sampled else None, return_per_token=True,
+            student, head, teacher, teacher_head.weight, weights, self._divergence,
+            chunk_size=self.pgpo.chunk_size, targets=completion_ids if sampled else None,
+            return_per_token=True,
         )  # fmt: skip
         if model.training:  # evaluation passes do not feed I_k
             self._gap.add_entropies(h_s, h_t, loss_mask != 0, self.pgpo.info_reduction)

@@ -22,6 +22,7 @@ from typing import Annotated, Literal
 
 import yaml
 
+from pgpo.distill import DivergenceSpec
 from pgpo.modulation import Granularity, Schedule
 from pgpo.multiplier import DEFAULT_SHARPNESS, MAX_ALPHA, MAX_RHO_MAX, Kind, check_params
 from pgpo.train.trackers import TRACKERS, installed, missing  # finds packages, imports none
@@ -208,6 +209,10 @@ class LossConfig:
     # detached, p_old the policy's probability of the token before the batch's first update
     # (the reference's clipped importance weight; exactly 1 with one update per batch).
     is_cap: Annotated[float, AT_LEAST_1] = 2.0
+
+    def divergence(self) -> DivergenceSpec:
+        """The divergence these settings name, as the loss functions take it."""
+        return DivergenceSpec(self.beta, self.topk, self.add_tail, self.temperature, self.mode)
 
 
 @dataclass

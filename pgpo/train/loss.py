@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 import torch
 
-from pgpo.distill import head_divergence, head_token_logprobs
+from pgpo.distill import DivergenceSpec, head_divergence, head_token_logprobs
 from pgpo.information import head_token_entropy
 from pgpo.modulation import gap_per_token, modulated_weights
 from pgpo.multiplier import MultiplierConfig
@@ -41,6 +41,7 @@ def distill_loss(
     weights: torch.Tensor,
     targets: torch.Tensor,
     behaviour: torch.Tensor | None,
+    spec: DivergenceSpec,
     cfg: TrainConfig,
     with_entropies: bool,
     reweight: tuple[str, MultiplierConfig] | None = None,
@@ -48,7 +49,8 @@ def distill_loss(
 ) -> DistillOutput:
     """A micro-batch's loss and per-token entropies (the ``loss_fn`` of :class:`Policy`: it runs
     inside the policy's forward, where FSDP2 has the LM head gathered). Hidden states
-    ``[B, T, H]``, heads ``[V, H]``, weights / targets / behaviour log-probs ``[B, T]``.
+    ``[B, T, H]``, heads ``[V, H]``, weights / targets / behaviour log-probs ``[B, T]``;
+    ``spec``: the divergence (``cfg.loss.divergence()``, made once for all micro-batches).
     ``reweight``: (granularity, multiplier) for token or sequence modulation. ``old``: the
     policy's log-probs before the batch's first update ``[B, T]``, for the clipped IS weight."""
     w = weights.to(student_hidden.device)
@@ -81,7 +83,7 @@ def distill_loss(
         # The weights need each token's entropies first: a no-grad pass of both heads, whose
         # entropies then also serve Eq. 8 (the loss pass below skips its own).
         granularity, multiplier = reweight
-        t = cfg.loss.temperature
+        t = spec.temperature
         keep = w != 0
         h_s = head_token_entropy(student_hidden.detach(), student_head.detach(), keep, t,
                                  cfg.loss.chunk_size)  # fmt: skip
@@ -93,20 +95,9 @@ def distill_loss(
     # the LM head applied chunk by chunk; with I_k wanted, the per-token entropies of Eq. 8 come
     # out of the same pass over the logits (no extra forward).
     loss, h_student, h_teacher = head_divergence(
-        student_hidden,
-        student_head,
-        teacher_hidden,
-        teacher_head,
-        w,
-        cfg.loss.beta,
-        cfg.loss.topk,
-        cfg.loss.add_tail,
-        cfg.loss.temperature,
-        cfg.loss.chunk_size,
-        return_entropies=with_entropies,
-        mode=cfg.loss.mode,
-        targets=targets,
-    )
+        student_hidden, student_head, teacher_hidden, teacher_head, w, spec,
+        chunk_size=cfg.loss.chunk_size, return_entropies=with_entropies, targets=targets,
+    )  # fmt: skip
     if entropies is not None:
         h_student, h_teacher = entropies
     return DistillOutput(loss, h_student, h_teacher, tis_sum, tis_clipped, tuple(weight_sums),

@@ -360,6 +360,7 @@ def loss_and_entropies(
     )
     # The engine's log-probs, for the truncated importance-sampling correction (vLLM).
     behaviour = engine_logprobs(samples) if cfg.rollout.tis_cap is not None else None
+    spec = cfg.loss.divergence()
     totals = StepSums.zero()
     run = samples_to_run(samples, world)  # a masked sample's loss and Eq. 8 weights are 0
     for start in range(0, len(run), cfg.loss.micro_batch):
@@ -378,6 +379,7 @@ def loss_and_entropies(
             weights=loss_w[rows, :t_mb],
             targets=torch.tensor([r + [pad] * (t_mb - len(r)) for r in responses]),
             behaviour=None if behaviour is None else behaviour[rows, :t_mb],
+            spec=spec,
             old=None if old is None else old[rows, :t_mb],
             cfg=cfg,
             with_entropies=with_entropies,
