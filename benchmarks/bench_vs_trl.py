@@ -40,7 +40,7 @@ from pgpo.outputs import json_text
 RESULTS = Path(__file__).parent / "results" / "vs_trl.json"
 HIDDEN, LAYERS, HEADS, HEAD_DIM = 128, 2, 2, 64
 LR, EMA_RATE, ROLLOUTS = 1e-5, 0.05, 2
-# Responses per step at each response length (the setting: as many as fit TRL in memory).
+# Responses per step at each response length (as many as fit TRL in memory).
 RESPONSES = {32: 32, 128: 16, 512: 8}
 
 EQUAL = [

@@ -205,7 +205,7 @@ def test_quick_report_verdicts_and_evidence(tmp_path):
     assert check_main(args) == 0
     data = json.loads((out / "report.json").read_text())
     claims = {c["id"]: c for c in data["checks"]["Claims"]}
-    # The verdicts of the full run (and of the theory): see the issue notes for the numbers.
+    # The verdicts of the full run (and of the theory): docs/claims.md gives its numbers.
     assert claims["C1.full"]["verdict"] == HOLDS
     assert claims["C1.same_batch"]["verdict"] == FAILS
     assert claims["C2.printed"]["verdict"] == FAILS

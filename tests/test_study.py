@@ -16,14 +16,18 @@ from pgpo.demo.study import DEFAULT_METHODS, DEFAULT_SETTINGS
 from pgpo.demo.study_report import paired_gain
 
 
+def quick_study(out: Path) -> int:
+    """``pgpo study --quick`` over 2 seeds, in this process (the spawned pool:
+    tests/test_demo.py), its warm start cached beside ``out``."""
+    argv = ["study", "--quick", "--seeds", "2", "--workers", "1", "--out", str(out),
+            "--cache", str(out.parent / "cache")]  # fmt: skip
+    return pgpo_main(argv)
+
+
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("study") / "study"
-    cache = out.parent / "cache"
-    assert (
-        pgpo_main(["study", "--quick", "--seeds", "2", "--out", str(out), "--cache", str(cache)])
-        == 0
-    )
+    assert quick_study(out) == 0
     return out
 
 
@@ -68,11 +72,7 @@ def _config(folder: Path) -> dict:
 @pytest.mark.slow
 def test_a_second_call_keeps_the_finished_runs(quick, capsys):
     stamps = {p: p.stat().st_mtime_ns for p in quick.glob("*/*/metrics.jsonl")}
-    cache = quick.parent / "cache"
-    assert (
-        pgpo_main(["study", "--quick", "--seeds", "2", "--out", str(quick), "--cache", str(cache)])
-        == 0
-    )
+    assert quick_study(quick) == 0
     err = capsys.readouterr().err  # 7 methods x 2 settings x 2 seeds, then the 4 matched runs
     assert "kept 28 finished run(s)" in err and "kept 4 finished run(s)" in err
     assert {p: p.stat().st_mtime_ns for p in quick.glob("*/*/metrics.jsonl")} == stamps
@@ -99,7 +99,8 @@ def test_the_premise_settings_report_i_k_by_the_demonstrations_truth(quick):
     successes minus 1/2, and rho_k is Eq. 9 of it (alpha 1, rho_max 2)."""
     out = quick.parent / "premise"
     cache = str(quick.parent / "cache")
-    argv = ["study", "--quick", "--seeds", "1", "--methods", "sdpo,pgpo-a1,pgpo-agreement",
+    argv = ["study", "--quick", "--seeds", "1", "--workers", "1",
+            "--methods", "sdpo,pgpo-a1,pgpo-agreement",
             "--settings", "noisy,wrong-demo", "--out", str(out), "--cache", cache]  # fmt: skip
     assert pgpo_main(argv) == 0
     from pgpo.demo.premise import read_feedback
@@ -278,6 +279,8 @@ def test_the_real_study_end_to_end_on_smollm2(tmp_path):
         str(out),
         "--methods",
         "sdpo-own,pgpo,sdpo-matched",
+        "--workers",
+        "1",  # in this process (the spawned pool: tests/test_demo.py)
     ]  # fmt: skip (the letter SFT: tests/test_sft.py)
     assert pgpo_main(argv) == 0
     s = json.loads((out / "summary.json").read_text())

@@ -11,8 +11,8 @@ and ``metrics.jsonl`` (one row per step):
   share of its trained samples whose demonstration is right, each centred on its run's mean
   (:func:`within_run_correlation`), with a 95 % bootstrap interval over runs. The premise needs
   it above 0: PGPO's larger steps should fall on batches with better feedback. Beside it, the
-  same with the batch's accuracy (the verifier-free reward), which the probe of issue 24 found
-  to explain ``I_k`` better. Both also detrended (first differences): over a run both series
+  same with the batch's accuracy (the verifier-free reward), which an earlier probe found to
+  explain ``I_k`` better. Both also detrended (first differences): over a run both series
   drift with training, and a shared drift alone would correlate them;
 - the separation of signals that need no gold answer (:data:`SIGNALS`): each one's mean over
   samples with a right demonstration minus that over samples with a wrong one, in standard

@@ -109,8 +109,8 @@ def summarize(per_question: dict[str, dict[str, list[float]]], curves: dict) -> 
 
 
 def learned(summary: dict, name: str = "sdpo", score: str = SCORES[0]) -> bool:
-    """The issue's bar: the run's held-out score ends more than 3 standard errors (paired, over
-    questions) above its start."""
+    """The bar for "it learned": the run's held-out score ends more than 3 standard errors
+    (paired, over questions) above its start."""
     gain, se = summary["runs"][name][f"{score}_gain"]
     return gain > 3 * se
 
