@@ -41,11 +41,11 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)  # before vLLM, which turns later calls into no-ops
 
     from pgpo.train.config import load_config
-    from pgpo.train.data import load_split
-    from pgpo.train.model import load_model, load_tokenizer
-    from pgpo.train.prompts import student_prompt
-    from pgpo.train.rollout_hf import HFRolloutEngine
-    from pgpo.train.rollout_vllm import VLLMRolloutEngine
+    from pgpo.train.models.model import load_model, load_tokenizer
+    from pgpo.train.rollout.hf import HFRolloutEngine
+    from pgpo.train.rollout.vllm import VLLMRolloutEngine
+    from pgpo.train.tasks.data import load_split
+    from pgpo.train.tasks.prompts import student_prompt
 
     cfg = load_config(
         "tiny-cpu",

@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 
 from pgpo.outputs import json_text
-from pgpo.train import checkpoint
 from pgpo.train.config import load_config
 from pgpo.train.run import Run, modulation
+from pgpo.train.run_folder import checkpoint
 
 RESULTS = Path(__file__).parent / "results" / "train_step.json"
 

@@ -66,7 +66,7 @@ def _peak_rss() -> int:
 
 
 def save_model(folder: Path) -> Path:
-    from pgpo.train.model import load_tokenizer, small_qwen3
+    from pgpo.train.models.model import load_tokenizer, small_qwen3
 
     model = small_qwen3(151_936, HIDDEN, LAYERS, HEADS, 1, HEAD_DIM, True,
                         (151643, 151645, 151643), 4096, seed=0)  # fmt: skip
@@ -148,8 +148,8 @@ def trl_worker(model: Path, tokens: int, responses: int, steps: int, add_on: boo
     from trl.experimental.sdpo import SDPOConfig, SDPOTrainer
 
     from pgpo.integrations.trl import PGPOSDPOTrainer
-    from pgpo.train.data import QuestionSampler, load_split
-    from pgpo.train.prompts import messages
+    from pgpo.train.tasks.data import QuestionSampler, load_split
+    from pgpo.train.tasks.prompts import messages
 
     torch.set_num_threads(1)
 

@@ -132,8 +132,8 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_teacher_check(args) -> int:
-    from pgpo.train import exact
     from pgpo.train.config import load_config
+    from pgpo.train.evaluation import exact
 
     cfg = load_config(args.config, args.overrides)
     if args.wrong_demo:
@@ -150,7 +150,7 @@ def _cmd_teacher_check(args) -> int:
 
 
 def _cmd_sweep(args) -> int:
-    from pgpo.train.sweep import sweep
+    from pgpo.train.experiments.sweep import sweep
 
     for line in sweep(args.grid, print_only=args.print):
         print(line)
@@ -160,7 +160,7 @@ def _cmd_sweep(args) -> int:
 def _cmd_table(args) -> int:
     from pathlib import Path
 
-    from pgpo.train.table import write_table
+    from pgpo.train.experiments.table import write_table
 
     folders = [Path(p) for p in args.runs]
     for f in folders:
@@ -177,7 +177,7 @@ def _cmd_consolidate(args) -> int:
     from pathlib import Path
 
     from pgpo.locking import exclusive
-    from pgpo.train import checkpoint
+    from pgpo.train.run_folder import checkpoint
 
     source, out = Path(args.checkpoint), Path(args.out)
     if out.exists() and not out.is_dir():
@@ -224,7 +224,7 @@ def _cmd_config(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from pgpo.train.export import export
+    from pgpo.train.run_folder.export import export
 
     role = "teacher" if args.teacher else "policy"
     out = export(args.checkpoint, args.out, role, args.dtype)

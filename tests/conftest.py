@@ -16,7 +16,7 @@ settings.load_profile("pgpo")
 def save_sharp_qwen3(folder, hidden: int, layers: int, head_dim: int, scale: float):
     """A small Qwen3 (real vocabulary, 2 heads, tied) with every weight but the norms scaled by
     ``scale``, saved to ``folder``: peaked, context-dependent distributions."""
-    from pgpo.train.model import small_qwen3
+    from pgpo.train.models.model import small_qwen3
 
     model = small_qwen3(151_936, hidden, layers, 2, 1, head_dim, True, (151643, 151645, 151643),
                         4096, seed=0)  # fmt: skip

@@ -7,7 +7,7 @@ import pytest
 
 from pgpo.cli import main as pgpo_main
 from pgpo.train.config import ConfigError, load_config
-from pgpo.train.data import DOMAINS, DataError, load_jsonl, load_split, split_specs
+from pgpo.train.tasks.data import DOMAINS, DataError, load_jsonl, load_split, split_specs
 
 SIZES = {"biology": (5, 2), "chemistry": (7, 3), "material": (4, 2), "physics": (6, 2)}
 

@@ -14,9 +14,9 @@ from pgpo.demo.report import collapse_step
 from pgpo.demo.vocab import BYTE_TOKENS, trim_tokenizer
 from pgpo.demo.warmstart import WarmStartConfig, task_texts
 from pgpo.train import loop
-from pgpo.train.data import answer_text, load_jsonl, make_splits
-from pgpo.train.model import qwen3_tokenizer_dir
-from pgpo.train.prompts import chat_text, messages, teacher_messages
+from pgpo.train.models.model import qwen3_tokenizer_dir
+from pgpo.train.tasks.data import answer_text, load_jsonl, make_splits
+from pgpo.train.tasks.prompts import chat_text, messages, teacher_messages
 from tests.test_train import FIELDS as TRAIN_FIELDS
 
 WARM = WarmStartConfig(hidden_size=64, steps=20)  # tiny: the smoke runs test wiring, not skill
@@ -187,7 +187,7 @@ def test_demo_real_trains_smollm2_and_logs_its_exact_scores(tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
     from pgpo.demo.real import CHANCE, METHODS, paired, run_real
-    from pgpo.train.smollm2 import NAME, load_gguf, save_dequantized
+    from pgpo.train.models.smollm2 import NAME, load_gguf, save_dequantized
 
     # The conversion: the saved copy computes what the GGUF-loaded model computes. (The GGUF is
     # loaded once, 26 s: smollm2.convert is load_gguf then save_dequantized.)

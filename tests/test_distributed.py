@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from pgpo.cli import main as pgpo_main
-from pgpo.train import checkpoint
+from pgpo.train.run_folder import checkpoint
 
 COMMON = [
     "batch_size=8",  # 4 questions x 2 rollouts: 2 questions per rank
@@ -254,7 +254,7 @@ def test_sharded_checkpoint_exports_as_a_transformers_folder(runs, tmp_path, cap
 
 
 def test_the_process_group_has_gloo_for_cpu_tensors_when_cuda_is_there():
-    from pgpo.train.distributed import process_group_backend
+    from pgpo.train.models.distributed import process_group_backend
 
     assert process_group_backend(cuda=True) == "cpu:gloo,cuda:nccl"
     assert process_group_backend(cuda=False) == "gloo"

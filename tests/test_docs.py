@@ -13,8 +13,8 @@ import pytest
 
 from pgpo.cli import build_parser as pgpo_parser
 from pgpo.train.config import PRESETS, load_config
-from pgpo.train.gpu_check import build_parser as check_gpu_parser
-from pgpo.train.gpu_smoke import build_parser as smoke_parser
+from pgpo.train.gpu.check import build_parser as check_gpu_parser
+from pgpo.train.gpu.smoke import build_parser as smoke_parser
 from proofs_checks.cli import build_parser as check_parser
 from sde.cli import build_parser as sde_parser
 
@@ -84,10 +84,10 @@ def test_a_documented_command_is_accepted(where, command):
         argv = ["pgpo", *(["train"] if argv[module + 1] == "pgpo.train" else []), *rest]
     if argv[:3] == ["python", "-m", "pgpo.train"]:
         argv = ["pgpo", "train", *argv[3:]]
-    if argv[:3] == ["python", "-m", "pgpo.train.gpu_smoke"]:
+    if argv[:3] == ["python", "-m", "pgpo.train.gpu.smoke"]:
         smoke_parser().parse_args(argv[3:])
         return
-    if argv[:3] == ["python", "-m", "pgpo.train.gpu_check"]:
+    if argv[:3] == ["python", "-m", "pgpo.train.gpu.check"]:
         check_gpu_parser().parse_args(argv[3:])
         return
     parser = {"pgpo": pgpo_parser, "pgpo-sde": sde_parser, "pgpo-check": check_parser}[argv[0]]
@@ -95,7 +95,7 @@ def test_a_documented_command_is_accepted(where, command):
     if argv[1] in ("train", "eval", "teacher-check"):
         _check_train_config(args)
     elif argv[1] == "sweep":
-        from pgpo.train.sweep import expand
+        from pgpo.train.experiments.sweep import expand
 
         expand(ROOT / args.grid)  # every run of the shipped grid validates
     elif argv[1] == "demo":

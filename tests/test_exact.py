@@ -1,5 +1,5 @@
-"""Exact scores (pgpo.train.exact): ``eval.mode: exact`` against a direct computation, the
-teacher's edge in the training log, and ``pgpo teacher-check`` on a model built to have an edge
+"""Exact scores (pgpo.train.evaluation.exact): ``eval.mode: exact`` against a direct computation,
+the teacher's edge in the training log, and ``pgpo teacher-check`` on a model built to have an edge
 and on one built to have none."""
 
 import json
@@ -10,16 +10,16 @@ import torch
 from pgpo.cli import main as pgpo_main
 from pgpo.demo.warmstart import WarmStartConfig, warm_start
 from pgpo.train.config import load_config
-from pgpo.train.data import make_splits, option_letters, write_jsonl
-from pgpo.train.exact import answer_ids
+from pgpo.train.evaluation.exact import answer_ids
 from pgpo.train.loop import Run, train
-from pgpo.train.prompts import student_prompt
+from pgpo.train.tasks.data import make_splits, option_letters, write_jsonl
+from pgpo.train.tasks.prompts import student_prompt
 
 
 def test_the_answer_is_split_where_the_tokenizer_writes_it():
     from transformers import AutoTokenizer
 
-    from pgpo.train.model import qwen3_tokenizer_dir
+    from pgpo.train.models.model import qwen3_tokenizer_dir
 
     tok = AutoTokenizer.from_pretrained(str(qwen3_tokenizer_dir()))
     for prefix, answer in (("<answer>", "B"), ("", "C"), ("The answer is ", "D")):
@@ -111,16 +111,16 @@ def test_the_wrong_demo_diagnostic_is_a_direct_softmax(sharp_model, capsys):
     """``pgpo teacher-check --wrong-demo`` against a direct computation from the model's logits:
     the teacher's entropy where the letter is written, P(shown letter) and P(gold letter), with
     the gold demonstration and with a seeded wrong one, averaged over the questions."""
-    from pgpo.train.exact import wrong_demo_check, wrong_letter
-    from pgpo.train.model import load_model, load_tokenizer
-    from pgpo.train.prompts import teacher_prompt
+    from pgpo.train.evaluation.exact import wrong_demo_check, wrong_letter
+    from pgpo.train.models.model import load_model, load_tokenizer
+    from pgpo.train.tasks.prompts import teacher_prompt
 
     overrides = [f"model.path={sharp_model}", "data.train=synthetic"]
     cfg = load_config("tiny-cpu", overrides)
     report = wrong_demo_check(cfg, 6, "<answer>")
     tokenizer = load_tokenizer("qwen3")
     lm = load_model(cfg.model, cfg.seed).eval()
-    from pgpo.train.data import load_split
+    from pgpo.train.tasks.data import load_split
 
     questions = load_split("synthetic", "train", cfg.seed, False, None).questions[:6]
 

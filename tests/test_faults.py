@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from pgpo.cli import main as pgpo_main
-from pgpo.train import checkpoint
+from pgpo.train.run_folder import checkpoint
 
 STEPS = 5
 ARGS = ["--config", "tiny-cpu", f"steps={STEPS}", "eval.every=100"]
@@ -392,7 +392,7 @@ def test_a_resume_applies_and_records_a_new_lr_warmup_and_alpha_exactly(tmp_path
 
 def test_a_resume_with_other_questions_behind_the_same_file_is_refused(tmp_path, capsys):
     """data.train names the same file, but one answer in it changed since the run started."""
-    from pgpo.train.data import synthetic, write_jsonl
+    from pgpo.train.tasks.data import synthetic, write_jsonl
 
     questions = synthetic(8, seed=5).questions
     data = write_jsonl(questions, tmp_path / "mine.jsonl")

@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from pgpo.train import checkpoint
 from pgpo.train.config import load_config
 from pgpo.train.guard import CollapseGuard
 from pgpo.train.loop import train
+from pgpo.train.run_folder import checkpoint
 
 
 def tiny(tmp_path, *overrides):

@@ -68,8 +68,8 @@ def test_batch_that_does_not_split_over_ranks_is_refused(sharp_model, tmp_path):
 
 
 def test_gpu_smoke_plans_torchrun_of_both_presets_and_checks_a_run(tmp_path, capsys):
-    from pgpo.train import gpu_smoke
     from pgpo.train.config import load_config
+    from pgpo.train.gpu import smoke as gpu_smoke
     from pgpo.train.loop import train
 
     code = gpu_smoke.main(["--model", "/m/Qwen3-8B", "--gpus", "4", "--steps", "2", "--dry-run"])
@@ -101,7 +101,7 @@ def rank_samples(tmp_path, *overrides: str) -> list[list[list[int]]]:
     """Every rank's samples of the same prompt (gpu_check's two-ranks probe, under torchrun)."""
     out = tmp_path / "samples.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-    cmd += ["-m", "pgpo.train.gpu_check", "--rank-samples", str(out)]
+    cmd += ["-m", "pgpo.train.gpu.check", "--rank-samples", str(out)]
     cmd += [f"output.dir={tmp_path / 'run'}", *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -117,7 +117,7 @@ def test_two_ranks_given_the_same_prompt_draw_different_samples_with_hf(tmp_path
 
 
 def test_gpu_check_plans_every_path_and_checks_a_run(tmp_path, capsys):
-    from pgpo.train import gpu_check
+    from pgpo.train.gpu import check as gpu_check
 
     assert gpu_check.main(["--dry-run", "--gpus", "2", "--out", str(tmp_path)]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -146,8 +146,8 @@ def test_gpu_check_plans_every_path_and_checks_a_run(tmp_path, capsys):
 
 
 def test_the_no_vllm_smoke_plans_the_largest_random_qwen3_that_fits(capsys):
-    from pgpo.train import gpu_smoke
-    from pgpo.train.model import small_qwen3
+    from pgpo.train.gpu import smoke as gpu_smoke
+    from pgpo.train.models.model import small_qwen3
 
     # The parameter formula against the model itself (built on the meta device).
     with torch.device("meta"):

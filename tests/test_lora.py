@@ -13,12 +13,13 @@ import sys
 import pytest
 import torch
 
-from pgpo.train import checkpoint, lora
 from pgpo.train.config import ConfigError, load_config
-from pgpo.train.export import export
-from pgpo.train.forward import head_weight, response_hidden
 from pgpo.train.loop import Run, train
-from pgpo.train.model import load_model
+from pgpo.train.models import lora
+from pgpo.train.models.forward import head_weight, response_hidden
+from pgpo.train.models.model import load_model
+from pgpo.train.run_folder import checkpoint
+from pgpo.train.run_folder.export import export
 
 peft = pytest.importorskip("peft", reason='LoRA: pip install -e ".[lora]"')
 

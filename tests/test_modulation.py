@@ -11,9 +11,9 @@ import torch
 
 from pgpo.modulation import AlphaSchedule, gap_per_token, modulated_weights, reallocated_weights
 from pgpo.multiplier import MultiplierConfig
-from pgpo.train import checkpoint
 from pgpo.train.config import load_config
 from pgpo.train.loop import train
+from pgpo.train.run_folder import checkpoint
 
 MULT = MultiplierConfig(1.5, 2.0)
 

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from pgpo.train.config import ConfigError, load_config
-from pgpo.train.data import synthetic
-from pgpo.train.exact import answer_ids, answer_probabilities, option_probabilities
+from pgpo.train.evaluation.exact import answer_ids, answer_probabilities, option_probabilities
 from pgpo.train.loop import Run, train
-from pgpo.train.model import load_tokenizer
-from pgpo.train.prompts import student_prompt
+from pgpo.train.models.model import load_tokenizer
 from pgpo.train.sft import cross_entropy, gold_response
+from pgpo.train.tasks.data import synthetic
+from pgpo.train.tasks.prompts import student_prompt
 
 
 @pytest.fixture(scope="module")
@@ -118,9 +118,9 @@ def test_one_forward_per_prompt_scores_every_one_token_answer_as_teacher_forcing
 
 def test_the_teachers_edge_is_measured_at_its_temperature(tiny_run):
     """p_correct_taught at temperature tau is softmax(z / tau) of the letter, read directly."""
-    from pgpo.train.exact import p_correct_taught
-    from pgpo.train.prompts import teacher_prompt
-    from pgpo.train.teacher import Teacher
+    from pgpo.train.evaluation.exact import p_correct_taught
+    from pgpo.train.models.teacher import Teacher
+    from pgpo.train.tasks.prompts import teacher_prompt
 
     run = tiny_run
     tok, questions = run.tokenizer, run.train_data.questions[:3]
@@ -144,7 +144,7 @@ def test_the_logged_edge_scores_the_trust_region_teacher_the_loss_trains_toward(
     another."""
     from pgpo.train.config import load_config
     from pgpo.train.loop import Run
-    from pgpo.train.prompts import teacher_prompt
+    from pgpo.train.tasks.prompts import teacher_prompt
 
     r, tau = 0.5, 0.5
     cfg = load_config("tiny-cpu", [f"output.dir={tmp_path}", "teacher.mode=trust_region",

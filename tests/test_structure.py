@@ -66,7 +66,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 def test_the_graph_sees_imports_inside_functions():
     graph = import_graph()
     # engines.make_engine imports the vLLM engine lazily, inside the function.
-    assert "pgpo.train.rollout_vllm" in graph["pgpo.train.engines"]
+    assert "pgpo.train.rollout.vllm" in graph["pgpo.train.rollout.engines"]
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]
 
 
@@ -92,8 +92,8 @@ def test_every_engine_has_what_the_rollout_interface_names():
     names = {n for n in vars(RolloutEngine) if not n.startswith("_")}
     names |= set(RolloutEngine.__annotations__)
     assert names == {"generate", "sync_weights", "close", "sleep_freed_gib"}
-    for module, cls in (("rollout_hf", "HFRolloutEngine"), ("rollout_vllm", "VLLMRolloutEngine")):
-        tree = ast.parse((ROOT / "pgpo" / "train" / f"{module}.py").read_text())
+    for module, cls in (("hf", "HFRolloutEngine"), ("vllm", "VLLMRolloutEngine")):
+        tree = ast.parse((ROOT / "pgpo" / "train" / "rollout" / f"{module}.py").read_text())
         (node,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls]
         methods = {f.name for f in node.body if isinstance(f, ast.FunctionDef)}
         init = next(f for f in node.body if isinstance(f, ast.FunctionDef) and f.name == "__init__")

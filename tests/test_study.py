@@ -221,7 +221,7 @@ def test_the_real_studys_learning_rates_are_chosen_without_a_test_question(tmp_p
         grid_configs,
         split_files,
     )
-    from pgpo.train.data import LARGEST_NUMBER, load_jsonl, load_split
+    from pgpo.train.tasks.data import LARGEST_NUMBER, load_jsonl, load_split
 
     plan = RealStudyPlan(tmp_path / "study")
     grid = grid_configs(plan, Path("model-folder"), split_files(plan.out))

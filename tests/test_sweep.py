@@ -9,8 +9,8 @@ import yaml
 
 from pgpo.cli import main as pgpo_main
 from pgpo.train.config import ConfigError
-from pgpo.train.sweep import expand
-from pgpo.train.table import parse_budget
+from pgpo.train.experiments.sweep import expand
+from pgpo.train.experiments.table import parse_budget
 from tests.test_data_sources import _row
 
 

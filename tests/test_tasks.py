@@ -1,5 +1,6 @@
-"""Tasks (pgpo/train/tasks.py): numeric answers, a user's reward function, environment feedback
-in the teacher's prompt, and the multiple-choice path unchanged against its golden record."""
+"""Tasks (pgpo/train/tasks/): numeric answers, a user's reward function, environment
+feedback in the teacher's prompt, and the multiple-choice path unchanged against its golden
+record."""
 
 import json
 import math
@@ -13,7 +14,6 @@ import pytest
 
 from pgpo.cli import main as pgpo_main
 from pgpo.train.config import ConfigError, load_config
-from pgpo.train.data import DataError, load_split
 from pgpo.train.tasks import (
     MultipleChoice,
     Numeric,
@@ -22,6 +22,7 @@ from pgpo.train.tasks import (
     number_text,
     parse_number,
 )
+from pgpo.train.tasks.data import DataError, load_split
 
 sys.path.insert(0, str(Path(__file__).parent / "golden"))
 from record import GOLDEN, RESUMED_AFTER, RUNS, record  # noqa: E402
@@ -60,7 +61,7 @@ def test_numbers_are_read_as_people_write_them_and_nothing_else(text, value):
     ],
 )  # fmt: skip
 def test_the_numeric_reward_compares_numbers(response, gold, score):
-    from pgpo.train.data import Question
+    from pgpo.train.tasks.data import Question
 
     got = Numeric().score(Question("q", "?", gold), response)
     assert got.score == score
@@ -79,9 +80,9 @@ def test_numeric_exact_evaluation_adds_the_gold_numbers_written_forms(tmp_path):
     """eval.mode exact on a numeric task: P(gold number | prompt + <answer>), the probability of
     writing it as it is plus that of writing it after a space, each teacher-forced over its
     tokens; no per-letter scores, as there are no options."""
-    from pgpo.train.exact import answer_ids, answer_probabilities, exact_per_question
+    from pgpo.train.evaluation.exact import answer_ids, answer_probabilities, exact_per_question
     from pgpo.train.loop import Run
-    from pgpo.train.prompts import student_prompt
+    from pgpo.train.tasks.prompts import student_prompt
 
     data = Path(__file__).resolve().parent.parent / "examples" / "own_task" / "sums.jsonl"
     cfg = load_config("tiny-cpu", ["task=numeric", f"data.train={data}", f"data.test={data}",
@@ -147,11 +148,11 @@ def _samples_with_feedback(mode: str, fallback: str = "none"):
     """Two questions x two rollouts on the real Qwen3 tokenizer, through with_demonstrations:
     question 0 has one success and one failure, question 1 two failures; every failure carries
     feedback naming its question and rollout."""
-    from pgpo.train.data import Question
-    from pgpo.train.model import load_tokenizer
-    from pgpo.train.prompts import student_prompt
+    from pgpo.train.models.model import load_tokenizer
     from pgpo.train.rollout import Completion
     from pgpo.train.step import Rollouts, with_demonstrations
+    from pgpo.train.tasks.data import Question
+    from pgpo.train.tasks.prompts import student_prompt
 
     tokenizer = load_tokenizer("qwen3")
     questions = [Question(f"q{i}", f"Which number is the largest: {i}1, {i}9?", f"{i}9")
@@ -314,7 +315,7 @@ def test_a_reward_function_that_cannot_be_found_is_refused_before_a_model_loads(
 
 
 def test_user_reward_checks_what_the_function_returns():
-    from pgpo.train.data import Question
+    from pgpo.train.tasks.data import Question
 
     q = Question("q7", "?", "B")
     cases = [(0, True), (1, True), (0.25, True), (True, False), (-0.0, True), (math.inf, False),

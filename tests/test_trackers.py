@@ -171,7 +171,7 @@ def test_report_to_refusals_name_the_key(value, message):
 
 
 def test_a_trackers_folder_alone_is_no_earlier_run_but_goes_with_one(tmp_path):
-    from pgpo.train.run_dir import RunDir, RunDirError
+    from pgpo.train.run_folder.run_dir import RunDir, RunDirError
 
     (tmp_path / "wandb").mkdir()
     with RunDir(tmp_path, resume=False, overwrite=False, main=True).claimed():  # not refused

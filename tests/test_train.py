@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from pgpo.cli import main as pgpo_main
-from pgpo.train import checkpoint
 from pgpo.train.config import ConfigError, load_config, settings_of_run
 from pgpo.train.loop import Run, train
+from pgpo.train.run_folder import checkpoint
 
 FIELDS = (
     "step",
@@ -193,7 +193,7 @@ def test_vllm_asked_for_without_vllm_exits_2_in_one_line(capsys, tmp_path):
 def test_export_writes_a_transformers_folder_equal_to_the_checkpoint(tmp_path, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pgpo.train.model import load_tokenizer
+    from pgpo.train.models.model import load_tokenizer
 
     run_dir = tmp_path / "run"
     assert pgpo_main(["train", "--config", "tiny-cpu", "steps=1", f"output.dir={run_dir}"]) == 0
@@ -373,7 +373,7 @@ def test_export_writes_a_model_card_and_keeps_the_users_own(tmp_path):
 
 def test_model_card_names_the_lora_tag_and_the_hub_datasets():
     from pgpo.train.config import load_config, to_dict
-    from pgpo.train.model_card import datasets, model_card
+    from pgpo.train.run_folder.model_card import datasets, model_card
 
     cfg = to_dict(load_config("tiny-cpu", ["model.lora.rank=4", "data.train=mmlu-science"]))
     meta = yaml_front(model_card(cfg, 3, "teacher", None))

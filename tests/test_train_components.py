@@ -6,7 +6,9 @@ import re
 import pytest
 import torch
 
-from pgpo.train.data import (
+from pgpo.train.models.model import ModelLoadError, load_model, load_tokenizer
+from pgpo.train.models.teacher import choose_demonstrations
+from pgpo.train.tasks.data import (
     DataError,
     QuestionSampler,
     load_jsonl,
@@ -16,10 +18,8 @@ from pgpo.train.data import (
     option_letters,
     synthetic,
 )
-from pgpo.train.model import ModelLoadError, load_model, load_tokenizer
-from pgpo.train.prompts import answer_tokens, student_prompt, teacher_prompt
-from pgpo.train.rewards import extract_answer, last_boxed, reward, strip_thinking
-from pgpo.train.teacher import choose_demonstrations
+from pgpo.train.tasks.prompts import answer_tokens, student_prompt, teacher_prompt
+from pgpo.train.tasks.rewards import extract_answer, last_boxed, reward, strip_thinking
 
 
 def sdpo_row(i, answer="B", **extra):
@@ -191,7 +191,7 @@ def test_the_hf_engine_samples_from_the_nucleus_it_is_given():
     """top_p reaches transformers' sampler: a nucleus of one token is greedy decoding, whatever
     the seed; the full distribution (top_p = 1) draws other tokens under other seeds."""
     from pgpo.train.config import ModelConfig
-    from pgpo.train.rollout_hf import HFRolloutEngine
+    from pgpo.train.rollout.hf import HFRolloutEngine
 
     tok = load_tokenizer("qwen3")
     engine = HFRolloutEngine(load_model(ModelConfig(), seed=0), tok)
@@ -227,7 +227,7 @@ def test_a_hub_id_offline_fails_at_once_after_one_connection_attempt(key, monkey
     import socket
 
     from pgpo.cli import main as pgpo_main
-    from pgpo.train import model
+    from pgpo.train.models import model
 
     if model.hub_reachable(timeout=3.0):
         pytest.skip("the hub is reachable here: nothing to fail")
@@ -276,7 +276,7 @@ def test_a_verifier_with_false_positives_flips_failures_at_its_rate_and_never_su
     import math
     import random
 
-    from pgpo.train.rewards import with_false_positives
+    from pgpo.train.tasks.rewards import with_false_positives
 
     q = 0.4
     truth = [[float((i * 7 + j) % 3 == 0) for j in range(8)] for i in range(500)]
@@ -375,7 +375,7 @@ def test_i_k_split_by_the_demonstrations_truth_is_eq8_over_each_group(tmp_path, 
     import torch
 
     from pgpo.train.config import load_config
-    from pgpo.train.feedback import PremiseRecord
+    from pgpo.train.evaluation.feedback import PremiseRecord
     from pgpo.train.loop import Run
     from pgpo.train.step import loss_and_entropies, sample_rollouts, score, with_demonstrations
 
@@ -426,8 +426,8 @@ def test_i_k_split_by_the_demonstrations_truth_is_eq8_over_each_group(tmp_path, 
     # Per sample: its gap is the token mean of its own direct gaps.
     import math
 
-    from pgpo.train.exact import answer_ids
-    from pgpo.train.feedback import letter_signals
+    from pgpo.train.evaluation.exact import answer_ids
+    from pgpo.train.evaluation.feedback import letter_signals
 
     for s, gap in zip(samples, per_sample):
         if not s.trained:
@@ -464,7 +464,7 @@ def test_i_k_split_by_the_demonstrations_truth_is_eq8_over_each_group(tmp_path, 
 
 
 def test_success_agreement_is_the_share_of_successes_stating_the_shown_letter():
-    from pgpo.train.feedback import success_agreement
+    from pgpo.train.evaluation.feedback import success_agreement
 
     texts = ["<answer>A</answer>", "<answer>B</answer>", "<answer>A</answer>", "no answer"]
     assert success_agreement(texts, [1.0, 1.0, 1.0, 0.0], 1.0, "A") == pytest.approx(2 / 3)
@@ -475,8 +475,8 @@ def test_success_agreement_is_the_share_of_successes_stating_the_shown_letter():
 
 def test_the_agreement_signal_is_the_mean_share_minus_a_half_and_needs_step_granularity():
     from pgpo.train.config import ConfigError, load_config
-    from pgpo.train.distributed import World
-    from pgpo.train.feedback import agreement_signal
+    from pgpo.train.evaluation.feedback import agreement_signal
+    from pgpo.train.models.distributed import World
     from pgpo.train.step import Sample
 
     def sample(agreement, trained=True):
@@ -495,7 +495,7 @@ def test_a_setting_added_since_a_run_counts_as_its_default_when_finding_finished
     import yaml
 
     from pgpo.train.config import load_config, to_dict
-    from pgpo.train.run_dir import finished
+    from pgpo.train.run_folder.run_dir import finished
 
     cfg = to_dict(load_config("tiny-cpu", ["steps=2"]))
     saved = json.loads(json.dumps(cfg))
@@ -549,7 +549,7 @@ def test_loss_positions_answer_masks_all_but_the_answer_tokens():
 
 
 def test_the_largest_number_task_is_a_data_source_with_disjoint_splits():
-    from pgpo.train.data import make_splits
+    from pgpo.train.tasks.data import make_splits
 
     train = load_split("largest-number", "train", 0, False, None).questions
     test = load_split("largest-number", "test", 0, False, None).questions
@@ -564,7 +564,7 @@ def test_the_real_cpu_preset_evaluates_on_the_tasks_test_split():
     """tiny-cpu as a base for a real model evaluated on synthetic questions; real-cpu names no
     test file, so the trainer loads its task's own held-out split (the code path Run uses)."""
     from pgpo.train.config import load_config
-    from pgpo.train.data import make_splits, split_specs
+    from pgpo.train.tasks.data import make_splits, split_specs
 
     cfg = load_config("real-cpu")
     d = cfg.data
@@ -581,7 +581,7 @@ def test_a_resume_may_change_only_the_resumable_settings_and_alpha_not_under_tar
     """``refuse_fixed``: a resumable key passes; a fixed one is named with its values; alpha is
     resumable, but not under target_rho, whose controller state carries alpha on."""
     from pgpo.train.config import RESUMABLE, load_config, to_dict
-    from pgpo.train.resume import ResumeError, changed_settings, refuse_fixed
+    from pgpo.train.run_folder.resume import ResumeError, changed_settings, refuse_fixed
 
     saved = to_dict(load_config("tiny-cpu", ["steps=2"]))
     now = load_config("tiny-cpu", ["steps=4", "optim.lr=5e-4", "pgpo.rho_max=3"])
@@ -629,7 +629,7 @@ def test_a_runs_config_yaml_loads_as_the_settings_it_ended_with(tmp_path):
 def test_cutting_a_log_back_names_every_row_it_drops(tmp_path):
     """``cut_log``: rows after the checkpoint's step go (counted), and so does a row that is
     not complete JSON, named by its step where its text shows it, else by its line."""
-    from pgpo.train.run_dir import cut_log
+    from pgpo.train.run_folder.run_dir import cut_log
 
     log = tmp_path / "samples.jsonl"
     log.write_text('{"step": 1}\n{"step": 2, "samples": [1]}\n{"ste\n{"step": 3}\n{"step": 4, "sa')
@@ -645,7 +645,7 @@ def test_cutting_a_log_back_names_every_row_it_drops(tmp_path):
 
 
 def test_the_data_fingerprint_changes_with_any_question_and_only_then():
-    from pgpo.train.data import fingerprint, synthetic
+    from pgpo.train.tasks.data import fingerprint, synthetic
 
     questions = synthetic(6, seed=1).questions
     same = synthetic(6, seed=1).questions
@@ -682,7 +682,7 @@ def test_the_data_fingerprint_changes_with_any_question_and_only_then():
     ],
 )
 def test_the_committed_letter_verifier_reads_one_letter_or_none(response, letter):
-    from pgpo.train.rewards import committed_letter
+    from pgpo.train.tasks.rewards import committed_letter
 
     assert committed_letter(response) == letter
     for gold in "ABC":  # the reward is 1 for the committed letter only, 0 for the format alone
@@ -693,7 +693,7 @@ def test_the_committed_letter_verifier_reads_one_letter_or_none(response, letter
 def _smollm2_tokenizer():
     from transformers import AutoTokenizer
 
-    from pgpo.train.smollm2 import gguf_path
+    from pgpo.train.models.smollm2 import gguf_path
 
     source = gguf_path()  # the real SmolLM2 tokenizer, read from the packaged GGUF file
     return AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
@@ -705,7 +705,7 @@ def test_the_letter_positions_are_exactly_the_letters_tokens(which):
     both tokenizers; with the <answer> opening written for the model (the gold response of the
     supervised yardstick), after reasoning, inside a merged token, and a response committing to
     no letter falling back to its answer's tokens."""
-    from pgpo.train.prompts import answer_tokens, trained_tokens
+    from pgpo.train.tasks.prompts import answer_tokens, trained_tokens
 
     tok = load_tokenizer("qwen3") if which == "qwen3" else _smollm2_tokenizer()
     cases = [
@@ -783,8 +783,8 @@ def test_masked_samples_skip_the_forward_and_leave_loss_gradient_and_i_k_unchang
 
     from pgpo.train import step
     from pgpo.train.config import load_config
-    from pgpo.train.distributed import World
     from pgpo.train.loop import Run
+    from pgpo.train.models.distributed import World
 
     cfg = load_config("tiny-cpu", [
         f"output.dir={tmp_path}", f"model.path={sharp_model}", "batch_size=8",

@@ -24,7 +24,7 @@ from trl.experimental.sdpo import SDPOConfig, SDPOTrainer  # noqa: E402
 
 from pgpo.information import entropy_gap  # noqa: E402
 from pgpo.integrations.trl import PGPOSDPOTrainer, PGPOSettings  # noqa: E402
-from pgpo.train.model import load_tokenizer  # noqa: E402
+from pgpo.train.models.model import load_tokenizer  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*experimental.*")
 

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from pgpo.distill import DivergenceSpec, head_divergence
-from pgpo.train import checkpoint
 from pgpo.train.config import ConfigError, load_config
-from pgpo.train.forward import Policy
 from pgpo.train.loop import Run, train
-from pgpo.train.model import small_qwen3
-from pgpo.train.teacher import Teacher
+from pgpo.train.models.forward import Policy
+from pgpo.train.models.model import small_qwen3
+from pgpo.train.models.teacher import Teacher
+from pgpo.train.run_folder import checkpoint
 
 SAMPLED = DivergenceSpec(1.0, mode="sampled_token")
 

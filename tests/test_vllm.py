@@ -28,10 +28,10 @@ else:
 
 from pgpo.distill import head_token_logprobs  # noqa: E402
 from pgpo.train.config import load_config  # noqa: E402
-from pgpo.train.forward import head_weight, response_hidden  # noqa: E402
 from pgpo.train.loop import Run  # noqa: E402
-from pgpo.train.prompts import student_prompt  # noqa: E402
-from pgpo.train.rollout_vllm import VLLMRolloutEngine  # noqa: E402
+from pgpo.train.models.forward import head_weight, response_hidden  # noqa: E402
+from pgpo.train.rollout.vllm import VLLMRolloutEngine  # noqa: E402
+from pgpo.train.tasks.prompts import student_prompt  # noqa: E402
 
 # nats (see above). On a GPU vLLM computes in bf16 (8 bits of mantissa: log-probs of a few
 # nats are off by ~1e-2): there the trainer's float32 log-probs agree to 5e-2 only.
@@ -225,7 +225,7 @@ def test_vllm_on_two_fsdp_ranks_stays_in_sync_with_the_sharded_policy(sharp_mode
 
 def test_a_second_engine_starts_in_the_same_process_after_close(tmp_path):
     cfg = load_config("tiny-cpu", [f"output.dir={tmp_path}", *VLLM_TINY])
-    from pgpo.train.model import load_model, load_tokenizer
+    from pgpo.train.models.model import load_model, load_tokenizer
 
     lm, tok = load_model(cfg.model, 0), load_tokenizer("qwen3")
     prompt = tok("Which option is the largest number?")["input_ids"]
@@ -276,7 +276,7 @@ def test_starting_vllm_leaves_the_trainers_random_generators_as_they_were(tmp_pa
     import numpy as np
 
     cfg = load_config("tiny-cpu", [f"output.dir={tmp_path}", *VLLM_TINY])
-    from pgpo.train.model import load_model, load_tokenizer
+    from pgpo.train.models.model import load_model, load_tokenizer
 
     lm, tok = load_model(cfg.model, 0), load_tokenizer("qwen3")
     random.seed(1), np.random.seed(2), torch.manual_seed(3)

@@ -1,6 +1,7 @@
 """Does ``I_k`` mark informative feedback? The study's answer for its misleading-feedback settings.
 
-From each run's ``feedback.jsonl`` (one record per trained sample, :mod:`pgpo.train.feedback`)
+From each run's ``feedback.jsonl`` (one record per trained sample,
+:mod:`pgpo.train.evaluation.feedback`)
 and ``metrics.jsonl`` (one row per step):
 
 - ``gap(right) - gap(wrong)``: the mean per-sample entropy gap of samples whose demonstration

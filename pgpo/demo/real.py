@@ -27,7 +27,7 @@ from pgpo.demo.run import DemoPlan, quiet_transformers, run_all
 from pgpo.locking import exclusive
 from pgpo.outputs import json_text
 from pgpo.train.config import TrainConfig, load_config
-from pgpo.train.exact import mean_and_se
+from pgpo.train.evaluation.exact import mean_and_se
 
 PRESET = "real-cpu"
 MODEL = "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)"
@@ -67,9 +67,9 @@ def _scores_job(cfg: TrainConfig, trained: bool) -> dict[str, list[float]]:
 
     torch.set_num_threads(1)
     quiet_transformers()
-    from pgpo.train import checkpoint
-    from pgpo.train.exact import exact_per_question
+    from pgpo.train.evaluation.exact import exact_per_question
     from pgpo.train.loop import Run
+    from pgpo.train.run_folder import checkpoint
 
     run = Run(cfg)
     if trained:
@@ -81,7 +81,7 @@ def _scores_job(cfg: TrainConfig, trained: bool) -> dict[str, list[float]]:
 
 
 def mean_se(x: list[float]) -> tuple[float, float]:
-    """Mean and standard error over questions (:func:`pgpo.train.exact.mean_and_se`)."""
+    """Mean and standard error over questions (:func:`pgpo.train.evaluation.exact.mean_and_se`)."""
     return mean_and_se((len(x), sum(x), sum(v * v for v in x)))
 
 
@@ -218,8 +218,8 @@ def run_real(
 
 
 def _run_real(out, steps, progress, cache, overrides, workers, edge_questions, start) -> dict:
-    from pgpo.train import smollm2
-    from pgpo.train.exact import edge_lines, teacher_check
+    from pgpo.train.evaluation.exact import edge_lines, teacher_check
+    from pgpo.train.models import smollm2
 
     model = smollm2.folder(cache)
     configs = real_configs(out, model, steps, overrides)

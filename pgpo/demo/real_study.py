@@ -46,7 +46,7 @@ from pgpo.demo.run import DemoPlan, quiet_transformers, run_all
 from pgpo.locking import exclusive
 from pgpo.outputs import json_text
 from pgpo.train.config import TrainConfig, load_config
-from pgpo.train.data import LARGEST_NUMBER, make_splits, write_jsonl
+from pgpo.train.tasks.data import LARGEST_NUMBER, make_splits, write_jsonl
 
 LR_GRID = (3e-5, 1e-4, 3e-4)
 # The budget: the whole study (the grid included) in about 2 hours on a 2-core CPU, two runs at
@@ -230,7 +230,7 @@ def run_real_study(plan: RealStudyPlan) -> dict:
 
 
 def _run(plan: RealStudyPlan, start: float) -> dict:
-    from pgpo.train import smollm2
+    from pgpo.train.models import smollm2
 
     model = smollm2.folder(plan.cache)
     demo = DemoPlan(plan.out, [], [], workers=plan.workers, progress=plan.progress)

@@ -19,7 +19,7 @@ COLLAPSE_WINDOW = 5
 
 def read_run(folder: Path) -> dict:
     """Series from one run's metrics.jsonl: eval (step, avg@k), the teacher's edge at each
-    evaluation (step, edge; pgpo.train.exact) and per-step training metrics."""
+    evaluation (step, edge; pgpo.train.evaluation.exact) and per-step training metrics."""
     evals, formats, edges = [], [], []
     train = {"step": [], "info": [], "rho": [], "reward": []}
     for line in (folder / "metrics.jsonl").read_text().splitlines():

@@ -18,8 +18,8 @@ from pgpo.demo.warmstart import WarmStartConfig, warm_start
 from pgpo.locking import exclusive, one_writer
 from pgpo.outputs import default_cache
 from pgpo.train.config import TrainConfig, load_config, to_dict
-from pgpo.train.data import make_splits, write_jsonl
-from pgpo.train.run_dir import finished
+from pgpo.train.run_folder.run_dir import finished
+from pgpo.train.tasks.data import make_splits, write_jsonl
 
 N_TRAIN, N_TEST, TASK_SEED = 2000, 200, 0
 

@@ -16,7 +16,8 @@ each run folder is what ``pgpo train`` writes. Methods:
 
 Settings: ``learn`` (the demo's: frozen teacher, lr 3e-4, 120 steps) and ``collapse`` (the
 pipeline's EMA teacher at 0.05, lr 2e-3, 150 steps: see ``pgpo demo --collapse``) by default;
-on request the premise's settings, ``learn`` with misleading feedback (:mod:`pgpo.train.feedback`):
+on request the premise's settings, ``learn`` with misleading feedback
+(:mod:`pgpo.train.evaluation.feedback`):
 ``noisy`` (a verifier with false positives, q = 0.4) and ``wrong-demo`` (a share p = 0.4 of the
 demonstrations states a wrong option). Their report adds whether ``I_k`` marks the right
 demonstrations (:mod:`pgpo.demo.premise`).

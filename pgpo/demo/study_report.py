@@ -15,7 +15,7 @@ from pgpo.demo.premise import SIGNALS, plot_premise, premise_summary
 from pgpo.demo.report import plot, read_run, summarize
 from pgpo.outputs import json_text
 from pgpo.train.config import TrainConfig
-from pgpo.train.feedback import misleading_feedback
+from pgpo.train.evaluation.feedback import misleading_feedback
 
 BOOTSTRAP = 10_000  # resamples of the seeds, for the paired interval (seeded: reproducible)
 BASELINE = "sdpo"

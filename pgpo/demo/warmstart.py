@@ -22,9 +22,9 @@ import torch
 
 from pgpo.demo.vocab import trim_tokenizer
 from pgpo.outputs import json_text, output_files
-from pgpo.train.data import LETTERS, Question, answer_text
-from pgpo.train.model import qwen3_tokenizer_dir, small_qwen3
-from pgpo.train.prompts import chat_text, messages, teacher_messages
+from pgpo.train.models.model import qwen3_tokenizer_dir, small_qwen3
+from pgpo.train.tasks.data import LETTERS, Question, answer_text
+from pgpo.train.tasks.prompts import chat_text, messages, teacher_messages
 
 END = "<|im_end|>"
 

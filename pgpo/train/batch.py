@@ -8,7 +8,7 @@ from typing import NamedTuple
 
 import torch
 
-from pgpo.train.distributed import World
+from pgpo.train.models.distributed import World
 from pgpo.train.rollout import Completion
 
 

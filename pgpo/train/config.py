@@ -85,8 +85,8 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 @dataclass
 class LoraConfig:
-    # LoRA through peft (pgpo/train/lora.py): adapters of this rank on the frozen base; 0: off
-    # (every weight trains). The teacher is then adapters over the same base.
+    # LoRA through peft (pgpo/train/models/lora.py): adapters of this rank on the frozen base; 0:
+    # off (every weight trains). The teacher is then adapters over the same base.
     rank: Annotated[int, Range(0)] = 0
     alpha: Annotated[float, Range(0, low_open=True)] = 16.0  # the adapter's scale: alpha / rank
     dropout: Annotated[float, Range(0, 1, high_open=True)] = 0.0  # on the adapters' input
@@ -175,8 +175,8 @@ class TeacherConfig:
     # Misleading feedback for the premise study: this share of demonstrations (Python's seeded
     # generator) has its answer replaced by a wrong option's letter, the rest of it unchanged.
     wrong_demo_share: Annotated[float, UNIT] = 0.0
-    # Environment feedback (a reward's words on why an attempt failed, pgpo/train/tasks.py) in
-    # the teacher's prompt, as SDPO's reference and TRL do: include (a sample's own feedback,
+    # Environment feedback (a reward's words on why an attempt failed, pgpo/train/tasks/)
+    # in the teacher's prompt, as SDPO's reference and TRL do: include (a sample's own feedback,
     # and a sample with feedback but no successful sibling is trained on it alone);
     # only_without_solution (only where no sibling succeeded); off (never).
     feedback: Literal["off", "include", "only_without_solution"] = "off"
@@ -243,8 +243,8 @@ class PGPOConfig:
     sharpness: Positive = DEFAULT_SHARPNESS  # kind: smooth only (how closely it follows min)
     info_reduction: Literal["token_mean", "seq_mean"] = "token_mean"  # I_k's mean
     # What I_k is: Eq. 8's entropy gap; or, needing no gold answer (the premise study,
-    # pgpo/train/feedback.py), the trained samples' mean share of their group's successes that
-    # state their demonstration's answer, minus 1/2 (a verifier's false positives disagree).
+    # pgpo/train/evaluation/feedback.py), the trained samples' mean share of their group's successes
+    # that state their demonstration's answer, minus 1/2 (a verifier's false positives disagree).
     signal: Literal["entropy_gap", "agreement"] = "entropy_gap"
     # Compute I_k (and log it) in SDPO runs too; off: SDPO skips the entropy passes entirely.
     track_info: bool = True
@@ -289,8 +289,8 @@ class EvalConfig:
     max_new_tokens: Count = 8192  # answer length cap
     before_train: bool = False  # also evaluate the starting weights (logged as step 0)
     # sample: avg@n of sampled answers; exact: the mean probability of the correct answer (a
-    # letter, or the gold number's tokens; pgpo/train/exact.py), written by the model after
-    # answer_prefix: no sampling noise
+    # letter, or the gold number's tokens; pgpo/train/evaluation/exact.py), written by the model
+    # after answer_prefix: no sampling noise
     mode: Literal["sample", "exact"] = "sample"
     answer_prefix: str = "<answer>"  # exact: what precedes the answer
     # At each evaluation, the teacher's edge on this many training questions: P(correct |
@@ -352,8 +352,8 @@ class TrainConfig:
     # sft: the supervised yardstick, cross-entropy on the gold answer for the same questions
     # (pgpo/train/sft.py): what the teacher could at best teach.
     objective: Literal["sdpo", "sft"] = "sdpo"
-    # What a question is (pgpo/train/tasks.py): one option letter (multiple_choice), or a number
-    # compared as a number (numeric: "1,000" = "1e3"), in <answer>...</answer> or \boxed{}.
+    # What a question is (pgpo/train/tasks/): one option letter (multiple_choice), or a
+    # number compared as a number (numeric: "1,000" = "1e3"), in <answer>...</answer> or \boxed{}.
     task: Literal["multiple_choice", "numeric"] = "multiple_choice"
     seed: Annotated[int, Range(0, 2**32 - 1)] = 0  # every random draw of the run
     model: ModelConfig = field(default_factory=ModelConfig)

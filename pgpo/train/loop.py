@@ -1,8 +1,8 @@
 """The training loop: a :class:`~pgpo.train.run.Run` (what a run holds, built from its config)
 stepped, logged, evaluated and checkpointed. Its parts live beside it: the run
-(:mod:`~pgpo.train.run`), the logs and the folder (:mod:`~pgpo.train.run_dir`), resume
-(:mod:`~pgpo.train.resume`), checkpoint state (:mod:`~pgpo.train.run_state`) and evaluation
-(:mod:`~pgpo.train.evaluate`).
+(:mod:`~pgpo.train.run`), the logs and the folder (:mod:`~pgpo.train.run_folder.run_dir`), resume
+(:mod:`~pgpo.train.run_folder.resume`), checkpoint state (:mod:`~pgpo.train.run_folder.run_state`)
+and evaluation (:mod:`~pgpo.train.evaluation.evaluate`).
 
 ``train(cfg)`` is what ``pgpo train`` runs (and what ``pgpo demo`` calls); the step itself is
 :func:`pgpo.train.step.train_step`.
@@ -15,10 +15,12 @@ import sys
 from pathlib import Path
 
 from pgpo.cli_util import Interrupted
-from pgpo.train import checkpoint, distributed
 from pgpo.train.config import TrainConfig
-from pgpo.train.distributed import World
-from pgpo.train.resume import (
+from pgpo.train.models import distributed
+from pgpo.train.models.distributed import World
+from pgpo.train.run import Run
+from pgpo.train.run_folder import checkpoint
+from pgpo.train.run_folder.resume import (
     changed_settings,
     changes_text,
     refuse_fixed,
@@ -26,8 +28,7 @@ from pgpo.train.resume import (
     resumes_after,
     run_record,
 )
-from pgpo.train.run import Run
-from pgpo.train.run_dir import METRICS, RunDir, RunLogs
+from pgpo.train.run_folder.run_dir import METRICS, RunDir, RunLogs
 from pgpo.train.stop import StopRequest
 
 # A run whose steps are all skipped (non-finite loss, gradient or I_k) has diverged.
@@ -43,11 +44,11 @@ def train(
 ) -> Path:
     """Run ``cfg.steps`` steps (continuing from the newest intact checkpoint with ``resume``).
     Writes ``metrics.jsonl``, ``samples.jsonl``, ``config.yaml`` and ``checkpoints/`` to
-    output.dir (see :mod:`pgpo.train.run_dir` for what it may replace), holding the folder's
-    lock throughout. A resume applies and records the settings it may change and refuses the
-    others (:mod:`pgpo.train.resume`). ``desc`` labels the progress bar, ``position`` its line
-    (for runs in parallel processes). SIGINT / SIGTERM stop it after the current step with a
-    checkpoint (:class:`~pgpo.cli_util.Interrupted`)."""
+    output.dir (see :mod:`pgpo.train.run_folder.run_dir` for what it may replace), holding the
+    folder's lock throughout. A resume applies and records the settings it may change and refuses
+    the others (:mod:`pgpo.train.run_folder.resume`). ``desc`` labels the progress bar, ``position``
+    its line (for runs in parallel processes). SIGINT / SIGTERM stop it after the current step with
+    a checkpoint (:class:`~pgpo.cli_util.Interrupted`)."""
     world = distributed.init_world()  # size 1 unless launched by torchrun
     folder = RunDir(cfg.output.dir, resume=resume, overwrite=cfg.output.overwrite, main=world.main)
     with folder.claimed():

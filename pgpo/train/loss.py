@@ -15,7 +15,7 @@ from pgpo.information import head_token_entropy
 from pgpo.modulation import gap_per_token, modulated_weights
 from pgpo.multiplier import MultiplierConfig
 from pgpo.train.config import TrainConfig
-from pgpo.train.forward import Policy
+from pgpo.train.models.forward import Policy
 
 
 class DistillOutput(NamedTuple):

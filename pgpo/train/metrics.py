@@ -6,9 +6,9 @@ import torch
 
 from pgpo.train.batch import Rollouts, Sample, StepSums, engine_logprobs
 from pgpo.train.config import TrainConfig
-from pgpo.train.data import Question
-from pgpo.train.distributed import World
-from pgpo.train.rewards import extract_answer
+from pgpo.train.models.distributed import World
+from pgpo.train.tasks.data import Question
+from pgpo.train.tasks.rewards import extract_answer
 
 
 def step_metrics(

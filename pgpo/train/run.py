@@ -1,8 +1,8 @@
 """What a training run holds: :class:`Run`, built from its config (the data, the model and its
 teacher, the rollout engine, the optimizer and its schedule, the modulation), and the few
 calls the step loop (:mod:`pgpo.train.loop`) makes on it. Its state lives in
-:mod:`~pgpo.train.run_state`, its evaluation in :mod:`~pgpo.train.evaluate`, the step itself in
-:mod:`~pgpo.train.step` and :mod:`~pgpo.train.sft`.
+:mod:`~pgpo.train.run_folder.run_state`, its evaluation in :mod:`~pgpo.train.evaluation.evaluate`,
+the step itself in :mod:`~pgpo.train.step` and :mod:`~pgpo.train.sft`.
 """
 
 from __future__ import annotations
@@ -16,21 +16,22 @@ import torch
 
 from pgpo.modulation import AlphaSchedule, Modulation
 from pgpo.optim import ModulatedOptimizer
-from pgpo.train import distributed, lora, run_state
 from pgpo.train.config import TrainConfig
-from pgpo.train.data import Dataset, QuestionSampler, fingerprint, load_split, split_specs
-from pgpo.train.distributed import World
-from pgpo.train.engines import make_engine, rank_seed
-from pgpo.train.evaluate import evaluate_run, teacher_edge
-from pgpo.train.forward import Policy
+from pgpo.train.evaluation.evaluate import evaluate_run, teacher_edge
 from pgpo.train.guard import CollapseGuard
-from pgpo.train.model import load_model, load_tokenizer, torch_dtype
-from pgpo.train.resume import refuse_other_data
+from pgpo.train.models import distributed, lora
+from pgpo.train.models.distributed import World
+from pgpo.train.models.forward import Policy
+from pgpo.train.models.model import load_model, load_tokenizer, torch_dtype
+from pgpo.train.models.teacher import Teacher
 from pgpo.train.rollout import prompt_seed
+from pgpo.train.rollout.engines import make_engine, rank_seed
+from pgpo.train.run_folder import run_state
+from pgpo.train.run_folder.resume import refuse_other_data
 from pgpo.train.sft import sft_step
 from pgpo.train.step import train_step
 from pgpo.train.tasks import Task, task_of
-from pgpo.train.teacher import Teacher
+from pgpo.train.tasks.data import Dataset, QuestionSampler, fingerprint, load_split, split_specs
 
 
 def seed_everything(seed: int) -> None:
@@ -164,14 +165,14 @@ class Run:
         self.step_seconds_total = 0.0  # training wall-clock (rollouts and updates, no evals)
 
     def state(self) -> dict:
-        """Everything to continue from (:func:`pgpo.train.run_state.state`)."""
+        """Everything to continue from (:func:`pgpo.train.run_folder.run_state.state`)."""
         return run_state.state(self)
 
     def load_state(self, state: dict) -> None:
         run_state.load_state(self, state)
 
     def restore(self, path: Path, state: dict | None = None) -> None:
-        """Continue from a checkpoint folder (:func:`pgpo.train.run_state.restore`)."""
+        """Continue from a checkpoint folder (:func:`pgpo.train.run_folder.run_state.restore`)."""
         run_state.restore(self, path, state)
 
     def save(self, folder: Path) -> None:

@@ -2,8 +2,8 @@
 
 A step takes the same questions as a self-distillation step (``batch_size / rollout.n`` of
 them, in the same order for the same seed) and trains the student to write the gold
-demonstration, ``<answer>X</answer>`` (:func:`pgpo.train.exact.gold_demonstration`), after its
-prompt and ``rollout.response_prefix``: what self-distillation could at best teach if its
+demonstration, ``<answer>X</answer>`` (:func:`pgpo.train.evaluation.exact.gold_demonstration`),
+after its prompt and ``rollout.response_prefix``: what self-distillation could at best teach if its
 teacher copied the gold answer exactly. With ``loss.positions: answer`` only the answer's tokens
 carry the loss, as in self-distillation; with ``letter`` only the letter's (plain supervised
 training on the answer: with ``loss.reduction: token_mean``, the strongest simple yardstick).
@@ -22,11 +22,11 @@ import torch
 
 from pgpo.reduction import chunks, reduction_denominator, reduction_weights
 from pgpo.train.config import TrainConfig
-from pgpo.train.data import Question
-from pgpo.train.exact import gold_demonstration
+from pgpo.train.evaluation.exact import gold_demonstration
 from pgpo.train.metrics import logged_samples
-from pgpo.train.prompts import student_prompt, trained_tokens
 from pgpo.train.step import RunParts, modulated_step, sample_rollouts, score
+from pgpo.train.tasks.data import Question
+from pgpo.train.tasks.prompts import student_prompt, trained_tokens
 
 
 def gold_response(tokenizer, question: Question, response_prefix: str) -> list[int]:

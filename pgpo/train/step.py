@@ -18,7 +18,7 @@
 With ``pgpo.granularity`` token or sequence, step 4 weights each token's loss by rho(I_t) (or
 its response's rho(I_i)) instead, renormalised over the step (:mod:`pgpo.modulation`), and step
 6 scales by rho_k only with ``combine_step``.
-With misleading feedback (:mod:`pgpo.train.feedback`) step 3b reads the teacher's and the
+With misleading feedback (:mod:`pgpo.train.evaluation.feedback`) step 3b reads the teacher's and the
 student's letter probabilities before the update, for a per-sample record of the premise study.
 A NaN/inf loss, gradient or I_k skips the step: weights, optimizer and teacher stay untouched.
 With ``optim.updates_per_batch`` M > 1, steps 4-6 run once on each of M mini-batches of the
@@ -53,10 +53,8 @@ from pgpo.train.batch import (
     samples_to_run,
 )
 from pgpo.train.config import TrainConfig
-from pgpo.train.data import Question
-from pgpo.train.distributed import World, full
-from pgpo.train.exact import gold_demonstration
-from pgpo.train.feedback import (
+from pgpo.train.evaluation.exact import gold_demonstration
+from pgpo.train.evaluation.feedback import (
     NoRecord,
     PremiseRecord,
     agreement_signal,
@@ -64,14 +62,16 @@ from pgpo.train.feedback import (
     premise_record,
     success_agreement,
 )
-from pgpo.train.forward import Policy
 from pgpo.train.loss import distill_loss, old_logprobs
 from pgpo.train.metrics import step_metrics
-from pgpo.train.prompts import student_prompt, teacher_prompt, trained_tokens
-from pgpo.train.rewards import strip_thinking, with_false_positives
+from pgpo.train.models.distributed import World, full
+from pgpo.train.models.forward import Policy
+from pgpo.train.models.teacher import Teacher, choose_demonstrations
 from pgpo.train.rollout import RolloutEngine
 from pgpo.train.tasks import Scored, Task, task_of
-from pgpo.train.teacher import Teacher, choose_demonstrations
+from pgpo.train.tasks.data import Question
+from pgpo.train.tasks.prompts import student_prompt, teacher_prompt, trained_tokens
+from pgpo.train.tasks.rewards import strip_thinking, with_false_positives
 
 
 class RunParts(Protocol):
@@ -335,7 +335,7 @@ def loss_and_entropies(
     record: PremiseRecord | NoRecord | None = None,
 ) -> StepSums:
     """Step 4: forward and backward in micro-batches, gradients accumulated in ``.grad``.
-    Returns the step's sums; ``record`` (misleading feedback, :mod:`pgpo.train.feedback`)
+    Returns the step's sums; ``record`` (misleading feedback, :mod:`pgpo.train.evaluation.feedback`)
     observes each micro-batch's per-token entropies (None: nothing does).
 
     The loss weights and Eq. 8's weights are those of the whole step (denominators summed over

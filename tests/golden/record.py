@@ -41,7 +41,7 @@ TIMES = ("seconds", "tokens_per_second", "step_seconds_total")
 def checksums(folder: Path) -> dict[str, list[float]]:
     """The last checkpoint's policy and teacher weights, each tensor as (sum, sum of squares)
     in float64."""
-    from pgpo.train import checkpoint
+    from pgpo.train.run_folder import checkpoint
 
     state = checkpoint.load(checkpoint.candidates(folder / "checkpoints")[0])
     out = {}

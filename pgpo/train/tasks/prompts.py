@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from pgpo.train.data import SYSTEM_PROMPT, Question
-from pgpo.train.rewards import answer_span, letter_span
+from pgpo.train.tasks.data import SYSTEM_PROMPT, Question
+from pgpo.train.tasks.rewards import answer_span, letter_span
 
 SOLUTION = "\nCorrect solution:\n\n{solution}"
 # Environment feedback on the sample's own failed attempt (teacher.feedback), in the wording of
@@ -105,7 +105,7 @@ def letter_tokens(
     tokenizer, response: list[int], response_prefix: str = "", answer_span=letter_span
 ) -> tuple[int, int]:
     """The response tokens ``[first, last)`` that write the answer itself: the option letter the
-    response commits to (:func:`~pgpo.train.rewards.letter_span`), or what a task's
+    response commits to (:func:`~pgpo.train.tasks.rewards.letter_span`), or what a task's
     ``answer_span`` finds (a number); :func:`answer_tokens` when there is none."""
     text = response_prefix + tokenizer.decode(response, skip_special_tokens=True)
     span = answer_span(text)

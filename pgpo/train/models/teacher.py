@@ -16,9 +16,9 @@ import copy
 
 import torch
 
-from pgpo.train import lora
-from pgpo.train.distributed import full
-from pgpo.train.forward import Policy, head_weight
+from pgpo.train.models import lora
+from pgpo.train.models.distributed import full
+from pgpo.train.models.forward import Policy, head_weight
 
 
 class AdapterTeacher(torch.nn.Module):

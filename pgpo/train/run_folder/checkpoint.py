@@ -342,7 +342,7 @@ def load_sharded_weights(path: Path, part: str) -> dict[str, torch.Tensor] | Non
 
 
 def _transformers_names(state: dict) -> dict:
-    """Keys without the :class:`~pgpo.train.forward.Policy` wrapper's "lm." prefix."""
+    """Keys without the :class:`~pgpo.train.models.forward.Policy` wrapper's "lm." prefix."""
     return {k.removeprefix("lm."): v for k, v in state.items()}
 
 

@@ -8,10 +8,11 @@ from pathlib import Path
 import torch
 
 from pgpo.outputs import json_text, output_files
-from pgpo.train import checkpoint, lora
 from pgpo.train.config import ModelConfig, model_config
-from pgpo.train.model import TINY, from_pretrained, load_model, load_tokenizer, torch_dtype
-from pgpo.train.model_card import model_card
+from pgpo.train.models import lora
+from pgpo.train.models.model import TINY, from_pretrained, load_model, load_tokenizer, torch_dtype
+from pgpo.train.run_folder import checkpoint
+from pgpo.train.run_folder.model_card import model_card
 
 
 def _empty_model(cfg: ModelConfig, seed: int) -> torch.nn.Module:
@@ -44,9 +45,9 @@ def export(path: Path, out: Path, role: str = "policy", dtype: str | None = None
     """Write ``role`` ("policy" or "teacher") of the checkpoint folder ``path`` (whole or
     sharded) to the new folder ``out``: config, safetensors weights in ``dtype`` (default: the
     training dtype), generation config, tokenizer, ``pgpo_export.json`` (source, step, role) and
-    a model card as README.md (:mod:`pgpo.train.model_card`). Atomic: ``out`` appears complete
-    or not at all. An existing non-empty ``out`` is refused, not replaced; one that holds only
-    the user's own README.md is filled around it, the README kept."""
+    a model card as README.md (:mod:`pgpo.train.run_folder.model_card`). Atomic: ``out`` appears
+    complete or not at all. An existing non-empty ``out`` is refused, not replaced; one that holds
+    only the user's own README.md is filled around it, the README kept."""
     path, out = Path(path), Path(out)
     # A folder holding only the user's own README.md (their model card) is filled around it.
     if out.exists() and (not out.is_dir() or any(p.name != "README.md" for p in out.iterdir())):

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import yaml
 
-from pgpo.train import checkpoint
 from pgpo.train.config import RESUMABLE, RUN_RECORD, TrainConfig, to_dict, with_defaults
-from pgpo.train.run_dir import RunDir
+from pgpo.train.run_folder import checkpoint
+from pgpo.train.run_folder.run_dir import RunDir
 from pgpo.train.trackers import flat
 
 

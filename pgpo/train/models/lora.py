@@ -21,7 +21,7 @@ from collections.abc import Iterator
 
 import torch
 
-from pgpo.train.distributed import WRAPPED, full, full_named_tensors
+from pgpo.train.models.distributed import WRAPPED, full, full_named_tensors
 
 ADAPTER = ".lora_"  # in the state-dict name of every adapter tensor
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from pgpo.train.resume import describe
+from pgpo.train.run_folder.resume import describe
 
 # Data sets known on the Hub by the names the trainer accepts (data.train / data.sciknoweval).
 HUB_DATASETS = {"mmlu-science": "cais/mmlu", "sciknoweval": "hicai-zju/SciKnowEval"}
@@ -63,7 +63,7 @@ def model_card(
 ) -> str:
     """The README.md text for a checkpoint's export: ``config`` is the run's saved config (the
     settings in force at the checkpoint), ``step`` the checkpoint's, ``role`` "policy" or
-    "teacher", ``resumes`` the run's record of resumes (:mod:`pgpo.train.resume`)."""
+    "teacher", ``resumes`` the run's record of resumes (:mod:`pgpo.train.run_folder.resume`)."""
     model, pgpo, teacher = config["model"], config["pgpo"], config["teacher"]
     method = "pgpo" if pgpo["enabled"] else "sdpo"
     tags = ["pgpo", "sdpo"] + (["lora"] if model["lora"]["rank"] else [])

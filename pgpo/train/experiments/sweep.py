@@ -27,8 +27,8 @@ from pathlib import Path
 
 import yaml
 
-from pgpo.train import checkpoint
 from pgpo.train.config import ConfigError, TrainConfig, load_config
+from pgpo.train.run_folder import checkpoint
 
 METHODS = ("sdpo", "pgpo")
 GRID_KEYS = ("domain", "method", "alpha", "seed")

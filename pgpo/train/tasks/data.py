@@ -234,7 +234,7 @@ def load_hf(
             builder, files = target.split(":", 1)
             data = datasets.load_dataset(builder, data_files=files, split="train")
         else:
-            from pgpo.train.model import hub_reachable
+            from pgpo.train.models.model import hub_reachable
 
             if folder.exists():
                 raise DataError(f"{spec}: {folder} is not a folder saved by save_to_disk")

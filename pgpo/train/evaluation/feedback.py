@@ -5,7 +5,7 @@ informative. Two settings make some feedback wrong on purpose, so that the premi
 where the truth is known:
 
 - ``reward.false_positive_rate`` q: the verifier lets a failing rollout through with probability
-  q (:func:`pgpo.train.rewards.with_false_positives`), and a wrong answer becomes a sibling's
+  q (:func:`pgpo.train.tasks.rewards.with_false_positives`), and a wrong answer becomes a sibling's
   demonstration;
 - ``teacher.wrong_demo_share`` p: a share p of demonstrations has its answer replaced by a wrong
   answer (another option's letter, or another number: :func:`misleading`).
@@ -31,10 +31,10 @@ import torch
 from pgpo.information import weighted_entropy_gap
 from pgpo.modulation import gap_per_token
 from pgpo.train.config import TrainConfig
-from pgpo.train.data import Question
-from pgpo.train.distributed import World
-from pgpo.train.exact import letter_probabilities, policy_network
-from pgpo.train.rewards import stated_answer, with_answer
+from pgpo.train.evaluation.exact import letter_probabilities, policy_network
+from pgpo.train.models.distributed import World
+from pgpo.train.tasks.data import Question
+from pgpo.train.tasks.rewards import stated_answer, with_answer
 
 # Where the teacher's letter probabilities are read: after the demonstrations' own answer tag.
 ANSWER_PREFIX = "<answer>"
@@ -81,9 +81,9 @@ def letter_signals(
     world: World | None = None,
 ) -> dict[str, list]:  # fmt: skip
     """Per sample, read after ``<answer>`` before the step's update
-    (:func:`pgpo.train.exact.letter_probabilities`): the teacher's probability, on the sample's
-    teacher prompt, of the letter its demonstration states (``p_shown``) and of the gold letter
-    (``p_gold``), and the student's probability of the shown letter on its own prompt
+    (:func:`pgpo.train.evaluation.exact.letter_probabilities`): the teacher's probability, on the
+    sample's teacher prompt, of the letter its demonstration states (``p_shown``) and of the gold
+    letter (``p_gold``), and the student's probability of the shown letter on its own prompt
     (``p_student_shown``: a prior that needs no gold answer). Samples without a demonstration,
     or whose demonstration states no letter, get None."""
     per_question = len(samples) // len(questions)

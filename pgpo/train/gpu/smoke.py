@@ -1,8 +1,8 @@
 """GPU smoke test of the paper's configuration: the Qwen3-8B presets for a few steps.
 
-    python -m pgpo.train.gpu_smoke --model /models/Qwen3-8B [--gpus 4] [--steps 3]
+    python -m pgpo.train.gpu.smoke --model /models/Qwen3-8B [--gpus 4] [--steps 3]
         [--data mmlu-science] [--out runs/gpu-smoke] [--dry-run] [key=value ...]
-    python -m pgpo.train.gpu_smoke --no-vllm [--gpu-gib 139] [--dry-run]
+    python -m pgpo.train.gpu.smoke --no-vllm [--gpu-gib 139] [--dry-run]
 
 ``--no-vllm`` needs no model folder and no vLLM: a randomly initialised Qwen3 of the largest size
 whose full fine-tuning state fits one GPU (:func:`largest_random_qwen3`), trained for 3 steps with
@@ -70,7 +70,7 @@ def random_qwen3_parameters(hidden: int, layers: int, heads: int, head_dim: int)
     """Parameters of the trainer's ``tiny-random-qwen3`` (tied embedding of Qwen3's 151,936
     tokens, one KV head, MLP width 2 x hidden): ``V H + H + L (2 H h d + 2 H d + 6 H^2 + 2 H +
     2 d)``."""
-    from pgpo.train.model import QWEN3_VOCAB
+    from pgpo.train.models.model import QWEN3_VOCAB
 
     per_layer = 2 * hidden * heads * head_dim + 2 * hidden * head_dim + 6 * hidden**2
     per_layer += 2 * hidden + 2 * head_dim  # the two RMSNorms and q/k norms
@@ -132,7 +132,7 @@ def check_run(preset: str, folder: Path, steps: int, checkpoint: bool = True) ->
 
 
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog="python -m pgpo.train.gpu_smoke", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m pgpo.train.gpu.smoke", description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="a local Qwen3-8B folder (or a hub id)")
     p.add_argument("--no-vllm", action="store_true", help="a random Qwen3 that fills one GPU")
     p.add_argument("--gpu-gib", type=float, default=None, help="--no-vllm: GPU memory (GiB)")

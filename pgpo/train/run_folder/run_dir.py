@@ -28,13 +28,14 @@ import yaml
 
 from pgpo.locking import exclusive
 from pgpo.outputs import json_text
-from pgpo.train.checkpoint import remove_temporaries
 from pgpo.train.config import TrainConfig, to_dict
-from pgpo.train.feedback import misleading_feedback
+from pgpo.train.evaluation.feedback import misleading_feedback
+from pgpo.train.run_folder.checkpoint import remove_temporaries
 from pgpo.train.trackers import TRACKER_DIRS, Trackers
 
 METRICS, SAMPLES, CONFIG = "metrics.jsonl", "samples.jsonl", "config.yaml"
-FEEDBACK = "feedback.jsonl"  # misleading feedback only: per-sample records (pgpo.train.feedback)
+# misleading feedback only: per-sample records (pgpo.train.evaluation.feedback)
+FEEDBACK = "feedback.jsonl"
 # A run's own entries: those that mark a folder as holding a run, and the trackers' folders
 # (removed with the run's by output.overwrite, but a wandb/ folder alone is no earlier run).
 MARKS = (CONFIG, METRICS, SAMPLES, FEEDBACK, "checkpoints", ".vllm-initial-weights")
@@ -213,7 +214,7 @@ class RunLogs:
         main = folder.main
         self.metrics = open(folder.path / METRICS, "a") if main else None
         self.samples = open(folder.path / SAMPLES, "a") if main else None
-        # misleading feedback: a row of per-sample records each step (pgpo.train.feedback)
+        # misleading feedback: a row of per-sample records a step (pgpo.train.evaluation.feedback)
         misled = main and misleading_feedback(cfg)
         self.feedback = open(folder.path / FEEDBACK, "a") if misled else None
         out = cfg.output

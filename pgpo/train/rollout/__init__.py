@@ -3,9 +3,9 @@
 The trainer calls :meth:`RolloutEngine.generate`, after every optimizer step
 :meth:`RolloutEngine.sync_weights`, reads :attr:`RolloutEngine.sleep_freed_gib` for its log, and
 calls :meth:`RolloutEngine.close` when the run ends. The engines live in their own modules and
-know this one, never each other: :mod:`pgpo.train.rollout_hf` (transformers ``generate``) and
-:mod:`pgpo.train.rollout_vllm` (a colocated vLLM). Whoever builds the run picks one
-(:func:`pgpo.train.engines.make_engine`).
+know this one, never each other: :mod:`pgpo.train.rollout.hf` (transformers ``generate``) and
+:mod:`pgpo.train.rollout.vllm` (a colocated vLLM). Whoever builds the run picks one
+(:func:`pgpo.train.rollout.engines.make_engine`).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from pgpo.train.config import FSDPConfig
-from pgpo.train.model import torch_dtype
+from pgpo.train.models.model import torch_dtype
 
 # torch's checkpoint_wrapper puts this in front of the wrapped layer's parameter names.
 WRAPPED = "_checkpoint_wrapped_module."
@@ -110,7 +110,7 @@ def shard(
     policy: torch.nn.Module, lm: torch.nn.Module, cfg: FSDPConfig, *, trainable: bool
 ) -> None:
     """FSDP2 in place: ``fully_shard`` on each decoder layer of ``lm``, then on ``policy`` (the
-    :class:`~pgpo.train.forward.Policy` holding it) for the rest (embedding, final norm, LM
+    :class:`~pgpo.train.models.forward.Policy` holding it) for the rest (embedding, final norm, LM
     head). Parameters stay in their dtype (the fp32 master weights); forward and backward run in
     ``cfg.compute_dtype``, gradients are reduced in fp32. Activation checkpointing (trainable
     models only) is applied first, per layer; ``cpu_offload`` keeps shards and optimizer state

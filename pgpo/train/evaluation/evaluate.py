@@ -1,15 +1,21 @@
 """A run's evaluation: avg@k of sampled answers (per question the mean reward over k samples,
-then the mean over questions), or exact scores (:mod:`pgpo.train.exact`), and the teacher's
-edge. The ``run`` the functions take is a :class:`pgpo.train.run.Run`."""
+then the mean over questions), or exact scores (:mod:`pgpo.train.evaluation.exact`), and the
+teacher's edge. The ``run`` the functions take is a :class:`pgpo.train.run.Run`."""
 
 from __future__ import annotations
 
-from pgpo.train.data import Question
-from pgpo.train.exact import edge_report, edge_sums, exact_scores, p_correct, p_correct_taught
-from pgpo.train.prompts import student_prompt
-from pgpo.train.rewards import extract_answer
+from pgpo.train.evaluation.exact import (
+    edge_report,
+    edge_sums,
+    exact_scores,
+    p_correct,
+    p_correct_taught,
+)
 from pgpo.train.rollout import RolloutEngine, prompt_seed
 from pgpo.train.tasks import MultipleChoice, Task
+from pgpo.train.tasks.data import Question
+from pgpo.train.tasks.prompts import student_prompt
+from pgpo.train.tasks.rewards import extract_answer
 
 
 def evaluate(
@@ -61,14 +67,14 @@ def evaluate_run(run, e) -> dict:
 def exact_run(run, e) -> dict:
     """Mean P(correct answer) over the test split, with its standard error (and, for multiple
     choice, the same given a letter, and the most likely letter's accuracy:
-    pgpo.train.exact)."""
+    pgpo.train.evaluation.exact)."""
     return exact_scores(run.policy, run.tokenizer, run.test_data.questions, e.answer_prefix,
                         run.cfg.rollout.max_prompt_tokens, e.per_question, run.task)  # fmt: skip
 
 
 def teacher_edge(run, count: int) -> dict:
-    """The teacher's paired edge on the first ``count`` training questions (pgpo.train.exact),
-    the current teacher network against the current policy."""
+    """The teacher's paired edge on the first ``count`` training questions
+    (pgpo.train.evaluation.exact), the current teacher network against the current policy."""
     questions = run.train_data.questions[:count]
     prefix, t = run.cfg.eval.answer_prefix, run.cfg.teacher
     p_s = p_correct(run.policy, run.tokenizer, questions, prefix,

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
-from pgpo.train.data import NUMERIC_SYSTEM, DataError, Question, check_letter, option_letters
-from pgpo.train.rewards import answer_tags, last_boxed, letter_span, reward, stated_answer
+from pgpo.train.tasks.data import NUMERIC_SYSTEM, DataError, Question, check_letter, option_letters
+from pgpo.train.tasks.rewards import answer_tags, last_boxed, letter_span, reward, stated_answer
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ class MultipleChoice(Task):
     """One option letter. The reward is 1 for the gold letter, read as the reference reads it
     (the last ``<answer>`` tag, else the last ``\\boxed{}``; ``leading_letter``: also a response
     opening with the letter), or with ``committed`` as the one letter a response commits to
-    (:func:`pgpo.train.rewards.committed_letter`); no feedback."""
+    (:func:`pgpo.train.tasks.rewards.committed_letter`); no feedback."""
 
     name = "multiple_choice"
 

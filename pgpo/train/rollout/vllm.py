@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pgpo.train.checkpoint import rng_state, set_rng_state
-from pgpo.train.lora import merged_named_tensors
-from pgpo.train.model import TINY
+from pgpo.train.models.lora import merged_named_tensors
+from pgpo.train.models.model import TINY
 from pgpo.train.rollout import Completion, stop_token_ids
+from pgpo.train.run_folder.checkpoint import rng_state, set_rng_state
 
 # Head sizes of vLLM's CPU attention backend (0.32; head_dim 16 fails inside vLLM).
 CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)

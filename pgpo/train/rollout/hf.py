@@ -40,7 +40,7 @@ class HFRolloutEngine:
         if not self.own_copy:
             self.lm = lm  # the engine samples from the live policy
             return
-        from pgpo.train.distributed import full_named_tensors
+        from pgpo.train.models.distributed import full_named_tensors
 
         own = self.lm.state_dict()
         for name, tensor in full_named_tensors(lm):

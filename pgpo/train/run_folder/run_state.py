@@ -3,7 +3,7 @@ function here takes that run, ``run``).
 
 Whole tensors in one ``state.pt`` (gathered by rank 0 under FSDP2), or per-rank shards
 (``fsdp.checkpoint: sharded``); with LoRA, the adapters alone. The file format itself is
-:mod:`pgpo.train.checkpoint`'s.
+:mod:`pgpo.train.run_folder.checkpoint`'s.
 """
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from pgpo.train import checkpoint, distributed, lora
 from pgpo.train.config import to_dict
+from pgpo.train.models import distributed, lora
+from pgpo.train.run_folder import checkpoint
 
 
 def state(run) -> dict:
