@@ -227,13 +227,18 @@ def bad(prompt, response, row):
 '''
 
 
-def test_a_users_reward_function_from_a_file_scores_a_tiny_cpu_run(tmp_path, monkeypatch):
+# The supervised yardstick samples and scores rollouts too, and logs them as every run does.
+@pytest.mark.parametrize("objective", [[], ["objective=sft", "pgpo.enabled=false"]])
+def test_a_users_reward_function_from_a_file_scores_a_tiny_cpu_run(
+    tmp_path, monkeypatch, objective
+):
     (tmp_path / "my_reward.py").write_text(REWARD_FILE)
     calls = tmp_path / "calls.jsonl"
     monkeypatch.setenv("PGPO_TEST_CALLS", str(calls))
     out = tmp_path / "run"
     argv = ["train", "--config", "tiny-cpu", "steps=2", "eval.every=2", "rollout.n=2",
-            f"reward.function={tmp_path / 'my_reward.py'}:reward", f"output.dir={out}"]  # fmt: skip
+            f"reward.function={tmp_path / 'my_reward.py'}:reward", f"output.dir={out}",
+            *objective]  # fmt: skip
     assert pgpo_main(argv) == 0
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     seen = [json.loads(x) for x in calls.read_text().splitlines()]

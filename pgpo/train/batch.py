@@ -98,3 +98,8 @@ def engine_logprobs(samples: list[Sample]) -> torch.Tensor | None:
     for i, s in enumerate(samples):
         out[i, : len(s.engine_logprobs)] = torch.tensor(s.engine_logprobs)
     return out
+
+
+def padded(tokens: list[list[int]], width: int, pad: int) -> torch.Tensor:
+    """``[B, width]`` long: each token list right-padded with ``pad``."""
+    return torch.tensor([t + [pad] * (width - len(t)) for t in tokens])

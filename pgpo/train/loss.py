@@ -14,6 +14,7 @@ from pgpo.distill import DivergenceSpec, head_divergence, head_token_logprobs
 from pgpo.information import head_token_entropy
 from pgpo.modulation import gap_per_token, modulated_weights
 from pgpo.multiplier import MultiplierConfig
+from pgpo.train.batch import padded
 from pgpo.train.config import TrainConfig
 from pgpo.train.models.forward import Policy
 
@@ -124,7 +125,7 @@ def old_logprobs(samples: list, policy: Policy, pad: int, cfg: TrainConfig) -> t
         for start in range(0, len(samples), cfg.loss.micro_batch):
             mb = samples[start : start + cfg.loss.micro_batch]
             t_mb = max(len(s.response) for s in mb)
-            targets = torch.tensor([s.response + [pad] * (t_mb - len(s.response)) for s in mb])
+            targets = padded([s.response for s in mb], t_mb, pad)
             logp_fn = functools.partial(
                 head_token_logprobs,
                 targets=targets,

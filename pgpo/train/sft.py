@@ -15,15 +15,18 @@ run; they do not enter the loss.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 
 import torch
 
 from pgpo.reduction import chunks, reduction_denominator, reduction_weights
+from pgpo.train.batch import padded
 from pgpo.train.config import TrainConfig
 from pgpo.train.evaluation.exact import gold_demonstration
-from pgpo.train.metrics import logged_samples
+from pgpo.train.metrics import rollout_metrics, time_and_lr
+from pgpo.train.models.forward import LossFn, backward_micro_batches
 from pgpo.train.step import RunParts, modulated_step, sample_rollouts, score
 from pgpo.train.tasks.data import Question
 from pgpo.train.tasks.prompts import student_prompt, trained_tokens
@@ -66,7 +69,7 @@ def sft_step(
     questions: list[Question], run: RunParts, cfg: TrainConfig, seeds: list[int] | None = None
 ) -> dict:
     """One supervised step on this rank's ``questions`` with ``run``'s parts; the metrics a
-    self-distillation step logs that apply (rho is 1; no I_k)."""
+    self-distillation step logs that apply (the rollouts', the loss, rho 1; no I_k)."""
     t0 = time.perf_counter()
     policy, tokenizer, world, task = run.policy, run.tokenizer, run.world, run.task
     prefix, pad = cfg.rollout.response_prefix, tokenizer.pad_token_id
@@ -83,36 +86,21 @@ def sft_step(
                                                       empty_sequences_count=True)])  # fmt: skip
     weights = reduction_weights(mask, cfg.loss.reduction, empty_sequences_count=True,
                                 denominator=denominator).float()  # fmt: skip
-    loss_sum = 0.0
-    for start in range(0, len(questions), cfg.loss.micro_batch):
-        rows = slice(start, start + cfg.loss.micro_batch)
-        mb = responses[rows]
-        width = max(len(r) for r in mb)
 
-        def loss_fn(hidden, head, rows=rows, mb=mb, width=width):
-            targets = torch.tensor([r + [pad] * (width - len(r)) for r in mb])
-            return cross_entropy(hidden, head, targets=targets, weights=weights[rows, :width],
+    def loss_for(rows: list[int], width: int) -> LossFn:
+        targets = padded([responses[i] for i in rows], width, pad)
+        return functools.partial(cross_entropy, targets=targets, weights=weights[rows, :width],
                                  chunk_size=cfg.loss.chunk_size)  # fmt: skip
 
-        loss = policy(prompts[rows], mb, pad, loss_fn)
-        (loss * world.size).backward()  # FSDP2 averages over ranks; the loss is this rank's share
-        loss_sum += float(loss.detach())
+    micro_batches = backward_micro_batches(policy, prompts, responses, pad,
+                                           list(range(len(questions))), cfg.loss.micro_batch,
+                                           loss_for, world.size)  # fmt: skip
+    loss_sum = sum(float(loss.detach()) for _, loss in micro_batches)
     (loss_sum,) = world.sum([loss_sum])
     grad_norm, stepped = modulated_step(policy, run.teacher, run.optimizer, run.scheduler, cfg,
                                         rho=1.0, finite_so_far=math.isfinite(loss_sum))  # fmt: skip
-    flat = [r for group in rewards for r in group]
-    count, reward_sum = world.sum([len(flat), sum(flat)])
-    seconds = time.perf_counter() - t0
-    return {
-        "reward": reward_sum / count,
-        "accuracy": reward_sum / count,
-        "loss": loss_sum,
-        "rho": 1.0,
-        "grad_norm": grad_norm,
-        "skipped": not stepped,
-        "lr": run.optimizer.param_groups[0]["lr"],
-        "rollout_seconds": rollouts.seconds,
-        "train_seconds": seconds - rollouts.seconds,
-        "step_seconds": seconds,
-        "samples": logged_samples(questions, rollouts, rewards),
-    }
+    metrics = rollout_metrics(questions, rollouts, rewards, world, cfg)
+    metrics.update(loss=loss_sum, rho=1.0, grad_norm=grad_norm, skipped=not stepped)
+    metrics.update(time_and_lr(rollouts, time.perf_counter() - t0,
+                               run.optimizer.param_groups[0]["lr"]))  # fmt: skip
+    return metrics

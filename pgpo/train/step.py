@@ -49,6 +49,7 @@ from pgpo.train.batch import (
     Sample,
     StepSums,
     engine_logprobs,
+    padded,
     response_mask,
     samples_to_run,
 )
@@ -63,9 +64,9 @@ from pgpo.train.evaluation.feedback import (
     success_agreement,
 )
 from pgpo.train.loss import distill_loss, old_logprobs
-from pgpo.train.metrics import step_metrics
+from pgpo.train.metrics import step_metrics, time_and_lr
 from pgpo.train.models.distributed import World, full
-from pgpo.train.models.forward import Policy
+from pgpo.train.models.forward import LossFn, Policy, backward_micro_batches
 from pgpo.train.models.teacher import Teacher, choose_demonstrations
 from pgpo.train.rollout import RolloutEngine
 from pgpo.train.tasks import Scored, Task, task_of
@@ -134,12 +135,7 @@ def train_step(
     if cfg.pgpo.signal != "entropy_gap":  # info is that signal; Eq. 8 is logged beside it
         metrics["entropy_gap"] = sums.info
     metrics.update(premise.metrics())
-    metrics.update(
-        lr=run.optimizer.param_groups[0]["lr"],
-        rollout_seconds=rollouts.seconds,
-        train_seconds=seconds - rollouts.seconds,
-        step_seconds=seconds,
-    )
+    metrics.update(time_and_lr(rollouts, seconds, run.optimizer.param_groups[0]["lr"]))
     return metrics
 
 
@@ -361,38 +357,40 @@ def loss_and_entropies(
     # The engine's log-probs, for the truncated importance-sampling correction (vLLM).
     behaviour = engine_logprobs(samples) if cfg.rollout.tis_cap is not None else None
     spec = cfg.loss.divergence()
-    totals = StepSums.zero()
-    run = samples_to_run(samples, world)  # a masked sample's loss and Eq. 8 weights are 0
-    for start in range(0, len(run), cfg.loss.micro_batch):
-        picked = run[start : start + cfg.loss.micro_batch]
-        mb = [samples[i] for i in picked]
-        rows = torch.tensor(picked, dtype=torch.long)
-        t_mb = max(len(s.response) for s in mb)
-        responses = [s.response for s in mb]
+    responses = [s.response for s in samples]
+
+    def student_loss(rows: list[int], width: int) -> LossFn:
         teacher_hidden, teacher_head = teacher.hidden_and_head(
-            policy, [s.teacher_prompt for s in mb], responses, pad
+            policy, [samples[i].teacher_prompt for i in rows], [responses[i] for i in rows], pad
         )
-        student_loss = functools.partial(
+        return functools.partial(
             distill_loss,
             teacher_hidden=teacher_hidden,
             teacher_head=teacher_head,
-            weights=loss_w[rows, :t_mb],
-            targets=torch.tensor([r + [pad] * (t_mb - len(r)) for r in responses]),
-            behaviour=None if behaviour is None else behaviour[rows, :t_mb],
+            weights=loss_w[rows, :width],
+            targets=padded([responses[i] for i in rows], width, pad),
+            behaviour=None if behaviour is None else behaviour[rows, :width],
             spec=spec,
-            old=None if old is None else old[rows, :t_mb],
+            old=None if old is None else old[rows, :width],
             cfg=cfg,
             with_entropies=with_entropies,
             reweight=reweight,
         )
-        out = policy([s.student_prompt for s in mb], responses, pad, student_loss)
-        # FSDP2 averages gradients over ranks; this rank's loss is its share of the batch's.
-        (out.loss * world.size).backward()
+
+    totals = StepSums.zero()
+    prompts = [s.student_prompt for s in samples]
+    run = samples_to_run(samples, world)  # a masked sample's loss and Eq. 8 weights are 0
+    size = cfg.loss.micro_batch
+    micro_batches = backward_micro_batches(
+        policy, prompts, responses, pad, run, size, student_loss, world.size
+    )
+    for rows, out in micro_batches:
+        t_mb = max(len(responses[i]) for i in rows)
         gap = (0.0, 0.0, 0.0)
         if with_entropies:
             gap = weighted_entropy_gap(out.h_student, out.h_teacher, info_w[rows, :t_mb])
-            record.observe(mb, out.h_student, out.h_teacher, info_w[rows, :t_mb],
-                           mask[rows, :t_mb])  # fmt: skip
+            record.observe([samples[i] for i in rows], out.h_student, out.h_teacher,
+                           info_w[rows, :t_mb], mask[rows, :t_mb])  # fmt: skip
         totals = totals.plus(StepSums(
             loss=out.loss.item(), info=gap[0], entropy_student=gap[1], entropy_teacher=gap[2],
             tis_ratio_sum=out.tis_ratio_sum, tis_clipped=out.tis_clipped,
@@ -400,7 +398,6 @@ def loss_and_entropies(
             is_ratio_sum=out.is_ratio_sum, is_clipped=out.is_clipped,
             trained_tokens=0.0,
         ))  # fmt: skip
-        del teacher_hidden, teacher_head
     for p in policy.parameters():  # nothing trained here: a zero gradient, as a masked pass gives
         if p.requires_grad and p.grad is None:
             p.grad = torch.zeros_like(p)

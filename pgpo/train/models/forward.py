@@ -9,7 +9,7 @@ after its backward, exactly as for the decoder layers.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -71,3 +71,29 @@ class Policy(torch.nn.Module):
     ):
         hidden = response_hidden(self.lm, prompts, responses, pad_id)
         return hidden if loss_fn is None else loss_fn(hidden, head_weight(self.lm))
+
+
+def backward_micro_batches(
+    policy: Policy,
+    prompts: list[list[int]],
+    responses: list[list[int]],
+    pad_id: int,
+    rows: list[int],
+    size: int,
+    loss_for: Callable[[list[int], int], LossFn],
+    ranks: int = 1,
+) -> Iterator[tuple[list[int], object]]:
+    """The step's forward and backward over ``rows`` (indices into ``prompts`` and
+    ``responses``), ``size`` sequences at a time: each micro-batch runs ``policy`` with
+    ``loss_for(its rows, its longest response)`` and backpropagates that loss (the output itself,
+    or its ``.loss``) times ``ranks``, since FSDP2 averages gradients over ranks and each rank's
+    loss is its share of the batch's. Gradients accumulate in ``.grad``; yields each micro-batch's
+    rows and output."""
+    for start in range(0, len(rows), size):
+        picked = rows[start : start + size]
+        mb_responses = [responses[i] for i in picked]
+        width = max(len(r) for r in mb_responses)
+        out = policy([prompts[i] for i in picked], mb_responses, pad_id, loss_for(picked, width))
+        loss = out if isinstance(out, torch.Tensor) else out.loss
+        (loss * ranks).backward()
+        yield picked, out
