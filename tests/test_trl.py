@@ -361,17 +361,34 @@ class Events(TrainerCallback):
                                     if isinstance(v, torch.Tensor)}))  # fmt: skip
 
 
+def with_feedback(data: Dataset) -> Dataset:
+    """Environment feedback (TRL's ``privileged_context`` column) on every other prompt."""
+    notes = [f"Earlier attempt {i} was off by {i}." if i % 2 else None for i in range(len(data))]
+    return data.add_column("privileged_context", notes)
+
+
 def test_under_the_fused_loss_trls_training_is_otherwise_unchanged(tmp_path, model_dir):
-    """One optimizer step of two accumulated micro-batches, fused and TRL's own loss: the same
-    callbacks with the same tensors (teacher context, batch), the same I_k, rho and logged
-    distillation loss, and the same weights up to the gradients' float32 rounding."""
+    """One optimizer step of two accumulated micro-batches, fused and TRL's own loss, with
+    environment feedback in the teacher's reprompts and an evaluation after the step: the same
+    callbacks with the same tensors (teacher context: the reprompt text with its feedback;
+    batch), the same reprompt and feedback shares, the same I_k, rho and logged distillation
+    loss, the same evaluation (its rollouts grouped as TRL groups them, and its loss), and the
+    same weights up to the gradients' float32 rounding."""
+    from transformers import AutoTokenizer
+
     runs = {}
     for fused in (True, False):
         events = Events()
         args = config(tmp_path / str(fused), gradient_accumulation_steps=2, max_steps=1,
-                      per_device_train_batch_size=2, distillation_mode="full_logits")  # fmt: skip
-        t = trainer(PGPOSDPOTrainer, model_dir, args, pgpo=PGPOSettings(fused_loss=fused),
-                    callbacks=[events])  # fmt: skip
+                      per_device_train_batch_size=2, distillation_mode="full_logits",
+                      include_environment_feedback=True, eval_strategy="steps", eval_steps=1,
+                      per_device_eval_batch_size=4, num_generations_eval=2)  # fmt: skip
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        t = PGPOSDPOTrainer(model=str(model_dir), reward_funcs=every_other, args=args,
+                            train_dataset=with_feedback(dataset()),
+                            eval_dataset=with_feedback(dataset().select(range(4))),
+                            processing_class=tok, pgpo=PGPOSettings(fused_loss=fused),
+                            callbacks=[events])  # fmt: skip
         t.train()
         assert t._fused == fused
         runs[fused] = (t, events.seen)
@@ -379,6 +396,17 @@ def test_under_the_fused_loss_trls_training_is_otherwise_unchanged(tmp_path, mod
     assert [k for k, _ in seen_f] == [k for k, _ in seen_s] and len(seen_f) >= 2
     for (_, a), (_, b) in zip(seen_f, seen_s):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    teacher_ids = [p["teacher_input_ids"] for k, p in seen_f if k == "teacher"]
+    said = tok.batch_decode(torch.cat([t.flatten() for t in teacher_ids])[None])[0]
+    assert "was off by" in said  # the feedback reached the teacher's reprompt
+    for key in ("feedback_used_fraction", "reprompt_sample_fraction"):
+        used = logged(fused, f"self_distillation/{key}")
+        assert used == logged(stock, f"self_distillation/{key}") and used[0] > 0, key
+    evals = [[r for r in t.state.log_history if "eval_loss" in r] for t in (fused, stock)]
+    assert len(evals[0]) == len(evals[1]) == 1
+    for key, value in evals[1][0].items():
+        if key.startswith("eval_") and "runtime" not in key and "per_second" not in key:
+            assert evals[0][0][key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
     assert logged(fused, "pgpo/info") == pytest.approx(logged(stock, "pgpo/info"), abs=2e-6)
     assert logged(fused, "pgpo/rho") == pytest.approx(logged(stock, "pgpo/rho"), rel=1e-5)
     loss_f = logged(fused, "self_distillation/distillation_loss")

@@ -24,6 +24,7 @@ and ``metrics.jsonl`` (one row per step):
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -137,7 +138,7 @@ def premise_summary(folders: list[Path]) -> dict:
     out: dict = {
         "samples": len(usable),
         "runs": len(folders),
-        "wrong_share": float(1 - right.mean()),
+        "wrong_share": float(1 - right.mean()) if usable else math.nan,  # nan: no sample
     }
     if not right.any() or right.all():
         raise ValueError("the premise needs samples with right and with wrong demonstrations")
