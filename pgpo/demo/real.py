@@ -155,20 +155,36 @@ def plot(summary: dict, path: Path, title: str) -> None:
 
 
 def markdown(summary: dict, cfg: TrainConfig, check: dict, seconds: float) -> str:
-    """The summary table: each run's held-out scores, its gain over the start and its paired
-    difference from SDPO."""
-    n = summary["questions"]
+    """The report: the run's settings, the teacher-check, :func:`scores_table` and whether
+    SDPO learned."""
     lines = [
         f"# pgpo demo --real: {MODEL} on the largest-number task",
         "",
         f"{cfg.steps} steps of {cfg.batch_size} questions, lr {cfg.optim.lr:g}, preset "
-        f"`{PRESET}`; held-out: {n} questions, exact scores after `{cfg.eval.answer_prefix}` "
-        f"(chance {CHANCE:.2f}); {seconds / 60:.1f} min.",
+        f"`{PRESET}`; held-out: {summary['questions']} questions, exact scores after "
+        f"`{cfg.eval.answer_prefix}` (chance {CHANCE:.2f}); {seconds / 60:.1f} min.",
         "",
         f"Teacher-check at the start ({check['edge_questions']} training questions): student "
         f"{check['p_student']:.3f}, teacher shown the gold answer {check['p_teacher']:.3f}, "
         f"edge {check['teacher_edge']:+.3f} +- {check['teacher_edge_se']:.3f}.",
         "",
+        scores_table(summary),
+    ]
+    verdict = "learned" if learned(summary) else "did not learn"
+    a = SCORES[0]
+    lines += [
+        f"SDPO {verdict}: its held-out P(correct | a letter) ends "
+        f"{summary['runs']['sdpo'][f'{a}_gain'][0]:+.3f} +- "
+        f"{summary['runs']['sdpo'][f'{a}_gain'][1]:.3f} from its start (paired over the "
+        "questions; more than 3 standard errors counts as learned).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def scores_table(summary: dict) -> str:
+    """Each run's held-out scores, its gain over the start and its paired difference from
+    SDPO (mean +- standard error over the questions), as a markdown table."""
+    lines = [
         "| run | P(correct \\| a letter) | gain over the start | minus SDPO "
         "| top-letter accuracy | gain | minus SDPO |",
         "|---|---|---|---|---|---|---|",
@@ -185,14 +201,6 @@ def markdown(summary: dict, cfg: TrainConfig, check: dict, seconds: float) -> st
             cells += [f"{mean:.{digits}f} +- {se:.{digits}f}", f"{gain:+.3f} +- {gain_se:.3f}",
                       "-" if vs is None else f"{vs[0]:+.3f} +- {vs[1]:.3f}"]  # fmt: skip
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    verdict = "learned" if learned(summary) else "did not learn"
-    lines += [
-        "",
-        f"SDPO {verdict}: its held-out P(correct | a letter) ends "
-        f"{summary['runs']['sdpo'][f'{a}_gain'][0]:+.3f} +- "
-        f"{summary['runs']['sdpo'][f'{a}_gain'][1]:.3f} from its start (paired over the "
-        "questions; more than 3 standard errors counts as learned).",
-    ]
     return "\n".join(lines) + "\n"
 
 
