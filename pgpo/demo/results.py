@@ -30,6 +30,13 @@ def study_real(summary: dict) -> str:
     return markdown(summary).split("\n", 2)[2]
 
 
+def demo_real(summary: dict) -> str:
+    """``pgpo demo --real``'s table: each run's held-out exact scores, gains and differences."""
+    from pgpo.demo.real import scores_table
+
+    return scores_table(summary)
+
+
 def premise_noisy(summary: dict) -> str:
     """The premise's numbers under ``noisy``, centred and detrended (first differences)."""
     p = summary["settings"]["noisy"]["premise"]
@@ -103,6 +110,7 @@ def head_vs_trl_kernel(summary: dict) -> str:
 
 # name: (summary file, relative to the repository, and the function that writes the block)
 BLOCKS: dict[str, tuple[str, Callable[[dict], str]]] = {
+    "demo-real": ("results/demo-real/real.json", demo_real),
     "premise-noisy": ("results/premise-noisy/summary.json", premise_noisy),
     "study-real": ("results/study-real/summary.json", study_real),
     "bench-vs-trl": ("results/bench-vs-trl/summary.json", bench_vs_trl),
