@@ -108,8 +108,20 @@ def head_vs_trl_kernel(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def claims_report(summary: dict) -> str:
+    """``pgpo-check report``'s claims that it measured: each one's verdict and numbers (a claim
+    it could not measure from the inputs it was given is left out)."""
+    lines = ["| claim | verdict | what was measured |", "|---|---|---|"]
+    for c in summary["checks"]["Claims"]:
+        if c["verdict"] != "not measured":
+            text = " ".join(c["summary"].split()).replace("|", "\\|")
+            lines.append(f"| {c['title']} | **{c['verdict']}** | {text} |")
+    return "\n".join(lines) + "\n"
+
+
 # name: (summary file, relative to the repository, and the function that writes the block)
 BLOCKS: dict[str, tuple[str, Callable[[dict], str]]] = {
+    "claims-report": ("results/claims-report/report.json", claims_report),
     "demo-real": ("results/demo-real/real.json", demo_real),
     "premise-noisy": ("results/premise-noisy/summary.json", premise_noisy),
     "study-real": ("results/study-real/summary.json", study_real),
