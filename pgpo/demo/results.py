@@ -119,11 +119,33 @@ def claims_report(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def weak_error(summary: dict) -> str:
+    """``pgpo-sde weak-error``'s verdict per SDE model at g = theta1: a plateau's value, or the
+    order (slope over the resolved learning rates, 95 % bootstrap interval)."""
+    described = {
+        "paper": "`paper` (Theorem A.2 ii, drift `-rho(I(theta)) grad L`)",
+        "ode": "`ode` (modulated gradient flow)",
+        "matched": "`matched` (drift and noise of the actual chain)",
+    }
+    lines = ["| SDE model | weak error as eta -> 0 (g = theta1) |", "|---|---|"]
+    for s in summary["summaries"]:
+        if s["test_fn"] != "theta1":
+            continue
+        if s["plateau"]:
+            said = f"**plateaus** at {s['plateau_value']:.4f}"
+        else:
+            fit = s["slope"]
+            said = f"order {fit['slope']:.2f} [{fit['ci_low']:.2f}, {fit['ci_high']:.2f}]"
+        lines.append(f"| {described.get(s['model'], s['model'])} | {said} |")
+    return "\n".join(lines) + "\n"
+
+
 # name: (summary file, relative to the repository, and the function that writes the block)
 BLOCKS: dict[str, tuple[str, Callable[[dict], str]]] = {
     "claims-report": ("results/claims-report/report.json", claims_report),
     "demo-real": ("results/demo-real/real.json", demo_real),
     "premise-noisy": ("results/premise-noisy/summary.json", premise_noisy),
+    "weak-error": ("results/weak-error/results.json", weak_error),
     "study-real": ("results/study-real/summary.json", study_real),
     "bench-vs-trl": ("results/bench-vs-trl/summary.json", bench_vs_trl),
     "head-vs-trl-kernel": ("results/head-vs-trl-kernel/summary.json", head_vs_trl_kernel),
