@@ -93,6 +93,7 @@ def chunked(student, teacher, mask, chunk_size):
 
 HEAD_LOSSES = {"reverse-kl": (1.0, None), "jsd-top100": (BETA, TOPK)}
 HEAD_TARGETS = {"reverse-kl": 1.6, "jsd-top100": 2.0}  # most seconds per second of the floor
+OWN = " (own)"  # the head loss allocating its buffers each call, not reusing the caller's
 HEAD_REPEATS = 3  # timed turns of each variant after the warm-up; the fastest is reported
 
 
@@ -107,6 +108,7 @@ def head_worker(
 
     from pgpo.distill import DivergenceSpec, head_divergence
     from pgpo.malloc import keep_freed_memory
+    from pgpo.reduction import ChunkBuffers
 
     if not glibc_defaults:
         keep_freed_memory()  # as `pgpo train` does at start-up
@@ -121,11 +123,17 @@ def head_worker(
     grad_logits = torch.randn(tokens, vocab, generator=g)
     grad_h, grad_w = torch.empty(tokens, hidden), torch.empty(vocab, hidden)
 
+    # The loss's [chunk, V] buffers, held across calls as the trainer holds them: the same
+    # footing as the floor's preallocated arrays. "<loss> (own)" allocates them each call.
+    workspace = ChunkBuffers(min(chunk_size, tokens), vocab)
+
     def loss_pass(variant):
-        beta, topk = HEAD_LOSSES[variant]
+        name, own = variant.removesuffix(OWN), variant.endswith(OWN)
+        beta, topk = HEAD_LOSSES[name]
         spec = DivergenceSpec(beta, topk)
         loss, ent_s, ent_t = head_divergence(h_s, weight, h_t, weight.detach(), token_w, spec,
-                                             chunk_size=chunk_size)  # fmt: skip
+                                             chunk_size=chunk_size,
+                                             workspace=None if own else workspace)  # fmt: skip
         loss.backward()
         return float(loss), float((ent_s - ent_t).mean())
 
@@ -138,7 +146,7 @@ def head_worker(
         torch.mm(grad_logits.T, hs, out=grad_w)  # d loss / d W
         return None, None
 
-    variants = ("floor", *HEAD_LOSSES)
+    variants = ("floor", *HEAD_LOSSES, *(name + OWN for name in HEAD_LOSSES))
     rows = {v: dict(variant=v, tokens=tokens, seconds=float("inf")) for v in variants}
     for v in variants:  # warm-up: kernels, allocator
         (floor_pass if v == "floor" else loss_pass)(v)
@@ -160,10 +168,10 @@ def head_main(args) -> int:
     rows = measure("head", args.tokens, args.vocab, args.chunk_size, args.head,
                    args.glibc_defaults)  # fmt: skip
     floor = rows["floor"]["seconds"]
-    print(f"{'version':12s} {'seconds':>8s} {'/ floor':>8s} {'loss':>10s} {'I':>10s}")
+    print(f"{'version':18s} {'seconds':>8s} {'/ floor':>8s} {'loss':>10s} {'I':>10s}")
     for name, r in rows.items():
         values = "" if r["loss"] is None else f"{r['loss']:10.6f} {r['info']:10.6f}"
-        print(f"{name:12s} {r['seconds']:8.2f} {r['seconds'] / floor:8.2f} {values}")
+        print(f"{name:18s} {r['seconds']:8.2f} {r['seconds'] / floor:8.2f} {values}")
     for name in HEAD_LOSSES:
         ratio = rows[name]["seconds"] / floor
         target = HEAD_TARGETS[name]

@@ -360,14 +360,17 @@ def _divergence_chunks(
     targets: torch.Tensor | None = None,
     need_grad: bool,
     with_entropy: bool,
+    workspace: ChunkBuffers | None = None,
 ) -> Iterator[_Chunk]:
     """The one chunk loop of both divergence forms. ``student`` / ``teacher`` ``[N, D]`` are
     logits (``D = V``, no heads) or hidden states multiplied by ``*_head`` ``[V, D]`` one chunk
     at a time, so logits never exist for more than ``chunk_size`` rows. Only rows with ``keep``
     ``[N]`` are computed; ``weights`` ``[N]`` (None: all 1) weight the sum whose gradient is
-    taken; ``targets`` ``[N]`` are the sampled tokens (sampled_token mode)."""
-    vocab = student.shape[1] if student_head is None else student_head.shape[0]
-    workspace = ChunkBuffers(min(chunk_size, student.shape[0]), vocab, student.device)
+    taken; ``targets`` ``[N]`` are the sampled tokens (sampled_token mode); ``workspace``: the
+    caller's buffers (None: this pass's own)."""
+    if workspace is None:
+        vocab = student.shape[1] if student_head is None else student_head.shape[0]
+        workspace = ChunkBuffers(min(chunk_size, student.shape[0]), vocab, student.device)
     for rows in kept_chunks(keep, chunk_size):
         student_rows = student.index_select(0, rows)
         teacher_rows = teacher.index_select(0, rows)
@@ -504,7 +507,8 @@ class _HeadDivergence(torch.autograd.Function):
     accumulated in forward (row i's loss depends on row i's hidden state and on the weight)."""
 
     @staticmethod
-    def forward(ctx, h_s, weight, h_t, weight_t, token_w, targets, spec, chunk_size, with_entropy):
+    def forward(ctx, h_s, weight, h_t, weight_t, token_w, targets, spec, chunk_size, with_entropy,
+                workspace):  # fmt: skip
         needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         n = h_s.shape[0]
         loss = torch.zeros((), dtype=torch.float64, device=h_s.device)
@@ -529,6 +533,7 @@ class _HeadDivergence(torch.autograd.Function):
             targets=targets,
             need_grad=needs_grad,
             with_entropy=with_entropy,
+            workspace=workspace,
         ):
             if needs_grad:
                 g = chunk.grad  # [n, V] float32
@@ -552,7 +557,7 @@ class _HeadDivergence(torch.autograd.Function):
         # second backward through the same graph fails loudly on the version counter).
         grad_out = grad_out.to(grad_w.dtype)
         return (grad_h.mul_(grad_out.to(grad_h.dtype)), grad_w.mul_(grad_out).to(ctx.weight_dtype),
-                *(None,) * 7)  # fmt: skip
+                *(None,) * 8)  # fmt: skip
 
 
 def head_divergence(
@@ -567,6 +572,7 @@ def head_divergence(
     return_entropies: bool = True,
     targets: torch.Tensor | None = None,
     return_per_token: bool = False,
+    workspace: ChunkBuffers | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """The weighted divergence ``sum_t w_t d_t`` (``spec``) from hidden states, the LM head
     fused in.
@@ -581,6 +587,9 @@ def head_divergence(
     skips their pass). With ``return_per_token`` a fourth tensor ``[..., T]``: each token's
     divergence ``d_t`` (no gradient; 0 where ``w_t = 0``), for logging. Peak extra memory is
     O(chunk_size x V), whatever T is: full-vocabulary logits never exist for a whole sequence.
+    ``workspace``: a :class:`~pgpo.reduction.ChunkBuffers` of at least ``[chunk_size, V]`` that
+    the caller passes to every call, so that the chunks' buffers are allocated once, not once
+    a call (None: allocated for this call and freed after it).
     """
     vocab = head_weight.shape[0]
     _check_arguments("hidden states", student_hidden, teacher_hidden, spec, vocab, False)
@@ -596,6 +605,9 @@ def head_divergence(
         )
     if spec.mode == "sampled_token" and (targets is None or tuple(targets.shape) != token_shape):
         raise ValueError(f"mode sampled_token needs targets of shape {token_shape}")
+    if workspace is not None:
+        rows = min(chunk_size, math.prod(token_shape))
+        workspace.check(rows, vocab, student_hidden.device)
     loss, h_s, h_t, per_token = _HeadDivergence.apply(
         student_hidden.reshape(-1, student_hidden.shape[-1]),
         head_weight,
@@ -606,6 +618,7 @@ def head_divergence(
         spec,
         chunk_size,
         return_entropies,
+        workspace,
     )
     out = (loss, h_s.reshape(token_shape), h_t.reshape(token_shape))
     return (*out, per_token.reshape(token_shape)) if return_per_token else out

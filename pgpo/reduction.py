@@ -112,11 +112,25 @@ def kept_chunks(keep: torch.Tensor, chunk_size: int) -> Iterator[torch.Tensor]:
 class ChunkBuffers:
     """Float32 ``[chunk_size, V]`` buffers shared by every chunk of one pass, each allocated on
     first use and sliced to the chunk's rows: a chunk's temporaries then cost no allocation,
-    so chunks above glibc's 32 MiB mmap ceiling do not fault fresh pages in each time."""
+    so chunks above glibc's 32 MiB mmap ceiling do not fault fresh pages in each time.
 
-    def __init__(self, rows: int, vocab: int, device: torch.device) -> None:
-        self._shape, self._device = (rows, vocab), device
+    A caller that passes the same instance to every call (``head_divergence(...,
+    workspace=...)``) also saves each call's first touch of fresh pages, as a preallocated
+    ``out=`` array does; the buffers (at most five) then stay allocated between calls."""
+
+    def __init__(self, rows: int, vocab: int, device: torch.device | str = "cpu") -> None:
+        self._shape, self._device = (rows, vocab), torch.device(device)
         self._buffers: dict[str, torch.Tensor] = {}
+
+    def check(self, rows: int, vocab: int, device: torch.device) -> None:
+        """A one-line ValueError unless these buffers hold ``rows`` rows of width ``vocab``
+        on ``device``."""
+        have_rows, have_vocab = self._shape
+        if have_vocab != vocab or have_rows < rows or self._device.type != device.type:
+            raise ValueError(
+                f"workspace holds [{have_rows}, {have_vocab}] on {self._device}; this call "
+                f"needs [{rows}, {vocab}] on {device}"
+            )
 
     def __call__(self, name: str, n: int) -> torch.Tensor:
         if name not in self._buffers:

@@ -270,6 +270,48 @@ def test_head_divergence_equals_logits_then_divergence(beta, topk, add_tail, dty
     np.testing.assert_allclose(h_t.numpy(), expected_ht, atol=atol)
 
 
+@pytest.mark.parametrize("spec", [Spec(1.0), Spec(0.5), Spec(0.0), Spec(0.5, 5)])
+def test_a_caller_held_workspace_changes_no_value_of_any_call(spec):
+    # One workspace across calls of different sizes (its buffers sliced to each call's chunks,
+    # left holding the previous call's values) gives each call's loss, gradients and
+    # entropies bit for bit as buffers of the call's own do.
+    from pgpo.distill import head_divergence
+    from pgpo.reduction import ChunkBuffers
+
+    g = torch.Generator().manual_seed(4)
+    h, v, chunk = 8, 30, 4
+    w = torch.randn(v, h, generator=g)
+    workspace = ChunkBuffers(chunk, v)
+    for tokens in (9, 3, 7):  # partial last chunks; a call smaller than one chunk
+        hs = torch.randn(1, tokens, h, generator=g)
+        ht = torch.randn(1, tokens, h, generator=g)
+        weights = torch.rand(1, tokens, generator=g)
+        results = []
+        for held in (None, workspace):
+            hs_, w_ = hs.clone().requires_grad_(True), w.clone().requires_grad_(True)
+            out = head_divergence(hs_, w_, ht, w, weights, spec, chunk_size=chunk,
+                                  workspace=held)  # fmt: skip
+            out[0].backward()
+            results.append((*out, hs_.grad, w_.grad))
+        for own, reused in zip(*results):
+            assert torch.equal(own, reused)
+
+
+def test_a_workspace_of_the_wrong_size_is_refused_in_one_line():
+    from pgpo.distill import head_divergence
+    from pgpo.reduction import ChunkBuffers
+
+    hs, w = torch.randn(1, 6, 4), torch.randn(10, 4)
+    args = (hs, w, hs, w, torch.ones(1, 6), Spec(1.0))
+    with pytest.raises(ValueError, match=r"workspace holds \[4, 10\].*needs \[5, 10\]"):
+        head_divergence(*args, chunk_size=5, workspace=ChunkBuffers(4, 10))
+    with pytest.raises(ValueError, match=r"workspace holds \[8, 12\].*needs \[5, 10\]"):
+        head_divergence(*args, chunk_size=5, workspace=ChunkBuffers(8, 12))
+    # More rows than a chunk needs are enough.
+    loss, _, _ = head_divergence(*args, chunk_size=5, workspace=ChunkBuffers(8, 10))
+    assert torch.isfinite(loss)
+
+
 def test_head_token_logprobs_equal_log_softmax_of_full_logits():
     g = torch.Generator().manual_seed(3)
     hidden = torch.randn(2, 7, 16, generator=g, dtype=torch.float64)

@@ -86,6 +86,7 @@ def summarize(runs: dict[str, dict], configs: dict[str, TrainConfig]) -> dict:
             "rho_min": float(run["rho"].min()),
             "rho_max": float(run["rho"].max()),
             "collapse_step": collapse_step(run),
+            "edge": [[int(step), float(e)] for step, e in run["edge"]],
         }
         per_run[name].update(before_collapse(run, per_run[name]["collapse_step"]))
     methods: dict[str, dict] = {}

@@ -37,33 +37,78 @@ def demo_real(summary: dict) -> str:
     return scores_table(summary)
 
 
-def premise_noisy(summary: dict) -> str:
-    """The premise's numbers under ``noisy``, centred and detrended (first differences)."""
-    p = summary["settings"]["noisy"]["premise"]
+def study_setting(setting: str) -> Callable[[dict], str]:
+    """``pgpo study``'s table for one setting (:func:`pgpo.demo.study_report.setting_table`)."""
 
-    def r(key: str) -> str:
-        c = p[key]
-        return f"{c['r']:+.2f} [{c['ci_low']:+.2f}, {c['ci_high']:+.2f}]"
+    def table(summary: dict) -> str:
+        from pgpo.demo.study_report import setting_table
 
-    def gap(d: dict, difference: str = "difference", se: str = "se") -> str:
-        return f"{d[difference]:+.4f} +- {d[se]:.4f}"
+        return "\n".join(setting_table(summary["settings"][setting])) + "\n"
 
-    by = p["gap_difference_by_rollout"]
-    rows = [
-        ("runs (trained samples, questions)",
-         f"{p['runs']} ({p['samples']:,}, {p['questions']:,})"),
-        ("wrong demonstrations", f"{p['wrong_share']:.1%}"),
-        ("gap(right) - gap(wrong), nats (SE clustered by question)",
-         gap(p, "gap_difference", "gap_difference_se")),
-        ("... within correct rollouts", gap(by["correct"])),
-        ("... within incorrect rollouts", gap(by["incorrect"])),
-        ("r(I_k, share right), centred per run", r("r_share_right")),
-        ("r(I_k, share right), first differences", r("r_share_right_detrended")),
-        ("r(I_k, batch accuracy), centred per run", r("r_accuracy")),
-        ("r(I_k, batch accuracy), first differences", r("r_accuracy_detrended")),
-    ]  # fmt: skip
-    lines = ["| measured | `noisy` |", "|---|---|"] + [f"| {a} | {b} |" for a, b in rows]
+    return table
+
+
+def study_edge(summary: dict) -> str:
+    """The teacher's edge at each evaluation of SDPO's runs in the ``collapse`` setting, beside
+    held-out avg@k and the step at which each run collapsed."""
+    s = summary["settings"]["collapse"]
+    names = s["methods"]["sdpo"]["runs"]
+    runs = [s["runs"][name] for name in names]
+    steps = [step for step, _ in runs[0]["edge"]]
+    lines = [
+        f"| seed | edge at step {' / '.join(map(str, steps))} | held-out avg@k: start / final "
+        "| collapsed at |",
+        "|---|---|---|---|",
+    ]
+    for r in runs:
+        edges = " / ".join(f"{e:+.2f}" for _, e in r["edge"])
+        at = "-" if r["collapse_step"] is None else str(r["collapse_step"])
+        lines.append(f"| {r['seed']} | {edges} | {r['start']:.2f} / {r['final']:.2f} | {at} |")
     return "\n".join(lines) + "\n"
+
+
+def premise_table(setting: str) -> Callable[[dict], str]:
+    """The premise's numbers for one setting: the per-sample gap difference (overall, within
+    correct and within incorrect rollouts), r(I_k, share right) and r(I_k, batch accuracy)
+    centred and detrended (first differences), and the signals that need no gold answer."""
+
+    def table(summary: dict) -> str:
+        from pgpo.demo.premise import SIGNALS
+
+        p = summary["settings"][setting]["premise"]
+
+        def r(key: str) -> str:
+            c = p[key]
+            return f"{c['r']:+.2f} [{c['ci_low']:+.2f}, {c['ci_high']:+.2f}]"
+
+        def gap(d: dict, difference: str = "difference", se: str = "se") -> str:
+            return f"{d[difference]:+.4f} +- {d[se]:.4f}"
+
+        by = p["gap_difference_by_rollout"]
+        rows = [
+            ("runs (trained samples, questions)",
+             f"{p['runs']} ({p['samples']:,}, {p['questions']:,})"),
+            ("wrong demonstrations", f"{p['wrong_share']:.1%}"),
+            ("gap(right) - gap(wrong), nats (SE clustered by question)",
+             gap(p, "gap_difference", "gap_difference_se")),
+            ("... within correct rollouts", gap(by["correct"])),
+            ("... within incorrect rollouts", gap(by["incorrect"])),
+            ("r(I_k, share right), centred per run", r("r_share_right")),
+            ("r(I_k, share right), first differences", r("r_share_right_detrended")),
+            ("r(I_k, batch accuracy), centred per run", r("r_accuracy")),
+            ("r(I_k, batch accuracy), first differences", r("r_accuracy_detrended")),
+            ("teacher P(shown letter): right / wrong demonstration",
+             f"{p['p_shown_right']:.3f} / {p['p_shown_wrong']:.3f}"),
+            ("teacher P(gold letter) when shown a wrong one", f"{p['p_gold_wrong']:.3f}"),
+        ]  # fmt: skip
+        for key, v in p["signals"].items():
+            z = "total" if v["se"] == 0 else f"{v['z']:+.1f} SE"
+            rows.append((f"gold-free signal, right - wrong: {SIGNALS[key]}",
+                         f"{v['difference']:+.4f} ({z})"))  # fmt: skip
+        lines = ["| measured | `" + setting + "` |", "|---|---|"]
+        return "\n".join(lines + [f"| {a} | {b} |" for a, b in rows]) + "\n"
+
+    return table
 
 
 def bench_vs_trl(summary: dict) -> str:
@@ -144,7 +189,16 @@ def weak_error(summary: dict) -> str:
 BLOCKS: dict[str, tuple[str, Callable[[dict], str]]] = {
     "claims-report": ("results/claims-report/report.json", claims_report),
     "demo-real": ("results/demo-real/real.json", demo_real),
-    "premise-noisy": ("results/premise-noisy/summary.json", premise_noisy),
+    "study-learn": ("results/study/summary.json", study_setting("learn")),
+    "study-collapse": ("results/study/summary.json", study_setting("collapse")),
+    "study-edge": ("results/study/summary.json", study_edge),
+    "premise-noisy": ("results/premise-noisy/summary.json", premise_table("noisy")),
+    "premise-noisy-methods": ("results/premise-noisy/summary.json", study_setting("noisy")),
+    "premise-wrong-demo": ("results/premise-wrong-demo/summary.json", premise_table("wrong-demo")),
+    "premise-wrong-demo-methods": (
+        "results/premise-wrong-demo/summary.json",
+        study_setting("wrong-demo"),
+    ),
     "weak-error": ("results/weak-error/results.json", weak_error),
     "study-real": ("results/study-real/summary.json", study_real),
     "bench-vs-trl": ("results/bench-vs-trl/summary.json", bench_vs_trl),

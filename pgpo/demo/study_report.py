@@ -83,6 +83,27 @@ def _gain(g: dict | None) -> str:
     return f"{g['mean']:+.3f} [{g['ci_low']:+.3f}, {g['ci_high']:+.3f}]"
 
 
+def setting_table(s: dict) -> list[str]:
+    """One setting's table: per method its lr, final and best held-out avg@k (median [min, max]
+    over seeds), the paired gains over SDPO, collapses, mean rho_k and I_k's spread."""
+    lines = [
+        "| method | runs | lr | final | best | gain (final) | gain (best) | collapsed | "
+        "collapse steps | mean rho_k | rho_k [min, max] | I_k median [p5, p95] |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for method, m in s["methods"].items():
+        steps = ", ".join("-" if c is None else str(c) for c in m["collapse_steps"])
+        info, rho = m["info"], m["rho"]
+        lines.append(
+            f"| {method} | {len(m['runs'])} | {m['lr']:.3g} | {_spread(m['final'])} | "
+            f"{_spread(m['best'])} | {_gain(m.get('gain_final'))} | "
+            f"{_gain(m.get('gain_best'))} | {m['collapsed']}/{len(m['runs'])} | {steps} | "
+            f"{m['rho_mean']:.3f} | [{rho['min']:.3f}, {rho['max']:.3f}] | "
+            f"{info['median']:.3f} [{info['p5']:.3f}, {info['p95']:.3f}] |"
+        )
+    return lines
+
+
 def markdown(summary: dict, seconds: float) -> str:
     lines = [
         "# pgpo study: when does information-modulation help?",
@@ -94,24 +115,7 @@ def markdown(summary: dict, seconds: float) -> str:
         "0.05.",
     ]
     for setting, s in summary["settings"].items():
-        lines += [
-            "",
-            f"## {setting}",
-            "",
-            "| method | runs | lr | final | best | gain (final) | gain (best) | collapsed | "
-            "collapse steps | mean rho_k | I_k median [p5, p95] |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        for method, m in s["methods"].items():
-            steps = ", ".join("-" if c is None else str(c) for c in m["collapse_steps"])
-            info = m["info"]
-            lines.append(
-                f"| {method} | {len(m['runs'])} | {m['lr']:.3g} | {_spread(m['final'])} | "
-                f"{_spread(m['best'])} | {_gain(m.get('gain_final'))} | "
-                f"{_gain(m.get('gain_best'))} | {m['collapsed']}/{len(m['runs'])} | {steps} | "
-                f"{m['rho_mean']:.3f} | {info['median']:.3f} [{info['p5']:.3f}, "
-                f"{info['p95']:.3f}] |"
-            )
+        lines += ["", f"## {setting}", "", *setting_table(s)]
         lines += ["", f"![curves](curves_{setting}.png)"]
         if "premise" in s:
             lines += ["", *premise_lines(s["premise"])]

@@ -50,7 +50,7 @@ from pgpo.distill import DivergenceSpec, head_divergence, head_token_logprobs
 from pgpo.information import token_entropy, weighted_entropy_gap
 from pgpo.modulation import AlphaSchedule, Modulation
 from pgpo.multiplier import DEFAULT_SHARPNESS, Kind
-from pgpo.reduction import reduction_denominator, reduction_weights
+from pgpo.reduction import ChunkBuffers, reduction_denominator, reduction_weights
 
 TESTED = ("1.16.0", "1.17")  # the TRL versions the tests ran against: [1.16.0, 1.17)
 
@@ -160,6 +160,7 @@ class PGPOSDPOTrainer(SDPOTrainer):
             if why is None:
                 self._fused, self._fused_checked = True, False
                 self._divergence = self._divergence_spec()
+                self._workspace = None  # the loss's [chunk, V] buffers, made at its first call
             else:
                 self._fall_back(why)
 
@@ -268,10 +269,12 @@ class PGPOSDPOTrainer(SDPOTrainer):
             ratio = ratio.clamp(max=args.distillation_is_clip)
             keep, weights = keep * ratio, weights * ratio
         sampled = self._divergence.mode == "sampled_token"
+        if self._workspace is None:  # kept for every later call: allocated once, not per call
+            self._workspace = ChunkBuffers(self.pgpo.chunk_size, head.shape[0], student.device)
         loss, h_s, h_t, per_token = head_divergence(
             student, head, teacher, teacher_head.weight, weights, self._divergence,
             chunk_size=self.pgpo.chunk_size, targets=completion_ids if sampled else None,
-            return_per_token=True,
+            return_per_token=True, workspace=self._workspace,
         )  # fmt: skip
         if model.training:  # evaluation passes do not feed I_k
             self._gap.add_entropies(h_s, h_t, loss_mask != 0, self.pgpo.info_reduction)

@@ -14,6 +14,7 @@ from pgpo.distill import DivergenceSpec, head_divergence, head_token_logprobs
 from pgpo.information import head_token_entropy
 from pgpo.modulation import gap_per_token, modulated_weights
 from pgpo.multiplier import MultiplierConfig
+from pgpo.reduction import ChunkBuffers
 from pgpo.train.batch import padded
 from pgpo.train.config import TrainConfig
 from pgpo.train.models.forward import Policy
@@ -47,13 +48,15 @@ def distill_loss(
     with_entropies: bool,
     reweight: tuple[str, MultiplierConfig] | None = None,
     old: torch.Tensor | None = None,
+    workspace: ChunkBuffers | None = None,
 ) -> DistillOutput:
     """A micro-batch's loss and per-token entropies (the ``loss_fn`` of :class:`Policy`: it runs
     inside the policy's forward, where FSDP2 has the LM head gathered). Hidden states
     ``[B, T, H]``, heads ``[V, H]``, weights / targets / behaviour log-probs ``[B, T]``;
     ``spec``: the divergence (``cfg.loss.divergence()``, made once for all micro-batches).
     ``reweight``: (granularity, multiplier) for token or sequence modulation. ``old``: the
-    policy's log-probs before the batch's first update ``[B, T]``, for the clipped IS weight."""
+    policy's log-probs before the batch's first update ``[B, T]``, for the clipped IS weight.
+    ``workspace``: the loss pass's ``[chunk, V]`` buffers, shared by the step's micro-batches."""
     w = weights.to(student_hidden.device)
     tis_sum = tis_clipped = is_sum = is_clipped = 0.0
     if old is not None:
@@ -98,6 +101,7 @@ def distill_loss(
     loss, h_student, h_teacher = head_divergence(
         student_hidden, student_head, teacher_hidden, teacher_head, w, spec,
         chunk_size=cfg.loss.chunk_size, return_entropies=with_entropies, targets=targets,
+        workspace=workspace,
     )  # fmt: skip
     if entropies is not None:
         h_student, h_teacher = entropies

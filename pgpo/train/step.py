@@ -43,7 +43,7 @@ from pgpo.information import weighted_entropy_gap
 from pgpo.modulation import Modulation
 from pgpo.multiplier import MultiplierConfig
 from pgpo.optim import ModulatedOptimizer
-from pgpo.reduction import reduction_denominator, reduction_weights
+from pgpo.reduction import ChunkBuffers, reduction_denominator, reduction_weights
 from pgpo.train.batch import (
     Rollouts,
     Sample,
@@ -66,7 +66,7 @@ from pgpo.train.evaluation.feedback import (
 from pgpo.train.loss import distill_loss, old_logprobs
 from pgpo.train.metrics import step_metrics, time_and_lr
 from pgpo.train.models.distributed import World, full
-from pgpo.train.models.forward import LossFn, Policy, backward_micro_batches
+from pgpo.train.models.forward import LossFn, Policy, backward_micro_batches, head_weight
 from pgpo.train.models.teacher import Teacher, choose_demonstrations
 from pgpo.train.rollout import RolloutEngine
 from pgpo.train.tasks import Scored, Task, task_of
@@ -357,6 +357,10 @@ def loss_and_entropies(
     # The engine's log-probs, for the truncated importance-sampling correction (vLLM).
     behaviour = engine_logprobs(samples) if cfg.rollout.tis_cap is not None else None
     spec = cfg.loss.divergence()
+    # The loss's [chunk, V] buffers, allocated once for all of the step's micro-batches.
+    lm = policy.lm
+    workspace = ChunkBuffers(cfg.loss.chunk_size, head_weight(lm).shape[0],
+                             lm.get_input_embeddings().weight.device)  # fmt: skip
     responses = [s.response for s in samples]
 
     def student_loss(rows: list[int], width: int) -> LossFn:
@@ -375,6 +379,7 @@ def loss_and_entropies(
             cfg=cfg,
             with_entropies=with_entropies,
             reweight=reweight,
+            workspace=workspace,
         )
 
     totals = StepSums.zero()
