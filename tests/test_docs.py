@@ -170,9 +170,11 @@ def test_a_results_block_that_drifts_from_its_file_is_found(tmp_path):
 
     from pgpo.demo import results
 
-    for path, _ in results.BLOCKS.values():
-        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(ROOT / path, tmp_path / path)
+    for pattern, _ in results.BLOCKS.values():
+        for file in ROOT.glob(pattern):
+            path = file.relative_to(ROOT)
+            (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(file, tmp_path / path)
     (tmp_path / "docs").mkdir()
     page = (ROOT / "docs" / "study.md").read_text()
     (tmp_path / "docs" / "study.md").write_text(

@@ -111,6 +111,36 @@ def premise_table(setting: str) -> Callable[[dict], str]:
     return table
 
 
+def teacher_temperature(checks: dict) -> str:
+    """``pgpo teacher-check`` at each teacher temperature: P(correct) of student and teacher
+    (shown the gold answer) and the paired edge, hottest first."""
+    rows = sorted(checks.values(), key=lambda r: -r["teacher_temperature"])
+    lines = ["| teacher temperature | student P(correct) | teacher P(correct) | edge |",
+             "|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        lines.append(f"| {r['teacher_temperature']:g} | {r['p_student']:.3f} | "
+                     f"{r['p_teacher']:.3f} | {r['teacher_edge']:+.3f} +- "
+                     f"{r['teacher_edge_se']:.3f} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def teacher_wrong_demo(checks: dict) -> str:
+    """``pgpo teacher-check --wrong-demo`` per task: Eq. 8's I for a right demonstration minus
+    for a wrong one, and the letter probabilities (each +- its standard error over questions)."""
+
+    def v(r: dict, key: str, sign: str = "") -> str:
+        return f"{r[key]:{sign}.3f} +- {r[key + '_se']:.3f}"
+
+    lines = ["| task (questions) | I(right) - I(wrong), nats | P(shown), gold shown | "
+             "P(shown), wrong shown | P(gold), wrong shown | student P(gold) |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for r in checks.values():
+        lines.append(f"| {r['source']} ({r['questions']}) | {v(r, 'gap_right_minus_wrong', '+')} "
+                     f"| {v(r, 'p_shown_gold')} | {v(r, 'p_shown_wrong')} | "
+                     f"{v(r, 'p_gold_given_wrong')} | {v(r, 'p_student')} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
 def bench_vs_trl(summary: dict) -> str:
     """``benchmarks/bench_vs_trl.py``'s table: seconds per step and peak memory of each system,
     and the ratios to stock TRL."""
@@ -185,7 +215,8 @@ def weak_error(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-# name: (summary file, relative to the repository, and the function that writes the block)
+# name: (summary file, relative to the repository, and the function that writes the block); a
+# pattern with ``*`` reads every file it matches, keyed by the name of the folder holding it
 BLOCKS: dict[str, tuple[str, Callable[[dict], str]]] = {
     "claims-report": ("results/claims-report/report.json", claims_report),
     "demo-real": ("results/demo-real/real.json", demo_real),
@@ -201,6 +232,14 @@ BLOCKS: dict[str, tuple[str, Callable[[dict], str]]] = {
     ),
     "weak-error": ("results/weak-error/results.json", weak_error),
     "study-real": ("results/study-real/summary.json", study_real),
+    "teacher-temperature": (
+        "results/teacher-check/temperature-*/teacher_check.json",
+        teacher_temperature,
+    ),
+    "teacher-wrong-demo": (
+        "results/teacher-check/wrong-demo-*/teacher_check.json",
+        teacher_wrong_demo,
+    ),
     "bench-vs-trl": ("results/bench-vs-trl/summary.json", bench_vs_trl),
     "head-vs-trl-kernel": ("results/head-vs-trl-kernel/summary.json", head_vs_trl_kernel),
 }
@@ -209,7 +248,12 @@ BLOCKS: dict[str, tuple[str, Callable[[dict], str]]] = {
 def render(name: str, root: Path = ROOT) -> str:
     """Block ``name`` as its file makes it."""
     path, write = BLOCKS[name]
-    return write(json.loads((root / path).read_text()))
+    if "*" not in path:
+        return write(json.loads((root / path).read_text()))
+    files = sorted(root.glob(path))
+    if not files:
+        raise OSError(f"no file matches {path}")
+    return write({f.parent.name: json.loads(f.read_text()) for f in files})
 
 
 def pages(root: Path = ROOT) -> list[Path]:

@@ -162,7 +162,7 @@ class TeacherConfig:
     trust_region_rate: Annotated[float, UNIT] = 0.05  # trust_region's r
     # The teacher's logits are divided by this before the loss and Eq. 8 (after
     # loss.temperature): below 1 it sharpens a teacher that copies its demonstration only
-    # weakly (SmolLM2's 0.353 on the gold letter becomes 0.865 at 0.25: docs/demo.md).
+    # weakly (SmolLM2's probability of the gold letter at each temperature: docs/demo.md).
     temperature: Positive = 1.0
     # A rollout whose reward is at least this is a success (rewards are 0 or 1).
     success_threshold: Annotated[float, SHARE] = 0.5
