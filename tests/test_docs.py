@@ -184,3 +184,28 @@ def test_a_results_block_that_drifts_from_its_file_is_found(tmp_path):
     assert results.update(tmp_path) == ["docs/study.md:premise-noisy"]  # rewritten from the file
     assert results.update(tmp_path, write=False) == []
     assert "+0.0049 +- 0.0007" in (tmp_path / "docs" / "study.md").read_text()
+
+
+def heading_anchors(page: Path) -> set[str]:
+    """GitHub's anchors for a page's headings: lower case, punctuation other than ``-`` and
+    ``_`` dropped, spaces made hyphens (headings inside code blocks are not headings)."""
+    anchors, fenced = set(), False
+    for line in page.read_text().splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced and re.match(r"#{1,6} ", line):
+            title = line.lstrip("#").strip().lower()
+            anchors.add(re.sub(r"[^\w\- ]", "", title).replace(" ", "-"))
+    return anchors
+
+
+def test_every_link_to_a_heading_finds_it():
+    """A link ``page.md#anchor`` (or ``#anchor`` within a page) names a heading that exists,
+    so renaming a heading cannot silently break the pages that point to it."""
+    broken = []
+    for page in PAGES:
+        for target, anchor in re.findall(r"\]\(([\w./-]*\.md|)#([\w-]+)\)", page.read_text()):
+            linked = page if not target else (page.parent / target).resolve()
+            if anchor not in heading_anchors(linked):
+                broken.append(f"{page.relative_to(ROOT)} -> {target}#{anchor}")
+    assert not broken, broken
