@@ -67,6 +67,17 @@ def study_edge(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def demo_runs(summary: dict) -> str:
+    """``pgpo demo``'s runs: held-out avg@k at the start, the end and best, and rho_k's range."""
+    lines = ["| run | seed | start | final | best | mean I_k | rho_k range |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name, r in summary["runs"].items():
+        lines.append(f"| {name.rsplit('-seed', 1)[0]} | {r['seed']} | {r['start']:.3f} | "
+                     f"{r['final']:.3f} | {r['best']:.3f} | {r['info_mean']:.4f} | "
+                     f"{r['rho_min']:.3f}-{r['rho_max']:.3f} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
 def premise_table(setting: str) -> Callable[[dict], str]:
     """The premise's numbers for one setting: the per-sample gap difference (overall, within
     correct and within incorrect rollouts), r(I_k, share right) and r(I_k, batch accuracy)
@@ -125,8 +136,9 @@ def teacher_temperature(checks: dict) -> str:
 
 
 def teacher_wrong_demo(checks: dict) -> str:
-    """``pgpo teacher-check --wrong-demo`` per task: Eq. 8's I for a right demonstration minus
-    for a wrong one, and the letter probabilities (each +- its standard error over questions)."""
+    """``pgpo teacher-check --wrong-demo`` per task (the folder ``wrong-demo-<task>`` names it):
+    Eq. 8's I for a right demonstration minus for a wrong one, and the letter probabilities
+    (each +- its standard error over questions)."""
 
     def v(r: dict, key: str, sign: str = "") -> str:
         return f"{r[key]:{sign}.3f} +- {r[key + '_se']:.3f}"
@@ -134,10 +146,27 @@ def teacher_wrong_demo(checks: dict) -> str:
     lines = ["| task (questions) | I(right) - I(wrong), nats | P(shown), gold shown | "
              "P(shown), wrong shown | P(gold), wrong shown | student P(gold) |",
              "|---|---|---|---|---|---|"]  # fmt: skip
-    for r in checks.values():
-        lines.append(f"| {r['source']} ({r['questions']}) | {v(r, 'gap_right_minus_wrong', '+')} "
+    for folder, r in checks.items():
+        task = folder.removeprefix("wrong-demo-")
+        lines.append(f"| {task} ({r['questions']}) | {v(r, 'gap_right_minus_wrong', '+')} "
                      f"| {v(r, 'p_shown_gold')} | {v(r, 'p_shown_wrong')} | "
                      f"{v(r, 'p_gold_given_wrong')} | {v(r, 'p_student')} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def head_floor(summary: dict) -> str:
+    """``benchmarks/bench_core.py --head``: the fused head's time over its floor's, per run and
+    their median, with the buffers held across calls and allocated in each call."""
+
+    def series(name: str) -> str:
+        values = ", ".join(f"{r:.2f}" for r in summary["ratios"][name])
+        return f"{values} (**{summary['medians'][name]:.2f}**)"
+
+    lines = ["| loss | target | buffers held across calls: / floor per run (median) | "
+             "allocated in each call: / floor per run (median) |",
+             "|---|---|---|---|"]  # fmt: skip
+    for name, target in summary["targets"].items():
+        lines.append(f"| {name} | <= {target} | {series(name)} | {series(name + ' (own)')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -220,6 +249,7 @@ def weak_error(summary: dict) -> str:
 BLOCKS: dict[str, tuple[str, Callable[[dict], str]]] = {
     "claims-report": ("results/claims-report/report.json", claims_report),
     "demo-real": ("results/demo-real/real.json", demo_real),
+    "demo-vllm": ("results/demo-vllm/summary.json", demo_runs),
     "study-learn": ("results/study/summary.json", study_setting("learn")),
     "study-collapse": ("results/study/summary.json", study_setting("collapse")),
     "study-edge": ("results/study/summary.json", study_edge),
@@ -240,6 +270,7 @@ BLOCKS: dict[str, tuple[str, Callable[[dict], str]]] = {
         "results/teacher-check/wrong-demo-*/teacher_check.json",
         teacher_wrong_demo,
     ),
+    "head-floor": ("results/head-floor/summary.json", head_floor),
     "bench-vs-trl": ("results/bench-vs-trl/summary.json", bench_vs_trl),
     "head-vs-trl-kernel": ("results/head-vs-trl-kernel/summary.json", head_vs_trl_kernel),
 }
