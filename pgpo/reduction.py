@@ -118,13 +118,17 @@ class ChunkBuffers:
     workspace=...)``) also saves each call's first touch of fresh pages, as a preallocated
     ``out=`` array does; the buffers (at most five) then stay allocated between calls."""
 
-    def __init__(self, rows: int, vocab: int, device: torch.device | str = "cpu") -> None:
-        self._shape, self._device = (rows, vocab), torch.device(device)
+    def __init__(self, rows: int, vocab: int, device: torch.device | str | None = None) -> None:
+        """``device`` None: the device of the first call that checks them (:meth:`check`)."""
+        self._shape = (rows, vocab)
+        self._device = None if device is None else torch.device(device)
         self._buffers: dict[str, torch.Tensor] = {}
 
     def check(self, rows: int, vocab: int, device: torch.device) -> None:
         """A one-line ValueError unless these buffers hold ``rows`` rows of width ``vocab``
         on ``device``."""
+        if self._device is None:
+            self._device = device
         have_rows, have_vocab = self._shape
         if have_vocab != vocab or have_rows < rows or self._device.type != device.type:
             raise ValueError(

@@ -357,10 +357,9 @@ def loss_and_entropies(
     # The engine's log-probs, for the truncated importance-sampling correction (vLLM).
     behaviour = engine_logprobs(samples) if cfg.rollout.tis_cap is not None else None
     spec = cfg.loss.divergence()
-    # The loss's [chunk, V] buffers, allocated once for all of the step's micro-batches.
-    lm = policy.lm
-    workspace = ChunkBuffers(cfg.loss.chunk_size, head_weight(lm).shape[0],
-                             lm.get_input_embeddings().weight.device)  # fmt: skip
+    # The loss's [chunk, V] buffers, allocated once for all of the step's micro-batches (on
+    # the device of the hidden states the loss first sees).
+    workspace = ChunkBuffers(cfg.loss.chunk_size, head_weight(policy.lm).shape[0])
     responses = [s.response for s in samples]
 
     def student_loss(rows: list[int], width: int) -> LossFn:
